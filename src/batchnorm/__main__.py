@@ -1,0 +1,3 @@
+from batchnorm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""Functional batch norm with the signature and semantics of torch.nn.functional.batch_norm.
+
+The work is done by :mod:`batchnorm.ops`; this layer checks the inputs and turns every
+mistake into an error that says what was expected, what was given and what to do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from batchnorm import ops
+from batchnorm.reference import ACTIVATIONS
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """Batch normalization of ``input`` of shape (N, C, *), as ``torch.nn.functional.batch_norm``.
+
+    In training mode the batch statistics normalize the input and, when given,
+    ``running_mean``/``running_var`` are updated in place with factor ``momentum``
+    (the running variance stores the unbiased estimate). In eval mode the running
+    statistics normalize the input.
+
+    Extensions (keyword-only): ``activation`` in ``"relu"``, ``"leaky_relu"`` (with
+    ``negative_slope``), ``"silu"`` or ``None``, and ``residual``, a tensor of the input's
+    shape added before the activation: ``y = act(BN(x) + residual)``, in one pass.
+    """
+    return _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        activation, negative_slope, residual, where="batchnorm.functional.batch_norm",
+    )  # fmt: skip
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+    residual: Tensor | None,
+    where: str,
+) -> Tensor:
+    """batch_norm with ``where`` naming the caller (a layer) in error messages."""
+    activation = "identity" if activation is None else activation
+    check_inputs(input, running_mean, running_var, weight, bias, residual, training, where)
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{where}: unknown activation {activation!r}; expected one of "
+            f"{[a for a in ACTIVATIONS if a != 'identity'] + [None]}."
+        )
+    return ops.batch_norm(
+        input, weight, bias, running_mean, running_var, residual, training,
+        0.0 if momentum is None else momentum, eps, activation, negative_slope,
+    )  # fmt: skip
+
+
+def check_inputs(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    training: bool,
+    where: str,
+) -> None:
+    """Raise TypeError/ValueError with a hint for anything batch norm cannot take."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}.")
+    if not input.is_floating_point():
+        raise TypeError(
+            f"{where}: expected a floating-point input, got dtype {input.dtype}. "
+            f"Hint: convert it first, e.g. input.float()."
+        )
+    if input.dim() < 2:
+        raise ValueError(
+            f"{where}: expected an input of shape (N, C, *) with at least 2 dimensions, got "
+            f"shape {tuple(input.shape)}. Hint: a single sample needs a batch dimension, "
+            f"e.g. input.unsqueeze(0)."
+        )
+    channels = input.shape[1]
+    named = {
+        "weight": weight,
+        "bias": bias,
+        "running_mean": running_mean,
+        "running_var": running_var,
+    }
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.shape != (channels,):
+            raise ValueError(
+                f"{where}: the input has {channels} channels (dimension 1 of shape "
+                f"{tuple(input.shape)}) but {name} has shape {tuple(t.shape)}. Hint: the "
+                f"layer's num_features must equal the number of input channels."
+            )
+        _check_same_device(where, input, name, t)
+        if t.dtype != input.dtype and not (
+            input.dtype in _HALF_DTYPES and t.dtype == torch.float32
+        ):
+            raise TypeError(
+                f"{where}: input has dtype {input.dtype} but {name} has dtype {t.dtype}. "
+                f"Hint: move the layer to the input's dtype (layer.to({input.dtype})) or "
+                f"cast the input; only float16/bfloat16 inputs may use float32 parameters."
+            )
+    if residual is not None:
+        if residual.shape != input.shape:
+            raise ValueError(
+                f"{where}: residual must have the input's shape {tuple(input.shape)}, got "
+                f"{tuple(residual.shape)}."
+            )
+        _check_same_device(where, input, "residual", residual)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError(
+            f"{where}: eval mode needs running_mean and running_var, got None. Hint: pass "
+            f"training=True to normalize with batch statistics."
+        )
+    if training and input.numel() == channels and channels > 0:
+        raise ValueError(
+            f"{where}: expected more than 1 value per channel when training, got input of "
+            f"shape {tuple(input.shape)}. Hint: batch statistics need at least 2 values per "
+            f"channel; call model.eval() for single-sample inference, or use "
+            f"FrozenBatchNorm/GhostBatchNorm."
+        )
+
+
+def _check_same_device(where: str, input: Tensor, name: str, t: Tensor) -> None:
+    if t.device != input.device:
+        raise ValueError(
+            f"{where}: input is on {input.device} but {name} is on {t.device}. Hint: move the "
+            f"model and its inputs to the same device, e.g. model.to(input.device)."
+        )

@@ -1,0 +1,176 @@
+"""Batch Normalization, the math in plain torch ops.
+
+This file is the single statement of what every backend computes. It is the oracle of the
+test-suite (run in float64) and the fallback backend wherever no fast kernel exists
+(float16/bfloat16, CUDA, other devices).
+
+Notation, for an input ``x`` of shape (N, C, *) and one channel c:
+
+    M        = N * prod(*)                      values per channel
+    mean     = sum(x) / M
+    var      = sum((x - mean)^2) / M            biased: this is what normalizes
+    invstd   = 1 / sqrt(var + eps)
+    xhat     = (x - mean) * invstd
+    pre      = weight * xhat + bias (+ residual)
+    y        = act(pre)                         act in ACTIVATIONS
+
+Running statistics follow PyTorch's convention:
+
+    running_mean = (1 - momentum) * running_mean + momentum * mean
+    running_var  = (1 - momentum) * running_var  + momentum * var * M / (M - 1)   (unbiased)
+
+``momentum`` here is the factor actually applied; the modules turn ``momentum=None`` into a
+cumulative average (factor 1 / num_batches_tracked) before calling down.
+
+Backward in training mode (gradients flow through mean and var), with dpre = dL/dpre:
+
+    dbias   = sum(dpre)
+    dweight = sum(dpre * xhat)
+    dx      = weight * invstd * (dpre - dbias / M - xhat * dweight / M)
+
+In eval mode mean and invstd are constants, so dx = weight * invstd * dpre.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: Activations that can follow the normalization in the same call.
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """The dimensions statistics are taken over: all but the channel dimension 1."""
+    return [0, *range(2, x.dim())]
+
+
+def per_channel(v: Tensor, x: Tensor) -> Tensor:
+    """View a (C,) vector so that it broadcasts over x of shape (N, C, *)."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics of half-precision inputs are accumulated in float32, as in PyTorch."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance, computed stably (no E[x²] − E[x]²)."""
+    var, mean = torch.var_mean(x.to(compute_dtype(x.dtype)), dim=reduce_dims(x), correction=0)
+    return mean, var
+
+
+def invstd_of(var: Tensor, eps: float) -> Tensor:
+    return torch.rsqrt(var + eps)
+
+
+def activate(pre: Tensor, activation: str, negative_slope: float) -> Tensor:
+    if activation == "identity":
+        return pre
+    if activation == "relu":
+        return torch.relu(pre)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(pre, negative_slope)
+    if activation == "silu":
+        return torch.nn.functional.silu(pre)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def activation_grad(dy: Tensor, pre: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """dL/dpre from dL/dy, evaluated at the pre-activation ``pre``."""
+    if activation == "identity":
+        return dy
+    if activation == "relu":
+        return dy * (pre > 0)
+    if activation == "leaky_relu":
+        return torch.where(pre > 0, dy, dy * negative_slope)
+    if activation == "silu":
+        s = torch.sigmoid(pre)
+        return dy * s * (1 + pre * (1 - s))
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def pre_activation(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+) -> Tensor:
+    """weight * (x - mean) * invstd + bias (+ residual), in the compute dtype."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    pre = (x.to(invstd.dtype) - per_channel(mean, x)) * per_channel(scale, x)
+    if bias is not None:
+        pre = pre + per_channel(bias.to(invstd.dtype), x)
+    if residual is not None:
+        pre = pre + residual.to(invstd.dtype)
+    return pre
+
+
+def forward(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    activation: str = "identity",
+    negative_slope: float = 0.01,
+) -> Tensor:
+    """Normalize with the given statistics, apply the affine map and the activation."""
+    pre = pre_activation(x, mean, invstd, weight, bias, residual)
+    return activate(pre, activation, negative_slope).to(x.dtype)
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """In-place exponential moving average; stores the unbiased variance (PyTorch's rule)."""
+    if count == 0:  # an empty batch leaves the statistics alone, as torch.nn does
+        return
+    unbiased = var * (count / (count - 1)) if count > 1 else var
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    training: bool = True,
+    activation: str = "identity",
+    negative_slope: float = 0.01,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, dweight, dbias, dpre) written out by hand; dpre is dL/dresidual."""
+    dtype = invstd.dtype
+    dims = reduce_dims(x)
+    if activation == "identity":
+        dpre = dy.to(dtype)
+    else:
+        pre = pre_activation(x, mean, invstd, weight, bias, residual)
+        dpre = activation_grad(dy.to(dtype), pre, activation, negative_slope)
+    xhat = (x.to(dtype) - per_channel(mean, x)) * per_channel(invstd, x)
+    dbias = dpre.sum(dims)
+    dweight = (dpre * xhat).sum(dims)
+    scale = invstd if weight is None else invstd * weight.to(dtype)
+    if training:
+        count = x.numel() // x.shape[1]
+        dpre_centered = (
+            dpre - per_channel(dbias / count, x) - xhat * per_channel(dweight / count, x)
+        )
+        dx = dpre_centered * per_channel(scale, x)
+    else:
+        dx = dpre * per_channel(scale, x)
+    return dx.to(x.dtype), dweight, dbias, dpre.to(x.dtype)

@@ -1,0 +1,65 @@
+"""batchnorm.convert swaps torch.nn BN for ours and back, keeping state and behaviour."""
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from conftest import random_input
+
+
+def small_net(dtype=torch.float32):
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False)),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+        nn.BatchNorm1d(5, momentum=None, bias=False),
+    ).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_trip_keeps_outputs_state_and_modes(dtype):
+    model = small_net(dtype)
+    x = random_input((4, 3, 8, 8), dtype)
+    model(x)  # move the running statistics
+    model[3][1].eval()
+    model[1].weight.requires_grad_(False)
+    expected_state = {k: v.clone() for k, v in model.state_dict().items()}
+    reference_model = small_net(dtype)
+    reference_model.load_state_dict(expected_state)
+    reference_model[3][1].eval()
+
+    converted = batchnorm.convert(model)
+    kinds = [type(m) for m in converted.modules()]
+    assert nn.BatchNorm2d not in kinds and nn.BatchNorm1d not in kinds
+    assert kinds.count(batchnorm.BatchNorm2d) == 2 and kinds.count(batchnorm.BatchNorm1d) == 1
+    assert converted[3][1].training is False and converted[1].training is True
+    assert converted[1].weight.requires_grad is False
+    assert converted[6].bias is None and converted[6].momentum is None
+    assert all(p.dtype == dtype for p in converted.parameters())
+    for key, value in expected_state.items():
+        assert torch.equal(converted.state_dict()[key], value), key
+
+    x2 = random_input((4, 3, 8, 8), dtype, seed=1)
+    torch.testing.assert_close(converted(x2), reference_model(x2))
+    back = batchnorm.convert(converted, to="torch")
+    assert batchnorm.BatchNorm2d not in [type(m) for m in back.modules()]
+    back.eval()
+    reference_model.eval()
+    torch.testing.assert_close(back(x2), reference_model(x2))
+
+
+def test_root_module_is_converted():
+    bn = nn.BatchNorm1d(3)
+    ours = batchnorm.convert(bn)
+    assert type(ours) is batchnorm.BatchNorm1d
+
+
+def test_bad_target():
+    with pytest.raises(ValueError, match="unknown target 'tf'"):
+        batchnorm.convert(nn.BatchNorm1d(3), to="tf")
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        batchnorm.convert("model")

@@ -1,0 +1,156 @@
+"""Parity of batchnorm.BatchNorm{1,2,3}d with torch.nn over training steps and eval."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from conftest import assert_close, random_input
+
+SHAPES = {
+    "NC": (16, 6),
+    "NCL": (4, 6, 9),
+    "NCHW": (4, 6, 5, 7),
+    "NCDHW": (2, 6, 3, 4, 5),
+}
+PAIRS = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}
+CONFIGS = {
+    "default": {},
+    "no_affine": {"affine": False},
+    "no_bias": {"bias": False},
+    "no_tracking": {"track_running_stats": False},
+    "cumulative": {"momentum": None},
+    "momentum_0.3": {"momentum": 0.3, "eps": 1e-3},
+}
+
+
+def make_pair(shape, dtype, **config):
+    suffix = PAIRS[len(shape)]
+    theirs = getattr(nn, f"BatchNorm{suffix}")(shape[1], dtype=dtype, **config)
+    ours = getattr(batchnorm, f"BatchNorm{suffix}")(shape[1], dtype=dtype, **config)
+    if theirs.weight is not None:
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            if theirs.bias is not None:
+                theirs.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def run_step(module, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = module(x)
+    y.backward(dy)
+    grads = [x.grad] + [p.grad.clone() for p in module.parameters()]
+    for p in module.parameters():
+        p.grad = None
+    return y.detach(), grads
+
+
+def assert_same_state(ours, theirs, dtype):
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert ours_state.keys() == theirs_state.keys()
+    for key, value in theirs_state.items():
+        if value.is_floating_point():
+            assert_close(ours_state[key], value, dtype)
+        else:
+            assert torch.equal(ours_state[key], value), key
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [(s, False) for s in SHAPES.values()] + [(SHAPES["NCHW"], True), (SHAPES["NCDHW"], True)],
+    ids=[*SHAPES, "NHWC", "NDHWC"],
+)
+def test_training_then_eval_matches_torch(backend, shape, channels_last, dtype, config):
+    theirs, ours = make_pair(shape, dtype, **config)
+    for step in range(3):
+        x = random_input(shape, dtype, channels_last, seed=step, mean=step)
+        dy = random_input(shape, dtype, channels_last, seed=100 + step)
+        y_theirs, g_theirs = run_step(theirs, x, dy)
+        y_ours, g_ours = run_step(ours, x, dy)
+        assert_close(y_ours, y_theirs)
+        for a, b in zip(g_ours, g_theirs, strict=True):
+            assert_close(a, b)
+        assert_same_state(ours, theirs, dtype)
+    if channels_last:
+        assert y_ours.is_contiguous(memory_format=torch.channels_last if len(shape) == 4
+                                    else torch.channels_last_3d)  # fmt: skip
+    theirs.eval()
+    ours.eval()
+    x = random_input(shape, dtype, channels_last, seed=7, mean=1.0)
+    dy = random_input(shape, dtype, channels_last, seed=8)
+    y_theirs, g_theirs = run_step(theirs, x, dy)
+    y_ours, g_ours = run_step(ours, x, dy)
+    assert_close(y_ours, y_theirs)
+    for a, b in zip(g_ours, g_theirs, strict=True):
+        assert_close(a, b)
+    assert_same_state(ours, theirs, dtype)
+
+
+def test_state_dict_round_trip_with_torch():
+    theirs, _ = make_pair((8, 4, 3, 3), torch.float32)
+    for _ in range(2):
+        theirs(random_input((8, 4, 3, 3)))
+    theirs.eval()
+    buffer = io.BytesIO()
+    torch.save(theirs.state_dict(), buffer)
+    buffer.seek(0)
+    ours = batchnorm.BatchNorm2d(4)
+    ours.load_state_dict(torch.load(buffer, weights_only=True))
+    ours.eval()
+    back = nn.BatchNorm2d(4)
+    back.load_state_dict(ours.state_dict())
+    back.eval()
+    x = random_input((2, 4, 3, 3), seed=3)
+    assert torch.equal(ours(x), theirs(x)) or torch.allclose(ours(x), theirs(x), 1e-6, 1e-6)
+    assert torch.equal(back(x), theirs(x))
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads():
+    theirs = nn.BatchNorm1d(3)
+    state = theirs.state_dict()
+    del state["num_batches_tracked"]
+    state._metadata[""]["version"] = 1  # as saved by torch before the counter existed
+    ours = batchnorm.BatchNorm1d(3)
+    ours.load_state_dict(state)  # torch fills the counter in, so must we
+    assert ours.num_batches_tracked.item() == 0
+
+
+def test_same_constructor_signature_and_repr():
+    ours = batchnorm.BatchNorm2d(8, 1e-3, 0.2, affine=True, track_running_stats=True, bias=False)
+    theirs = nn.BatchNorm2d(8, 1e-3, 0.2, affine=True, track_running_stats=True, bias=False)
+    assert ours.extra_repr() == theirs.extra_repr()
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()]
+    assert isinstance(ours, nn.modules.batchnorm._BatchNorm)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_size_batch_matches_torch(training):
+    theirs, ours = make_pair((0, 3, 4, 4), torch.float32)
+    for m in (theirs, ours):
+        m.running_mean.fill_(2.0)
+        m.running_var.fill_(3.0)
+        m.train(training)
+    x_theirs = torch.zeros(0, 3, 4, 4, requires_grad=True)
+    x_ours = torch.zeros(0, 3, 4, 4, requires_grad=True)
+    y_theirs, y_ours = theirs(x_theirs), ours(x_ours)
+    assert y_ours.shape == y_theirs.shape == (0, 3, 4, 4)
+    y_theirs.sum().backward()
+    y_ours.sum().backward()
+    assert x_ours.grad.shape == x_theirs.grad.shape
+    assert torch.equal(ours.weight.grad, theirs.weight.grad)
+    assert_same_state(ours, theirs, torch.float32)
+
+
+def test_half_precision_matches_torch():
+    for dtype in (torch.bfloat16, torch.float16):
+        theirs, ours = make_pair((16, 4, 3, 3), dtype)
+        x = random_input((16, 4, 3, 3), dtype, seed=1)
+        assert_close(ours(x).float(), theirs(x).float(), rtol=1e-2, atol=1e-2)
+        assert_close(ours.running_var.float(), theirs.running_var.float(), rtol=1e-2, atol=1e-2)
