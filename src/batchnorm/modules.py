@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.functional import _batch_norm
+from batchnorm.reference import ACTIVATIONS
 
 
 class _BatchNormBase(_BatchNorm):
@@ -130,3 +131,68 @@ class BatchNorm3d(_BatchNormBase):
 
     _ranks = (5,)
     _layout = "(N, C, D, H, W)"
+
+
+class _BatchNormActBase(_BatchNormBase):
+    """Batch norm followed by an activation, fused in one kernel: y = act(BN(x) [+ residual]).
+
+    Parameters, buffers and state_dict are those of the plain layer, so a torch.nn
+    BatchNorm checkpoint loads as is; ``forward(input, residual=None)`` adds an optional
+    residual (same shape as the input) before the activation."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        activation: str | None = "relu",
+        negative_slope: float = 0.01,
+    ) -> None:
+        name = type(self).__name__
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(
+                f"{name}: unknown activation {activation!r}; expected one of "
+                f"{[a for a in ACTIVATIONS if a != 'identity']} or None (no activation)."
+            )
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+            raise TypeError(
+                f"{name}: negative_slope must be a number (the slope of leaky_relu below "
+                f"zero), got {type(negative_slope).__name__}."
+            )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)  # fmt: skip
+        self.activation = None if activation == "identity" else activation
+        self.negative_slope = float(negative_slope)
+
+    def extra_repr(self) -> str:
+        act = f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            act += f", negative_slope={self.negative_slope}"
+        return super().extra_repr() + act
+
+
+class BatchNormAct1d(_BatchNormActBase):
+    """``BatchNorm1d`` fused with an activation (relu, leaky_relu or silu)."""
+
+    _ranks = BatchNorm1d._ranks
+    _layout = BatchNorm1d._layout
+
+
+class BatchNormAct2d(_BatchNormActBase):
+    """``BatchNorm2d`` fused with an activation (relu, leaky_relu or silu)."""
+
+    _ranks = BatchNorm2d._ranks
+    _layout = BatchNorm2d._layout
+
+
+class BatchNormAct3d(_BatchNormActBase):
+    """``BatchNorm3d`` fused with an activation (relu, leaky_relu or silu)."""
+
+    _ranks = BatchNorm3d._ranks
+    _layout = BatchNorm3d._layout

@@ -35,8 +35,9 @@ class Backend(Protocol):
         eps: float,
         activation: str,
         negative_slope: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Return (y, mean, biased var) for a batch with at least one value per channel."""
+    ) -> tuple[Tensor, ...]:
+        """Return (y, mean, biased var) for a batch with at least one value per channel, or
+        (y, mean, biased var, invstd) to spare the caller computing invstd again."""
         ...
 
     def forward_eval(
@@ -67,6 +68,11 @@ class Backend(Protocol):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Return (dx, dweight, dbias, dpre); dpre = dL/d(residual), None unless needed."""
         ...
+
+
+#: Optionally, a backend also has ``update_running_stats(running_mean, running_var, mean, var,
+#: count, momentum)``, the in-place update of reference.update_running_stats (same formula,
+#: tested against it), which eager mode then calls instead.
 
 
 class ReferenceBackend:
@@ -175,8 +181,10 @@ def forward_impl(
     if x.numel() == 0:  # empty batch: empty output (the caller leaves the statistics alone)
         zeros = x.new_zeros(channels, dtype=stats_dtype)
         return torch.empty_like(x), zeros, zeros.clone(), zeros.clone()
-    y, mean, var = backend.forward_train(x, weight, bias, residual, eps, activation, negative_slope)
-    return y, mean, reference.invstd_of(var, eps), var
+    y, mean, var, *invstd = backend.forward_train(
+        x, weight, bias, residual, eps, activation, negative_slope
+    )
+    return y, mean, invstd[0] if invstd else reference.invstd_of(var, eps), var
 
 
 def backward_impl(
@@ -363,7 +371,8 @@ def batch_norm(
     Inputs must already be validated (see :mod:`batchnorm.functional`)."""
     args = (x, weight, bias, running_mean, running_var, residual, training, float(eps),
             activation, float(negative_slope))  # fmt: skip
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         y, mean, _, var = _forward_op(*args)
     elif torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual)
@@ -373,5 +382,20 @@ def batch_norm(
         y, mean, _, var = forward_impl(*args)
     if training and running_mean is not None and running_var is not None:
         count = x.numel() // max(x.shape[1], 1)
-        reference.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        update = reference.update_running_stats
+        if not compiling:  # a backend may do the same update faster (eager mode only)
+            update = getattr(select_backend(x), "update_running_stats", update)
+        update(running_mean, running_var, mean, var, count, momentum)
     return y
+
+
+def _register_builtin_backends() -> None:
+    """The Numba kernels take CPU float32/float64 inputs; without numba, the reference."""
+    try:
+        from batchnorm.kernels import cpu
+    except ImportError:  # numba is a dependency, but a broken install should still import
+        return
+    register_backend(cpu.accepts, cpu.NumbaBackend())
+
+
+_register_builtin_backends()

@@ -1,0 +1,1 @@
+"""Fast kernels behind :mod:`batchnorm.ops`; ``cpu`` holds the Numba ones."""

@@ -1,0 +1,228 @@
+"""The Numba CPU kernels: layouts, strides, fused epilogues, splitting, stability, dispatch.
+
+The oracle is torch.nn.functional in float64 (batch_norm followed by torch's activation),
+run on the same float32-rounded inputs; the kernels run through the public functional API
+with the "numba" backend forced.
+"""
+
+import numba
+import pytest
+import torch
+import torch.nn.functional as F
+
+import batchnorm.functional as BF
+from batchnorm import ops, reference
+from batchnorm.kernels import cpu
+from conftest import assert_close, random_input
+
+TORCH_ACTIVATIONS = {
+    None: lambda v, slope: v,
+    "relu": lambda v, slope: torch.relu(v),
+    "leaky_relu": lambda v, slope: F.leaky_relu(v, slope),
+    "silu": lambda v, slope: F.silu(v),
+}
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+# A shape whose kernels run in parallel (at least cpu.SERIAL_BELOW values) but stay quick.
+PARALLEL_SHAPE = (8, 4, 48, 48)
+
+
+@pytest.fixture(autouse=True)
+def numba_backend(request):
+    """Force the numba backend, except in tests marked ``auto_dispatch``."""
+    if request.node.get_closest_marker("auto_dispatch"):
+        yield
+        return
+    with ops.use_backend("numba"):
+        yield
+
+
+def oracle(x, w, b, z, training, activation=None, slope=0.01, dy=None, rm=None, rv=None):
+    """y and (dx, dw, db, dz) from torch in float64 through autograd."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b, z)]
+    x64, w64, b64, z64 = leaves
+    rm = rm.double() if rm is not None else None
+    rv = rv.double() if rv is not None else None
+    y = F.batch_norm(x64, rm, rv, w64, b64, training=training)
+    if z64 is not None:
+        y = y + z64
+    y = TORCH_ACTIVATIONS[activation](y, slope)
+    grads = None
+    if dy is not None:
+        inputs = [t for t in leaves if t is not None]
+        got = iter(torch.autograd.grad(y, inputs, dy.double()))
+        grads = [next(got) if t is not None else None for t in leaves]
+    return y.detach(), grads
+
+
+def ours(x, w, b, z, training, activation=None, slope=0.01, dy=None, rm=None, rv=None):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, z)]
+    x_, w_, b_, z_ = leaves
+    y = BF.batch_norm(x_, rm, rv, w_, b_, training, 0.1, 1e-5, activation=activation,
+                      negative_slope=slope, residual=z_)  # fmt: skip
+    grads = None
+    if dy is not None:
+        y.backward(dy)
+        grads = [t.grad if t is not None else None for t in leaves]
+    return y.detach(), grads
+
+
+def check(x, *, dtype=None, training=True, activation=None, slope=0.01, residual=False,
+          dy=None, affine=True, seed=0):  # fmt: skip
+    """Values and gradients of the numba path against the float64 oracle."""
+    dtype = dtype or x.dtype
+    c = x.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype) if affine else None
+    b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype) if affine else None
+    z = random_input(tuple(x.shape), dtype, seed=seed + 1) if residual else None
+    dy = random_input(tuple(x.shape), dtype, seed=seed + 2) if dy is None else dy
+    rm = rv = None
+    if not training:
+        rm = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+        rv = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    y, grads = ours(x, w, b, z, training, activation, slope, dy, rm, rv)
+    y_ref, grads_ref = oracle(x, w, b, z, training, activation, slope, dy, rm, rv)
+    assert_close(y, y_ref, dtype)
+    for got, expected in zip(grads, grads_ref, strict=True):
+        if expected is not None:
+            assert_close(got, expected, dtype)
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [((16, 5), False), ((4, 5, 7), False), ((3, 5, 4, 6), False), ((3, 5, 4, 6), True),
+     ((2, 5, 3, 4, 3), True), ((3, 5, 1, 1), False)],
+    ids=["NC", "NCL", "NCHW", "NHWC", "NDHWC", "NC11"],
+)  # fmt: skip
+def test_layouts_match_torch(shape, channels_last, training, dtype):
+    x = random_input(shape, dtype, channels_last, seed=3, mean=2.0)
+    y = check(x, training=training)
+    if channels_last:
+        assert y.is_contiguous(memory_format=CHANNELS_LAST[len(shape)])
+
+
+def test_transposed_ncl_input_runs_channels_last():
+    x = random_input((4, 6, 9)).transpose(1, 2).contiguous().transpose(1, 2)  # (N, C, L), C last
+    assert cpu._layout(x) == "cl"
+    check(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_activation_and_residual(training, channels_last, activation, dtype):
+    x = random_input((4, 6, 5, 3), dtype, channels_last, seed=4)
+    for residual in (False, True):
+        check(x, training=training, activation=activation, slope=0.2, residual=residual)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu"])
+def test_fused_activation_on_the_parallel_path(activation):
+    for channels_last in (False, True):
+        x = random_input(PARALLEL_SHAPE, torch.float32, channels_last, seed=5)
+        check(x, activation=activation, slope=0.1, residual=True)
+
+
+def test_strided_inputs_and_gradients_in_other_layouts():
+    base = random_input((6, 4, 10, 8), torch.float64, seed=6)
+    strided = base[:, :, ::2, 1:7]  # neither layout: copied once
+    nhwc = random_input((6, 4, 5, 6), torch.float64, True, seed=7)
+    nchw = random_input((6, 4, 5, 6), torch.float64, seed=8)
+    check(strided, dy=nhwc, residual=True, activation="relu")
+    check(nhwc, dy=nchw, activation="silu")  # x channels-last, dy contiguous
+    check(nchw, dy=nhwc[..., :6], activation="leaky_relu")  # and the other way round
+    check(nchw.transpose(2, 3), dy=nchw.transpose(2, 3).contiguous())  # permuted spatial dims
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+def test_small_channel_count_splits_the_batch(channels_last):
+    """C = 2 and many values per channel: the statistics are merged from many pieces."""
+    x = random_input((64, 2, 40, 40), torch.float32, channels_last, seed=9, mean=3.0)
+    assert x.numel() >= cpu.SERIAL_BELOW
+    check(x, activation="relu", residual=True)
+    x = random_input((20000, 3), torch.float32, seed=10)  # (N, C): blocks of rows
+    check(x)
+
+
+def test_serial_and_parallel_variants_agree(monkeypatch):
+    x = random_input((6, 5, 12, 12), torch.float32, seed=11)
+    assert cpu.cf_forward.pick(10)[0] is cpu.cf_forward.serial
+    assert cpu.cf_forward.pick(cpu.SERIAL_BELOW)[0] is cpu.cf_forward.parallel
+    results = []
+    for threshold in (0, 1 << 40):  # everything parallel, then everything serial
+        monkeypatch.setattr(cpu, "SERIAL_BELOW", threshold)
+        for channels_last in (False, True):
+            results.append(check(x.contiguous(memory_format=torch.channels_last)
+                                 if channels_last else x, activation="silu"))  # fmt: skip
+    assert_close(results[0], results[2])
+    assert_close(results[1], results[3])
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
+def test_large_mean_is_stable_on_the_parallel_path(channels_last):
+    """Mean 1e4, std 1 in float32: the pieces' own means keep every digit."""
+    x = random_input(PARALLEL_SHAPE, torch.float32, channels_last, seed=12, mean=1e4)
+    y = BF.batch_norm(x, None, None, training=True)
+    dims = (0, 2, 3)
+    assert_close(y.mean(dims), torch.zeros(4), atol=1e-3, rtol=0)
+    assert_close(y.std(dims), torch.ones(4), atol=1e-3, rtol=0)
+    y_ref, _ = oracle(x, None, None, None, True)
+    # float32 rounds x itself to 1e-3 (an ulp of 1e4), i.e. 1e-3 of a std
+    assert_close(y, y_ref, atol=3e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("momentum", [0.1, 0.75, 1.0])
+def test_running_update_matches_reference(dtype, momentum):
+    g = torch.Generator().manual_seed(13)
+    mean, var = torch.randn(7, generator=g).to(dtype), torch.rand(7, generator=g).to(dtype)
+    rm, rv = torch.randn(7, generator=g).to(dtype), torch.rand(7, generator=g).to(dtype)
+    rm2, rv2 = rm.clone(), rv.clone()
+    for count in (5, 1, 0):
+        cpu.NumbaBackend().update_running_stats(rm, rv, mean, var, count, momentum)
+        reference.update_running_stats(rm2, rv2, mean, var, count, momentum)
+        assert_close(rm, rm2)
+        assert_close(rv, rv2)
+
+
+def test_training_module_updates_running_stats_like_torch():
+    x = random_input((32, 6), torch.float32, seed=14, mean=1.0)
+    theirs = torch.nn.BatchNorm1d(6, momentum=0.3)
+    rm, rv = theirs.running_mean.clone(), theirs.running_var.clone()
+    for _ in range(3):
+        theirs(x)
+        BF.batch_norm(x, rm, rv, training=True, momentum=0.3)
+    assert_close(rm, theirs.running_mean)
+    assert_close(rv, theirs.running_var)
+
+
+def test_relu_keeps_nan_and_zeroes_minus_inf_as_torch_does():
+    x = torch.tensor([[1.0, float("nan")], [-float("inf"), 2.0], [0.5, -1.0]])
+    rm, rv = torch.zeros(2), torch.ones(2)
+    got = BF.batch_norm(x, rm, rv, activation="relu")
+    expected = torch.relu(F.batch_norm(x, rm, rv))
+    torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+def test_threads_follow_torch():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        BF.batch_norm(random_input(PARALLEL_SHAPE), None, None, training=True)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    BF.batch_norm(random_input(PARALLEL_SHAPE), None, None, training=True)
+    assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+
+
+@pytest.mark.auto_dispatch
+def test_dispatch_numba_for_cpu_float32_float64_only():
+    for dtype, name in [(torch.float32, "numba"), (torch.float64, "numba"),
+                        (torch.float16, "reference"), (torch.bfloat16, "reference")]:  # fmt: skip
+        assert ops.select_backend(torch.zeros(2, 3, dtype=dtype)).name == name
+    assert ops.select_backend(torch.zeros(2, 3, device="meta")).name == "reference"
