@@ -135,11 +135,10 @@ def update_running_stats(
     """In-place exponential moving average; stores the unbiased variance (PyTorch's rule)."""
     if count == 0:  # an empty batch leaves the statistics alone, as torch.nn does
         return
-    unbiased = var.detach() * (count / (count - 1)) if count > 1 else var.detach()
-    # old + momentum * (new - old) is (1 - momentum) * old + momentum * new; lerp_ does it in
-    # one op, which matters for small layers: this runs after every training step.
-    running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-    running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    unbiased = var * (count / (count - 1)) if count > 1 else var
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
 def backward(
