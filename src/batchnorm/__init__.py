@@ -1,8 +1,25 @@
 """batchnorm: Batch Normalization for PyTorch — drop-in modules, fast kernels, model tools."""
 
 from batchnorm import functional, reference
+from batchnorm.interop import from_keras
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from batchnorm.transforms import convert
+from batchnorm.transforms import convert, freeze, unfreeze
+from batchnorm.variants import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    InPlaceBatchNormAct1d,
+    InPlaceBatchNormAct2d,
+    InPlaceBatchNormAct3d,
+    paper_dmax,
+    paper_rmax,
+)
 
 __version__ = "0.1.0"
 
@@ -10,7 +27,24 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "InPlaceBatchNormAct1d",
+    "InPlaceBatchNormAct2d",
+    "InPlaceBatchNormAct3d",
     "convert",
+    "freeze",
+    "from_keras",
     "functional",
+    "paper_dmax",
+    "paper_rmax",
     "reference",
+    "unfreeze",
 ]

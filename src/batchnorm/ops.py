@@ -262,6 +262,42 @@ class _BatchNormFunction(torch.autograd.Function):
         return _grads(ctx, dy, backward_impl)
 
 
+class _KeepOutputFunction(torch.autograd.Function):
+    """Batch norm + invertible activation that saves its output instead of its input.
+
+    Backward recovers x from y (reference.recover_input) and then runs the ordinary
+    backward, so no formula is restated. Channels whose scale is too small to divide by
+    (see reference.weak_channels) keep their input instead.
+    """
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        x, weight, bias, _, _, _, training, eps, activation, slope = inputs
+        y, mean, invstd, var = forward_impl(*inputs)
+        weak = reference.weak_channels(weight, bias, x.shape[1], x.device)
+        kept = x.index_select(1, weak) if weak.numel() else None
+        ctx.save_for_backward(y, weight, bias, mean, invstd, weak, kept)
+        ctx.config = (training, activation, slope)
+        ctx.mark_non_differentiable(mean, invstd, var)
+        return y, mean, invstd, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dmean, _dinvstd, _dvar):
+        y, weight, bias, mean, invstd, weak, kept = ctx.saved_tensors
+        training, activation, slope = ctx.config
+        x = reference.recover_input(y, mean, invstd, weight, bias, activation, slope)
+        if kept is not None:
+            x.index_copy_(1, weak, kept.to(x.dtype))
+        dx, dw, db, _ = backward_impl(
+            dy, x, weight, bias, None, mean, invstd, training, activation, slope, False
+        )
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dw = dw.to(weight.dtype) if need_w else None
+        db = db.to(bias.dtype) if need_b else None
+        return (dx if need_x else None, dw, db) + (None,) * 7
+
+
 # ---------------------------------------------------------------------------------------
 # torch.library custom ops, used under torch.compile.
 
@@ -357,6 +393,8 @@ def batch_norm(
     eps: float,
     activation: str,
     negative_slope: float,
+    unbiased_running_var: bool = True,
+    keep_output_only: bool = False,
 ) -> Tensor:
     """Run the operation with autograd and update the running statistics when training.
 
@@ -368,10 +406,13 @@ def batch_norm(
     elif torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual)
     ):
-        y, mean, _, var = _BatchNormFunction.apply(*args)
+        function = _KeepOutputFunction if keep_output_only else _BatchNormFunction
+        y, mean, _, var = function.apply(*args)
     else:
         y, mean, _, var = forward_impl(*args)
     if training and running_mean is not None and running_var is not None:
         count = x.numel() // max(x.shape[1], 1)
-        reference.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        reference.update_running_stats(
+            running_mean, running_var, mean, var, count, momentum, unbiased_running_var
+        )
     return y

@@ -51,3 +51,112 @@ def _swap(bn: nn.Module, new_type: type[nn.Module]) -> nn.Module:
         p_new.requires_grad_(p_old.requires_grad)
     new.train(bn.training)
     return new
+
+
+def _dims_of(module: nn.Module) -> int | None:
+    """1, 2 or 3 for a batch-norm layer of known input rank."""
+    from batchnorm.modules import _Dims1d, _Dims2d, _Dims3d
+    from batchnorm.variants import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+
+    for dims, kinds in {
+        1: (nn.BatchNorm1d, _Dims1d, FrozenBatchNorm1d),
+        2: (nn.BatchNorm2d, _Dims2d, FrozenBatchNorm2d),
+        3: (nn.BatchNorm3d, _Dims3d, FrozenBatchNorm3d),
+    }.items():
+        if isinstance(module, kinds):
+            return dims
+    return None
+
+
+def freeze(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Replace every trainable batch-norm layer (torch.nn's and ours) by FrozenBatchNorm.
+
+    The frozen layer computes what the original computes in eval mode (running
+    statistics, affine map, fused activation), for any batch size, and never changes.
+    Returns the model (changed in place; a model that is itself a BN is returned new) and
+    a report with one line per layer changed or skipped, and why.
+    """
+    from batchnorm import variants
+
+    frozen_types = {1: variants.FrozenBatchNorm1d, 2: variants.FrozenBatchNorm2d,
+                    3: variants.FrozenBatchNorm3d}  # fmt: skip
+    report: list[str] = []
+
+    def swap(name: str, module: nn.Module) -> nn.Module:
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return module
+        dims = _dims_of(module)
+        if dims is None or not module.track_running_stats:
+            why = (
+                "it has no running statistics (track_running_stats=False)"
+                if not module.track_running_stats
+                else "its input rank is unknown (e.g. SyncBatchNorm: revert it first)"
+            )
+            report.append(f"{name or '<model>'}: kept {type(module).__name__}, {why}")
+            return module
+        frozen = frozen_types[dims](
+            module.num_features,
+            module.eps,
+            device=module.running_mean.device,
+            dtype=module.running_mean.dtype,
+            activation=getattr(module, "activation", None),
+            negative_slope=getattr(module, "negative_slope", 0.01),
+        )
+        with torch.no_grad():
+            frozen.running_mean.copy_(module.running_mean)
+            frozen.running_var.copy_(module.running_var)
+            if module.weight is not None:
+                frozen.weight.copy_(module.weight)
+            if module.bias is not None:
+                frozen.bias.copy_(module.bias)
+        frozen.train(module.training)
+        report.append(f"{name or '<model>'}: {type(module).__name__} -> {type(frozen).__name__}")
+        return frozen
+
+    return _replace_modules(model, swap), report
+
+
+def unfreeze(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Turn every FrozenBatchNorm back into a trainable BatchNorm of this package.
+
+    Weights become parameters again, running statistics are kept, ``num_batches_tracked``
+    starts at 0 and the training mode of each frozen layer is kept. A fused activation
+    stays fused. Returns the model and a report, as :func:`freeze`.
+    """
+    from batchnorm import modules, variants
+
+    report: list[str] = []
+
+    def swap(name: str, module: nn.Module) -> nn.Module:
+        if not isinstance(module, variants._FrozenBatchNorm):
+            return module
+        dims = _dims_of(module)
+        bn_type = {1: modules.BatchNorm1d, 2: modules.BatchNorm2d, 3: modules.BatchNorm3d}[dims]
+        bn = bn_type(module.num_features, module.eps, device=module.running_mean.device,
+                     dtype=module.running_mean.dtype)  # fmt: skip
+        if module.activation not in (None, "identity"):
+            bn.activation, bn.negative_slope = module.activation, module.negative_slope
+        with torch.no_grad():
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, key).copy_(getattr(module, key))
+        bn.train(module.training)
+        report.append(f"{name or '<model>'}: {type(module).__name__} -> {type(bn).__name__}")
+        return bn
+
+    return _replace_modules(model, swap), report
+
+
+def _replace_modules(model: nn.Module, swap) -> nn.Module:
+    """Apply ``swap(qualified_name, module)`` to every module, top-down, in place."""
+
+    def visit(prefix: str, module: nn.Module) -> nn.Module:
+        new = swap(prefix, module)
+        if new is not module:
+            return new
+        for name, child in list(module.named_children()):
+            setattr(module, name, visit(f"{prefix}.{name}" if prefix else name, child))
+        return module
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}.")
+    return visit("", model)
