@@ -91,9 +91,16 @@ def _time_steps(model: nn.Module, x: torch.Tensor, steps: int) -> float:
 
 def _step_time_worker(rounds: int, steps: int) -> dict:
     """Per workload: the median step time (forward + backward) of local BN and of
-    SyncBatchNorm, measured in alternating rounds so that load changes hit both alike."""
+    SyncBatchNorm, measured in alternating rounds so that load changes hit both alike; and
+    the median latency of one all_reduce of a forward message (C = 128), for context."""
     ctx = distributed.init_from_env(timeout_s=120)
-    results = {}
+    message = torch.zeros(2 * 128 + 1, dtype=torch.float64)  # the MLP layer's forward message
+    latencies = []
+    for _ in range(rounds * steps):
+        start = time.perf_counter()
+        torch.distributed.all_reduce(message)
+        latencies.append(time.perf_counter() - start)
+    results: dict = {"all_reduce_latency_ms": round(statistics.median(latencies) * 1e3, 4)}
     for name, (factory, shape) in _workloads().items():
         torch.manual_seed(0)
         local = factory()

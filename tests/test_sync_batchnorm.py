@@ -123,6 +123,7 @@ PARITY_2 = {
     "f64_6d_no_tracking": (torch.float64, (3, 2, 2, 2, 2), (2, 3), {"track_running_stats": False}),
     "f64_one_sample_each": (torch.float64, (5,), (1, 1), {"bias": False}),
     "f64_leaky_relu_residual": (torch.float64, (4, 3, 3), (3, 5), LEAKY_RESIDUAL),
+    "f64_leaky_relu_residual_empty_rank": (torch.float64, (4, 6), (0, 4), LEAKY_RESIDUAL),
     "f64_silu": (torch.float64, (4, 7), (6, 2), {"activation": "silu", "momentum": 0.3}),
     "f32_4d_uneven_3_5": (torch.float32, (6, 5, 5), (3, 5), {}),
     "f32_2d_relu": (torch.float32, (16,), (7, 9), {"activation": "relu"}),
