@@ -19,15 +19,15 @@ Protocol of one SyncBatchNorm layer in one training step, for C channels:
 The shift s and the error bound. ``Σ(x − s)²/M − (mean − s)²`` cancels when the mean is far
 from s, so (1) each rank computes its local mean m and variance v stably, m in float64 (see
 ``_local_stats``), and forms its shifted sums from them, ``Σ(x − s) = n·(m − s)`` and
-``Σ(x − s)² = n·(v + (m − s)²)``; (2) the message is float64;
-(3) s is the layer's running mean, identical on every rank (DDP broadcasts buffers from
-rank 0 before each forward, and every rank updates them with the same global statistics;
-zero when the layer tracks no running statistics). Rounding then changes the variance by at
-most about ``(W + 4)·2⁻⁵³·(var + (mean − s)²)``, on top of the local statistics' own
-rounding (the same as in single-process BN). For float32 inputs with mean 1e4 and std 1 and
-s = 0 (the first step) that is 2e-8·(W + 4) relative, below float32 resolution for small W;
-once the running mean has caught up (momentum 0.1: a few dozen steps) the term in
-``(mean − s)²`` vanishes. Empty ranks send zeros and uneven batches are weighted by their
+``Σ(x − s)² = n·(v + (m − s)²)``; (2) the message is float64; (3) s is the layer's running
+mean, identical on every rank (DDP broadcasts buffers from rank 0 before each forward, and
+every rank updates them with the same global statistics; zero when the layer tracks no
+running statistics). Rounding then changes the variance by at most about
+``(W + 4)·2⁻⁵³·(var + (mean − s)²)``, on top of the local statistics' own rounding (the same
+as in single-process BN). For float32 inputs with mean 1e4 and std 1 and s = 0 (the first
+step) that is 1.1e-8·(W + 4) relative, about float32's resolution (1.2e-7) or below for up
+to 8 ranks; once the running mean has caught up (momentum 0.1: a few dozen steps) the term
+in ``(mean − s)²`` vanishes. Empty ranks send zeros and uneven batches are weighted by their
 counts, so results equal single-process BN on the concatenated batch up to rounding.
 
 Failures: a rank that dies makes the others' all_reduce fail (gloo: at once when the
@@ -113,7 +113,8 @@ def _check_agreement(x: Tensor, group: Any, where: str) -> None:
     if most_c != fewest_c:
         raise ValueError(
             f"{where}: num_features differ across the {world} ranks of the process group: "
-            f"this rank (rank {rank}) has {channels}, others between {fewest_c} and {most_c}. "
+            f"this rank (rank {rank}) has {channels}, the ranks have between {fewest_c} and "
+            f"{most_c}. "
             f"Hint: every rank must build the same model; look for rank-dependent settings "
             f"in the code that creates the layers."
         )
@@ -157,7 +158,7 @@ def _global_stats(
         offset = mean - shift
         message[0] = count
         message[1 : channels + 1] = count * offset
-        message[channels + 1 :] = count * (var.to(STATS_MESSAGE_DTYPE) + offset * offset)
+        message[channels + 1 :] = count * (var + offset * offset)
     _all_reduce(message, group, where, "batch statistics")
     total = int(message[0].item())  # exact: float64 holds integers up to 2**53
     if total == 0:
