@@ -1,6 +1,7 @@
 """batchnorm: Batch Normalization for PyTorch — drop-in modules, fast kernels, model tools."""
 
-from batchnorm import functional, reference
+from batchnorm import distributed, functional, reference
+from batchnorm.distributed import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from batchnorm.interop import from_keras
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.transforms import convert, freeze, unfreeze
@@ -39,12 +40,16 @@ __all__ = [
     "InPlaceBatchNormAct1d",
     "InPlaceBatchNormAct2d",
     "InPlaceBatchNormAct3d",
+    "SyncBatchNorm",
     "convert",
+    "convert_sync_batchnorm",
+    "distributed",
     "freeze",
     "from_keras",
     "functional",
     "paper_dmax",
     "paper_rmax",
     "reference",
+    "revert_sync_batchnorm",
     "unfreeze",
 ]

@@ -114,8 +114,13 @@ def check_inputs(
     residual: Tensor | None,
     training: bool,
     where: str,
+    *,
+    check_count: bool = True,
 ) -> None:
-    """Raise TypeError/ValueError with a hint for anything batch norm cannot take."""
+    """Raise TypeError/ValueError with a hint for anything batch norm cannot take.
+
+    ``check_count=False`` skips the "more than 1 value per channel" rule, for callers that
+    apply it to a larger batch than ``input`` (SyncBatchNorm checks the global batch)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}.")
     if not input.is_floating_point():
@@ -166,7 +171,7 @@ def check_inputs(
             f"{where}: eval mode needs running_mean and running_var, got None. Hint: pass "
             f"training=True to normalize with batch statistics."
         )
-    if training and input.numel() == channels and channels > 0:
+    if check_count and training and input.numel() == channels and channels > 0:
         raise ValueError(
             f"{where}: expected more than 1 value per channel when training, got input of "
             f"shape {tuple(input.shape)}. Hint: batch statistics need at least 2 values per "

@@ -18,12 +18,19 @@ from batchnorm.functional import _batch_norm
 
 
 def check_layer_input(
-    layer: str, input: Tensor, ranks: tuple[int, ...], layout: str, num_features: int
+    layer: str, input: Tensor, ranks: tuple[int, ...] | None, layout: str, num_features: int
 ) -> None:
-    """The rank and channel checks every layer makes, with messages naming the layer."""
+    """The rank and channel checks every layer makes, with messages naming the layer.
+    ``ranks=None`` accepts any rank >= 2."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(input).__name__}.")
-    if input.dim() not in ranks:
+    if ranks is None and input.dim() < 2:
+        raise ValueError(
+            f"{layer}: expected an input of shape {layout} with at least 2 dimensions, got shape "
+            f"{tuple(input.shape)}. Hint: a single sample needs a batch dimension, e.g. "
+            f"input.unsqueeze(0)."
+        )
+    if ranks is not None and input.dim() not in ranks:
         suggestion = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
         hint = (
             f"use the {suggestion[input.dim()]} flavour for {input.dim()}-D inputs."
@@ -50,7 +57,7 @@ class _BatchNormBase(_BatchNorm):
     """
 
     #: Input ranks the layer accepts and how to describe them in an error.
-    _ranks: tuple[int, ...] = ()
+    _ranks: tuple[int, ...] | None = ()
     _layout: str = ""
     #: The activation fused after the normalization (None: plain batch norm).
     activation: str | None = None

@@ -30,7 +30,8 @@ Backward in training mode (gradients flow through mean and var), with dpre = dL/
     dweight = sum(dpre * xhat)
     dx      = weight * invstd * (dpre - dbias / M - xhat * dweight / M)
 
-In eval mode mean and invstd are constants, so dx = weight * invstd * dpre.
+In eval mode mean and invstd are constants, so dx = weight * invstd * dpre. SyncBatchNorm
+uses the same dx formula with the sums and M of the global batch (see ``input_grad``).
 """
 
 from __future__ import annotations
@@ -226,16 +227,38 @@ def backward(
     else:
         pre = pre_activation(x, mean, invstd, weight, bias, residual)
         dpre = activation_grad(dy.to(dtype), pre, activation, negative_slope)
-    xhat = (x.to(dtype) - per_channel(mean, x)) * per_channel(invstd, x)
+    xhat = normalize(x, mean, invstd)
     dbias = dpre.sum(dims)
     dweight = (dpre * xhat).sum(dims)
-    scale = invstd if weight is None else invstd * weight.to(dtype)
     if training:
-        count = x.numel() // x.shape[1]
-        dpre_centered = (
-            dpre - per_channel(dbias / count, x) - xhat * per_channel(dweight / count, x)
-        )
-        dx = dpre_centered * per_channel(scale, x)
+        dx = input_grad(dpre, xhat, invstd, weight, dbias, dweight, x.numel() // x.shape[1])
     else:
+        scale = invstd if weight is None else invstd * weight.to(dtype)
         dx = dpre * per_channel(scale, x)
     return dx.to(x.dtype), dweight, dbias, dpre.to(x.dtype)
+
+
+def normalize(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    """xhat = (x - mean) * invstd, in the dtype of the statistics."""
+    return (x.to(invstd.dtype) - per_channel(mean, x)) * per_channel(invstd, x)
+
+
+def input_grad(
+    dpre: Tensor,
+    xhat: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    sum_dpre: Tensor,
+    sum_dpre_xhat: Tensor,
+    count: int,
+) -> Tensor:
+    """dL/dx in training mode from dL/dpre and the per-channel sums Σdpre and Σdpre·xhat over
+    the ``count`` values that gave mean and invstd.
+
+    Single-process batch norm passes its own batch's sums; SyncBatchNorm passes the sums and
+    count of the global batch (all ranks), so both use this one formula."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    centered = (
+        dpre - per_channel(sum_dpre / count, xhat) - xhat * per_channel(sum_dpre_xhat / count, xhat)
+    )
+    return centered * per_channel(scale, xhat)
