@@ -63,3 +63,8 @@ def test_bad_target():
         batchnorm.convert(nn.BatchNorm1d(3), to="tf")
     with pytest.raises(TypeError, match="expected an nn.Module"):
         batchnorm.convert("model")
+
+
+def test_frozen_target_is_announced():
+    with pytest.raises(NotImplementedError, match=r"convert\(to='frozen'\): FrozenBatchNorm"):
+        batchnorm.convert(nn.BatchNorm1d(3), to="frozen")

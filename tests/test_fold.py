@@ -165,7 +165,10 @@ BEFORE = {
     "conv2d_strided_grouped": (lambda: nn.Conv2d(6, 4, 3, stride=2, groups=2), (2, 6, 7, 8)),
     "conv2d_1x1_same": (lambda: nn.Conv2d(6, 4, 1, padding="same", bias=False), (2, 6, 5, 5)),
     "conv2d_reflect": (lambda: nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect"), (2, 6, 5, 5)),
-    "conv2d_circular": (lambda: nn.Conv2d(6, 4, 3, padding=2, padding_mode="circular"), (2, 6, 6, 5)),
+    "conv2d_circular": (
+        lambda: nn.Conv2d(6, 4, 3, padding=2, padding_mode="circular"),
+        (2, 6, 6, 5),
+    ),
     "conv3d_valid": (lambda: nn.Conv3d(6, 4, 2, padding="valid"), (2, 6, 3, 4, 3)),
 }
 BN_KINDS = ["torch", "ours", "affine=False", "bias=False", "frozen"]
@@ -333,6 +336,12 @@ SKIPS = {
         (4, 3, 3),
         {},
         "normalizes dim 1 of a 3-D tensor but 1 (Linear) mixes its last dim",
+    ),
+    "unbatched conv": (
+        lambda: nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4)),
+        (3, 4),  # one unbatched (C, L) sample: the BN would normalize over L, not channels
+        {},
+        "0 runs on unbatched input (BN input is 2-D)",
     ),
     "shared BN": (SharedBN, (2, 3, 4, 4), {}, "the module is shared"),
     "shared conv": (

@@ -58,7 +58,9 @@ def oracle(model: nn.Module, data) -> dict[str, tuple[torch.Tensor, torch.Tensor
     for name, m in model.named_modules():
         if isinstance(m, _BatchNorm):
             m.train()
-            m.register_forward_pre_hook(lambda _m, i, name=name: seen.setdefault(name, []).append(i[0]))
+            m.register_forward_pre_hook(
+                lambda _m, i, name=name: seen.setdefault(name, []).append(i[0])
+            )
     with torch.no_grad():
         for x, _ in data:
             model(x)
@@ -88,7 +90,11 @@ def test_population_statistics_modes_and_momentum(capsys):
     model.train()
     model[3].eval()  # a submodule in its own mode: must come back as it was
     modes = {name: m.training for name, m in model.named_modules()}
-    counters = {n: m.num_batches_tracked.clone() for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    counters = {
+        n: m.num_batches_tracked.clone()
+        for n, m in model.named_modules()
+        if isinstance(m, _BatchNorm)
+    }
     momenta = [m.momentum for m in model.modules() if isinstance(m, _BatchNorm)]
     data = batches(BATCH_SIZES[0], seed=0)
     expected = oracle(model, data)

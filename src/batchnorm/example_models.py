@@ -20,7 +20,10 @@ def article_mlp(in_features: int = 40, hidden: int = 128, classes: int = 10) -> 
     """The article's model, Dense(128, relu) -> BatchNormalization -> Dense(10): the BN sits
     after the activation, so it can only fold into the following Linear."""
     return nn.Sequential(
-        nn.Linear(in_features, hidden), nn.ReLU(), nn.BatchNorm1d(hidden), nn.Linear(hidden, classes)
+        nn.Linear(in_features, hidden),
+        nn.ReLU(),
+        nn.BatchNorm1d(hidden),
+        nn.Linear(hidden, classes),
     )
 
 
@@ -131,7 +134,9 @@ def cnn1d(in_channels: int = 2, width: int = 16, classes: int = 10) -> nn.Sequen
     )
 
 
-def conv_transpose_decoder(latent: int = 16, width: int = 16, out_channels: int = 3) -> nn.Sequential:
+def conv_transpose_decoder(
+    latent: int = 16, width: int = 16, out_channels: int = 3
+) -> nn.Sequential:
     """A decoder: Linear to a 4x4 map, then strided ConvTranspose2d layers each followed
     by BN (grouped, without bias, affine=False among them)."""
     return nn.Sequential(

@@ -404,7 +404,7 @@ def _after_fx(node: fx.Node) -> _Neighbour:
 
 
 def _fold_sequential(facts: _Facts, report: FoldReport) -> None:
-    for name, m in facts.model.named_modules(remove_duplicate=False):
+    for name, _ in facts.model.named_modules(remove_duplicate=False):
         facts.calls[name] = max(facts.calls[name], 1)
     by_id = Counter(id(m) for _, m in facts.model.named_modules(remove_duplicate=False))
     for name, m in facts.model.named_modules():
@@ -503,9 +503,7 @@ def fold(
     args = _as_args(example_inputs)
     folded = copy.deepcopy(model).eval()
     owners = Counter(id(p) for _, p in folded.named_parameters(remove_duplicate=False))
-    facts = _Facts(
-        folded, Counter(), {}, {pid for pid, n in owners.items() if n > 1}, set()
-    )
+    facts = _Facts(folded, Counter(), {}, {pid for pid, n in owners.items() if n > 1}, set())
     if args is not None:
         _observe(folded, args, facts)
     try:
