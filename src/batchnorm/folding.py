@@ -317,7 +317,7 @@ def _owns_shared(facts: _Facts, module: nn.Module) -> bool:
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
+    setattr(model.get_submodule(parent), child, new.train(False))  # the folded copy is eval
 
 
 # --------------------------------------------------------------------------- analyses
