@@ -2,8 +2,10 @@
 
 from batchnorm import distributed, functional, reference
 from batchnorm.distributed import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from batchnorm.folding import FoldReport, fold
 from batchnorm.interop import from_keras
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.recalibration import recalibrate
 from batchnorm.transforms import convert, freeze, unfreeze
 from batchnorm.variants import (
     BatchRenorm1d,
@@ -31,6 +33,7 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "FoldReport",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
@@ -44,11 +47,13 @@ __all__ = [
     "convert",
     "convert_sync_batchnorm",
     "distributed",
+    "fold",
     "freeze",
     "from_keras",
     "functional",
     "paper_dmax",
     "paper_rmax",
+    "recalibrate",
     "reference",
     "revert_sync_batchnorm",
     "unfreeze",

@@ -1,6 +1,9 @@
-"""Model-level tools: swap batch-norm implementations in a model."""
+"""Model-level tools: swap batch-norm implementations in a model (see also
+:mod:`batchnorm.folding` and :mod:`batchnorm.recalibration`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,30 +17,10 @@ _TORCH_TO_OURS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm3d: BatchNorm3d,
 }
 _OURS_TO_TORCH = {ours: theirs for theirs, ours in _TORCH_TO_OURS.items()}
-_TARGETS = {"batchnorm": _TORCH_TO_OURS, "torch": _OURS_TO_TORCH}
-
-
-def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
-    """Replace the batch-norm layers of ``model`` in place and return it.
-
-    ``to="batchnorm"`` swaps every ``torch.nn.BatchNorm{1,2,3}d`` for this package's
-    module; ``to="torch"`` swaps ours back. Weights, buffers, options, training mode,
-    device and dtype are kept, so outputs do not change. A model that *is* a batch-norm
-    layer is returned converted (the caller must use the return value).
-    """
-    if to not in _TARGETS:
-        raise ValueError(f"convert: unknown target {to!r}; expected one of {sorted(_TARGETS)}.")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}.")
-    mapping = _TARGETS[to]
-    if type(model) in mapping:
-        return _swap(model, mapping[type(model)])
-    for name, child in list(model.named_children()):
-        setattr(model, name, convert(child, to))
-    return model
 
 
 def _swap(bn: nn.Module, new_type: type[nn.Module]) -> nn.Module:
+    """A ``new_type`` layer with the options, state, modes, device and dtype of ``bn``."""
     any_tensor = bn.running_mean if bn.running_mean is not None else bn.weight
     factory = {} if any_tensor is None else {"device": any_tensor.device, "dtype": any_tensor.dtype}
     new = new_type(
@@ -160,3 +143,36 @@ def _replace_modules(model: nn.Module, swap) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}.")
     return visit("", model)
+
+
+def _swap_types(model: nn.Module, mapping: dict[type[nn.Module], type[nn.Module]]) -> nn.Module:
+    def swap(_name: str, module: nn.Module) -> nn.Module:
+        new_type = mapping.get(type(module))
+        return module if new_type is None else _swap(module, new_type)
+
+    return _replace_modules(model, swap)
+
+
+#: convert's targets, one line each.
+_TARGETS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "batchnorm": lambda model: _swap_types(model, _TORCH_TO_OURS),
+    "torch": lambda model: _swap_types(model, _OURS_TO_TORCH),
+    "frozen": lambda model: freeze(model)[0],
+}
+
+
+def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
+    """Replace the batch-norm layers of ``model`` in place and return it.
+
+    ``to="batchnorm"`` swaps every ``torch.nn.BatchNorm{1,2,3}d`` for this package's
+    module; ``to="torch"`` swaps ours back; ``to="frozen"`` turns every BN with running
+    statistics into a FrozenBatchNorm (as :func:`freeze`, whose report says what changed).
+    Weights, buffers, options, training mode, device and dtype are kept, so outputs do not
+    change (frozen layers compute what eval mode computes). A model that *is* a batch-norm
+    layer is returned converted (the caller must use the return value).
+    """
+    if to not in _TARGETS:
+        raise ValueError(f"convert: unknown target {to!r}; expected one of {sorted(_TARGETS)}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}.")
+    return _TARGETS[to](model)
