@@ -88,7 +88,10 @@ def test_our_batchnorm_trains_like_torch_nn(blobs_data, device):
     np.testing.assert_allclose(
         histories["batchnorm"].step_loss, histories["torch"].step_loss, rtol=1e-4, atol=1e-5
     )
-    assert histories["batchnorm"].test_accuracy == histories["torch"].test_accuracy
+    # Rounding may flip a near-tied prediction: allow one test sample of difference.
+    np.testing.assert_allclose(
+        histories["batchnorm"].test_accuracy, histories["torch"].test_accuracy, atol=1 / 60
+    )
 
 
 def test_fit_rejects_bad_settings(blobs_data):

@@ -154,20 +154,17 @@ def ioffe_figure1(
         result = h.probes[probe]
         q = np.asarray(result["layers"][layer])[:, :, unit]  # (evaluations, 3)
         c = color(label, i)
-        for j, (style, name) in enumerate(
-            zip(("--", "-", "--"), _quantile_names(result["quantiles"]), strict=True)
-        ):
-            ax.plot(result["steps"], q[:, j], color=c, linestyle=style, label=name)
+        for j, style in enumerate(("--", "-", "--")):
+            ax.plot(result["steps"], q[:, j], color=c, linestyle=style)
         low, high = min(low, q.min()), max(high, q.max())
-        ax.set(
-            xlabel="training steps",
-            ylabel=f"{activation} input (unit {unit})",
-            title=f"({letter}) {label}",
-        )
+        ax.set(xlabel="training steps", ylabel=f"{activation} input", title=f"({letter}) {label}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
     margin = 0.05 * (high - low + 1e-9)
     for ax in unit_axes:
         ax.set_ylim(low - margin, high + margin)
-    fig.suptitle(title)
+    lo, mid, hi = _quantile_names(next(iter(runs.values())).probes[probe]["quantiles"])
+    fig.suptitle(
+        f"{title}\n(b, c): input of {activation} unit {unit} of the last hidden layer on the "
+        f"test set; solid: {mid}, dashed: {lo} and {hi}"
+    )
     return _save(fig, path)
