@@ -107,6 +107,8 @@ def test_fit_rejects_bad_settings(blobs_data):
         fit(model, opt, blobs_data, steps=0)
     with pytest.raises(ValueError, match="eval_every must be a positive int"):
         fit(model, opt, blobs_data, steps=2, eval_every=0)
+    with pytest.raises(ValueError, match="the model is on meta and the data on cpu"):
+        fit(model.to("meta"), opt, blobs_data, steps=2)
 
 
 def test_diverged_training_writes_strict_json(blobs_data, tmp_path):
@@ -260,3 +262,28 @@ def test_copying_a_model_keeps_probes_independent(blobs_data):
         probes={"g": GradientNorms()}, progress=False)  # fmt: skip
     copy.deepcopy(model)
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# Epoch timing (the numbers themselves are benchmarks, not tested)
+
+
+def test_epoch_seconds_reports_each_implementation():
+    from batchnorm.lab.timing import epoch_seconds, synthetic_data
+
+    data = synthetic_data(samples=300)
+    before = torch.get_num_threads()
+    result = epoch_seconds(epochs=1, repeats=2, data=data)
+    assert torch.get_num_threads() == before
+    assert set(result["epoch_seconds"]) == {"batchnorm", "torch", "none"}
+    for timing in result["epoch_seconds"].values():
+        assert len(timing["samples"]) == 2 and all(t > 0 for t in timing["samples"])
+        assert timing["median"] == pytest.approx(np.median(timing["samples"]))
+    medians = {k: v["median"] for k, v in result["epoch_seconds"].items()}
+    assert result["ratio_batchnorm_to_torch"] == pytest.approx(
+        medians["batchnorm"] / medians["torch"]
+    )
+    assert result["steps_per_epoch"] == 3 and result["threads"] == 1
+    json.dumps(result)
+    with pytest.raises(ValueError, match="unknown implementations"):
+        epoch_seconds(["apex"])

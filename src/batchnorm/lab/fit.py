@@ -112,6 +112,12 @@ def fit(
 
     probes = dict(probes or {})
     device = data.x_train.device
+    weights = next(model.parameters(), None)
+    if weights is not None and weights.device != device:
+        raise ValueError(
+            f"fit: the model is on {weights.device} and the data on {device}. Hint: "
+            f"model.to(device) and data.to(device) before fit."
+        )
     history = History(label, steps_per_epoch, batch_size)
     losses = torch.empty(total, device=device)
     correct = torch.empty(total, device=device, dtype=torch.long)
