@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--lr", type=_positive_float, default=lab_demo.LR, help="Adam's learning rate (%(default)s)"
     )
+    demo.add_argument(
+        "--distributed", action="store_true",
+        help="under torchrun: DistributedDataParallel + SyncBatchNorm, e.g. "
+        "`torchrun --standalone --nproc_per_node=2 -m batchnorm demo --distributed`",
+    )  # fmt: skip
     _add_lab_options(demo, out="batchnorm-report")
 
     reproduce = commands.add_parser(
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return _run_lab(
             parser, args, lab_demo.run_demo, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr,
+            lr=args.lr, distributed=args.distributed,
         )  # fmt: skip
     if args.command == "reproduce":
         return _run_lab(

@@ -8,12 +8,22 @@ and writes plots, ``metrics.json`` and a self-contained ``report.html``.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
+from batchnorm.distributed import (
+    DistributedContext,
+    gather_on_main,
+    init_from_env,
+    local_slice,
+    shutdown,
+    wrap_model,
+)
 from batchnorm.lab import plots
 from batchnorm.lab.data import Dataset, load_dataset
 from batchnorm.lab.fit import History, adam, fit, resolve_device
@@ -44,10 +54,15 @@ def train_pair(
     seed: int = 0,
     bn: str = "batchnorm",
     progress: bool | None = None,
+    context: DistributedContext | None = None,
 ) -> dict[str, History]:
     """Train the article's model without and with BN (``bn``: "batchnorm" or "torch") on
     ``data`` (on its device) from the same initial weights and mini-batch order; return the
-    two histories, with gradient norms and activation quantiles recorded."""
+    two histories, with gradient norms and activation quantiles recorded.
+
+    With a ``context`` (torchrun), each process trains on its share of every mini-batch in
+    DistributedDataParallel, with SyncBatchNorm, and the returned training losses are
+    averaged over the processes (on the main process)."""
     torch.manual_seed(seed)
     models = {WITHOUT: article_model(data.num_features, data.num_classes, None, HIDDEN)}
     models[WITH] = article_model(data.num_features, data.num_classes, bn, HIDDEN)
@@ -55,6 +70,8 @@ def train_pair(
     runs = {}
     for label, model in models.items():
         model.to(data.x_train.device)
+        if context is not None:
+            model = wrap_model(model, context)  # BN -> SyncBatchNorm, then DDP
         optimizer = adam(model.parameters(), lr)
         probes = {
             "activations": ActivationQuantiles(ACTIVATION_PROBES),
@@ -63,8 +80,34 @@ def train_pair(
         runs[label] = fit(
             model, optimizer, data, epochs=epochs, batch_size=batch_size, probes=probes,
             seed=seed, progress=progress, label=label,
+            shard=None if context is None else partial(local_slice, context=context),
         )  # fmt: skip
+        if context is not None:
+            _average_training_curves(runs[label], batch_size, context)
     return runs
+
+
+def _average_training_curves(history: History, batch_size: int, context) -> None:
+    """Replace the main process's training losses and accuracies by the average over all
+    processes, weighted by their shares of each mini-batch (test metrics are the same on
+    every process: the models are)."""
+    keys = ("train_loss", "train_accuracy", "step_loss")
+    gathered = gather_on_main([getattr(history, key) for key in keys], context)
+    if gathered is None:
+        return
+    shares = [len(range(batch_size)[local_slice(batch_size, _rank(context, r))])
+              for r in range(context.world_size)]  # fmt: skip
+    for index, key in enumerate(keys):
+        columns = zip(*(curves[index] for curves in gathered), strict=True)
+        setattr(history, key, [
+            None if values[0] is None
+            else sum(v * w for v, w in zip(values, shares, strict=True)) / batch_size
+            for values in columns
+        ])  # fmt: skip
+
+
+def _rank(context, rank: int):
+    return dataclasses.replace(context, rank=rank)
 
 
 def results(runs: dict[str, History]) -> dict[str, dict[str, float]]:
@@ -104,14 +147,35 @@ def run_demo(
     plots_enabled: bool = True,
     progress: bool | None = None,
     stream: TextIO | None = None,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Run the demo, print its summary to ``stream`` (stdout), write the report folder
-    ``out`` and return the metrics written to ``out/metrics.json``."""
-    stream = stream or sys.stdout
-    dev = resolve_device(device)
-    if isinstance(data, str):
+    ``out`` and return the metrics written to ``out/metrics.json``.
+
+    ``distributed=True`` (under torchrun): DistributedDataParallel with SyncBatchNorm, each
+    process training on its share of every mini-batch of ``batch_size``; the main process
+    prints and writes the report, the others return an empty dict."""
+    context = init_from_env() if distributed else None
+    try:
+        return _run_demo(
+            data, data_dir, epochs, batch_size, lr, seed, bn, device, out, plots_enabled,
+            progress, stream or sys.stdout, context,
+        )  # fmt: skip
+    finally:
+        if context is not None:
+            shutdown()
+
+
+def _run_demo(
+    data, data_dir, epochs, batch_size, lr, seed, bn, device, out, plots_enabled, progress,
+    stream, context,
+) -> dict[str, Any]:  # fmt: skip
+    dev = resolve_device(device) if context is None else context.device
+    if isinstance(data, str):  # concurrent processes may load it: the cache is atomic
         data = load_dataset(data, data_dir)
     data = data.to(dev)
+    main = context is None or context.is_main
+    progress = progress if main else False
     bn_class = "batchnorm.BatchNorm1d" if bn == "batchnorm" else "torch.nn.BatchNorm1d"
     steps = epochs * (len(data.x_train) // batch_size)
     header = "\n".join(
@@ -124,10 +188,21 @@ def run_demo(
             f"train  Adam lr {lr:g}, batch {batch_size}, {epochs} epochs ({steps} steps), "
             f"seed {seed}, {dev}",
         ]
+        + (
+            []
+            if context is None
+            else [
+                f"       distributed: {context.world_size} processes ({context.backend}), "
+                f"DistributedDataParallel + SyncBatchNorm, each on its share of a batch"
+            ]
+        )
     )
-    print(header + "\n", file=stream, flush=True)
+    if main:
+        print(header + "\n", file=stream, flush=True)
 
-    runs = train_pair(data, epochs, batch_size, lr, seed, bn, progress)
+    runs = train_pair(data, epochs, batch_size, lr, seed, bn, progress, context)
+    if not main:
+        return {}
     table = results(runs)
     out = Path(out)
     names = list(FIGURES) if plots_enabled else []
@@ -147,6 +222,11 @@ def run_demo(
         "device": str(dev),
         "torch": torch.__version__,
     }
+    if context is not None:
+        settings["distributed"] = (
+            f"{context.world_size} processes, {context.backend}, "
+            "DistributedDataParallel + SyncBatchNorm"
+        )
     metrics = {
         "command": "demo",
         "settings": settings,

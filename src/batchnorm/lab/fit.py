@@ -83,6 +83,7 @@ def fit(
     seed: int = 0,
     progress: bool | None = None,
     label: str = "",
+    shard: Callable[[int], slice] | None = None,
 ) -> History:
     """Train ``model`` with ``optimizer`` on ``data`` for ``steps`` optimizer steps (or
     ``epochs`` passes over the training set) of ``batch_size`` samples, and return its
@@ -94,6 +95,10 @@ def fit(
     mini-batches. The model is evaluated on the test set in eval mode before training,
     every ``eval_every`` steps (default: once per epoch) and at the end. ``progress`` shows a
     progress bar on stderr (default: only when stderr is a terminal).
+
+    Data-parallel training (e.g. a DistributedDataParallel model): ``shard(batch_size)`` is
+    the slice of every mini-batch this process trains on; the recorded training loss and
+    accuracy are then this process's. Probes attach to the wrapped ``model.module``.
     """
     n = len(data.x_train)
     if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
@@ -124,8 +129,9 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     show = sys.stderr.isatty() if progress is None else progress
 
+    local = range(batch_size)[shard(batch_size)] if shard is not None else range(batch_size)
     for probe in probes.values():
-        probe.attach(model)
+        probe.attach(getattr(model, "module", model))  # DDP wraps the model in .module
     try:
         with _ProgressBar(show, total, label) as bar:
             _evaluate_into(history, model, data, loss_fn, probes, 0, losses, correct)
@@ -137,6 +143,8 @@ def fit(
                 xs, ys = data.x_train[perm], data.y_train[perm]
                 for start in range(0, steps_per_epoch * batch_size, batch_size):
                     xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
+                    if shard is not None:
+                        xb, yb = xb[shard(batch_size)], yb[shard(batch_size)]
                     logits = model(xb)
                     loss = loss_fn(logits, yb)
                     optimizer.zero_grad(set_to_none=True)
@@ -154,7 +162,7 @@ def fit(
                         history.train_seconds += time.perf_counter() - started
                         _evaluate_into(
                             history, model, data, loss_fn, probes, step, losses, correct,
-                            last_eval,
+                            last_eval, len(local),
                         )  # fmt: skip
                         last_eval = step
                         bar.advance_to(step, history.test_accuracy[-1])
@@ -197,6 +205,7 @@ def _evaluate_into(
     losses: Tensor,
     correct: Tensor,
     last_eval: int = 0,
+    samples_per_step: int | None = None,
 ) -> None:
     started = time.perf_counter()
     for probe in probes.values():
@@ -215,7 +224,7 @@ def _evaluate_into(
     else:
         window = slice(last_eval, step)
         history.train_loss.append(losses[window].double().mean().item())
-        samples = (step - last_eval) * history.batch_size
+        samples = (step - last_eval) * (samples_per_step or history.batch_size)
         history.train_accuracy.append(correct[window].sum().item() / samples)
     if not math.isfinite(test_loss):
         print(f"warning: {history.label or 'model'}: test loss is {test_loss}", file=sys.stderr)
