@@ -63,3 +63,16 @@ def test_bad_target():
         batchnorm.convert(nn.BatchNorm1d(3), to="tf")
     with pytest.raises(TypeError, match="expected an nn.Module"):
         batchnorm.convert("model")
+
+
+def test_frozen_target_computes_eval_outputs():
+    model = small_net()
+    model(random_input((4, 3, 8, 8)))  # move the running statistics
+    x = random_input((1, 3, 8, 8), seed=2)  # a single sample: fine once frozen
+    model.eval()
+    expected = model(x)
+    model.train()
+    frozen = batchnorm.convert(model, to="frozen")
+    assert isinstance(frozen[1], batchnorm.FrozenBatchNorm2d)
+    assert isinstance(frozen[6], batchnorm.FrozenBatchNorm1d)
+    torch.testing.assert_close(frozen(x), expected)

@@ -182,9 +182,9 @@ def test_running_update_matches_reference(dtype, momentum):
     mean, var = torch.randn(7, generator=g).to(dtype), torch.rand(7, generator=g).to(dtype)
     rm, rv = torch.randn(7, generator=g).to(dtype), torch.rand(7, generator=g).to(dtype)
     rm2, rv2 = rm.clone(), rv.clone()
-    for count in (5, 1, 0):
-        cpu.NumbaBackend().update_running_stats(rm, rv, mean, var, count, momentum)
-        reference.update_running_stats(rm2, rv2, mean, var, count, momentum)
+    for count, unbiased in [(5, True), (5, False), (1, True), (0, True)]:
+        cpu.NumbaBackend().update_running_stats(rm, rv, mean, var, count, momentum, unbiased)
+        reference.update_running_stats(rm2, rv2, mean, var, count, momentum, unbiased)
         assert_close(rm, rm2)
         assert_close(rv, rv2)
 

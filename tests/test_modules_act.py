@@ -14,6 +14,7 @@ ACTS = {
     "relu": torch.relu,
     "leaky_relu": lambda v: F.leaky_relu(v, 0.2),
     "silu": F.silu,
+    "elu": F.elu,  # no kernel epilogue: the numba backend hands it to the reference
     None: lambda v: v,
 }
 KINDS = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import ops
-from batchnorm.reference import ACTIVATIONS
+from batchnorm.reference import ACTIVATIONS, INVERTIBLE_ACTIVATIONS
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -28,6 +28,7 @@ def batch_norm(
     activation: str | None = None,
     negative_slope: float = 0.01,
     residual: Tensor | None = None,
+    unbiased_running_var: bool = True,
 ) -> Tensor:
     """Batch normalization of ``input`` of shape (N, C, *), as ``torch.nn.functional.batch_norm``.
 
@@ -38,11 +39,14 @@ def batch_norm(
 
     Extensions (keyword-only): ``activation`` in ``"relu"``, ``"leaky_relu"`` (with
     ``negative_slope``), ``"silu"`` or ``None``, and ``residual``, a tensor of the input's
-    shape added before the activation: ``y = act(BN(x) + residual)``, in one pass.
+    shape added before the activation: ``y = act(BN(x) + residual)``, in one pass;
+    ``"elu"`` (alpha 1) is accepted too. ``unbiased_running_var=False`` stores the biased
+    batch variance in ``running_var``, as Keras and Flax do.
     """
     return _batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
         activation, negative_slope, residual, where="batchnorm.functional.batch_norm",
+        unbiased_running_var=unbiased_running_var,
     )  # fmt: skip
 
 
@@ -59,8 +63,13 @@ def _batch_norm(
     negative_slope: float,
     residual: Tensor | None,
     where: str,
+    unbiased_running_var: bool = True,
+    keep_output_only: bool = False,
 ) -> Tensor:
-    """batch_norm with ``where`` naming the caller (a layer) in error messages."""
+    """batch_norm with ``where`` naming the caller (a layer) in error messages.
+
+    ``keep_output_only`` saves only the output for backward and recovers the input from it
+    (InPlace-ABN); the activation must then be invertible and there is no residual."""
     activation = "identity" if activation is None else activation
     check_inputs(input, running_mean, running_var, weight, bias, residual, training, where)
     if activation not in ACTIVATIONS:
@@ -68,10 +77,32 @@ def _batch_norm(
             f"{where}: unknown activation {activation!r}; expected one of "
             f"{[a for a in ACTIVATIONS if a != 'identity'] + [None]}."
         )
+    if keep_output_only:
+        check_invertible(activation, negative_slope, where)
+        if residual is not None:
+            raise ValueError(
+                f"{where}: a residual cannot be added when only the output is kept for "
+                f"backward (the input could not be recovered). Hint: add it before the layer."
+            )
     return ops.batch_norm(
         input, weight, bias, running_mean, running_var, residual, training,
         0.0 if momentum is None else momentum, eps, activation, negative_slope,
+        unbiased_running_var, keep_output_only,
     )  # fmt: skip
+
+
+def check_invertible(activation: str, negative_slope: float, where: str) -> None:
+    """The output-only backward must be able to undo the activation."""
+    if activation not in INVERTIBLE_ACTIVATIONS:
+        raise ValueError(
+            f"{where}: activation {activation!r} cannot be inverted, so the input could not be "
+            f"recovered from the output; expected one of {INVERTIBLE_ACTIVATIONS}."
+        )
+    if activation == "leaky_relu" and not negative_slope > 0:
+        raise ValueError(
+            f"{where}: leaky_relu needs negative_slope > 0 to be invertible, got "
+            f"{negative_slope}. Hint: use e.g. 0.01."
+        )
 
 
 def check_inputs(
@@ -83,8 +114,13 @@ def check_inputs(
     residual: Tensor | None,
     training: bool,
     where: str,
+    *,
+    check_count: bool = True,
 ) -> None:
-    """Raise TypeError/ValueError with a hint for anything batch norm cannot take."""
+    """Raise TypeError/ValueError with a hint for anything batch norm cannot take.
+
+    ``check_count=False`` skips the "more than 1 value per channel" rule, for callers that
+    apply it to a larger batch than ``input`` (SyncBatchNorm checks the global batch)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}.")
     if not input.is_floating_point():
@@ -135,7 +171,7 @@ def check_inputs(
             f"{where}: eval mode needs running_mean and running_var, got None. Hint: pass "
             f"training=True to normalize with batch statistics."
         )
-    if training and input.numel() == channels and channels > 0:
+    if check_count and training and input.numel() == channels and channels > 0:
         raise ValueError(
             f"{where}: expected more than 1 value per channel when training, got input of "
             f"shape {tuple(input.shape)}. Hint: batch statistics need at least 2 values per "

@@ -18,15 +18,53 @@ from batchnorm.functional import _batch_norm
 from batchnorm.reference import ACTIVATIONS
 
 
+def check_layer_input(
+    layer: str, input: Tensor, ranks: tuple[int, ...] | None, layout: str, num_features: int
+) -> None:
+    """The rank and channel checks every layer makes, with messages naming the layer.
+    ``ranks=None`` accepts any rank >= 2."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(input).__name__}.")
+    if ranks is None and input.dim() < 2:
+        raise ValueError(
+            f"{layer}: expected an input of shape {layout} with at least 2 dimensions, got shape "
+            f"{tuple(input.shape)}. Hint: a single sample needs a batch dimension, e.g. "
+            f"input.unsqueeze(0)."
+        )
+    if ranks is not None and input.dim() not in ranks:
+        suggestion = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+        hint = (
+            f"use the {suggestion[input.dim()]} flavour for {input.dim()}-D inputs."
+            if input.dim() in suggestion
+            else "batch norm takes inputs of shape (N, C, *) with 2 to 5 dimensions."
+        )
+        raise ValueError(
+            f"{layer}: expected a {' or '.join(f'{r}-D' for r in ranks)} input {layout}, got a "
+            f"{input.dim()}-D input of shape {tuple(input.shape)}. Hint: {hint}"
+        )
+    if input.shape[1] != num_features:
+        raise ValueError(
+            f"{layer}: expected {num_features} channels in dimension 1, got input of shape "
+            f"{tuple(input.shape)} with {input.shape[1]}. Hint: set num_features to the number "
+            f"of channels of the layer before."
+        )
+
+
 class _BatchNormBase(_BatchNorm):
-    """Shared body of every module in this package; subclasses set the accepted ranks."""
+    """Shared body of the trainable modules of this package.
+
+    Subclasses set the accepted ranks; variants change only how the statistics (or the
+    scale and shift given to the one functional core) are obtained in training.
+    """
 
     #: Input ranks the layer accepts and how to describe them in an error.
-    _ranks: tuple[int, ...] = ()
+    _ranks: tuple[int, ...] | None = ()
     _layout: str = ""
     #: The activation fused after the normalization (None: plain batch norm).
     activation: str | None = None
     negative_slope: float = 0.01
+    #: Keep only the output for backward (InPlace-ABN); see InPlaceBatchNormAct2d.
+    _keep_output_only: bool = False
 
     def __init__(
         self,
@@ -39,6 +77,7 @@ class _BatchNormBase(_BatchNorm):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        unbiased_running_var: bool = True,
     ) -> None:
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
             raise ValueError(
@@ -50,35 +89,25 @@ class _BatchNormBase(_BatchNorm):
         if affine and not bias:
             del self.bias
             self.register_parameter("bias", None)
+        self.unbiased_running_var = unbiased_running_var
 
     @property
     def layer_name(self) -> str:
         """How error messages name this layer."""
         return f"{type(self).__name__}({self.num_features})"
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if not isinstance(input, Tensor):
-            raise TypeError(
-                f"{self.layer_name}: expected a torch.Tensor input, got {type(input).__name__}."
-            )
-        if input.dim() not in self._ranks:
-            raise ValueError(
-                f"{self.layer_name}: expected a {' or '.join(f'{r}-D' for r in self._ranks)} "
-                f"input {self._layout}, got a {input.dim()}-D input of shape "
-                f"{tuple(input.shape)}. Hint: {self._rank_hint(input.dim())}"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{self.layer_name}: expected {self.num_features} channels in dimension 1, got "
-                f"input of shape {tuple(input.shape)} with {input.shape[1]}. Hint: set "
-                f"num_features to the number of channels of the layer before."
-            )
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.activation not in (None, "identity"):
+            text += f", activation={self.activation!r}"
+            if self.activation == "leaky_relu":
+                text += f", negative_slope={self.negative_slope}"
+        if not self.unbiased_running_var:
+            text += ", unbiased_running_var=False"
+        return text
 
-    def _rank_hint(self, rank: int) -> str:
-        suggestion = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
-        if rank in suggestion:
-            return f"use {suggestion[rank]} for {rank}-D inputs."
-        return "batch norm takes inputs of shape (N, C, *) with 2 to 5 dimensions."
+    def _check_input_dim(self, input: Tensor) -> None:
+        check_layer_input(self.layer_name, input, self._ranks, self._layout, self.num_features)
 
     def _momentum_factor(self) -> float:
         """The running-average factor for this step; counts the step, as torch.nn does."""
@@ -92,16 +121,32 @@ class _BatchNormBase(_BatchNorm):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
-        momentum = self._momentum_factor()
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # Running statistics are read in eval mode and updated in training mode when tracked.
+        return self._normalize(input, residual, self._momentum_factor(), self.weight, self.bias)
+
+    def _normalize(
+        self,
+        input: Tensor,
+        residual: Tensor | None,
+        momentum: float,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None | bool = True,
+        running_var: Tensor | None | bool = True,
+    ) -> Tensor:
+        """The functional core with this layer's options; running statistics default to the
+        layer's own (``True``), read in eval mode and updated in training when tracked."""
         track = not self.training or self.track_running_stats
+        if running_mean is True:
+            running_mean = self.running_mean if track else None
+        if running_var is True:
+            running_var = self.running_var if track else None
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         return _batch_norm(
             input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
+            running_mean,  # type: ignore[arg-type]
+            running_var,  # type: ignore[arg-type]
+            weight,
+            bias,
             use_batch_stats,
             momentum,
             self.eps,
@@ -109,28 +154,36 @@ class _BatchNormBase(_BatchNorm):
             self.negative_slope,
             residual,
             where=self.layer_name,
+            unbiased_running_var=self.unbiased_running_var,
+            keep_output_only=self._keep_output_only,
         )
 
 
-class BatchNorm1d(_BatchNormBase):
-    """Drop-in ``torch.nn.BatchNorm1d`` for (N, C) or (N, C, L) inputs."""
-
+class _Dims1d:
     _ranks = (2, 3)
     _layout = "(N, C) or (N, C, L)"
 
 
-class BatchNorm2d(_BatchNormBase):
-    """Drop-in ``torch.nn.BatchNorm2d`` for (N, C, H, W) inputs, contiguous or channels_last."""
-
+class _Dims2d:
     _ranks = (4,)
     _layout = "(N, C, H, W)"
 
 
-class BatchNorm3d(_BatchNormBase):
-    """Drop-in ``torch.nn.BatchNorm3d`` for (N, C, D, H, W) inputs."""
-
+class _Dims3d:
     _ranks = (5,)
     _layout = "(N, C, D, H, W)"
+
+
+class BatchNorm1d(_Dims1d, _BatchNormBase):
+    """Drop-in ``torch.nn.BatchNorm1d`` for (N, C) or (N, C, L) inputs."""
+
+
+class BatchNorm2d(_Dims2d, _BatchNormBase):
+    """Drop-in ``torch.nn.BatchNorm2d`` for (N, C, H, W) inputs, contiguous or channels_last."""
+
+
+class BatchNorm3d(_Dims3d, _BatchNormBase):
+    """Drop-in ``torch.nn.BatchNorm3d`` for (N, C, D, H, W) inputs."""
 
 
 class _BatchNormActBase(_BatchNormBase):
@@ -151,6 +204,7 @@ class _BatchNormActBase(_BatchNormBase):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        unbiased_running_var: bool = True,
         activation: str | None = "relu",
         negative_slope: float = 0.01,
     ) -> None:
@@ -165,34 +219,21 @@ class _BatchNormActBase(_BatchNormBase):
                 f"{name}: negative_slope must be a number (the slope of leaky_relu below "
                 f"zero), got {type(negative_slope).__name__}."
             )
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias)  # fmt: skip
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, unbiased_running_var=unbiased_running_var,
+        )  # fmt: skip
         self.activation = None if activation == "identity" else activation
         self.negative_slope = float(negative_slope)
 
-    def extra_repr(self) -> str:
-        act = f", activation={self.activation!r}"
-        if self.activation == "leaky_relu":
-            act += f", negative_slope={self.negative_slope}"
-        return super().extra_repr() + act
+
+class BatchNormAct1d(_Dims1d, _BatchNormActBase):
+    """``BatchNorm1d`` fused with an activation: ``act(BN(x) [+ residual])``."""
 
 
-class BatchNormAct1d(_BatchNormActBase):
-    """``BatchNorm1d`` fused with an activation (relu, leaky_relu or silu)."""
-
-    _ranks = BatchNorm1d._ranks
-    _layout = BatchNorm1d._layout
+class BatchNormAct2d(_Dims2d, _BatchNormActBase):
+    """``BatchNorm2d`` fused with an activation: ``act(BN(x) [+ residual])``."""
 
 
-class BatchNormAct2d(_BatchNormActBase):
-    """``BatchNorm2d`` fused with an activation (relu, leaky_relu or silu)."""
-
-    _ranks = BatchNorm2d._ranks
-    _layout = BatchNorm2d._layout
-
-
-class BatchNormAct3d(_BatchNormActBase):
-    """``BatchNorm3d`` fused with an activation (relu, leaky_relu or silu)."""
-
-    _ranks = BatchNorm3d._ranks
-    _layout = BatchNorm3d._layout
+class BatchNormAct3d(_Dims3d, _BatchNormActBase):
+    """``BatchNorm3d`` fused with an activation: ``act(BN(x) [+ residual])``."""

@@ -71,8 +71,8 @@ class Backend(Protocol):
 
 
 #: Optionally, a backend also has ``update_running_stats(running_mean, running_var, mean, var,
-#: count, momentum)``, the in-place update of reference.update_running_stats (same formula,
-#: tested against it), which eager mode then calls instead.
+#: count, momentum, unbiased)``, the in-place update of reference.update_running_stats (same
+#: formula, tested against it), which eager mode then calls instead.
 
 
 class ReferenceBackend:
@@ -270,6 +270,42 @@ class _BatchNormFunction(torch.autograd.Function):
         return _grads(ctx, dy, backward_impl)
 
 
+class _KeepOutputFunction(torch.autograd.Function):
+    """Batch norm + invertible activation that saves its output instead of its input.
+
+    Backward recovers x from y (reference.recover_input) and then runs the ordinary
+    backward, so no formula is restated. Channels whose scale is too small to divide by
+    (see reference.weak_channels) keep their input instead.
+    """
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        x, weight, bias, _, _, _, training, eps, activation, slope = inputs
+        y, mean, invstd, var = forward_impl(*inputs)
+        weak = reference.weak_channels(weight, bias, x.shape[1], x.device)
+        kept = x.index_select(1, weak) if weak.numel() else None
+        ctx.save_for_backward(y, weight, bias, mean, invstd, weak, kept)
+        ctx.config = (training, activation, slope)
+        ctx.mark_non_differentiable(mean, invstd, var)
+        return y, mean, invstd, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dmean, _dinvstd, _dvar):
+        y, weight, bias, mean, invstd, weak, kept = ctx.saved_tensors
+        training, activation, slope = ctx.config
+        x = reference.recover_input(y, mean, invstd, weight, bias, activation, slope)
+        if kept is not None:
+            x.index_copy_(1, weak, kept.to(x.dtype))
+        dx, dw, db, _ = backward_impl(
+            dy, x, weight, bias, None, mean, invstd, training, activation, slope, False
+        )
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dw = dw.to(weight.dtype) if need_w else None
+        db = db.to(bias.dtype) if need_b else None
+        return (dx if need_x else None, dw, db) + (None,) * 7
+
+
 # ---------------------------------------------------------------------------------------
 # torch.library custom ops, used under torch.compile.
 
@@ -365,6 +401,8 @@ def batch_norm(
     eps: float,
     activation: str,
     negative_slope: float,
+    unbiased_running_var: bool = True,
+    keep_output_only: bool = False,
 ) -> Tensor:
     """Run the operation with autograd and update the running statistics when training.
 
@@ -377,7 +415,8 @@ def batch_norm(
     elif torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual)
     ):
-        y, mean, _, var = _BatchNormFunction.apply(*args)
+        function = _KeepOutputFunction if keep_output_only else _BatchNormFunction
+        y, mean, _, var = function.apply(*args)
     else:
         y, mean, _, var = forward_impl(*args)
     if training and running_mean is not None and running_var is not None:
@@ -385,7 +424,7 @@ def batch_norm(
         update = reference.update_running_stats
         if not compiling:  # a backend may do the same update faster (eager mode only)
             update = getattr(select_backend(x), "update_running_stats", update)
-        update(running_mean, running_var, mean, var, count, momentum)
+        update(running_mean, running_var, mean, var, count, momentum, unbiased_running_var)
     return y
 
 
@@ -395,7 +434,7 @@ def _register_builtin_backends() -> None:
         from batchnorm.kernels import cpu
     except ImportError:  # numba is a dependency, but a broken install should still import
         return
-    register_backend(cpu.accepts, cpu.NumbaBackend())
+    register_backend(cpu.accepts, cpu.NumbaBackend(fallback=REFERENCE))
 
 
 _register_builtin_backends()

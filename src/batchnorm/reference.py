@@ -19,6 +19,8 @@ Running statistics follow PyTorch's convention:
     running_mean = (1 - momentum) * running_mean + momentum * mean
     running_var  = (1 - momentum) * running_var  + momentum * var * M / (M - 1)   (unbiased)
 
+(``unbiased=False`` stores ``var`` itself, the Keras/Flax convention.)
+
 ``momentum`` here is the factor actually applied; the modules turn ``momentum=None`` into a
 cumulative average (factor 1 / num_batches_tracked) before calling down.
 
@@ -28,7 +30,8 @@ Backward in training mode (gradients flow through mean and var), with dpre = dL/
     dweight = sum(dpre * xhat)
     dx      = weight * invstd * (dpre - dbias / M - xhat * dweight / M)
 
-In eval mode mean and invstd are constants, so dx = weight * invstd * dpre.
+In eval mode mean and invstd are constants, so dx = weight * invstd * dpre. SyncBatchNorm
+uses the same dx formula with the sums and M of the global batch (see ``input_grad``).
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: Activations that can follow the normalization in the same call.
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
+#: Activations that can follow the normalization in the same call. "elu" has alpha 1.
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "elu")
+#: The ones that can be undone, which lets a layer keep only its output for backward.
+INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")
 
 
 def reduce_dims(x: Tensor) -> list[int]:
@@ -74,6 +79,8 @@ def activate(pre: Tensor, activation: str, negative_slope: float) -> Tensor:
         return torch.nn.functional.leaky_relu(pre, negative_slope)
     if activation == "silu":
         return torch.nn.functional.silu(pre)
+    if activation == "elu":
+        return torch.nn.functional.elu(pre)
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
@@ -88,7 +95,28 @@ def activation_grad(dy: Tensor, pre: Tensor, activation: str, negative_slope: fl
     if activation == "silu":
         s = torch.sigmoid(pre)
         return dy * s * (1 + pre * (1 - s))
+    if activation == "elu":
+        return torch.where(pre > 0, dy, dy * torch.exp(pre))
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def invert_activation(y: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """The pre-activation that produced ``y`` (for activations in INVERTIBLE_ACTIVATIONS).
+
+    elu saturates at -1: where y + 1 underflows to 0 the inverse is clamped to the
+    smallest normal number, so x is only approximately recovered there — harmless, because
+    the gradient elu'(pre) = y + 1 that multiplies it is 0 as well.
+    """
+    if activation == "identity":
+        return y
+    if activation == "leaky_relu":
+        return torch.where(y > 0, y, y / negative_slope)
+    if activation == "elu":
+        tiny = torch.finfo(y.dtype).tiny
+        return torch.where(y > 0, y, torch.log(torch.clamp(y + 1, min=tiny)))
+    raise ValueError(
+        f"activation {activation!r} cannot be inverted; expected one of {INVERTIBLE_ACTIVATIONS}"
+    )
 
 
 def pre_activation(
@@ -124,6 +152,41 @@ def forward(
     return activate(pre, activation, negative_slope).to(x.dtype)
 
 
+#: A channel whose |weight| is below this fraction of max(|bias|, 1) cannot be divided by
+#: safely when recovering x̂ = (pre - bias) / weight: the rounding error of the output,
+#: eps * (|weight * x̂| + |bias|), becomes an error of eps * (|x̂| + |bias| / |weight|) in x̂,
+#: i.e. at most ~100 eps here. Such channels keep their input for backward.
+WEAK_WEIGHT_RATIO = 1e-2
+
+
+def weak_channels(
+    weight: Tensor | None, bias: Tensor | None, channels: int, device: torch.device
+) -> Tensor:
+    """Indices of the channels whose input cannot be recovered from the output."""
+    if weight is None:
+        return torch.empty(0, dtype=torch.long, device=device)
+    floor = torch.ones_like(weight) if bias is None else bias.abs().clamp(min=1)
+    return torch.nonzero(weight.abs() < WEAK_WEIGHT_RATIO * floor).flatten()
+
+
+def recover_input(
+    y: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    activation: str,
+    negative_slope: float,
+) -> Tensor:
+    """Invert y = act(weight * (x - mean) * invstd + bias) for x (weak channels excepted)."""
+    pre = invert_activation(y.to(invstd.dtype), activation, negative_slope)
+    if bias is not None:
+        pre = pre - per_channel(bias.to(invstd.dtype), y)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # weak: overwritten
+    return (pre / per_channel(safe_scale, y) + per_channel(mean, y)).to(y.dtype)
+
+
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -131,14 +194,17 @@ def update_running_stats(
     var: Tensor,
     count: int,
     momentum: float,
+    unbiased: bool = True,
 ) -> None:
-    """In-place exponential moving average; stores the unbiased variance (PyTorch's rule)."""
+    """In-place exponential moving average; stores the unbiased variance (PyTorch's rule)
+    unless ``unbiased=False`` (Keras/Flax store the biased one)."""
     if count == 0:  # an empty batch leaves the statistics alone, as torch.nn does
         return
-    unbiased = var * (count / (count - 1)) if count > 1 else var
+    if unbiased and count > 1:
+        var = var * (count / (count - 1))
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
 
 
 def backward(
@@ -161,16 +227,38 @@ def backward(
     else:
         pre = pre_activation(x, mean, invstd, weight, bias, residual)
         dpre = activation_grad(dy.to(dtype), pre, activation, negative_slope)
-    xhat = (x.to(dtype) - per_channel(mean, x)) * per_channel(invstd, x)
+    xhat = normalize(x, mean, invstd)
     dbias = dpre.sum(dims)
     dweight = (dpre * xhat).sum(dims)
-    scale = invstd if weight is None else invstd * weight.to(dtype)
     if training:
-        count = x.numel() // x.shape[1]
-        dpre_centered = (
-            dpre - per_channel(dbias / count, x) - xhat * per_channel(dweight / count, x)
-        )
-        dx = dpre_centered * per_channel(scale, x)
+        dx = input_grad(dpre, xhat, invstd, weight, dbias, dweight, x.numel() // x.shape[1])
     else:
+        scale = invstd if weight is None else invstd * weight.to(dtype)
         dx = dpre * per_channel(scale, x)
     return dx.to(x.dtype), dweight, dbias, dpre.to(x.dtype)
+
+
+def normalize(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    """xhat = (x - mean) * invstd, in the dtype of the statistics."""
+    return (x.to(invstd.dtype) - per_channel(mean, x)) * per_channel(invstd, x)
+
+
+def input_grad(
+    dpre: Tensor,
+    xhat: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    sum_dpre: Tensor,
+    sum_dpre_xhat: Tensor,
+    count: int,
+) -> Tensor:
+    """dL/dx in training mode from dL/dpre and the per-channel sums Σdpre and Σdpre·xhat over
+    the ``count`` values that gave mean and invstd.
+
+    Single-process batch norm passes its own batch's sums; SyncBatchNorm passes the sums and
+    count of the global batch (all ranks), so both use this one formula."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    centered = (
+        dpre - per_channel(sum_dpre / count, xhat) - xhat * per_channel(sum_dpre_xhat / count, xhat)
+    )
+    return centered * per_channel(scale, xhat)

@@ -685,9 +685,25 @@ def _negative_slope(activation: str, negative_slope: float) -> float:
 
 
 class NumbaBackend:
-    """The Numba kernels behind batchnorm.ops for CPU float32/float64 tensors."""
+    """The Numba kernels behind batchnorm.ops for CPU float32/float64 tensors.
+
+    Activations without a kernel epilogue go to ``fallback`` (batchnorm.ops gives the
+    reference backend), so that the set of activations can grow in one place."""
 
     name = "numba"
+
+    def __init__(self, fallback=None) -> None:
+        self.fallback = fallback
+
+    def _fallback(self, activation: str):
+        if activation in ACTIVATION_CODES:
+            return None
+        if self.fallback is None:
+            raise ValueError(
+                f"the numba backend has no kernel for activation {activation!r} and no "
+                f"fallback; supported: {sorted(ACTIVATION_CODES)}"
+            )
+        return self.fallback
 
     def _forward(self, x, weight, bias, residual, mean, var, invstd, eps, activation, slope,
                  training):  # fmt: skip
@@ -713,6 +729,8 @@ class NumbaBackend:
         return y
 
     def forward_train(self, x, weight, bias, residual, eps, activation, negative_slope):
+        if other := self._fallback(activation):
+            return other.forward_train(x, weight, bias, residual, eps, activation, negative_slope)
         dtype = _NUMPY_DTYPES[x.dtype]
         mean, var, invstd = (np.empty(x.shape[1], dtype) for _ in range(3))
         y = self._forward(x, weight, bias, residual, mean, var, invstd, eps, activation,
@@ -720,12 +738,19 @@ class NumbaBackend:
         return y, torch.from_numpy(mean), torch.from_numpy(var), torch.from_numpy(invstd)
 
     def forward_eval(self, x, weight, bias, residual, mean, invstd, activation, negative_slope):
+        if other := self._fallback(activation):
+            return other.forward_eval(
+                x, weight, bias, residual, mean, invstd, activation, negative_slope
+            )
         mean = _vector(mean, x.dtype)
         return self._forward(x, weight, bias, residual, mean, mean, _vector(invstd, x.dtype),
                              0.0, activation, negative_slope, False)  # fmt: skip
 
     def backward(self, dy, x, weight, bias, residual, mean, invstd, training, activation,
                  negative_slope, need_dpre):  # fmt: skip
+        if other := self._fallback(activation):
+            return other.backward(dy, x, weight, bias, residual, mean, invstd, training,
+                                  activation, negative_slope, need_dpre)  # fmt: skip
         layout = _layout(x)
         x = _in_layout(x, layout)
         dy = _in_layout(dy, layout)  # batchnorm.ops gives it x's dtype
@@ -756,7 +781,8 @@ class NumbaBackend:
                write_dpre, dweight, dbias, threads)  # fmt: skip
         return dx, torch.from_numpy(dweight), torch.from_numpy(dbias), dpre
 
-    def update_running_stats(self, running_mean, running_var, mean, var, count, momentum):
+    def update_running_stats(self, running_mean, running_var, mean, var, count, momentum,
+                             unbiased=True):  # fmt: skip
         """reference.update_running_stats, done by one small kernel (see batchnorm.ops)."""
         if count == 0:
             return
@@ -764,8 +790,10 @@ class NumbaBackend:
         fits = running_var.dtype == dtype == mean.dtype == var.dtype and dtype in _NUMPY_DTYPES
         if not (fits and running_mean.is_cpu and running_mean.is_contiguous()
                 and running_var.is_contiguous()) or running_mean.requires_grad:  # fmt: skip
-            reference.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+            reference.update_running_stats(
+                running_mean, running_var, mean, var, count, momentum, unbiased
+            )
             return
-        bessel = count / (count - 1) if count > 1 else 1.0
+        bessel = count / (count - 1) if unbiased and count > 1 else 1.0
         running_update(running_mean.numpy(), running_var.numpy(), _vector(mean, dtype),
                        _vector(var, dtype), bessel, float(momentum))  # fmt: skip

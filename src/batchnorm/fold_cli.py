@@ -1,0 +1,233 @@
+"""``batchnorm fold``: fold the batch norm of a model given by a factory and its weights.
+
+The weights file is read with ``torch.load(weights_only=True)`` only: tensors and plain
+containers, never arbitrary pickled objects. ``--out`` receives the folded model's
+``state_dict`` (same safe format). The folded model keeps the factory's class, with each
+folded BN replaced by ``nn.Identity``; rebuild it with
+``batchnorm.fold(factory(), example_inputs)[0]`` and ``load_state_dict``. ``--onnx``
+writes a self-contained ONNX graph of the folded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pickle
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from batchnorm.folding import fold
+
+DEFAULT_INPUT_SHAPE = "1,3,224,224"  # an ImageNet-sized image, as the issue's example
+# How many offending keys an error lists before "...".
+_SHOWN_KEYS = 5
+
+
+class FoldCLIError(Exception):
+    """A user mistake; main() prints it without a traceback."""
+
+
+def add_fold_parser(commands: Any) -> None:
+    """Register the ``fold`` subcommand on the CLI's subparsers."""
+    p = commands.add_parser(
+        "fold",
+        help="fold batch norm into the neighbouring layers of a model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="pkg.module:factory returning the nn.Module")
+    p.add_argument(
+        "--weights", help="a state_dict saved with torch.save (default: the factory's weights)"
+    )
+    p.add_argument("--out", required=True, help="where to write the folded model's state_dict")
+    p.add_argument("--onnx", help="also export the folded model to this ONNX file")
+    p.add_argument(
+        "--input-shape",
+        default=DEFAULT_INPUT_SHAPE,
+        help=f"shape of the example input, comma-separated (default {DEFAULT_INPUT_SHAPE})",
+    )
+
+
+def run_fold(args: argparse.Namespace) -> int:
+    """Carry out ``batchnorm fold``; returns the exit status (2 on a user error)."""
+    try:
+        _fold_command(args)
+    except FoldCLIError as error:
+        print(f"batchnorm fold: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _fold_command(args: argparse.Namespace) -> None:
+    model = load_factory(args.model)
+    if args.weights:
+        load_weights(model, args.weights, args.model)
+    shape = parse_shape(args.input_shape)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model(x)
+    except Exception as error:
+        raise FoldCLIError(
+            f"the model rejected an input of shape {shape}: {error}. Hint: pass the shape it "
+            f"takes with --input-shape N,C,H,W (default {DEFAULT_INPUT_SHAPE})."
+        ) from error
+    folded, report = fold(model, x)
+    with torch.no_grad():
+        actual = folded(x)
+    print(report)
+    diff, scale = _max_difference(actual, expected)
+    print(
+        f"max |folded - unfolded| = {diff:.3g} (relative to max |unfolded|: "
+        f"{diff / max(scale, 1e-30):.3g}) on a random input of shape {shape}"
+    )
+    torch.save(folded.state_dict(), args.out)
+    print(f"wrote the folded state_dict to {args.out}")
+    if args.onnx:
+        export_onnx(folded, x, args.onnx)
+        print(f"wrote the folded ONNX graph to {args.onnx}")
+
+
+def load_factory(spec: str) -> nn.Module:
+    """Build the model named ``pkg.module:factory``."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise FoldCLIError(
+            f"--model must look like pkg.module:factory, got {spec!r}. Hint: e.g. "
+            f"batchnorm.example_models:resnet18_like."
+        )
+    if os.getcwd() not in sys.path:  # find the user's own modules, as `python -m` would
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise FoldCLIError(
+            f"cannot import module {module_name!r} ({error}). Hint: install its package or run "
+            f"from the directory that contains it."
+        ) from error
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise FoldCLIError(
+            f"module {module_name!r} has no callable {attr!r}. Hint: --model names a function "
+            f"or class that builds the model with no arguments."
+        )
+    try:
+        model = factory()
+    except Exception as error:
+        raise FoldCLIError(f"{spec}() raised {type(error).__name__}: {error}") from error
+    if not isinstance(model, nn.Module):
+        raise FoldCLIError(f"{spec}() returned a {type(model).__name__}, not an nn.Module.")
+    return model
+
+
+def load_weights(model: nn.Module, path: str, spec: str) -> None:
+    """Load a state_dict file into ``model`` safely, with clear errors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise FoldCLIError(f"--weights: no such file {path!r}.") from error
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        found = re.search(r"GLOBAL ([\w.]+)", message)
+        if found:
+            raise FoldCLIError(
+                f"refusing to load {path!r}: it holds a Python object ({found.group(1)}) that "
+                f"is not a tensor or plain container, and unpickling it could run arbitrary "
+                f"code. Hint: save only the weights, torch.save(model.state_dict(), path)."
+            ) from error
+        detail = message.rpartition("WeightsUnpickler error:")[2].strip().split("\n")[0]
+        raise FoldCLIError(f"cannot read {path!r} as a torch.save file ({detail}).") from error
+    except Exception as error:
+        raise FoldCLIError(f"cannot read {path!r} as a torch.save file: {error}") from error
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise FoldCLIError(
+            f"{path!r} is not a state_dict (a mapping of names to tensors), got "
+            f"{type(state).__name__}. Hint: save model.state_dict(); from a training "
+            f"checkpoint save checkpoint['state_dict'] (or whatever key holds it)."
+        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        problems = [
+            f"{label} {_some(items)}"
+            for label, items in [
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", shapes),
+            ]
+            if items
+        ]
+        raise FoldCLIError(
+            f"the weights in {path!r} do not match the model built by {spec}: "
+            f"{'; '.join(problems)}. Hint: use the factory (and its arguments) the weights "
+            f"were trained with."
+        )
+    model.load_state_dict(state)
+
+
+def _some(items: list[str]) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > _SHOWN_KEYS else ""
+    return "[" + ", ".join(items[:_SHOWN_KEYS]) + more + "]"
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``, positive ints only."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(n < 1 for n in shape):
+        raise FoldCLIError(
+            f"--input-shape must be positive integers separated by commas, e.g. "
+            f"{DEFAULT_INPUT_SHAPE}; got {text!r}."
+        )
+    return shape
+
+
+def _max_difference(actual: object, expected: object) -> tuple[float, float]:
+    """max |actual - expected| and max |expected| over a tensor or a tuple/list of them."""
+    pairs = (
+        [(actual, expected)]
+        if isinstance(expected, Tensor)
+        else list(zip(actual, expected, strict=True))
+        if isinstance(expected, (tuple, list))
+        else []
+    )
+    if not pairs or not all(isinstance(e, Tensor) for _, e in pairs):
+        raise FoldCLIError(
+            f"cannot compare model outputs of type {type(expected).__name__}; fold compares a "
+            f"tensor or a tuple/list of tensors."
+        )
+    diff = max((a.double() - e.double()).abs().max().item() for a, e in pairs if e.numel())
+    scale = max(e.double().abs().max().item() for _, e in pairs if e.numel())
+    return diff, scale
+
+
+def export_onnx(model: nn.Module, x: Tensor, path: str) -> None:
+    """Export with torch.onnx's torch.export-based exporter (the default since torch 2.9;
+    the TorchScript one is deprecated). It needs the onnx and onnxscript packages."""
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise FoldCLIError(
+            "--onnx needs the onnx and onnxscript packages: pip install onnx onnxscript"
+        ) from error
+    try:
+        torch.onnx.export(model, (x,), path, dynamo=True, verbose=False)
+    except Exception as error:
+        raise FoldCLIError(f"ONNX export failed: {type(error).__name__}: {error}") from error

@@ -1,0 +1,90 @@
+"""The report folder: ``metrics.json`` (every number measured) and ``report.html``, one
+self-contained page (CSS inline, images embedded as base64) with the printed summary."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
+       color: #222; }
+pre { background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 0.95em; }
+figure { margin: 2em 0; }
+figcaption { color: #555; margin-top: 0.4em; }
+img { max-width: 100%; border: 1px solid #ddd; }
+table { border-collapse: collapse; }
+td, th { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; }
+"""
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with non-finite floats (a diverged loss) replaced by None: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> Path:
+    """Write ``metrics`` as strict JSON (no NaN) to ``path``."""
+    path.write_text(json.dumps(json_ready(metrics), separators=(",", ":"), allow_nan=False) + "\n")
+    return path
+
+
+def write_report(
+    out_dir: str | Path,
+    title: str,
+    summary: str,
+    metrics: dict[str, Any],
+    figures: Sequence[tuple[Path, str]] = (),
+    settings: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``metrics.json`` and ``report.html`` into ``out_dir`` (created if needed) and
+    return the HTML's path.
+
+    ``summary`` is the text the command printed (shown verbatim, so page and terminal
+    agree); ``figures`` are ``(png path, caption)`` pairs, embedded in the page;
+    ``settings`` is shown as a table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_metrics(out / "metrics.json", metrics)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<pre>{html.escape(summary)}</pre>",
+    ]
+    for path, caption in figures:
+        data = Path(path).read_bytes()
+        if not data.startswith(PNG_SIGNATURE):
+            raise ValueError(f"write_report: {path} is not a PNG file.")
+        encoded = base64.b64encode(data).decode("ascii")
+        parts.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    if settings:
+        rows = "".join(
+            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+            for k, v in settings.items()
+        )
+        parts.append(f"<h2>Settings</h2><table>{rows}</table>")
+    parts.append(
+        "<p>Every number above, and every curve, is in <code>metrics.json</code> next to this "
+        "file.</p></body></html>"
+    )
+    page = out / "report.html"
+    page.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return page
