@@ -1,4 +1,5 @@
-"""Command line: ``batchnorm demo`` and ``batchnorm reproduce ioffe2015``."""
+"""Command line: ``batchnorm demo``, ``batchnorm reproduce ioffe2015``, ``batchnorm fold`` and
+``batchnorm bench``."""
 
 from __future__ import annotations
 
@@ -116,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
 
     add_fold_parser(commands)
 
+    from batchnorm import bench
+
+    bench.add_arguments(commands.add_parser("bench", help="benchmark the CPU kernels (issue 3)"))
+
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench.run_from_args(args)
     if args.command == "demo":
         return _run_lab(
             parser, args, lab_demo.run_demo, epochs=args.epochs, batch_size=args.batch_size,

@@ -30,6 +30,8 @@ import numba
 import numpy as np
 import torch
 from numba import njit, prange
+from numba.core import types as nbtypes
+from numba.extending import intrinsic
 from torch import Tensor
 
 from batchnorm import reference  # the fallback of update_running_stats only
@@ -81,6 +83,27 @@ class _Kernel:
 
 
 _HELPER = {"cache": True, "fastmath": FASTMATH}
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """An integer address as a pointer to the element type of the array ``like``."""
+    pointer = nbtypes.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address, like), codegen
+
+
+@njit(inline="always", **_HELPER)
+def _view(address, like, shape):
+    """The C-contiguous array of ``shape`` at ``address``, with the dtype of ``like``.
+
+    The kernels take tensors as addresses (``Tensor.data_ptr()``): converting a tensor to a
+    NumPy array costs about 1 µs, ten times more, and a small layer passes ten tensors."""
+    return numba.carray(_pointer(address, like), shape)
+
 
 # Activations. identity, relu and leaky_relu are one piecewise-linear map with slope `neg`
 # below zero (1, 0 and negative_slope): no branch on the activation inside the loops, so
@@ -274,11 +297,19 @@ def _cf_dx_act(gr, xr, zr, dxr, m, a, b, k0, k2, act, neg, has_z):
 
 
 @_Kernel
-def cf_forward(x, z, weight, bias, mean, var, invstd, neg, eps, act, has_z, has_weight,
-               has_bias, training, y, threads):  # fmt: skip
+def cf_forward(like, n_batch, channels, size, x_at, z_at, y_at, weight_at, bias_at, mean_at,
+               var_at, invstd_at, neg, eps, act, has_z, has_weight, has_bias, training,
+               threads):  # fmt: skip
     """y = act(BN(x) [+ z]) for x of shape (N, C, S). Training: first write the batch mean,
-    biased var and invstd; eval: read mean and invstd. z is read only if has_z."""
-    n_batch, channels, size = x.shape
+    biased var and invstd; eval: read mean and invstd. z is read only if has_z, weight and
+    bias only if has_weight and has_bias. Tensors are addresses (see _view)."""
+    shape = (n_batch, channels, size)
+    x, y = _view(x_at, like, shape), _view(y_at, like, shape)
+    z = _view(z_at if has_z else x_at, like, shape)
+    mean, var = _view(mean_at, like, (channels,)), _view(var_at, like, (channels,))
+    invstd = _view(invstd_at, like, (channels,))
+    weight = _view(weight_at if has_weight else mean_at, like, (channels,))
+    bias = _view(bias_at if has_bias else mean_at, like, (channels,))
     neg = x.dtype.type(neg)
     if training:
         chunks = (size + CHUNK - 1) // CHUNK
@@ -313,14 +344,22 @@ def cf_forward(x, z, weight, bias, mean, var, invstd, neg, eps, act, has_z, has_
 
 
 @_Kernel
-def cf_backward(dy, x, z, weight, bias, mean, invstd, neg, act, has_z, has_weight, has_bias,
-                training, dx, dpre, write_dpre, dweight, dbias, threads):  # fmt: skip
+def cf_backward(like, n_batch, channels, size, dy_at, x_at, z_at, dx_at, dpre_at, weight_at,
+                bias_at, mean_at, invstd_at, dweight_at, dbias_at, neg, act, has_z, has_weight,
+                has_bias, training, write_dpre, threads):  # fmt: skip
     """dx, dweight, dbias for x of shape (N, C, S), and dpre = dL/d(pre) if write_dpre.
 
     Two passes over dy and x: per-channel sums of dpre and dpre * (x - mean), then dx. With
     an activation, dpre is recomputed in both passes from x (and z); when dpre is wanted
     (for the residual's gradient) the first pass writes it and the second reads it."""
-    n_batch, channels, size = x.shape
+    shape = (n_batch, channels, size)
+    dy, x, dx = _view(dy_at, like, shape), _view(x_at, like, shape), _view(dx_at, like, shape)
+    z = _view(z_at if has_z else x_at, like, shape)
+    dpre = _view(dpre_at if write_dpre else dx_at, like, shape)
+    mean, invstd = _view(mean_at, like, (channels,)), _view(invstd_at, like, (channels,))
+    dweight, dbias = _view(dweight_at, like, (channels,)), _view(dbias_at, like, (channels,))
+    weight = _view(weight_at if has_weight else mean_at, like, (channels,))
+    bias = _view(bias_at if has_bias else mean_at, like, (channels,))
     neg = x.dtype.type(neg)
     scale, shift = _coefficients(mean, invstd, weight, bias, has_weight, has_bias)
     # dpre is at hand in g_rows unless it must be recomputed from dy (recompute = True)
@@ -527,10 +566,17 @@ def _cl_dx_act(gb, xb, zb, dxb, mean, scale, shift, k0, k2, act, neg, has_z):
 
 
 @_Kernel
-def cl_forward(x, z, weight, bias, mean, var, invstd, neg, eps, act, has_z, has_weight,
-               has_bias, training, y, threads):  # fmt: skip
+def cl_forward(like, rows, channels, x_at, z_at, y_at, weight_at, bias_at, mean_at, var_at,
+               invstd_at, neg, eps, act, has_z, has_weight, has_bias, training,
+               threads):  # fmt: skip
     """cf_forward for x of shape (M, C)."""
-    rows, channels = x.shape
+    shape = (rows, channels)
+    x, y = _view(x_at, like, shape), _view(y_at, like, shape)
+    z = _view(z_at if has_z else x_at, like, shape)
+    mean, var = _view(mean_at, like, (channels,)), _view(var_at, like, (channels,))
+    invstd = _view(invstd_at, like, (channels,))
+    weight = _view(weight_at if has_weight else mean_at, like, (channels,))
+    bias = _view(bias_at if has_bias else mean_at, like, (channels,))
     neg = x.dtype.type(neg)
     per, blocks = _cl_blocks(rows, channels, threads)
     if training:
@@ -559,10 +605,18 @@ def cl_forward(x, z, weight, bias, mean, var, invstd, neg, eps, act, has_z, has_
 
 
 @_Kernel
-def cl_backward(dy, x, z, weight, bias, mean, invstd, neg, act, has_z, has_weight, has_bias,
-                training, dx, dpre, write_dpre, dweight, dbias, threads):  # fmt: skip
+def cl_backward(like, rows, channels, dy_at, x_at, z_at, dx_at, dpre_at, weight_at, bias_at,
+                mean_at, invstd_at, dweight_at, dbias_at, neg, act, has_z, has_weight, has_bias,
+                training, write_dpre, threads):  # fmt: skip
     """cf_backward for x of shape (M, C)."""
-    rows, channels = x.shape
+    shape = (rows, channels)
+    dy, x, dx = _view(dy_at, like, shape), _view(x_at, like, shape), _view(dx_at, like, shape)
+    z = _view(z_at if has_z else x_at, like, shape)
+    dpre = _view(dpre_at if write_dpre else dx_at, like, shape)
+    mean, invstd = _view(mean_at, like, (channels,)), _view(invstd_at, like, (channels,))
+    dweight, dbias = _view(dweight_at, like, (channels,)), _view(dbias_at, like, (channels,))
+    weight = _view(weight_at if has_weight else mean_at, like, (channels,))
+    bias = _view(bias_at if has_bias else mean_at, like, (channels,))
     neg = x.dtype.type(neg)
     per, blocks = _cl_blocks(rows, channels, threads)
     scale, shift = _coefficients(mean, invstd, weight, bias, has_weight, has_bias)
@@ -604,10 +658,14 @@ def cl_backward(dy, x, z, weight, bias, mean, invstd, neg, act, has_z, has_weigh
 
 
 @njit(**_HELPER)
-def running_update(running_mean, running_var, mean, var, bessel, momentum):
+def running_update(like, channels, running_mean_at, running_var_at, mean_at, var_at, bessel,
+                   momentum):  # fmt: skip
     """reference.update_running_stats in one call: old + momentum * (new - old), with the
     unbiased variance var * bessel."""
-    for c in range(mean.shape[0]):
+    running_mean = _view(running_mean_at, like, (channels,))
+    running_var = _view(running_var_at, like, (channels,))
+    mean, var = _view(mean_at, like, (channels,)), _view(var_at, like, (channels,))
+    for c in range(channels):
         running_mean[c] += momentum * (mean[c] - running_mean[c])
         running_var[c] += momentum * (var[c] * bessel - running_var[c])
 
@@ -616,12 +674,13 @@ def running_update(running_mean, running_var, mean, var, bessel, momentum):
 # The backend: torch tensors in, torch tensors out (see batchnorm.ops.Backend). Small layers
 # spend more time here than in the kernels, hence the fast paths and few torch calls.
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+#: Per dtype, an empty array whose type tells the kernels the dtype of the addresses.
+_LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
 def accepts(x: Tensor) -> bool:
     """CPU float32/float64 tensors; everything else stays on the reference."""
-    return x.is_cpu and x.dtype in _NUMPY_DTYPES
+    return x.is_cpu and x.dtype in _LIKE
 
 
 def _sync_threads() -> int:
@@ -647,34 +706,35 @@ def _layout(x: Tensor) -> str:
     return "cl" if x.stride(1) < min(x.stride()[2:]) else "cf"
 
 
-def _in_layout(t: Tensor, layout: str) -> Tensor:
-    """t, detached, with the memory layout ``layout`` (copied only if it is not so)."""
-    t = t.detach()
-    if layout == "cf" or t.dim() == 2:
-        return t if t.is_contiguous() else t.contiguous()
+def _in_layout(t: Tensor, layout: str, dtype: torch.dtype) -> Tensor:
+    """t with x's dtype and the memory layout ``layout`` (a copy only if it is not so)."""
+    if t.dtype != dtype:
+        t = t.detach().to(dtype)
+    if layout == "cf" or t.dim() <= 2:  # also per-channel vectors
+        return t if t.is_contiguous() else t.detach().contiguous()
     order = _channels_last_order(t)
     moved = t.permute(order)
     if moved.is_contiguous():
         return t
     inverse = [order.index(i) for i in range(t.dim())]
-    return moved.contiguous().permute(inverse)
+    return moved.detach().contiguous().permute(inverse)
 
 
-def _array(t: Tensor, layout: str) -> np.ndarray:
-    """The kernel's view of a tensor already in ``layout``: (N, C, S) or (M, C)."""
-    if t.dim() == 2:
-        return t.numpy()
+def _shape(x: Tensor, layout: str) -> tuple[int, ...]:
+    """The kernel's shape of x: (N, C, S) for cf, (M, C) for cl."""
+    channels = x.shape[1]
     if layout == "cf":
-        return t.view(t.shape[0], t.shape[1], -1).numpy()
-    return t.permute(_channels_last_order(t)).reshape(-1, t.shape[1]).numpy()
+        return (x.shape[0], channels, x.numel() // max(x.shape[0] * channels, 1))
+    return (x.numel() // max(channels, 1), channels)
 
 
-def _vector(t: Tensor, dtype: torch.dtype) -> np.ndarray:
-    """A per-channel tensor as a contiguous array of x's dtype."""
-    t = t.detach()
+def _address(t: Tensor | None, dtype: torch.dtype) -> int:
+    """The address of a per-channel vector as a contiguous one of ``dtype``; 0 for None."""
+    if t is None:
+        return 0
     if t.dtype != dtype:
-        t = t.to(dtype)
-    return t.numpy() if t.is_contiguous() else t.contiguous().numpy()
+        t = t.detach().to(dtype)
+    return (t if t.is_contiguous() else t.detach().contiguous()).data_ptr()
 
 
 def _negative_slope(activation: str, negative_slope: float) -> float:
@@ -688,7 +748,9 @@ class NumbaBackend:
     """The Numba kernels behind batchnorm.ops for CPU float32/float64 tensors.
 
     Activations without a kernel epilogue go to ``fallback`` (batchnorm.ops gives the
-    reference backend), so that the set of activations can grow in one place."""
+    reference backend), so that the set of activations can grow in one place. Every tensor
+    handed to a kernel is contiguous in the kernel's layout and stays referenced here for
+    the duration of the call."""
 
     name = "numba"
 
@@ -708,43 +770,35 @@ class NumbaBackend:
     def _forward(self, x, weight, bias, residual, mean, var, invstd, eps, activation, slope,
                  training):  # fmt: skip
         layout = _layout(x)
-        x = _in_layout(x, layout)
-        xa = _array(x, layout)
-        if x.dim() == 2:  # the common small case: fewer torch calls
-            ya = np.empty_like(xa)
-            y = torch.from_numpy(ya)
-        else:
-            y = torch.empty_like(x)
-            ya = _array(y, layout)
-        if residual is None:
-            za = xa  # a stand-in of the right type; the kernel does not read it
-        else:
-            za = _array(_in_layout(residual.to(x.dtype), layout), layout)
-        kernel, threads = (cl_forward if layout == "cl" else cf_forward).pick(xa.size)
-        kernel(xa, za, mean if weight is None else _vector(weight, x.dtype),
-               mean if bias is None else _vector(bias, x.dtype), mean, var, invstd,
-               _negative_slope(activation, slope), eps, ACTIVATION_CODES[activation],
-               residual is not None, weight is not None, bias is not None, training, ya,
-               threads)  # fmt: skip
+        x = _in_layout(x, layout, x.dtype)
+        y = torch.empty_like(x)
+        z = None if residual is None else _in_layout(residual, layout, x.dtype)
+        shape = _shape(x, layout)
+        kernel, threads = (cl_forward if layout == "cl" else cf_forward).pick(x.numel())
+        kernel(_LIKE[x.dtype], *shape, x.data_ptr(), 0 if z is None else z.data_ptr(), y.data_ptr(),
+               _address(weight, x.dtype), _address(bias, x.dtype), mean.data_ptr(),
+               var.data_ptr(), invstd.data_ptr(), _negative_slope(activation, slope), eps,
+               ACTIVATION_CODES[activation], z is not None, weight is not None,
+               bias is not None, training, threads)  # fmt: skip
         return y
 
     def forward_train(self, x, weight, bias, residual, eps, activation, negative_slope):
         if other := self._fallback(activation):
             return other.forward_train(x, weight, bias, residual, eps, activation, negative_slope)
-        dtype = _NUMPY_DTYPES[x.dtype]
-        mean, var, invstd = (np.empty(x.shape[1], dtype) for _ in range(3))
+        mean, var, invstd = (torch.empty(x.shape[1], dtype=x.dtype) for _ in range(3))
         y = self._forward(x, weight, bias, residual, mean, var, invstd, eps, activation,
                           negative_slope, True)  # fmt: skip
-        return y, torch.from_numpy(mean), torch.from_numpy(var), torch.from_numpy(invstd)
+        return y, mean, var, invstd
 
     def forward_eval(self, x, weight, bias, residual, mean, invstd, activation, negative_slope):
         if other := self._fallback(activation):
             return other.forward_eval(
                 x, weight, bias, residual, mean, invstd, activation, negative_slope
             )
-        mean = _vector(mean, x.dtype)
-        return self._forward(x, weight, bias, residual, mean, mean, _vector(invstd, x.dtype),
-                             0.0, activation, negative_slope, False)  # fmt: skip
+        mean = _in_layout(mean, "cl", x.dtype)
+        invstd = _in_layout(invstd, "cl", x.dtype)
+        return self._forward(x, weight, bias, residual, mean, mean, invstd, 0.0, activation,
+                             negative_slope, False)  # fmt: skip
 
     def backward(self, dy, x, weight, bias, residual, mean, invstd, training, activation,
                  negative_slope, need_dpre):  # fmt: skip
@@ -752,34 +806,26 @@ class NumbaBackend:
             return other.backward(dy, x, weight, bias, residual, mean, invstd, training,
                                   activation, negative_slope, need_dpre)  # fmt: skip
         layout = _layout(x)
-        x = _in_layout(x, layout)
-        dy = _in_layout(dy, layout)  # batchnorm.ops gives it x's dtype
-        xa = _array(x, layout)
-        if x.dim() == 2:
-            dxa = np.empty_like(xa)
-            dx = torch.from_numpy(dxa)
-        else:
-            dx = torch.empty_like(x)
-            dxa = _array(dx, layout)
-        if residual is None:
-            za = xa
-        else:
-            za = _array(_in_layout(residual.to(x.dtype), layout), layout)
+        x = _in_layout(x, layout, x.dtype)
+        dy = _in_layout(dy, layout, x.dtype)
+        z = None if residual is None else _in_layout(residual, layout, x.dtype)
+        dx = torch.empty_like(x)
         # dL/dresidual is dL/dpre: dy itself without activation, else a tensor of its own.
         write_dpre = need_dpre and activation != "identity"
         dpre = torch.empty_like(x) if write_dpre else (dy if need_dpre else None)
-        dtype = _NUMPY_DTYPES[x.dtype]
-        dweight, dbias = np.empty(x.shape[1], dtype), np.empty(x.shape[1], dtype)
-        mean_a = _vector(mean, x.dtype)
-        kernel, threads = (cl_backward if layout == "cl" else cf_backward).pick(xa.size)
-        kernel(_array(dy, layout), xa, za,
-               mean_a if weight is None else _vector(weight, x.dtype),
-               mean_a if bias is None else _vector(bias, x.dtype), mean_a,
-               _vector(invstd, x.dtype), _negative_slope(activation, negative_slope),
-               ACTIVATION_CODES[activation], residual is not None, weight is not None,
-               bias is not None, training, dxa, _array(dpre, layout) if write_dpre else dxa,
-               write_dpre, dweight, dbias, threads)  # fmt: skip
-        return dx, torch.from_numpy(dweight), torch.from_numpy(dbias), dpre
+        dweight = torch.empty(x.shape[1], dtype=x.dtype)
+        dbias = torch.empty(x.shape[1], dtype=x.dtype)
+        mean = _in_layout(mean, "cl", x.dtype)
+        shape = _shape(x, layout)
+        kernel, threads = (cl_backward if layout == "cl" else cf_backward).pick(x.numel())
+        kernel(_LIKE[x.dtype], *shape, dy.data_ptr(), x.data_ptr(),
+               0 if z is None else z.data_ptr(),
+               dx.data_ptr(), dpre.data_ptr() if write_dpre else 0, _address(weight, x.dtype),
+               _address(bias, x.dtype), mean.data_ptr(), _address(invstd, x.dtype),
+               dweight.data_ptr(), dbias.data_ptr(), _negative_slope(activation, negative_slope),
+               ACTIVATION_CODES[activation], z is not None, weight is not None,
+               bias is not None, training, write_dpre, threads)  # fmt: skip
+        return dx, dweight, dbias, dpre
 
     def update_running_stats(self, running_mean, running_var, mean, var, count, momentum,
                              unbiased=True):  # fmt: skip
@@ -787,13 +833,15 @@ class NumbaBackend:
         if count == 0:
             return
         dtype = running_mean.dtype
-        fits = running_var.dtype == dtype == mean.dtype == var.dtype and dtype in _NUMPY_DTYPES
+        fits = running_var.dtype == dtype == mean.dtype == var.dtype and dtype in _LIKE
         if not (fits and running_mean.is_cpu and running_mean.is_contiguous()
-                and running_var.is_contiguous()) or running_mean.requires_grad:  # fmt: skip
+                and running_var.is_contiguous() and mean.is_contiguous()
+                and var.is_contiguous()) or running_mean.requires_grad:  # fmt: skip
             reference.update_running_stats(
                 running_mean, running_var, mean, var, count, momentum, unbiased
             )
             return
         bessel = count / (count - 1) if unbiased and count > 1 else 1.0
-        running_update(running_mean.numpy(), running_var.numpy(), _vector(mean, dtype),
-                       _vector(var, dtype), bessel, float(momentum))  # fmt: skip
+        running_update(_LIKE[dtype], mean.shape[0], running_mean.data_ptr(),
+                       running_var.data_ptr(), mean.data_ptr(), var.data_ptr(), bessel,
+                       float(momentum))  # fmt: skip

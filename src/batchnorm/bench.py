@@ -1,0 +1,425 @@
+"""``batchnorm bench``: batch norm on CPU — ours (Numba kernels) against torch.nn (ATen) and
+against torch.compile of the reference, in one run.
+
+What is measured (issue 3), in float32 with torch's thread count (Numba follows it):
+
+* shapes (100, 128), (4096, 1024), (32, 128, 32, 32) contiguous and channels_last,
+  (64, 256, 28, 28) and (8, 64, 16, 56, 56);
+* modes ``forward_train`` (training-mode forward without autograd, running statistics
+  updated), ``eval`` (inference), ``forward_backward`` (training forward, then backward with
+  a fixed output gradient) and ``bn_relu_forward_backward`` (the same with a ReLU after the
+  batch norm: our fused ``BatchNormAct``, our ``BatchNorm`` followed by ``torch.relu``, and
+  torch.nn's followed by ``torch.relu``);
+* contenders ``aten`` (``torch.nn.BatchNorm*d``), ``ours`` (``batchnorm.BatchNorm*d``) and
+  ``compiled_reference`` (``torch.compile`` of the plain-torch math of
+  :mod:`batchnorm.reference`, compilation excluded from the timings).
+
+Every contender's output (and input gradient) is first checked against ATen's; the check's
+largest error is part of the results. Calls alternate between contenders, so that all see
+the same background load, and each figure is the median (and the minimum) of many calls.
+
+Effective bandwidth uses a stated minimal-traffic model: the bytes a batch-norm pass must
+move between the cores and memory if nothing stays in cache between passes, in tensor
+elements of the input's size N — ``eval`` 2N (read x, write y), ``forward_train`` 3N (read x
+for the statistics, read it again and write y), ``forward_backward`` 3N + 5N (backward: read
+dy and x for the two per-channel sums, read them again and write dx), and the same 8N for
+the fused BN+ReLU (the pre-activation is recomputed, not stored). The copy bandwidth of the
+same run is ``dst.copy_(x)`` into a preallocated tensor of the input's size (2N), timed like
+the rest; ``fraction_of_copy`` is the ratio of the two.
+
+Allocator: by default the benchmark asks glibc to keep freed memory for reuse (``mallopt``:
+no ``mmap`` for blocks under 1 GiB, no trimming), as the allocators that PyTorch's CPU
+performance guide recommends (jemalloc, tcmalloc) do. Without it every tensor over 32 MiB
+is a fresh ``mmap`` whose pages the kernel faults in and zeroes on first touch, which costs
+more than batch norm itself at (64, 256, 28, 28) for every contender alike.
+``--system-allocator`` keeps glibc's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import batchnorm
+from batchnorm import ops, reference
+
+#: (label, shape, channels_last), as listed in issue 3.
+SHAPES: list[tuple[str, tuple[int, ...], bool]] = [
+    ("(100,128)", (100, 128), False),
+    ("(4096,1024)", (4096, 1024), False),
+    ("(32,128,32,32)", (32, 128, 32, 32), False),
+    ("(32,128,32,32) channels_last", (32, 128, 32, 32), True),
+    ("(64,256,28,28)", (64, 256, 28, 28), False),
+    ("(8,64,16,56,56)", (8, 64, 16, 56, 56), False),
+]
+#: --quick: a small shape of each layout, enough to exercise every code path in seconds.
+QUICK_SHAPES: list[tuple[str, tuple[int, ...], bool]] = [
+    ("(100,128)", (100, 128), False),
+    ("(16,32,16,16)", (16, 32, 16, 16), False),
+    ("(16,32,16,16) channels_last", (16, 32, 16, 16), True),
+]
+MODES = ("forward_train", "eval", "forward_backward", "bn_relu_forward_backward")
+#: Minimal traffic, in elements of the input's size (see the module docstring).
+TRAFFIC = {"eval": 2, "forward_train": 3, "forward_backward": 8, "bn_relu_forward_backward": 8}
+COPY_TRAFFIC = 2
+#: The contender each mode's speed-up is relative to.
+BASELINE = {mode: "aten" for mode in MODES} | {"bn_relu_forward_backward": "aten+relu"}
+#: Seconds of timed calls per contender and case (full, quick), and the bounds on the
+#: number of calls: the median of ~1 s of calls is stable to a few % on a quiet machine.
+TIME_BUDGET = {"full": 1.0, "quick": 0.05}
+REPS_BOUNDS = {"full": (15, 400), "quick": (3, 20)}
+WARMUP = 3
+#: Outputs must agree with ATen's to this (float32, relative to the largest magnitude).
+CHECK_TOLERANCE = 1e-3
+#: Shapes whose output is at least this large (bytes) are "large" for the 60 %-of-copy
+#: target: smaller ones run from the caches, where the copy baseline is not the limit.
+LARGE_BYTES = 16 << 20
+RESULTS_DIR = Path("benchmarks") / "results"
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to reuse freed memory instead of unmapping it; False where not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    threshold = 1 << 30
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, threshold))
+
+
+def _reference_bn(x, weight, bias, running_mean, running_var, training, momentum, eps, act):
+    """Batch norm in the plain torch ops of batchnorm.reference (compiled by the bench)."""
+    if training:
+        mean, var = reference.batch_stats(x)
+        count = x.numel() // x.shape[1]
+        reference.update_running_stats(
+            running_mean, running_var, mean.detach(), var.detach(), count, momentum
+        )
+    else:
+        mean, var = running_mean, running_var
+    invstd = reference.invstd_of(var, eps)
+    return reference.forward(x, mean, invstd, weight, bias, None, act)
+
+
+def _layers(shape: tuple[int, ...], activation: str | None = None) -> dict[str, nn.Module]:
+    """torch.nn's layer and ours (plain, and fused when activation is set), same state."""
+    kind = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(shape)]
+    channels = shape[1]
+    torch.manual_seed(0)
+    aten = getattr(nn, f"BatchNorm{kind}")(channels)
+    with torch.no_grad():
+        aten.weight.uniform_(0.5, 1.5)
+        aten.bias.normal_()
+        aten.running_mean.normal_()
+        aten.running_var.uniform_(0.5, 1.5)
+    layers = {"aten": aten, "ours": getattr(batchnorm, f"BatchNorm{kind}")(channels)}
+    if activation:
+        layers["ours_fused"] = getattr(batchnorm, f"BatchNormAct{kind}")(
+            channels, activation=activation
+        )
+    for layer in layers.values():
+        layer.load_state_dict(aten.state_dict())
+    return layers
+
+
+def _compiled_reference(aten: nn.Module, training: bool) -> Callable[[Tensor], Tensor]:
+    """torch.compile of _reference_bn on a copy of the layer's state."""
+    torch._dynamo.reset()  # each case compiles afresh (and stays under the recompile limit)
+    weight = nn.Parameter(aten.weight.detach().clone())
+    bias = nn.Parameter(aten.bias.detach().clone())
+    running_mean, running_var = aten.running_mean.clone(), aten.running_var.clone()
+    compiled = torch.compile(_reference_bn, dynamic=False)
+
+    def call(x: Tensor) -> Tensor:
+        return compiled(x, weight, bias, running_mean, running_var, training, 0.1, 1e-5,
+                        "identity")  # fmt: skip
+
+    return call
+
+
+def _cases(mode: str, shape: tuple[int, ...], compile_reference: bool):
+    """{contender: (forward function, needs_grad)} for one mode."""
+    relu = mode == "bn_relu_forward_backward"
+    layers = _layers(shape, "relu" if relu else None)
+    training = mode != "eval"
+    for layer in layers.values():
+        layer.train(training)
+    if relu:
+        return {
+            "aten+relu": lambda x: torch.relu(layers["aten"](x)),
+            "ours+relu": lambda x: torch.relu(layers["ours"](x)),
+            "ours_fused": layers["ours_fused"],
+        }
+    cases: dict[str, Callable[[Tensor], Tensor]] = {"aten": layers["aten"], "ours": layers["ours"]}
+    if compile_reference:
+        cases["compiled_reference"] = _compiled_reference(layers["aten"], training)
+    return cases
+
+
+def _runner(fn: Callable[[Tensor], Tensor], x: Tensor, dy: Tensor, backward: bool):
+    if backward:
+        x = x.detach().clone().requires_grad_()
+
+        def run() -> None:
+            fn(x).backward(dy)
+            x.grad = None
+
+        return run
+
+    def run_no_grad() -> None:
+        with torch.no_grad():
+            fn(x)
+
+    return run_no_grad
+
+
+def _check(fn: Callable[[Tensor], Tensor], expected: tuple[Tensor, ...], x: Tensor, dy: Tensor,
+           backward: bool) -> float:  # fmt: skip
+    """Largest error against ATen's output (and input gradient), relative to their size."""
+    x = x.detach().clone().requires_grad_(backward)
+    with torch.set_grad_enabled(backward):
+        y = fn(x)
+    got = (y.detach(),)
+    if backward:
+        y.backward(dy)
+        got += (x.grad,)
+    return max(
+        ((g - e).abs().max() / e.abs().max().clamp(min=1)).item()
+        for g, e in zip(got, expected, strict=True)
+    )
+
+
+def _time(runs: dict[str, Callable[[], None]], budget: float, bounds: tuple[int, int]):
+    """Alternate the contenders call by call; {name: [seconds per call]}."""
+    slowest = 0.0
+    for run in runs.values():
+        for _ in range(WARMUP):
+            start = time.perf_counter()
+            run()
+            slowest = max(slowest, time.perf_counter() - start)
+    reps = int(min(bounds[1], max(bounds[0], budget / max(slowest, 1e-9))))
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def run(
+    shapes: list[tuple[str, tuple[int, ...], bool]] | None = None,
+    modes: tuple[str, ...] = MODES,
+    quick: bool = False,
+    compile_reference: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the benchmark and return its results (see the module docstring)."""
+    shapes = shapes if shapes is not None else (QUICK_SHAPES if quick else SHAPES)
+    level = "quick" if quick else "full"
+    rows = []
+    for label, shape, channels_last in shapes:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g) * 2 + 1
+        dy = torch.randn(shape, generator=g)
+        if channels_last:
+            memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+            x, dy = (t.contiguous(memory_format=memory_format) for t in (x, dy))
+        dst = torch.empty_like(x)
+        copy = _time({"copy": lambda dst=dst, x=x: dst.copy_(x)}, TIME_BUDGET[level],
+                     REPS_BOUNDS[level])  # fmt: skip
+        copy_ms = statistics.median(copy["copy"]) * 1e3
+        nbytes = x.numel() * x.element_size()
+        copy_gbps = COPY_TRAFFIC * nbytes / copy_ms / 1e6
+        log(f"{label}: copy {copy_ms:.3f} ms ({copy_gbps:.1f} GB/s)")
+        for mode in modes:
+            backward = mode.endswith("forward_backward")
+            fns = _cases(mode, shape, compile_reference)
+            baseline = BASELINE[mode]
+            expected_x = x.detach().clone().requires_grad_(backward)
+            with torch.set_grad_enabled(backward):
+                y = fns[baseline](expected_x)
+            expected = (y.detach(),)
+            if backward:
+                y.backward(dy)
+                expected += (expected_x.grad,)
+            errors = {name: _check(fn, expected, x, dy, backward) for name, fn in fns.items()}
+            for name, error in errors.items():
+                if error > CHECK_TOLERANCE:
+                    log(f"  WARNING: {name} differs from {baseline} by {error:.2e} ({mode})")
+            start = time.perf_counter()
+            times = _time({name: _runner(fn, x, dy, backward) for name, fn in fns.items()},
+                          TIME_BUDGET[level], REPS_BOUNDS[level])  # fmt: skip
+            log(f"  {mode}: {time.perf_counter() - start:.1f} s")
+            medians = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+            for name, ts in times.items():
+                effective = TRAFFIC[mode] * nbytes / medians[name] / 1e6
+                row = {
+                    "shape": list(shape),
+                    "label": label,
+                    "layout": "channels_last" if channels_last else "contiguous",
+                    "dtype": "float32",
+                    "mode": mode,
+                    "contender": name,
+                    "median_ms": medians[name],
+                    "min_ms": min(ts) * 1e3,
+                    "calls": len(ts),
+                    "speedup_vs_baseline": medians[baseline] / medians[name],
+                    "baseline": baseline,
+                    "traffic_elements": TRAFFIC[mode],
+                    "effective_gbps": effective,
+                    "copy_ms": copy_ms,
+                    "copy_gbps": copy_gbps,
+                    "fraction_of_copy": effective / copy_gbps,
+                    "max_rel_error_vs_baseline": errors[name],
+                }
+                if name == "ours_fused":
+                    row["speedup_vs_ours_unfused"] = medians["ours+relu"] / medians[name]
+                rows.append(row)
+    return {
+        "benchmark": "batchnorm CPU kernels (issue 3)",
+        "quick": quick,
+        "environment": environment(),
+        "traffic_model": {**TRAFFIC, "copy": COPY_TRAFFIC, "unit": "input-sized tensors"},
+        "results": rows,
+        "targets": targets(rows),
+    }
+
+
+def environment() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numba": _version("numba"),
+        "numpy": _version("numpy"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "backend_ours": ops.select_backend(torch.zeros(2, 2)).name,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "missing"
+
+
+def _find(rows, label, mode, contender):
+    for row in rows:
+        if (row["label"], row["mode"], row["contender"]) == (label, mode, contender):
+            return row
+    return None
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, evaluated on these results (absent shapes are skipped)."""
+    checks = []
+
+    def add(name, row, key, goal):
+        if row is not None:
+            value = row[key]
+            checks.append({"target": name, "value": value, "goal": goal, "met": value >= goal})
+
+    fb = "forward_backward"
+    for name, label, goal in [
+        ("fwd+bwd (32,128,32,32) NCHW >= 3x ATen", "(32,128,32,32)", 3.0),
+        ("fwd+bwd (64,256,28,28) >= 3x ATen", "(64,256,28,28)", 3.0),
+        ("fwd+bwd (32,128,32,32) channels_last >= 1.5x ATen", "(32,128,32,32) channels_last", 1.5),
+        ("fwd+bwd (4096,1024) >= 2x ATen", "(4096,1024)", 2.0),
+    ]:
+        add(name, _find(rows, label, fb, "ours"), "speedup_vs_baseline", goal)
+    for mode in ("forward_train", "eval", fb):
+        add(f"{mode} (100,128) no slower than ATen", _find(rows, "(100,128)", mode, "ours"),
+            "speedup_vs_baseline", 1.0)  # fmt: skip
+    for row in rows:
+        if row["contender"] == "ours_fused":
+            add(f"fused BN+ReLU fwd+bwd {row['label']} >= 1.3x ours + torch.relu", row,
+                "speedup_vs_ours_unfused", 1.3)  # fmt: skip
+    for row in rows:
+        large = 4 * torch.Size(row["shape"]).numel() >= LARGE_BYTES
+        if large and row["contender"] in ("ours", "ours_fused"):
+            add(f"{row['mode']} {row['label']} ({row['contender']}) >= 60% of copy bandwidth",
+                row, "fraction_of_copy", 0.6)  # fmt: skip
+    return checks
+
+
+def table(results: dict) -> str:
+    """The results as a plain-text table, then the targets."""
+    head = f"{'shape':<30} {'mode':<25} {'contender':<19} {'median ms':>10} {'speed-up':>9} "
+    head += f"{'GB/s':>7} {'of copy':>8}"
+    lines = [head, "-" * len(head)]
+    for r in results["results"]:
+        lines.append(
+            f"{r['label']:<30} {r['mode']:<25} {r['contender']:<19} {r['median_ms']:>10.3f} "
+            f"{r['speedup_vs_baseline']:>8.2f}x {r['effective_gbps']:>7.1f} "
+            f"{r['fraction_of_copy']:>7.0%}"
+        )
+    lines += ["", "speed-up: against aten (aten+relu for bn_relu_forward_backward)", ""]
+    for t in results["targets"]:
+        mark = "met" if t["met"] else "NOT met"
+        lines.append(f"{mark:>8}  {t['target']}: {t['value']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="batchnorm bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="small shapes, few calls, no torch.compile: a smoke run")  # fmt: skip
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out torch.compile of the reference")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch (and Numba) threads; default: torch's default")  # fmt: skip
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="keep glibc's malloc defaults (see the module docstring)")  # fmt: skip
+    default = RESULTS_DIR / "cpu_kernels[_quick].json"
+    parser.add_argument("--out", default=None, help=f"JSON file (default {default})")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"batchnorm bench: --threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    allocator = "glibc defaults"
+    if not args.system_allocator:
+        allocator = "freed memory reused (mallopt)" if keep_freed_memory() else allocator
+    results = run(quick=args.quick, compile_reference=not (args.quick or args.no_compile))
+    results["environment"]["allocator"] = allocator
+    out = Path(args.out or RESULTS_DIR / f"cpu_kernels{'_quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
