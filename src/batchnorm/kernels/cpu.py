@@ -204,6 +204,9 @@ def _cf_epilogue(xr, zr, yr, m, a, b, act, neg, has_z):
     elif has_z:
         for s in range(xr.shape[0]):
             yr[s] = _linear_act((xr[s] - m) * a + b + zr[s], neg)
+    elif act == _IDENTITY:  # plain batch norm, the common case: nothing but the affine map
+        for s in range(xr.shape[0]):
+            yr[s] = (xr[s] - m) * a + b
     else:
         for s in range(xr.shape[0]):
             yr[s] = _linear_act((xr[s] - m) * a + b, neg)
@@ -457,6 +460,10 @@ def _cl_epilogue(xb, zb, yb, mean, scale, shift, act, neg, has_z):
         for r in range(rows):
             for c in range(channels):
                 yb[r, c] = _linear_act((xb[r, c] - mean[c]) * scale[c] + shift[c] + zb[r, c], neg)
+    elif act == _IDENTITY:  # as in _cf_epilogue
+        for r in range(rows):
+            for c in range(channels):
+                yb[r, c] = (xb[r, c] - mean[c]) * scale[c] + shift[c]
     else:
         for r in range(rows):
             for c in range(channels):
