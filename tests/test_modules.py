@@ -28,7 +28,7 @@ CONFIGS = {
 
 def make_pair(shape, dtype, **config):
     suffix = PAIRS[len(shape)]
-    theirs = getattr(nn, f"BatchNorm{suffix}")(shape[1], dtype=dtype, **config)
+    theirs = torch_bn(getattr(nn, f"BatchNorm{suffix}"), shape[1], dtype=dtype, **config)
     ours = getattr(batchnorm, f"BatchNorm{suffix}")(shape[1], dtype=dtype, **config)
     if theirs.weight is not None:
         with torch.no_grad():
@@ -37,6 +37,14 @@ def make_pair(shape, dtype, **config):
                 theirs.bias.normal_()
     ours.load_state_dict(theirs.state_dict())
     return theirs, ours
+
+
+def torch_bn(kind, num_features, bias=True, **options):
+    """torch.nn's BN; ``bias=False`` reached its constructor in 2.13, so emulate it before."""
+    bn = kind(num_features, **options)
+    if not bias and bn.bias is not None:
+        bn.register_parameter("bias", None)
+    return bn
 
 
 def run_step(module, x, dy):
@@ -123,7 +131,7 @@ def test_old_checkpoint_without_num_batches_tracked_loads():
 
 def test_same_constructor_signature_and_repr():
     ours = batchnorm.BatchNorm2d(8, 1e-3, 0.2, affine=True, track_running_stats=True, bias=False)
-    theirs = nn.BatchNorm2d(8, 1e-3, 0.2, affine=True, track_running_stats=True, bias=False)
+    theirs = torch_bn(nn.BatchNorm2d, 8, eps=1e-3, momentum=0.2, bias=False)
     assert ours.extra_repr() == theirs.extra_repr()
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
     assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()]
