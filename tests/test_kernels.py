@@ -255,3 +255,20 @@ def test_forked_child_runs_the_serial_kernels():
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     raise AssertionError("the forked child did not finish")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_silu_over_the_whole_range_of_exp(dtype):
+    """The kernels' own vectorized exp: from saturated to overflowing pre-activations."""
+    pre = torch.linspace(-800, 800, 64000, dtype=torch.float64).to(dtype)
+    x = torch.cat([pre, pre.flip(0)]).view(2, 2, -1).transpose(0, 1).contiguous()  # (2, 2, L)
+    rm, rv = torch.zeros(2, dtype=dtype), torch.full((2,), 1 - 1e-5, dtype=dtype)  # pre = x
+    x_ = x.clone().requires_grad_()
+    y = BF.batch_norm(x_, rm, rv, activation="silu")
+    dy = torch.ones_like(x)
+    y.backward(dy)
+    x64 = x.double().requires_grad_()
+    y64 = F.silu(x64)
+    y64.backward(dy.double())
+    assert_close(y, y64.detach(), dtype)
+    assert_close(x_.grad, x64.grad, dtype)
