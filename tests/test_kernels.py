@@ -5,6 +5,10 @@ run on the same float32-rounded inputs; the kernels run through the public funct
 with the "numba" backend forced.
 """
 
+import os
+import signal
+import time
+
 import numba
 import pytest
 import torch
@@ -226,3 +230,28 @@ def test_dispatch_numba_for_cpu_float32_float64_only():
                         (torch.float16, "reference"), (torch.bfloat16, "reference")]:  # fmt: skip
         assert ops.select_backend(torch.zeros(2, 3, dtype=dtype)).name == name
     assert ops.select_backend(torch.zeros(2, 3, device="meta")).name == "reference"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_runs_the_serial_kernels():
+    """GNU OpenMP cannot run in a child forked after it started (numba would end the child):
+    children forked after a parallel kernel use the serial ones."""
+    x = random_input(PARALLEL_SHAPE, torch.float32, seed=15)
+    expected = BF.batch_norm(x, None, None, training=True)  # the parallel kernel runs here
+    pid = os.fork()
+    if pid == 0:  # the child: no torch op that would itself start OpenMP threads
+        try:
+            y = BF.batch_norm(x, None, None, training=True)
+            ok = cpu._forked_child and torch.equal(y[0, 0, 0, :8], expected[0, 0, 0, :8])
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child did not finish")

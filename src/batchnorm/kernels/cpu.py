@@ -24,6 +24,7 @@ The math is that of :mod:`batchnorm.reference`; the tests hold the two together.
 
 from __future__ import annotations
 
+import os
 import types
 
 import numba
@@ -77,9 +78,24 @@ class _Kernel:
 
     def pick(self, numel: int):
         """(compiled variant, threads) for an input of ``numel`` values."""
-        if numel < SERIAL_BELOW:
+        if numel < SERIAL_BELOW or _forked_child:
             return self.serial, 1
         return self.parallel, _sync_threads()
+
+
+# GNU OpenMP (numba's threading layer here) cannot run in a child forked after it started:
+# numba would end the child ("fork() called from a process already using GNU OpenMP"). A
+# forked child (DataLoader workers, multiprocessing's "fork") runs the serial kernels, as
+# torch itself drops to one thread there.
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_child
+    _forked_child = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _HELPER = {"cache": True, "fastmath": FASTMATH}
