@@ -20,6 +20,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m batchnorm bench
+	$(PY) benchmarks/suite.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -134,29 +134,28 @@ def check_inputs(
             f"shape {tuple(input.shape)}. Hint: a single sample needs a batch dimension, "
             f"e.g. input.unsqueeze(0)."
         )
-    channels = input.shape[1]
-    named = {
-        "weight": weight,
-        "bias": bias,
-        "running_mean": running_mean,
-        "running_var": running_var,
-    }
-    for name, t in named.items():
+    channels, device, dtype = input.shape[1], input.device, input.dtype
+    # A loop over a constant tuple, device and dtype read once: this runs on every call.
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         if t is None:
             continue
-        if t.shape != (channels,):
+        if t.dim() != 1 or t.shape[0] != channels:
             raise ValueError(
                 f"{where}: the input has {channels} channels (dimension 1 of shape "
                 f"{tuple(input.shape)}) but {name} has shape {tuple(t.shape)}. Hint: the "
                 f"layer's num_features must equal the number of input channels."
             )
-        _check_same_device(where, input, name, t)
-        if t.dtype != input.dtype and not (
-            input.dtype in _HALF_DTYPES and t.dtype == torch.float32
-        ):
+        if t.device != device:
+            _check_same_device(where, input, name, t)
+        if t.dtype != dtype and not (dtype in _HALF_DTYPES and t.dtype == torch.float32):
             raise TypeError(
-                f"{where}: input has dtype {input.dtype} but {name} has dtype {t.dtype}. "
-                f"Hint: move the layer to the input's dtype (layer.to({input.dtype})) or "
+                f"{where}: input has dtype {dtype} but {name} has dtype {t.dtype}. "
+                f"Hint: move the layer to the input's dtype (layer.to({dtype})) or "
                 f"cast the input; only float16/bfloat16 inputs may use float32 parameters."
             )
     if residual is not None:

@@ -135,12 +135,13 @@ class _BatchNormBase(_BatchNorm):
     ) -> Tensor:
         """The functional core with this layer's options; running statistics default to the
         layer's own (``True``), read in eval mode and updated in training when tracked."""
+        own_mean, own_var = self.running_mean, self.running_var  # buffers: read once
         track = not self.training or self.track_running_stats
         if running_mean is True:
-            running_mean = self.running_mean if track else None
+            running_mean = own_mean if track else None
         if running_var is True:
-            running_var = self.running_var if track else None
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+            running_var = own_var if track else None
+        use_batch_stats = self.training or (own_mean is None and own_var is None)
         return _batch_norm(
             input,
             running_mean,  # type: ignore[arg-type]
