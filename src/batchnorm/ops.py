@@ -176,26 +176,26 @@ def _use_aten(
 ) -> bool:
     """Whether torch.batch_norm (ATen) computes this call, exactly as we would, and faster.
 
-    It can for plain batch norm in PyTorch's running-statistics convention. On CPU float32
-    and float64, `make bench` measured it faster for small inputs and in eval mode (its
+    It can in PyTorch's running-statistics convention, followed by the activation and
+    residual as separate (C++) ops. On CPU float32 and float64, `make bench` measured it
+    faster for small inputs (epilogue included) and for plain BN in eval mode (its
     elementwise loop streams 10-30 % faster). Training on larger inputs stays on our Numba
     kernels, also for (N, C) and channels-last inputs where ATen is ~5 % faster: ATen's
     float32 backward there loses accuracy (torch 2.13: 12-27 % of the gradient's scale on a
     (32768, 128) batch followed by a ReLU; ours: 1e-6). Other devices and dtypes keep the
     reference path (tested on CUDA against torch.nn)."""
-    if _aten_policy is False or activation != "identity" or residual is not None:
+    if _aten_policy is False or not unbiased_running_var or keep_output_only:
         return False
-    if (
-        not unbiased_running_var
-        or keep_output_only
-        or (running_mean is None) != (running_var is None)
-    ):
+    if (running_mean is None) != (running_var is None):
         return False
     if _aten_policy:
         return True
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
-    return not training or x.numel() < ATEN_BELOW_NUMEL
+    if x.numel() < ATEN_BELOW_NUMEL:  # an epilogue too: a few C++ ops beat a Python call
+        return True
+    # Large inputs: eval of plain BN only; a fused epilogue saves whole passes over memory.
+    return not training and activation == "identity" and residual is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -464,9 +464,12 @@ def batch_norm(
         keep_output_only,
     ):  # fmt: skip
         # Updates the running statistics itself, with the same rule.
-        return torch.batch_norm(
+        y = torch.batch_norm(
             x, weight, bias, running_mean, running_var, training, momentum, eps, False
         )
+        if residual is not None:
+            y = y + residual
+        return reference.activate(y, activation, negative_slope)
     args = (x, weight, bias, running_mean, running_var, residual, training, float(eps),
             activation, float(negative_slope))  # fmt: skip
     if compiling:
