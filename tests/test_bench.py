@@ -13,7 +13,7 @@ def test_bench_checks_every_contender_and_reports_each_case():
     cases = {(r["label"], r["mode"], r["contender"]) for r in rows}
     for label, _, _ in TINY:
         for mode in ("forward_train", "eval", "forward_backward"):
-            assert {(label, mode, "aten"), (label, mode, "ours")} <= cases
+            assert {(label, mode, c) for c in ("aten", "ours", "ours_numba")} <= cases
         for name in ("aten+relu", "ours+relu", "ours_fused"):
             assert (label, "bn_relu_forward_backward", name) in cases
     for r in rows:

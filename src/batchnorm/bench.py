@@ -10,9 +10,11 @@ What is measured (issue 3), in float32 with torch's thread count (Numba follows 
   a fixed output gradient) and ``bn_relu_forward_backward`` (the same with a ReLU after the
   batch norm: our fused ``BatchNormAct``, our ``BatchNorm`` followed by ``torch.relu``, and
   torch.nn's followed by ``torch.relu``);
-* contenders ``aten`` (``torch.nn.BatchNorm*d``), ``ours`` (``batchnorm.BatchNorm*d``) and
-  ``compiled_reference`` (``torch.compile`` of the plain-torch math of
-  :mod:`batchnorm.reference`, compilation excluded from the timings).
+* contenders ``aten`` (``torch.nn.BatchNorm*d``), ``ours`` (``batchnorm.BatchNorm*d``, which
+  dispatches plain batch norm to ATen where that is faster, see ``ops._use_aten``),
+  ``ours_numba`` (the same layer forced onto the Numba kernels) and ``compiled_reference``
+  (``torch.compile`` of the plain-torch math of :mod:`batchnorm.reference`, compilation
+  excluded from the timings).
 
 Every contender's output (and input gradient) is first checked against ATen's; the check's
 largest error is part of the results. Calls alternate between contenders, so that all see
@@ -127,7 +129,8 @@ def _layers(shape: tuple[int, ...], activation: str | None = None) -> dict[str, 
         aten.bias.normal_()
         aten.running_mean.normal_()
         aten.running_var.uniform_(0.5, 1.5)
-    layers = {"aten": aten, "ours": getattr(batchnorm, f"BatchNorm{kind}")(channels)}
+    ours = getattr(batchnorm, f"BatchNorm{kind}")
+    layers = {"aten": aten, "ours": ours(channels), "ours_numba": ours(channels)}
     if activation:
         layers["ours_fused"] = getattr(batchnorm, f"BatchNormAct{kind}")(
             channels, activation=activation
@@ -165,7 +168,17 @@ def _cases(mode: str, shape: tuple[int, ...], compile_reference: bool):
             "ours+relu": lambda x: torch.relu(layers["ours"](x)),
             "ours_fused": layers["ours_fused"],
         }
-    cases: dict[str, Callable[[Tensor], Tensor]] = {"aten": layers["aten"], "ours": layers["ours"]}
+    numba_layer = layers["ours_numba"]
+
+    def ours_numba(x: Tensor) -> Tensor:
+        with ops.use_backend("numba"):  # the Numba kernels even where ATen is dispatched
+            return numba_layer(x)
+
+    cases: dict[str, Callable[[Tensor], Tensor]] = {
+        "aten": layers["aten"],
+        "ours": layers["ours"],
+        "ours_numba": ours_numba,
+    }
     if compile_reference:
         cases["compiled_reference"] = _compiled_reference(layers["aten"], training)
     return cases
