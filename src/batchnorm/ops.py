@@ -9,7 +9,9 @@ One forward and one backward implementation serve two entry points:
   compiled graphs do not break on them.
 
 Backends implement the math of :mod:`batchnorm.reference` (the fallback for every dtype and
-device); faster ones register themselves with :func:`register_backend`.
+device); faster ones register themselves with :func:`register_backend`. In eager mode,
+calls that ATen's own operator computes identically and faster (small inputs, plain eval)
+go to ``torch.batch_norm`` instead: see :func:`_use_aten`.
 """
 
 from __future__ import annotations
