@@ -232,6 +232,7 @@ def test_dispatch_numba_for_cpu_float32_float64_only():
     assert ops.select_backend(torch.zeros(2, 3, device="meta")).name == "reference"
 
 
+# The fork case cannot exist where the OS has no fork (Windows); Linux CI always runs it.
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_runs_the_serial_kernels():
     """GNU OpenMP cannot run in a child forked after it started (numba would end the child):

@@ -177,7 +177,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_processes_merge_statistics(tmp_path):
-    if not dist.is_available():
+    if not dist.is_available():  # some torch builds (e.g. macOS wheels) lack it; ours has it
         pytest.skip("torch.distributed is not built in this torch")
     context = mp.start_processes(
         _worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"

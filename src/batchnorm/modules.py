@@ -18,6 +18,21 @@ from batchnorm.functional import _batch_norm
 from batchnorm.reference import ACTIVATIONS
 
 
+def check_positive_int(layer: str, name: str, value: Any, meaning: str = "") -> None:
+    """Constructor arguments that count something (num_features, virtual_batch_size)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{layer}: {name} must be a positive int{meaning}, got {value!r}.")
+
+
+def check_activation(layer: str, activation: str | None) -> None:
+    """A layer's fused activation: None or one of reference.ACTIVATIONS."""
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{layer}: unknown activation {activation!r}; expected one of "
+            f"{[a for a in ACTIVATIONS if a != 'identity']} or None (no activation)."
+        )
+
+
 def check_layer_input(
     layer: str, input: Tensor, ranks: tuple[int, ...] | None, layout: str, num_features: int
 ) -> None:
@@ -79,11 +94,8 @@ class _BatchNormBase(_BatchNorm):
         bias: bool = True,
         unbiased_running_var: bool = True,
     ) -> None:
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(
-                f"{type(self).__name__}: num_features must be a positive int (the number of "
-                f"channels C of an (N, C, *) input), got {num_features!r}."
-            )
+        check_positive_int(type(self).__name__, "num_features", num_features,
+                           " (the number of channels C of an (N, C, *) input)")  # fmt: skip
         # `bias` reached torch's constructor only recently; handle it here for torch >= 2.3.
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if affine and not bias:
@@ -210,11 +222,7 @@ class _BatchNormActBase(_BatchNormBase):
         negative_slope: float = 0.01,
     ) -> None:
         name = type(self).__name__
-        if activation is not None and activation not in ACTIVATIONS:
-            raise ValueError(
-                f"{name}: unknown activation {activation!r}; expected one of "
-                f"{[a for a in ACTIVATIONS if a != 'identity']} or None (no activation)."
-            )
+        check_activation(name, activation)
         if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
             raise TypeError(
                 f"{name}: negative_slope must be a number (the slope of leaky_relu below "

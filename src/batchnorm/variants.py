@@ -22,7 +22,15 @@ from torch import Tensor, nn
 
 from batchnorm import reference
 from batchnorm.functional import _batch_norm, check_inputs, check_invertible
-from batchnorm.modules import _BatchNormBase, _Dims1d, _Dims2d, _Dims3d, check_layer_input
+from batchnorm.modules import (
+    _BatchNormBase,
+    _Dims1d,
+    _Dims2d,
+    _Dims3d,
+    check_activation,
+    check_layer_input,
+    check_positive_int,
+)
 
 Bound = float | Callable[[int], float]
 
@@ -219,15 +227,7 @@ class _GhostBatchNorm(_BatchNormBase):
         bias: bool = True,
         unbiased_running_var: bool = True,
     ) -> None:
-        if (
-            not isinstance(virtual_batch_size, int)
-            or isinstance(virtual_batch_size, bool)
-            or virtual_batch_size < 1
-        ):
-            raise ValueError(
-                f"{type(self).__name__}: virtual_batch_size must be a positive int, got "
-                f"{virtual_batch_size!r}."
-            )
+        check_positive_int(type(self).__name__, "virtual_batch_size", virtual_batch_size)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
             bias=bias, unbiased_running_var=unbiased_running_var,
@@ -328,15 +328,8 @@ class _FrozenBatchNorm(nn.Module):
         negative_slope: float = 0.01,
     ) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(
-                f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}."
-            )
-        if activation not in (None, *reference.ACTIVATIONS):
-            raise ValueError(
-                f"{type(self).__name__}: unknown activation {activation!r}; expected None or one "
-                f"of {reference.ACTIVATIONS}."
-            )
+        check_positive_int(type(self).__name__, "num_features", num_features)
+        check_activation(type(self).__name__, activation)
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.eps = num_features, eps
         self.activation, self.negative_slope = activation, negative_slope
