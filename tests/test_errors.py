@@ -82,3 +82,87 @@ def test_bad_activation_and_residual():
 def test_rank_one_input_functional():
     with raises(ValueError, "at least 2 dimensions", "(3,)", "unsqueeze(0)"):
         BF.batch_norm(torch.randn(3), None, None, training=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Found by differential fuzzing (issue P0): torch's rules, clear errors, no bare exceptions.
+
+
+@pytest.mark.parametrize("eps, training", [(0.0, True), (-1.0, True), (-1.0, False)])
+def test_eps_follows_torchs_rule(eps, training):
+    x = torch.randn(6, 3)
+    stats = (torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError):  # torch's own error type for this mistake
+        torch.nn.functional.batch_norm(x, *stats, training=training, eps=eps)
+    with raises(ValueError, f"eps must be", f"got {eps}", "1e-5"):
+        BF.batch_norm(x, *stats, training=training, eps=eps)
+    with raises(ValueError, "BatchNorm1d(3)", "eps must be"):
+        batchnorm.BatchNorm1d(3, eps=eps).train(training)(x)
+
+
+def test_eps_zero_is_allowed_in_eval_as_in_torch():
+    x = torch.randn(6, 3)
+    expected = torch.nn.functional.batch_norm(x, torch.zeros(3), torch.ones(3), eps=0.0)
+    torch.testing.assert_close(BF.batch_norm(x, torch.zeros(3), torch.ones(3), eps=0.0), expected)
+
+
+@pytest.mark.parametrize("given", ["running_mean", "running_var"])
+def test_one_running_statistic_without_the_other_raises_in_training(given):
+    stats = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+    stats[{"running_mean": "running_var", "running_var": "running_mean"}[given]] = None
+    with raises(ValueError, f"got {given} without"):
+        BF.batch_norm(torch.randn(6, 3), stats["running_mean"], stats["running_var"], training=True)
+
+
+def test_errors_torch_raises_as_runtime_error_are_runtime_errors_too():
+    x = torch.randn(6, 3)
+    for call in (
+        lambda: BF.batch_norm(x, torch.zeros(4), torch.ones(4)),  # size mismatch
+        lambda: BF.batch_norm(x, None, None, training=False),  # eval without statistics
+        lambda: batchnorm.BatchNorm1d(4)(x),  # the layer's channel check
+    ):
+        with pytest.raises(RuntimeError):
+            call()
+        with pytest.raises(ValueError):
+            call()
+    with pytest.raises(TypeError) as caught:  # a dtype mismatch
+        BF.batch_norm(x, torch.zeros(3, dtype=torch.float64), torch.ones(3))
+    assert isinstance(caught.value, RuntimeError)
+
+
+def test_residual_dtype_is_checked():
+    for x in (torch.randn(6, 3), torch.randn(300, 256)):
+        with raises(TypeError, "residual has dtype torch.float64", "residual.to(torch.float32)"):
+            BF.batch_norm(x, None, None, training=True, residual=x.double())
+
+
+def test_forcing_a_backend_on_an_input_it_cannot_take_says_so():
+    x = torch.randn(300, 256, dtype=torch.float16)
+    with batchnorm.ops.use_backend("numba"), raises(ValueError, "'numba'", "torch.float16"):
+        BF.batch_norm(x, None, None, training=True)
+
+
+def test_numpy_integers_are_channel_counts_as_in_torch():
+    np = pytest.importorskip("numpy")
+    layer = batchnorm.BatchNorm2d(np.int64(4))
+    assert layer.num_features == 4 and type(layer.num_features) is int
+    assert batchnorm.GhostBatchNorm1d(3, np.int32(2)).virtual_batch_size == 2
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(np.int64(4)))
+    assert type(batchnorm.convert(model)[0]) is batchnorm.BatchNorm2d
+    with raises(ValueError, "num_features must be a positive int", "True"):
+        batchnorm.BatchNorm1d(True)
+
+
+@pytest.mark.parametrize(
+    "bounds, fragment",
+    [({"rmax": 0}, "rmax=0.0"), ({"rmax": 0.5}, "rmax=0.5"), ({"dmax": -1}, "dmax=-1.0"),
+     ({"rmin": 0.0}, "rmin must be in (0, 1]")],
+)  # fmt: skip
+def test_batch_renorm_bounds_are_checked(bounds, fragment):
+    with raises(ValueError, "BatchRenorm1d", fragment):
+        batchnorm.BatchRenorm1d(3, **bounds)
+    # a schedule is checked when it is used, at the step it gives a bad bound
+    scheduled = {k: (lambda step, v=v: v) for k, v in bounds.items()}
+    layer = batchnorm.BatchRenorm1d(3, **scheduled)
+    with raises(ValueError, "BatchRenorm1d", fragment, "at step 0"):
+        layer(torch.randn(8, 3))

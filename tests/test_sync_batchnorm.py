@@ -178,7 +178,7 @@ def _protocol(ctx):
     channels = 6
     expected = distributed.sync_message_bytes(channels, torch.float32)
     fwd, bwd = (expected["forward"], "SUM"), (expected["backward"], "SUM")
-    assert expected == {"forward": (2 * channels + 1) * 8, "backward": 2 * channels * 4}
+    assert expected == {"forward": (2 * channels + 3) * 8, "backward": 2 * channels * 4}
     layer = SyncBatchNorm(channels)
     x = random_input((4, channels, 3), seed=ctx.rank).requires_grad_()
     dist.all_reduce = counting
@@ -230,6 +230,22 @@ def _dtype_mismatch(ctx):
     layer = SyncBatchNorm(3, dtype=dtype)
     _expect_error(lambda: layer(torch.randn(4, 3, dtype=dtype)), ValueError,
                   "different dtypes", "32", "64")  # fmt: skip
+
+
+def _dtype_changes_later(ctx):
+    """A rank that changes dtype after the first (checked) step: ValueError on every rank,
+    not an abort of the process group in the backward's mixed-dtype all_reduce."""
+    layer = SyncBatchNorm(3, dtype=torch.float64)
+    x = torch.randn(4, 3)
+    layer.float()(x).sum().backward()  # agreed: float32 on every rank
+    if ctx.rank == 1:
+        layer.double()
+        x = x.double()
+    _expect_error(lambda: layer(x.requires_grad_()).sum().backward(), ValueError,
+                  "different dtypes in this step", f"rank {ctx.rank}")  # fmt: skip
+    healthy = torch.ones(1)
+    dist.all_reduce(healthy)
+    assert healthy.item() == ctx.world_size
 
 
 def _global_single_value(ctx):
@@ -315,6 +331,7 @@ CHECKS = {
         "protocol": _protocol,
         "channel_mismatch": _channel_mismatch,
         "dtype_mismatch": _dtype_mismatch,
+        "dtype_changes_later": _dtype_changes_later,
         "global_single_value": _global_single_value,
         "ddp_training": _ddp_training,
         "local_slice": _local_slice_covers,

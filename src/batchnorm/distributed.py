@@ -4,8 +4,9 @@ gathering results on rank 0, a local launcher).
 
 Protocol of one SyncBatchNorm layer in one training step, for C channels:
 
-* forward: ONE all_reduce (sum) of ``2C + 1`` float64 values per rank,
-  ``[count, Σ(x − s), Σ(x − s)²]``. From it every rank gets the global
+* forward: ONE all_reduce (sum) of ``2C + 3`` float64 values per rank,
+  ``[count, Σ(x − s), Σ(x − s)², b, b²]`` (b: the bit width of the dtype, see
+  ``_global_stats``). From it every rank gets the global
   ``mean = s + Σ(x − s)/M`` and biased ``var = Σ(x − s)²/M − (mean − s)²``. The message
   has the same size whatever the world size W (torch.nn.SyncBatchNorm all-gathers
   ``W·(2C + 1)`` values instead).
@@ -77,7 +78,7 @@ def sync_message_bytes(num_features: int, dtype: torch.dtype = torch.float32) ->
     Neither depends on the world size. The one-off agreement check of the first step
     (4 int64 values) is not counted."""
     stats_dtype = reference.compute_dtype(dtype)
-    forward = (2 * num_features + 1) * torch.finfo(STATS_MESSAGE_DTYPE).bits // 8
+    forward = (2 * num_features + 3) * torch.finfo(STATS_MESSAGE_DTYPE).bits // 8
     backward = 2 * num_features * torch.finfo(stats_dtype).bits // 8
     return {"forward": forward, "backward": backward}
 
@@ -149,22 +150,37 @@ def _global_stats(
     x: Tensor, shift: Tensor, group: Any, where: str
 ) -> tuple[Tensor, Tensor, int] | None:
     """The global batch's (mean, biased var) in float64 and its count per channel, from one
-    all_reduce of [count, Σ(x − s), Σ(x − s)²]; None when every rank's batch is empty."""
+    all_reduce of [count, Σ(x − s), Σ(x − s)², b, b²]; None when every rank's batch is empty.
+
+    b is the bit width of this rank's statistics dtype: the ranks agree on it if and only if
+    W·Σb² = (Σb)² (Cauchy-Schwarz), checked on every step at the cost of two values, since
+    the dtype, unlike the channel count, can change between steps and a backward message of
+    mixed dtypes would abort the process group."""
     channels = x.shape[1]
     count = x.numel() // channels
-    message = torch.zeros(2 * channels + 1, dtype=STATS_MESSAGE_DTYPE, device=x.device)
+    message = torch.zeros(2 * channels + 3, dtype=STATS_MESSAGE_DTYPE, device=x.device)
+    bits = torch.finfo(reference.compute_dtype(x.dtype)).bits
+    message[-2:] = torch.tensor([bits, bits * bits], dtype=STATS_MESSAGE_DTYPE)
     if count:
         mean, var = _local_stats(x)
         offset = mean - shift
         message[0] = count
         message[1 : channels + 1] = count * offset
-        message[channels + 1 :] = count * (var + offset * offset)
+        message[channels + 1 : 2 * channels + 1] = count * (var + offset * offset)
     _all_reduce(message, group, where, "batch statistics")
+    bit_sum, bit_square_sum = message[-2:].tolist()  # exact: small integers
+    world = dist.get_world_size(group)
+    if world * bit_square_sum != bit_sum * bit_sum:
+        raise ValueError(
+            f"{where}: the ranks normalize in different dtypes in this step (this rank, rank "
+            f"{dist.get_rank(group)} of {world}, has input dtype {x.dtype}). Hint: cast the "
+            f"model and its inputs to the same dtype on every rank."
+        )
     total = int(message[0].item())  # exact: float64 holds integers up to 2**53
     if total == 0:
         return None
     offset = message[1 : channels + 1] / total
-    var = (message[channels + 1 :] / total - offset * offset).clamp_(min=0)
+    var = (message[channels + 1 : 2 * channels + 1] / total - offset * offset).clamp_(min=0)
     return shift + offset, var, total
 
 

@@ -15,6 +15,17 @@ from batchnorm.reference import ACTIVATIONS, INVERTIBLE_ACTIVATIONS
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+class InputError(ValueError, RuntimeError):
+    """A value batch norm cannot take where torch raises RuntimeError (sizes that do not
+    match, a device mismatch, missing running statistics in eval mode): both our ValueError
+    with its hint and the class torch uses, so drop-in code that catches either still
+    catches it."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """A dtype batch norm cannot take where torch raises RuntimeError; see InputError."""
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -72,6 +83,7 @@ def _batch_norm(
     (InPlace-ABN); the activation must then be invertible and there is no residual."""
     activation = "identity" if activation is None else activation
     check_inputs(input, running_mean, running_var, weight, bias, residual, training, where)
+    check_eps(eps, training, where)
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"{where}: unknown activation {activation!r}; expected one of "
@@ -89,6 +101,16 @@ def _batch_norm(
         0.0 if momentum is None else momentum, eps, activation, negative_slope,
         unbiased_running_var, keep_output_only,
     )  # fmt: skip
+
+
+def check_eps(eps: float, training: bool, where: str) -> None:
+    """torch's rule: eps > 0 in training (the batch variance may be 0), eps >= 0 in eval."""
+    if not (eps > 0 if training else eps >= 0):  # also refuses NaN
+        rule = "positive in training" if training else "non-negative"
+        raise ValueError(
+            f"{where}: eps must be {rule}, got {eps}. Hint: eps keeps the division by "
+            f"sqrt(var + eps) finite; the usual value is 1e-5."
+        )
 
 
 def check_invertible(activation: str, negative_slope: float, where: str) -> None:
@@ -145,7 +167,7 @@ def check_inputs(
         if t is None:
             continue
         if t.dim() != 1 or t.shape[0] != channels:
-            raise ValueError(
+            raise InputError(
                 f"{where}: the input has {channels} channels (dimension 1 of shape "
                 f"{tuple(input.shape)}) but {name} has shape {tuple(t.shape)}. Hint: the "
                 f"layer's num_features must equal the number of input channels."
@@ -153,20 +175,36 @@ def check_inputs(
         if t.device != device:
             _check_same_device(where, input, name, t)
         if t.dtype != dtype and not (dtype in _HALF_DTYPES and t.dtype == torch.float32):
-            raise TypeError(
+            raise InputTypeError(
                 f"{where}: input has dtype {dtype} but {name} has dtype {t.dtype}. "
                 f"Hint: move the layer to the input's dtype (layer.to({dtype})) or "
                 f"cast the input; only float16/bfloat16 inputs may use float32 parameters."
             )
     if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(
+                f"{where}: expected residual to be a torch.Tensor or None, got "
+                f"{type(residual).__name__}."
+            )
         if residual.shape != input.shape:
-            raise ValueError(
+            raise InputError(
                 f"{where}: residual must have the input's shape {tuple(input.shape)}, got "
                 f"{tuple(residual.shape)}."
             )
         _check_same_device(where, input, "residual", residual)
-    if not training and (running_mean is None or running_var is None):
+        if residual.dtype != dtype:
+            raise InputTypeError(
+                f"{where}: input has dtype {dtype} but residual has dtype {residual.dtype}. "
+                f"Hint: cast the residual to the input's dtype (residual.to({dtype}))."
+            )
+    if training and (running_mean is None) != (running_var is None):
+        given, missing = ("running_mean", "running_var")[:: 1 if running_var is None else -1]
         raise ValueError(
+            f"{where}: running_mean and running_var must both be given or both be None, got "
+            f"{given} without {missing}. Hint: pass both to update them, or neither."
+        )
+    if not training and (running_mean is None or running_var is None):
+        raise InputError(
             f"{where}: eval mode needs running_mean and running_var, got None. Hint: pass "
             f"training=True to normalize with batch statistics."
         )
@@ -181,7 +219,7 @@ def check_inputs(
 
 def _check_same_device(where: str, input: Tensor, name: str, t: Tensor) -> None:
     if t.device != input.device:
-        raise ValueError(
+        raise InputError(
             f"{where}: input is on {input.device} but {name} is on {t.device}. Hint: move the "
             f"model and its inputs to the same device, e.g. model.to(input.device)."
         )

@@ -8,20 +8,27 @@ layers with ``isinstance(m, _BatchNorm)``, and they keep working with ours.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.functional import _batch_norm
+from batchnorm.functional import InputError, _batch_norm
 from batchnorm.reference import ACTIVATIONS
 
 
-def check_positive_int(layer: str, name: str, value: Any, meaning: str = "") -> None:
-    """Constructor arguments that count something (num_features, virtual_batch_size)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def check_positive_int(layer: str, name: str, value: Any, meaning: str = "") -> int:
+    """Constructor arguments that count something (num_features, virtual_batch_size), as a
+    Python int: any integer type is taken (numpy's too, as torch.nn takes them)."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else 0
+    except TypeError:
+        number = 0
+    if number < 1:
         raise ValueError(f"{layer}: {name} must be a positive int{meaning}, got {value!r}.")
+    return number
 
 
 def check_activation(layer: str, activation: str | None) -> None:
@@ -58,7 +65,7 @@ def check_layer_input(
             f"{input.dim()}-D input of shape {tuple(input.shape)}. Hint: {hint}"
         )
     if input.shape[1] != num_features:
-        raise ValueError(
+        raise InputError(
             f"{layer}: expected {num_features} channels in dimension 1, got input of shape "
             f"{tuple(input.shape)} with {input.shape[1]}. Hint: set num_features to the number "
             f"of channels of the layer before."
@@ -94,8 +101,8 @@ class _BatchNormBase(_BatchNorm):
         bias: bool = True,
         unbiased_running_var: bool = True,
     ) -> None:
-        check_positive_int(type(self).__name__, "num_features", num_features,
-                           " (the number of channels C of an (N, C, *) input)")  # fmt: skip
+        num_features = check_positive_int(type(self).__name__, "num_features", num_features,
+                                          " (the number of channels C of an (N, C, *) input)")  # fmt: skip
         # `bias` reached torch's constructor only recently; handle it here for torch >= 2.3.
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if affine and not bias:

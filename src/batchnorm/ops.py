@@ -117,6 +117,13 @@ def register_backend(accepts: Callable[[Tensor], bool], backend: Backend) -> Non
 
 def select_backend(x: Tensor) -> Backend:
     if _forced_backend is not None:
+        accepts = next((a for a, b in _BACKENDS if b is _forced_backend), None)
+        if accepts is not None and not accepts(x):
+            raise ValueError(
+                f"use_backend({_forced_backend.name!r}): that backend cannot take "  # type: ignore[attr-defined]
+                f"{x.dtype} inputs on {x.device}. Hint: force it only for inputs it supports, "
+                f"or leave the choice to the default dispatch."
+            )
         return _forced_backend
     for accepts, backend in _BACKENDS:
         if accepts(x):
@@ -198,6 +205,79 @@ def _use_aten(
         return True
     # Large inputs: eval of plain BN only; a fused epilogue saves whole passes over memory.
     return not training and activation == "identity" and residual is None
+
+
+def _aten_batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """torch.batch_norm, which updates the running statistics itself (same rule), with its
+    inputs made safe for the CPU kernels of ATen (torch 2.13), which give wrong results on:
+
+    * a weight or bias that is not contiguous ((N, C) inputs: wrong dx);
+    * an input or output gradient whose size-1 dimensions have other strides than a dense
+      tensor's (wrong dx and dbias), so both are given dense strides;
+    * float32 data whose mean is large against its spread: the statistics (a plain float
+      sum) and the backward lose digits (2e-3 of the output's scale at mean 1e4 on (200, 8)).
+      The input is shifted by a per-channel value from its first sample: batch norm's
+      output and gradients do not change under a shift, and the sums become accurate.
+    """
+    x = _dense(x)
+    weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
+    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    shift = None
+    if training and x.dtype == torch.float32 and x.numel() > 0:
+        first = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
+        shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)  # keep inf/NaN as torch
+        x = x - reference.per_channel(shift, x)
+    # With a shift, ATen updates a zero vector to momentum * (mean - shift), the running
+    # mean's increment less momentum * shift (so the large terms are added once, here).
+    given_mean = running_mean
+    if shift is not None and running_mean is not None:
+        given_mean = torch.zeros_like(running_mean)
+    y = torch.batch_norm(x, weight, bias, given_mean, running_var, training, momentum, eps, False)
+    if given_mean is not running_mean:
+        running_mean.mul_(1 - momentum).add_(given_mean).add_(shift, alpha=momentum)  # type: ignore[union-attr]
+    if y.requires_grad:
+        y.register_hook(_with_strides(y.stride()))
+    return y
+
+
+def _dense(t: Tensor) -> Tensor:
+    """t itself, or a contiguous copy if its size-1 dimensions have unusual strides."""
+    if 1 not in t.shape or t.stride() in (_dense_strides(t.shape, False),
+                                          _dense_strides(t.shape, True)):  # fmt: skip
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _dense_strides(shape: torch.Size, channels_last: bool) -> tuple[int, ...]:
+    """The strides of a dense tensor of ``shape``, contiguous or channels-last."""
+    order = [0, *range(2, len(shape)), 1] if channels_last else list(range(len(shape)))
+    strides = [0] * len(shape)
+    step = 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= shape[dim]
+    return tuple(strides)
+
+
+def _with_strides(strides: tuple[int, ...]):
+    """A gradient hook that gives the gradient ``strides`` (those of the output)."""
+
+    def hook(grad: Tensor | None) -> Tensor | None:
+        if grad is None or grad.stride() == strides:
+            return grad
+        return torch.empty_strided(grad.shape, strides, dtype=grad.dtype,
+                                   device=grad.device).copy_(grad)  # fmt: skip
+
+    return hook
 
 
 # ---------------------------------------------------------------------------------------
@@ -465,10 +545,7 @@ def batch_norm(
         x, running_mean, running_var, residual, training, activation, unbiased_running_var,
         keep_output_only,
     ):  # fmt: skip
-        # Updates the running statistics itself, with the same rule.
-        y = torch.batch_norm(
-            x, weight, bias, running_mean, running_var, training, momentum, eps, False
-        )
+        y = _aten_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
         if residual is not None:
             y = y + residual
         return reference.activate(y, activation, negative_slope)

@@ -106,6 +106,8 @@ class _BatchRenorm(_BatchNormBase):
             bias=bias, unbiased_running_var=unbiased_running_var,
         )  # fmt: skip
         self.rmax, self.dmax, self.rmin = rmax, dmax, rmin
+        if not any(callable(bound) for bound in (rmax, dmax, rmin)):
+            self.clip_bounds(0)  # constant bounds are checked now, schedules at each step
         self.renorm_momentum = renorm_momentum
         if renorm_momentum is not None:
             self.register_buffer("renorm_mean", torch.zeros_like(self.running_mean))
@@ -136,9 +138,21 @@ class _BatchRenorm(_BatchNormBase):
         def at(bound: Bound) -> float:
             return float(bound(step)) if callable(bound) else float(bound)
 
-        rmax = at(self.rmax)
+        rmax, dmax = at(self.rmax), at(self.dmax)
+        if not rmax >= 1 or not dmax >= 0:  # also refuses NaN
+            raise ValueError(
+                f"{type(self).__name__}: batch renormalization clips r to [rmin, rmax] around "
+                f"1 and d to [-dmax, dmax] around 0, so it needs rmax >= 1 and dmax >= 0; got "
+                f"rmax={rmax}, dmax={dmax} at step {step}. Hint: rmax=1, dmax=0 is plain batch "
+                f"norm; the paper's schedule is paper_rmax/paper_dmax."
+            )
         rmin = 1.0 / rmax if self.rmin is None else at(self.rmin)
-        return rmin, rmax, at(self.dmax)
+        if not 0 < rmin <= 1:
+            raise ValueError(
+                f"{type(self).__name__}: rmin must be in (0, 1], got {rmin} at step {step}. "
+                f"Hint: leave rmin=None for 1/rmax."
+            )
+        return rmin, rmax, dmax
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
@@ -227,7 +241,9 @@ class _GhostBatchNorm(_BatchNormBase):
         bias: bool = True,
         unbiased_running_var: bool = True,
     ) -> None:
-        check_positive_int(type(self).__name__, "virtual_batch_size", virtual_batch_size)
+        virtual_batch_size = check_positive_int(
+            type(self).__name__, "virtual_batch_size", virtual_batch_size
+        )
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
             bias=bias, unbiased_running_var=unbiased_running_var,
@@ -328,7 +344,7 @@ class _FrozenBatchNorm(nn.Module):
         negative_slope: float = 0.01,
     ) -> None:
         super().__init__()
-        check_positive_int(type(self).__name__, "num_features", num_features)
+        num_features = check_positive_int(type(self).__name__, "num_features", num_features)
         check_activation(type(self).__name__, activation)
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.eps = num_features, eps

@@ -271,6 +271,8 @@ def _cf_piece_stats(xr):
     for s in range(xr.shape[0]):
         acc += xr[s]
     local = acc / T(xr.shape[0])
+    if not np.isfinite(local):  # an inf or NaN: the piece's mean is its sum's, as in torch
+        return np.float64(local), np.nan
     d1, d2 = T(0), T(0)
     for s in range(xr.shape[0]):
         d = xr[s] - local
@@ -367,6 +369,13 @@ def _cf_dx(gr, xr, dxr, m, a, k0, k2):
 
 
 @njit(**_HELPER)
+def _cf_dx_eval(gr, dxr, a):
+    """dxr = a * gr: eval mode, where x does not enter dx (an infinite x keeps dx finite)."""
+    for s in range(gr.shape[0]):
+        dxr[s] = a * gr[s]
+
+
+@njit(**_HELPER)
 def _cf_dx_act(gr, xr, zr, dxr, m, a, b, k0, k2, act, neg, has_z):
     """_cf_dx with dL/dpre recomputed from dL/dy = gr."""
     if act == _SILU:
@@ -415,17 +424,22 @@ def cf_forward(like, n_batch, channels, size, x_at, z_at, y_at, weight_at, bias_
         mean64 = np.empty(channels, np.float64)
         m2_64 = np.empty(channels, np.float64)
         for c in prange(channels):
-            # Chan et al.'s merge of the pieces' (count, mean, M2), in float64
-            count, m, m2 = 0.0, 0.0, 0.0
+            # Merge of the pieces' (count, mean, M2) in float64: the count-weighted mean, then
+            # M2 = sum(M2_p + n_p (mean_p - mean)^2). Summing means (rather than Chan's
+            # running update) keeps an infinite piece's mean infinite, as torch's is.
+            total = 0.0
+            for n in range(n_batch):
+                for k in range(chunks):
+                    length = float(min(CHUNK, size - k * CHUNK))
+                    total += piece_mean[(n * channels + c) * chunks + k] * length
+            m = total / (n_batch * size)
+            m2 = 0.0
             for n in range(n_batch):
                 for k in range(chunks):
                     p = (n * channels + c) * chunks + k
                     length = float(min(CHUNK, size - k * CHUNK))
-                    total = count + length
                     delta = piece_mean[p] - m
-                    m += delta * (length / total)
-                    m2 += piece_m2[p] + delta * delta * (count * length / total)
-                    count = total
+                    m2 += piece_m2[p] + length * delta * delta
             mean64[c] = m
             m2_64[c] = m2
         _finish_stats(mean64, m2_64, n_batch * size, eps, mean, var, invstd)
@@ -485,7 +499,14 @@ def cf_backward(like, n_batch, channels, size, dy_at, x_at, z_at, dx_at, dpre_at
     k0, k2 = _grad_coefficients(scale, invstd, dweight, dbias, n_batch * size, training)
     for row in prange(n_batch * channels):
         n, c = row // channels, row % channels
-        if recompute:
+        if not training:  # dx = scale * dpre, with dpre recomputed into dx if need be
+            g_row = g_rows[n, c]
+            if recompute:
+                _cf_dpre(dy[n, c], x[n, c], z[n, c], dx[n, c], mean[c], scale[c], shift[c],
+                         act, neg, has_z)  # fmt: skip
+                g_row = dx[n, c]
+            _cf_dx_eval(g_row, dx[n, c], scale[c])
+        elif recompute:
             _cf_dx_act(dy[n, c], x[n, c], z[n, c], dx[n, c], mean[c], scale[c], shift[c], k0[c],
                        k2[c], act, neg, has_z)  # fmt: skip
         else:
@@ -530,6 +551,8 @@ def _cl_block_stats(xb, block_mean, block_m2):
     for c in range(channels):
         block_mean[c] = local[c] + np.float64(d1[c]) / rows
         block_m2[c] = d2[c] - np.float64(d1[c]) * d1[c] / rows
+        if not np.isfinite(local[c]):  # an inf or NaN: the block's mean is its sum's (torch)
+            block_mean[c], block_m2[c] = local[c], np.nan
 
 
 @njit(**_HELPER)
@@ -634,6 +657,15 @@ def _cl_dx(gb, xb, dxb, mean, scale, k0, k2):
 
 
 @njit(**_HELPER)
+def _cl_dx_eval(gb, dxb, scale):
+    """_cf_dx_eval for a block with per-channel vectors."""
+    rows, channels = gb.shape
+    for r in range(rows):
+        for c in range(channels):
+            dxb[r, c] = scale[c] * gb[r, c]
+
+
+@njit(**_HELPER)
 def _cl_dx_act(gb, xb, zb, dxb, mean, scale, shift, k0, k2, act, neg, has_z):
     """_cf_dx_act for a block with per-channel vectors."""
     rows, channels = xb.shape
@@ -680,19 +712,20 @@ def cl_forward(like, rows, channels, x_at, z_at, y_at, weight_at, bias_at, mean_
         block_m2 = np.empty((blocks, channels), np.float64)
         for k in prange(blocks):
             _cl_block_stats(x[k * per : min(rows, k * per + per)], block_mean[k], block_m2[k])
-        # Chan et al.'s merge of the blocks' (count, mean, M2), vectorized over channels
-        mean64 = block_mean[0].copy()
-        m2_64 = block_m2[0].copy()
-        count = float(min(per, rows))
-        for k in range(1, blocks):
+        # The pieces' merge of cf_forward, vectorized over channels
+        mean64 = np.zeros(channels, np.float64)
+        for k in range(blocks):
             length = float(min(rows, k * per + per) - k * per)
-            total = count + length
-            f_mean, f_m2 = length / total, count * length / total
+            for c in range(channels):
+                mean64[c] += block_mean[k, c] * length
+        for c in range(channels):
+            mean64[c] /= rows
+        m2_64 = np.zeros(channels, np.float64)
+        for k in range(blocks):
+            length = float(min(rows, k * per + per) - k * per)
             for c in range(channels):
                 delta = block_mean[k, c] - mean64[c]
-                mean64[c] += delta * f_mean
-                m2_64[c] += block_m2[k, c] + delta * delta * f_m2
-            count = total
+                m2_64[c] += block_m2[k, c] + length * delta * delta
         _finish_stats(mean64, m2_64, rows, eps, mean, var, invstd)
     scale, shift = _coefficients(mean, invstd, weight, bias, has_weight, has_bias)
     for k in prange(blocks):
@@ -746,7 +779,14 @@ def cl_backward(like, rows, channels, dy_at, x_at, z_at, dx_at, dpre_at, weight_
     k0, k2 = _grad_coefficients(scale, invstd, dweight, dbias, rows, training)
     for k in prange(blocks):
         r0, r1 = k * per, min(rows, k * per + per)
-        if recompute:
+        if not training:  # as in cf_backward
+            g_block = g_rows[r0:r1]
+            if recompute:
+                _cl_dpre(dy[r0:r1], x[r0:r1], z[r0:r1], dx[r0:r1], mean, scale, shift, act, neg,
+                         has_z)  # fmt: skip
+                g_block = dx[r0:r1]
+            _cl_dx_eval(g_block, dx[r0:r1], scale)
+        elif recompute:
             _cl_dx_act(dy[r0:r1], x[r0:r1], z[r0:r1], dx[r0:r1], mean, scale, shift, k0, k2,
                        act, neg, has_z)  # fmt: skip
         else:
@@ -824,13 +864,21 @@ def _shape(x: Tensor, layout: str) -> tuple[int, ...]:
     return (x.numel() // max(channels, 1), channels)
 
 
-def _address(t: Tensor | None, dtype: torch.dtype) -> int:
-    """The address of a per-channel vector as a contiguous one of ``dtype``; 0 for None."""
+def _vector(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A per-channel vector as a contiguous one of ``dtype`` (a copy only if it is not so).
+
+    The caller keeps the result in a local variable until the kernel has returned: a copy
+    whose address alone were passed on would be freed before the kernel reads it."""
     if t is None:
-        return 0
+        return None
     if t.dtype != dtype:
         t = t.detach().to(dtype)
-    return (t if t.is_contiguous() else t.detach().contiguous()).data_ptr()
+    return t if t.is_contiguous() else t.detach().contiguous()
+
+
+def _address(t: Tensor | None) -> int:
+    """The address of a tensor that the caller keeps alive; 0 for None."""
+    return 0 if t is None else t.data_ptr()
 
 
 def _negative_slope(activation: str, negative_slope: float) -> float:
@@ -868,12 +916,14 @@ class NumbaBackend:
         layout = _layout(x)
         x = _in_layout(x, layout, x.dtype)
         y = torch.empty_like(x)
+        # Every tensor whose address a kernel reads is held by a local until it returns.
         z = None if residual is None else _in_layout(residual, layout, x.dtype)
+        weight, bias = _vector(weight, x.dtype), _vector(bias, x.dtype)
         shape = _shape(x, layout)
         kernel, threads = (cl_forward if layout == "cl" else cf_forward).pick(x.numel())
-        kernel(_LIKE[x.dtype], *shape, x.data_ptr(), 0 if z is None else z.data_ptr(), y.data_ptr(),
-               _address(weight, x.dtype), _address(bias, x.dtype), mean.data_ptr(),
-               var.data_ptr(), invstd.data_ptr(), _negative_slope(activation, slope), eps,
+        kernel(_LIKE[x.dtype], *shape, x.data_ptr(), _address(z), y.data_ptr(),
+               _address(weight), _address(bias), mean.data_ptr(), var.data_ptr(),
+               invstd.data_ptr(), _negative_slope(activation, slope), eps,
                ACTIVATION_CODES[activation], z is not None, weight is not None,
                bias is not None, training, threads)  # fmt: skip
         return y
@@ -891,8 +941,7 @@ class NumbaBackend:
             return other.forward_eval(
                 x, weight, bias, residual, mean, invstd, activation, negative_slope
             )
-        mean = _in_layout(mean, "cl", x.dtype)
-        invstd = _in_layout(invstd, "cl", x.dtype)
+        mean, invstd = _vector(mean, x.dtype), _vector(invstd, x.dtype)
         return self._forward(x, weight, bias, residual, mean, mean, invstd, 0.0, activation,
                              negative_slope, False)  # fmt: skip
 
@@ -904,21 +953,22 @@ class NumbaBackend:
         layout = _layout(x)
         x = _in_layout(x, layout, x.dtype)
         dy = _in_layout(dy, layout, x.dtype)
+        # Every tensor whose address a kernel reads is held by a local until it returns.
         z = None if residual is None else _in_layout(residual, layout, x.dtype)
+        weight, bias = _vector(weight, x.dtype), _vector(bias, x.dtype)
+        mean, invstd = _vector(mean, x.dtype), _vector(invstd, x.dtype)
         dx = torch.empty_like(x)
         # dL/dresidual is dL/dpre: dy itself without activation, else a tensor of its own.
         write_dpre = need_dpre and activation != "identity"
         dpre = torch.empty_like(x) if write_dpre else (dy if need_dpre else None)
         dweight = torch.empty(x.shape[1], dtype=x.dtype)
         dbias = torch.empty(x.shape[1], dtype=x.dtype)
-        mean = _in_layout(mean, "cl", x.dtype)
         shape = _shape(x, layout)
         kernel, threads = (cl_backward if layout == "cl" else cf_backward).pick(x.numel())
-        kernel(_LIKE[x.dtype], *shape, dy.data_ptr(), x.data_ptr(),
-               0 if z is None else z.data_ptr(),
-               dx.data_ptr(), dpre.data_ptr() if write_dpre else 0, _address(weight, x.dtype),
-               _address(bias, x.dtype), mean.data_ptr(), _address(invstd, x.dtype),
-               dweight.data_ptr(), dbias.data_ptr(), _negative_slope(activation, negative_slope),
+        kernel(_LIKE[x.dtype], *shape, dy.data_ptr(), x.data_ptr(), _address(z),
+               dx.data_ptr(), _address(dpre) if write_dpre else 0, _address(weight),
+               _address(bias), mean.data_ptr(), invstd.data_ptr(), dweight.data_ptr(),
+               dbias.data_ptr(), _negative_slope(activation, negative_slope),
                ACTIVATION_CODES[activation], z is not None, weight is not None,
                bias is not None, training, write_dpre, threads)  # fmt: skip
         return dx, dweight, dbias, dpre
