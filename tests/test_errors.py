@@ -94,7 +94,7 @@ def test_eps_follows_torchs_rule(eps, training):
     stats = (torch.zeros(3), torch.ones(3))
     with pytest.raises(ValueError):  # torch's own error type for this mistake
         torch.nn.functional.batch_norm(x, *stats, training=training, eps=eps)
-    with raises(ValueError, f"eps must be", f"got {eps}", "1e-5"):
+    with raises(ValueError, "eps must be", f"got {eps}", "1e-5"):
         BF.batch_norm(x, *stats, training=training, eps=eps)
     with raises(ValueError, "BatchNorm1d(3)", "eps must be"):
         batchnorm.BatchNorm1d(3, eps=eps).train(training)(x)

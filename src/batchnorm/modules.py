@@ -101,8 +101,9 @@ class _BatchNormBase(_BatchNorm):
         bias: bool = True,
         unbiased_running_var: bool = True,
     ) -> None:
-        num_features = check_positive_int(type(self).__name__, "num_features", num_features,
-                                          " (the number of channels C of an (N, C, *) input)")  # fmt: skip
+        name, meaning = type(self).__name__, " (the number of channels C of an (N, C, *) input)"
+        num_features = check_positive_int(name, "num_features", num_features, meaning)
+
         # `bias` reached torch's constructor only recently; handle it here for torch >= 2.3.
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if affine and not bias:
