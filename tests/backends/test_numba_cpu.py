@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 import batchnorm.functional as BF
 from batchnorm import ops, reference
-from batchnorm.kernels import cpu
+from batchnorm.backends import numba_cpu as cpu
+from batchnorm.backends.numba_cpu import jit
 from conftest import assert_close, random_input
 
 TORCH_ACTIVATIONS = {
@@ -26,7 +27,7 @@ TORCH_ACTIVATIONS = {
     "silu": lambda v, slope: F.silu(v),
 }
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-# A shape whose kernels run in parallel (at least cpu.SERIAL_BELOW values) but stay quick.
+# A shape whose kernels run in parallel (at least jit.SERIAL_BELOW values) but stay quick.
 PARALLEL_SHAPE = (8, 4, 48, 48)
 
 
@@ -146,7 +147,7 @@ def test_strided_inputs_and_gradients_in_other_layouts():
 def test_small_channel_count_splits_the_batch(channels_last):
     """C = 2 and many values per channel: the statistics are merged from many pieces."""
     x = random_input((64, 2, 40, 40), torch.float32, channels_last, seed=9, mean=3.0)
-    assert x.numel() >= cpu.SERIAL_BELOW
+    assert x.numel() >= jit.SERIAL_BELOW
     check(x, activation="relu", residual=True)
     x = random_input((20000, 3), torch.float32, seed=10)  # (N, C): blocks of rows
     check(x)
@@ -155,10 +156,10 @@ def test_small_channel_count_splits_the_batch(channels_last):
 def test_serial_and_parallel_variants_agree(monkeypatch):
     x = random_input((6, 5, 12, 12), torch.float32, seed=11)
     assert cpu.cf_forward.pick(10)[0] is cpu.cf_forward.serial
-    assert cpu.cf_forward.pick(cpu.SERIAL_BELOW)[0] is cpu.cf_forward.parallel
+    assert cpu.cf_forward.pick(jit.SERIAL_BELOW)[0] is cpu.cf_forward.parallel
     results = []
     for threshold in (0, 1 << 40):  # everything parallel, then everything serial
-        monkeypatch.setattr(cpu, "SERIAL_BELOW", threshold)
+        monkeypatch.setattr(jit, "SERIAL_BELOW", threshold)
         for channels_last in (False, True):
             results.append(check(x.contiguous(memory_format=torch.channels_last)
                                  if channels_last else x, activation="silu"))  # fmt: skip
@@ -243,7 +244,7 @@ def test_forked_child_runs_the_serial_kernels():
     if pid == 0:  # the child: no torch op that would itself start OpenMP threads
         try:
             y = BF.batch_norm(x, None, None, training=True)
-            ok = cpu._forked_child and torch.equal(y[0, 0, 0, :8], expected[0, 0, 0, :8])
+            ok = jit._forked_child and torch.equal(y[0, 0, 0, :8], expected[0, 0, 0, :8])
         finally:
             os._exit(0 if ok else 1)
     deadline = time.monotonic() + 120

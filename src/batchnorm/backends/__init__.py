@@ -1,0 +1,148 @@
+"""Backends: the code that computes batch norm, one sub-package each.
+
+A backend is an object with a ``name``, a ``supports(call)`` rule (can it compute this call
+exactly?) and a ``preferred(call)`` rule (should the default dispatch give it this call? —
+its thresholds, with the measurements behind them, live next to it). It is one of two kinds:
+
+* a kernel backend (``operator = False``) provides the forward, backward and running-update
+  kernels of :class:`KernelBackend`; :mod:`batchnorm.ops` wraps them in autograd, torch.func
+  rules and custom ops, so a new device needs nothing else;
+* an operator backend (``operator = True``) computes the whole call, autograd included
+  (:class:`OperatorBackend`: ATen's own ``torch.batch_norm``).
+
+A new device is one folder here and one line in :func:`builtin_backends`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+from torch import Tensor
+
+
+class Call(NamedTuple):
+    """What a batch-norm call asks of a backend: everything a choice may depend on."""
+
+    x: Tensor
+    training: bool
+    activation: str  # one of reference.ACTIVATIONS ("identity" for none)
+    has_residual: bool
+    #: Keep only the output for backward (InPlace-ABN): ops recovers the input from it.
+    keep_output_only: bool
+    #: Store the unbiased batch variance in running_var (torch.nn's convention).
+    unbiased_running_var: bool
+
+
+class Backend(Protocol):
+    name: str
+    #: True: ``batch_norm`` computes the whole call; False: the kernels of KernelBackend.
+    operator: bool
+
+    def supports(self, call: Call) -> bool:
+        """Whether this backend computes ``call`` exactly (device, dtype, activation, ...)."""
+        ...
+
+    def preferred(self, call: Call) -> bool:
+        """Whether the default dispatch gives it ``call`` (where it is measured fastest)."""
+        ...
+
+
+class KernelBackend(Backend, Protocol):
+    """Kernels for inputs already validated; weight, bias and residual may be None. The
+    statistics (mean, var, invstd) are in reference.compute_dtype(x.dtype)."""
+
+    def forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        residual: Tensor | None,
+        eps: float,
+        activation: str,
+        negative_slope: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(y, mean, biased var, invstd) of a batch with at least one value per channel."""
+        ...
+
+    def forward_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        residual: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        activation: str,
+        negative_slope: float,
+    ) -> Tensor:
+        """y normalized with the given statistics."""
+        ...
+
+    def backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        residual: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        training: bool,
+        activation: str,
+        negative_slope: float,
+        need_dpre: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(dx, dweight, dbias, dpre); dpre = dL/d(residual), None unless ``need_dpre``.
+        dweight and dbias are Σdpre·x̂ and Σdpre, also in eval mode (SyncBatchNorm uses
+        them as the local sums)."""
+        ...
+
+    def update_running_stats(
+        self,
+        running_mean: Tensor,
+        running_var: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        count: int,
+        momentum: float,
+        unbiased: bool = True,
+    ) -> None:
+        """reference.update_running_stats, in place."""
+        ...
+
+
+class OperatorBackend(Backend, Protocol):
+    def batch_norm(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        residual: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        activation: str,
+        negative_slope: float,
+    ) -> Tensor:
+        """The whole call, autograd and the running update included."""
+        ...
+
+
+def builtin_backends() -> list[Backend]:
+    """This package's backends in dispatch order (the reference last, as it takes any
+    call). A backend whose package cannot be imported (numba or triton missing) is left
+    out, so that a broken optional install never stops ``import batchnorm``."""
+    from batchnorm.backends.aten import AtenBackend
+    from batchnorm.backends.reference import ReferenceBackend
+
+    backends: list[Backend] = [AtenBackend()]
+    try:
+        from batchnorm.backends.numba_cpu import NumbaBackend
+    except ImportError:
+        pass
+    else:
+        backends.append(NumbaBackend())
+    backends.append(ReferenceBackend())
+    return backends

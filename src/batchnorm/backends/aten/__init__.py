@@ -1,0 +1,136 @@
+"""ATen's own operator, ``torch.batch_norm``, as a backend: C++ autograd, no Python in the
+backward, hence the fastest choice for small layers; the activation and residual follow as
+separate (C++) ops. It computes torch's running-variance convention only, and is given its
+inputs made safe (see :func:`safe_batch_norm`).
+
+Dispatch rule (``preferred``), from ``make bench`` on 2 cores (benchmarks/results/
+cpu_kernels.json): on CPU float32/float64, inputs below ATEN_BELOW_NUMEL values (epilogue
+included: a few C++ ops beat a Python-called kernel there) and plain eval of any size (its
+elementwise loop streams faster than ours). Training on larger inputs stays on the Numba
+kernels, also for (N, C) and channels-last inputs where ATen is a little faster: ATen's
+float32 backward there loses accuracy on mean-shifted data (torch 2.13). Other devices and
+dtypes keep their default (see batchnorm.backends.builtin_backends), until measured.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from batchnorm import reference
+from batchnorm.backends import Call
+
+#: Below this many values, the Python around a kernel call (autograd.Function, the call
+#: itself) costs more than ATen's whole operator: `make bench` measured the Numba path at
+#: 0.5-0.8x of ATen at (100, 128) forward + backward.
+ATEN_BELOW_NUMEL = 65_536
+
+
+class AtenBackend:
+    name = "aten"
+    operator = True
+
+    def supports(self, call: Call) -> bool:
+        """Any device and dtype torch takes, in torch's convention (unbiased running
+        variance) and with the input saved for backward."""
+        return call.unbiased_running_var and not call.keep_output_only
+
+    def preferred(self, call: Call) -> bool:
+        x = call.x
+        if not x.is_cpu or x.dtype not in (torch.float32, torch.float64):
+            return False
+        if x.numel() < ATEN_BELOW_NUMEL:
+            return True
+        return not call.training and call.activation == "identity" and not call.has_residual
+
+    def batch_norm(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        residual: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        activation: str,
+        negative_slope: float,
+    ) -> Tensor:
+        y = safe_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
+        if residual is not None:
+            y = y + residual
+        return reference.activate(y, activation, negative_slope)
+
+
+def safe_batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """torch.batch_norm, which updates the running statistics itself (same rule), with its
+    inputs made safe for the CPU kernels of ATen (torch 2.13), which give wrong results on:
+
+    * a weight or bias that is not contiguous ((N, C) inputs: wrong dx);
+    * an input or output gradient whose size-1 dimensions have other strides than a dense
+      tensor's (wrong dx and dbias), so both are given dense strides;
+    * float32 data whose mean is large against its spread: the statistics (a plain float
+      sum) and the backward lose digits (2e-3 of the output's scale at mean 1e4 on (200, 8)).
+      The input is shifted by a per-channel value from its first sample: batch norm's
+      output and gradients do not change under a shift, and the sums become accurate.
+    """
+    x = _dense(x)
+    weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
+    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    shift = None
+    if training and x.dtype == torch.float32 and x.numel() > 0:
+        first = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
+        shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)  # keep inf/NaN as torch
+        x = x - reference.per_channel(shift, x)
+    # With a shift, ATen updates a zero vector to momentum * (mean - shift), the running
+    # mean's increment less momentum * shift (so the large terms are added once, here).
+    given_mean = running_mean
+    if shift is not None and running_mean is not None:
+        given_mean = torch.zeros_like(running_mean)
+    y = torch.batch_norm(x, weight, bias, given_mean, running_var, training, momentum, eps, False)
+    if given_mean is not running_mean:
+        running_mean.mul_(1 - momentum).add_(given_mean).add_(shift, alpha=momentum)  # type: ignore[union-attr]
+    if y.requires_grad:
+        y.register_hook(_with_strides(y.stride()))
+    return y
+
+
+def _dense(t: Tensor) -> Tensor:
+    """t itself, or a contiguous copy if its size-1 dimensions have unusual strides."""
+    if 1 not in t.shape or t.stride() in (_dense_strides(t.shape, False),
+                                          _dense_strides(t.shape, True)):  # fmt: skip
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _dense_strides(shape: torch.Size, channels_last: bool) -> tuple[int, ...]:
+    """The strides of a dense tensor of ``shape``, contiguous or channels-last."""
+    order = [0, *range(2, len(shape)), 1] if channels_last else list(range(len(shape)))
+    strides = [0] * len(shape)
+    step = 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= shape[dim]
+    return tuple(strides)
+
+
+def _with_strides(strides: tuple[int, ...]):
+    """A gradient hook that gives the gradient ``strides`` (those of the output)."""
+
+    def hook(grad: Tensor | None) -> Tensor | None:
+        if grad is None or grad.stride() == strides:
+            return grad
+        return torch.empty_strided(grad.shape, strides, dtype=grad.dtype,
+                                   device=grad.device).copy_(grad)  # fmt: skip
+
+    return hook

@@ -1,0 +1,196 @@
+"""The Numba backend: batch norm on CPU, float32/float64, NCHW-contiguous and channels-last.
+
+Two memory layouts, each seen as a 3-D or 2-D array without copying:
+
+* ``cf`` (channels first, torch's default contiguous layout) as ``(N, C, S)``: every (n, c)
+  pair owns a contiguous row of S = prod(spatial) values;
+* ``cl`` (channels last: ``channels_last``, ``channels_last_3d`` and plain ``(N, C)``) as
+  ``(M, C)`` with M = N * S rows of C contiguous values.
+
+Each layout has one forward kernel (training: statistics, then normalization; eval:
+normalization with the given statistics) and one backward kernel (per-channel sums, then
+dx). Both hold the fused epilogue ``y = act((x - mean) * invstd * weight + bias [+ z])``;
+the backward recomputes that pre-activation from x (and z) instead of storing it, so a
+fused BN+activation reads and writes as much memory as BN alone.
+
+Statistics are stable and use every thread whatever C is: the reduction is split into
+pieces of at most a few thousand values (a chunk of a row in ``cf``, a block of rows in
+``cl``); each piece is summed twice while it sits in L1/L2 (its own mean first, then the
+values centred on that mean), and the pieces' (count, mean, M2) are merged in float64 (the
+count-weighted mean, then M2 = Σ M2_p + n_p (mean_p − mean)²). A channel with mean 1e4
+and std 1 keeps its digits in float32; an infinite value gives an infinite mean, as torch.
+
+Layout: ``jit`` (what both layouts share), ``channels_first`` and ``channels_last`` (the
+kernels), and this module (the torch adapter, the backend's rules).
+
+The math is that of :mod:`batchnorm.reference`; the tests hold the two together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from batchnorm import reference
+from batchnorm.backends import Call
+from batchnorm.backends.numba_cpu.channels_first import cf_backward, cf_forward
+from batchnorm.backends.numba_cpu.channels_last import cl_backward, cl_forward
+from batchnorm.backends.numba_cpu.jit import ACTIVATION_CODES, running_update
+
+# The backend: torch tensors in, torch tensors out (see batchnorm.backends.KernelBackend).
+# Small layers spend more time here than in the kernels, hence few torch calls.
+
+#: Per dtype, an empty array whose type tells the kernels the dtype of the addresses.
+_LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+
+
+def _channels_last_order(x: Tensor) -> tuple[int, ...]:
+    return (0, *range(2, x.dim()), 1)
+
+
+def _layout(x: Tensor) -> str:
+    """The kernel layout x is in, or the nearest one if x is neither (it will be copied)."""
+    if x.dim() == 2:
+        return "cl"
+    if x.is_contiguous():
+        return "cl" if x.numel() == x.shape[0] * x.shape[1] else "cf"
+    if x.permute(_channels_last_order(x)).is_contiguous():
+        return "cl"
+    return "cl" if x.stride(1) < min(x.stride()[2:]) else "cf"
+
+
+def _in_layout(t: Tensor, layout: str, dtype: torch.dtype) -> Tensor:
+    """t with x's dtype and the memory layout ``layout`` (a copy only if it is not so)."""
+    if t.dtype != dtype:
+        t = t.detach().to(dtype)
+    if layout == "cf" or t.dim() <= 2:  # also per-channel vectors
+        return t if t.is_contiguous() else t.detach().contiguous()
+    order = _channels_last_order(t)
+    moved = t.permute(order)
+    if moved.is_contiguous():
+        return t
+    inverse = [order.index(i) for i in range(t.dim())]
+    return moved.detach().contiguous().permute(inverse)
+
+
+def _shape(x: Tensor, layout: str) -> tuple[int, ...]:
+    """The kernel's shape of x: (N, C, S) for cf, (M, C) for cl."""
+    channels = x.shape[1]
+    if layout == "cf":
+        return (x.shape[0], channels, x.numel() // max(x.shape[0] * channels, 1))
+    return (x.numel() // max(channels, 1), channels)
+
+
+def _vector(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A per-channel vector as a contiguous one of ``dtype`` (a copy only if it is not so).
+
+    The caller keeps the result in a local variable until the kernel has returned: a copy
+    whose address alone were passed on would be freed before the kernel reads it."""
+    if t is None:
+        return None
+    if t.dtype != dtype:
+        t = t.detach().to(dtype)
+    return t if t.is_contiguous() else t.detach().contiguous()
+
+
+def _address(t: Tensor | None) -> int:
+    """The address of a tensor that the caller keeps alive; 0 for None."""
+    return 0 if t is None else t.data_ptr()
+
+
+def _negative_slope(activation: str, negative_slope: float) -> float:
+    """The slope below zero of identity, relu and leaky_relu (silu ignores it)."""
+    if activation == "leaky_relu":
+        return float(negative_slope)
+    return 1.0 if activation == "identity" else 0.0
+
+
+class NumbaBackend:
+    """The Numba kernels for CPU float32/float64 tensors and the activations they have an
+    epilogue for (ACTIVATION_CODES; elu goes to the reference). The default dispatch gives
+    them every such call that ATen does not take (see batchnorm.backends.aten). Every
+    tensor handed to a kernel is contiguous in the kernel's layout and stays referenced
+    here until the kernel returns."""
+
+    name = "numba"
+    operator = False
+
+    def supports(self, call: Call) -> bool:
+        x = call.x
+        return x.is_cpu and x.dtype in _LIKE and call.activation in ACTIVATION_CODES
+
+    def preferred(self, call: Call) -> bool:
+        return True
+
+    def _forward(self, x, weight, bias, residual, mean, var, invstd, eps, activation, slope,
+                 training):  # fmt: skip
+        layout = _layout(x)
+        x = _in_layout(x, layout, x.dtype)
+        y = torch.empty_like(x)
+        # Every tensor whose address a kernel reads is held by a local until it returns.
+        z = None if residual is None else _in_layout(residual, layout, x.dtype)
+        weight, bias = _vector(weight, x.dtype), _vector(bias, x.dtype)
+        shape = _shape(x, layout)
+        kernel, threads = (cl_forward if layout == "cl" else cf_forward).pick(x.numel())
+        kernel(_LIKE[x.dtype], *shape, x.data_ptr(), _address(z), y.data_ptr(),
+               _address(weight), _address(bias), mean.data_ptr(), var.data_ptr(),
+               invstd.data_ptr(), _negative_slope(activation, slope), eps,
+               ACTIVATION_CODES[activation], z is not None, weight is not None,
+               bias is not None, training, threads)  # fmt: skip
+        return y
+
+    def forward_train(self, x, weight, bias, residual, eps, activation, negative_slope):
+        mean, var, invstd = (torch.empty(x.shape[1], dtype=x.dtype) for _ in range(3))
+        y = self._forward(x, weight, bias, residual, mean, var, invstd, eps, activation,
+                          negative_slope, True)  # fmt: skip
+        return y, mean, var, invstd
+
+    def forward_eval(self, x, weight, bias, residual, mean, invstd, activation, negative_slope):
+        mean, invstd = _vector(mean, x.dtype), _vector(invstd, x.dtype)
+        return self._forward(x, weight, bias, residual, mean, mean, invstd, 0.0, activation,
+                             negative_slope, False)  # fmt: skip
+
+    def backward(self, dy, x, weight, bias, residual, mean, invstd, training, activation,
+                 negative_slope, need_dpre):  # fmt: skip
+        layout = _layout(x)
+        x = _in_layout(x, layout, x.dtype)
+        dy = _in_layout(dy, layout, x.dtype)
+        # Every tensor whose address a kernel reads is held by a local until it returns.
+        z = None if residual is None else _in_layout(residual, layout, x.dtype)
+        weight, bias = _vector(weight, x.dtype), _vector(bias, x.dtype)
+        mean, invstd = _vector(mean, x.dtype), _vector(invstd, x.dtype)
+        dx = torch.empty_like(x)
+        # dL/dresidual is dL/dpre: dy itself without activation, else a tensor of its own.
+        write_dpre = need_dpre and activation != "identity"
+        dpre = torch.empty_like(x) if write_dpre else (dy if need_dpre else None)
+        dweight = torch.empty(x.shape[1], dtype=x.dtype)
+        dbias = torch.empty(x.shape[1], dtype=x.dtype)
+        shape = _shape(x, layout)
+        kernel, threads = (cl_backward if layout == "cl" else cf_backward).pick(x.numel())
+        kernel(_LIKE[x.dtype], *shape, dy.data_ptr(), x.data_ptr(), _address(z),
+               dx.data_ptr(), _address(dpre) if write_dpre else 0, _address(weight),
+               _address(bias), mean.data_ptr(), invstd.data_ptr(), dweight.data_ptr(),
+               dbias.data_ptr(), _negative_slope(activation, negative_slope),
+               ACTIVATION_CODES[activation], z is not None, weight is not None,
+               bias is not None, training, write_dpre, threads)  # fmt: skip
+        return dx, dweight, dbias, dpre
+
+    def update_running_stats(self, running_mean, running_var, mean, var, count, momentum,
+                             unbiased=True):  # fmt: skip
+        """reference.update_running_stats, done by one small kernel."""
+        if count == 0:
+            return
+        dtype = running_mean.dtype
+        fits = running_var.dtype == dtype == mean.dtype == var.dtype and dtype in _LIKE
+        if not (fits and running_mean.is_cpu and running_mean.is_contiguous()
+                and running_var.is_contiguous() and mean.is_contiguous()
+                and var.is_contiguous()) or running_mean.requires_grad:  # fmt: skip
+            reference.update_running_stats(
+                running_mean, running_var, mean, var, count, momentum, unbiased
+            )
+            return
+        bessel = count / (count - 1) if unbiased and count > 1 else 1.0
+        running_update(_LIKE[dtype], mean.shape[0], running_mean.data_ptr(),
+                       running_var.data_ptr(), mean.data_ptr(), var.data_ptr(), bessel,
+                       float(momentum))  # fmt: skip

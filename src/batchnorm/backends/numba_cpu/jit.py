@@ -1,0 +1,254 @@
+"""What the Numba kernels of both layouts share: compilation options, the serial/parallel
+pair of each kernel, tensors passed as addresses, the activations and their gradients (with
+a vectorizable exp), and the per-channel coefficients. See the package's docstring."""
+
+from __future__ import annotations
+
+import math
+import os
+import types
+
+import numba
+import numpy as np
+import torch
+from numba import njit
+from numba.core import types as nbtypes
+from numba.extending import intrinsic, overload
+
+# Floating-point flags: re-association only. It lets LLVM vectorize the per-piece sums
+# (about 10x faster than a sequential float sum), which changes only the order in which at
+# most CHUNK (cf) or MAX_BLOCK_ROWS (cl) values are added before the float64 merge. No other
+# fast-math flag: NaN and Inf propagate as in torch, and exp and division stay IEEE.
+FASTMATH = {"reassoc"}
+
+#: Activation codes passed to the kernels (the names are those of reference.ACTIVATIONS).
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
+_IDENTITY, _SILU = 0, 3
+
+#: cf: values of one row summed as one piece (16 KiB of float32: both passes hit L1).
+CHUNK = 4096
+#: cl: values in one block of rows (256 KiB of float32: both passes hit L2) ...
+BLOCK = 65536
+#: ... and at most this many rows per block, so that the per-channel sums, sequential over
+#: the rows of a block, add few terms in x's dtype before the float64 merge.
+MAX_BLOCK_ROWS = 256
+#: Inputs with fewer values run serially (see _Kernel). Measured on 2 cores: around this
+#: size the parallel kernels' thread wake-ups cost about as much as the second core saves.
+SERIAL_BELOW = 1 << 16
+#: Pieces per thread in cl reductions: spare pieces balance threads that the OS slows down.
+PIECES_PER_THREAD = 4
+
+
+class _Kernel:
+    """One kernel compiled twice: with ``parallel=True`` and serially (prange runs as range).
+
+    Below SERIAL_BELOW values the serial one runs: waking threads costs a few µs per parallel
+    loop, more than the work of a small layer. Both are cached on disk; the serial copy has
+    its own name so that the two do not share a cache entry."""
+
+    def __init__(self, fn) -> None:
+        serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
+        serial.__qualname__ = fn.__qualname__ + "_serial"
+        options = {**_HELPER, "nogil": True}
+        self.parallel = njit(parallel=True, **options)(fn)
+        self.serial = njit(**options)(serial)
+        self.__doc__ = fn.__doc__
+
+    def pick(self, numel: int):
+        """(compiled variant, threads) for an input of ``numel`` values."""
+        if numel < SERIAL_BELOW or _forked_child:
+            return self.serial, 1
+        return self.parallel, _sync_threads()
+
+
+# GNU OpenMP (numba's threading layer here) cannot run in a child forked after it started:
+# numba would end the child ("fork() called from a process already using GNU OpenMP"). A
+# forked child (DataLoader workers, multiprocessing's "fork") runs the serial kernels, as
+# torch itself drops to one thread there.
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_child
+    _forked_child = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# error_model="numpy": a float division by zero gives inf/nan as in torch, instead of the
+# Python-style test and exception that would also keep a loop from vectorizing.
+_HELPER = {"cache": True, "fastmath": FASTMATH, "error_model": "numpy"}
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """An integer address as a pointer to the element type of the array ``like``."""
+    pointer = nbtypes.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address, like), codegen
+
+
+@njit(inline="always", **_HELPER)
+def _view(address, like, shape):
+    """The C-contiguous array of ``shape`` at ``address``, with the dtype of ``like``.
+
+    The kernels take tensors as addresses (``Tensor.data_ptr()``): converting a tensor to a
+    NumPy array costs about 1 µs, ten times more, and a small layer passes ten tensors."""
+    return numba.carray(_pointer(address, like), shape)
+
+
+# Activations. identity, relu and leaky_relu are one piecewise-linear map with slope `neg`
+# below zero (1, 0 and negative_slope): no branch on the activation inside the loops, so
+# they vectorize. silu has loops of its own.
+
+
+@njit(inline="always", **_HELPER)
+def _linear_act(v, neg):
+    """v if v > 0 (or NaN, as torch.relu keeps it), else v * neg; relu(-inf) is 0."""
+    return v if not v <= 0 else (v * neg if neg != 0 else neg)
+
+
+@njit(inline="always", **_HELPER)
+def _linear_grad(dy, pre, neg):
+    """dL/dpre of _linear_act: dy * (pre > 0) for relu, as reference.activation_grad."""
+    return dy if pre > 0 else dy * neg
+
+
+# exp, vectorizable. np.exp compiles to a call of libm's scalar exp (numba vectorizes it
+# only with Intel's SVML), which made a fused SiLU 4-5x slower than BN + torch's SiLU. This
+# one is a range reduction, exp(v) = 2^k exp(r) with |r| <= ln2 / 2, a Taylor polynomial of
+# exp(r) accurate to an ulp, and 2^k built from its bits. It is inlined into the loops
+# (else they would not vectorize), so it inherits their re-association flag: the reduction
+# is therefore one subtraction, v - k ln2, in float64 (measured: within an ulp in float32,
+# within 1e-13 relative in float64, where |k| <= 1023 scales ln2's rounding). v is clamped
+# where exp would overflow or become subnormal: silu and its gradient there differ from
+# exact by less than 1e-36 (float32) or 1e-300 (float64), and a NaN still propagates
+# through silu's other factors.
+
+#: 1/n! for n = 13 .. 0: Taylor coefficients of exp, in Horner's order.
+_TAYLOR = tuple(1.0 / math.factorial(n) for n in range(13, -1, -1))
+_T32 = tuple(np.float32(c) for c in _TAYLOR[6:])
+_LN2 = math.log(2.0)
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The float whose IEEE-754 bits are ``bits`` (int32 -> float32, int64 -> float64)."""
+    floats = {nbtypes.int32: nbtypes.float32, nbtypes.int64: nbtypes.float64}
+    if bits not in floats:
+        return None
+    result = floats[bits]
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(result))
+
+    return result(bits), codegen
+
+
+@njit(inline="always", **_HELPER)
+def _exp32(v):
+    v = min(max(v, np.float32(-87.0)), np.float32(88.0))
+    k = np.floor(np.float64(v) * (1.0 / _LN2) + 0.5)
+    r = np.float32(np.float64(v) - k * _LN2)
+    # Taylor to degree 7 (the remainder is below an ulp), in Horner's form. Written out: a
+    # loop over the coefficients would stay a loop and keep the caller's from vectorizing.
+    t = _T32
+    p = (((((t[0] * r + t[1]) * r + t[2]) * r + t[3]) * r + t[4]) * r + t[5]) * r + t[6]
+    p = p * r + t[7]
+    return p * _float_from_bits(np.int32((np.int64(k) + 127) << 23))
+
+
+@njit(inline="always", **_HELPER)
+def _exp64(v):
+    v = min(max(v, -708.0), 709.0)
+    k = np.floor(v * (1.0 / _LN2) + 0.5)
+    r = v - k * _LN2
+    t = _TAYLOR  # degree 13, written out as in _exp32
+    p = (((((t[0] * r + t[1]) * r + t[2]) * r + t[3]) * r + t[4]) * r + t[5]) * r + t[6]
+    p = (((((p * r + t[7]) * r + t[8]) * r + t[9]) * r + t[10]) * r + t[11]) * r + t[12]
+    p = p * r + t[13]
+    return p * _float_from_bits((np.int64(k) + 1023) << 52)
+
+
+def _exp(v):
+    """exp(v) for float32 or float64 v, vectorizable (see above)."""
+    return np.exp(v)
+
+
+@overload(_exp, inline="always")
+def _exp_overload(v):
+    if v == nbtypes.float32:
+        return lambda v: _exp32(v)
+    if v == nbtypes.float64:
+        return lambda v: _exp64(v)
+    return None
+
+
+@njit(inline="always", **_HELPER)
+def _silu(v):
+    return v / (np.float32(1) + _exp(-v))  # np.float32(1) keeps v's dtype, a bare 1 would not
+
+
+@njit(inline="always", **_HELPER)
+def _silu_grad(dy, pre):
+    s = np.float32(1) / (np.float32(1) + _exp(-pre))
+    return dy * s * (np.float32(1) + pre * (np.float32(1) - s))
+
+
+@njit(**_HELPER)
+def _coefficients(mean, invstd, weight, bias, has_weight, has_bias):
+    """Per-channel (scale, shift) of pre = (x - mean) * scale + shift, in x's dtype."""
+    scale = invstd.copy()
+    shift = np.zeros_like(invstd)
+    for c in range(scale.shape[0]):
+        if has_weight:
+            scale[c] = invstd[c] * weight[c]
+        if has_bias:
+            shift[c] = bias[c]
+    return scale, shift
+
+
+@njit(**_HELPER)
+def _finish_stats(mean64, m2_64, count, eps, mean, var, invstd):
+    for c in range(mean.shape[0]):
+        mean[c] = mean64[c]
+        var[c] = m2_64[c] / count
+        invstd[c] = 1.0 / np.sqrt(var[c] + eps)  # of the var rounded to x's dtype
+
+
+@njit(**_HELPER)
+def _grad_coefficients(scale, invstd, dweight, dbias, count, training):
+    """(k0, k2) of dx = scale * dpre + k0 + k2 * (x - mean), which is
+    dx = scale * (dpre - dbias / M - xhat * dweight / M); both are zero in eval mode."""
+    k0 = np.zeros_like(scale)
+    k2 = np.zeros_like(scale)
+    if training:
+        for c in range(scale.shape[0]):
+            k0[c] = -scale[c] * (dbias[c] / count)
+            k2[c] = -scale[c] * invstd[c] * (dweight[c] / count)
+    return k0, k2
+
+
+def _sync_threads() -> int:
+    """Numba's thread count follows torch.get_num_threads(); returns it."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if threads != numba.get_num_threads():
+        numba.set_num_threads(threads)
+    return threads
+
+
+@njit(**_HELPER)
+def running_update(like, channels, running_mean_at, running_var_at, mean_at, var_at, bessel,
+                   momentum):  # fmt: skip
+    """reference.update_running_stats in one call: old + momentum * (new - old), with the
+    unbiased variance var * bessel."""
+    running_mean = _view(running_mean_at, like, (channels,))
+    running_var = _view(running_var_at, like, (channels,))
+    mean, var = _view(mean_at, like, (channels,)), _view(var_at, like, (channels,))
+    for c in range(channels):
+        running_mean[c] += momentum * (mean[c] - running_mean[c])
+        running_var[c] += momentum * (var[c] * bessel - running_var[c])

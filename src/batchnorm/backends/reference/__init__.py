@@ -1,0 +1,55 @@
+"""The reference backend: :mod:`batchnorm.reference`'s plain torch ops, correct for every
+dtype and device. The fallback of the default dispatch (CUDA and half-precision calls, and
+activations a faster backend has no kernel for) and, run in float64, the tests' oracle."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from batchnorm import reference
+from batchnorm.backends import Call
+
+
+class ReferenceBackend:
+    name = "reference"
+    operator = False
+
+    def supports(self, call: Call) -> bool:
+        return True
+
+    def preferred(self, call: Call) -> bool:
+        return True
+
+    def forward_train(self, x, weight, bias, residual, eps, activation, negative_slope):
+        mean, var = reference.batch_stats(x)
+        invstd = reference.invstd_of(var, eps)
+        y = reference.forward(x, mean, invstd, weight, bias, residual, activation, negative_slope)
+        return y, mean, var, invstd
+
+    def forward_eval(self, x, weight, bias, residual, mean, invstd, activation, negative_slope):
+        return reference.forward(
+            x, mean, invstd, weight, bias, residual, activation, negative_slope
+        )
+
+    def backward(
+        self, dy, x, weight, bias, residual, mean, invstd, training, activation, negative_slope,
+        need_dpre,
+    ):  # fmt: skip
+        dx, dw, db, dpre = reference.backward(
+            dy, x, mean, invstd, weight, bias, residual, training, activation, negative_slope
+        )
+        return dx, dw, db, dpre if need_dpre else None
+
+    def update_running_stats(
+        self,
+        running_mean: Tensor,
+        running_var: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        count: int,
+        momentum: float,
+        unbiased: bool = True,
+    ) -> None:
+        reference.update_running_stats(
+            running_mean, running_var, mean, var, count, momentum, unbiased
+        )

@@ -1,1 +1,0 @@
-"""Fast kernels behind :mod:`batchnorm.ops`; ``cpu`` holds the Numba ones."""
