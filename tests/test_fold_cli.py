@@ -22,6 +22,18 @@ def small_resnet() -> nn.Module:
     return example_models.resnet18_like(width=8, classes=5)
 
 
+class EmptyOutput(nn.Module):
+    """A model with a batch norm whose output has no elements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))[:, :0]
+
+
 def _payload() -> None:
     UNPICKLED.append(True)
 
@@ -97,6 +109,11 @@ def test_refuses_pickled_objects_without_running_them(tmp_path, capsys):
         (["--input-shape", "2,x"], "--input-shape must be positive integers separated by commas"),
         (["--input-shape", "0,3,4,4"], "--input-shape must be positive integers"),
         (["--weights", "missing.pt"], "--weights: no such file 'missing.pt'"),
+        (
+            ["--input-shape", "100000,100000,100000"],
+            "--input-shape 100000,100000,100000 has 1000000000000000 elements, more than the "
+            "134217728 allowed (MAX_INPUT_ELEMENTS). Hint: fold needs a single example",
+        ),
     ],
 )
 def test_bad_inputs_have_clear_messages(args, message, tmp_path, capsys):
@@ -140,3 +157,45 @@ def test_mismatched_and_non_state_dict_weights(tmp_path, capsys):
         capsys, "--model", FACTORY, "--weights", str(garbage), "--out", str(tmp_path / "o.pt")
     )
     assert status == 2 and f"cannot read '{garbage}' as a torch.save file" in err
+
+
+def _one_line_error(capsys, *args) -> str:
+    status, stdout, err = run(capsys, *args)
+    assert status == 2 and stdout == "", (status, stdout, err)
+    assert err.startswith("batchnorm fold: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_empty_model_output_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "o.pt"
+    err = _one_line_error(capsys, "--model", "test_fold_cli:EmptyOutput", "--out", str(out),
+                          "--input-shape", SHAPE)  # fmt: skip
+    assert "the model's output is empty (shape (2, 0, 30, 30)) for an input of shape " in err
+    assert "(2, 3, 32, 32)" in err and "Hint: pass an --input-shape" in err
+    assert not out.exists()
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    """A folder, or a file in a missing folder, is refused before the model is even built
+    (the factory named here does not exist, and is never reached)."""
+    common = ["--model", "no_such_pkg.mod:f", "--input-shape", SHAPE]
+    err = _one_line_error(capsys, *common, "--out", str(tmp_path))
+    assert f"--out '{tmp_path}' is a folder; expected a file name" in err
+    assert repr(str(tmp_path / "folded.pt")) in err
+    missing = tmp_path / "no" / "such" / "folded.pt"
+    err = _one_line_error(capsys, *common, "--out", str(missing))
+    assert f"--out '{missing}': the folder '{missing.parent}' does not exist" in err
+    assert "Hint: create it first" in err and not missing.parent.exists()
+    onnx = tmp_path / "nowhere" / "m.onnx"
+    err = _one_line_error(capsys, *common, "--out", str(tmp_path / "o.pt"), "--onnx", str(onnx))
+    assert f"--onnx '{onnx}': the folder '{onnx.parent}' does not exist" in err
+    err = _one_line_error(capsys, *common, "--out", str(tmp_path / "o.pt"), "--onnx", str(tmp_path))
+    assert f"--onnx '{tmp_path}' is a folder" in err and "folded.onnx" in err
+
+
+def test_help_says_output_folders_must_exist(capsys):
+    with pytest.raises(SystemExit):
+        main(["fold", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(its folder must exist)" in text
+    assert "at most 134217728 elements" in text

@@ -384,6 +384,35 @@ def test_three_ranks(check):
 
 
 # ---------------------------------------------------------------------------------------
+# launch: results holding tensors
+
+
+def _tensor_result(kind):
+    """A result made of tensors, which must outlive the rank that made them (sent through
+    shared memory, they vanished when the rank exited and the parent crashed)."""
+    rank = int(os.environ["RANK"])
+    values = torch.arange(6, dtype=torch.float64) + 10 * rank
+    if kind == "tensor":
+        return values
+    return {"rank": rank, "values": values, "column": values.view(2, 3)[:, 1],
+            "ids": [torch.tensor([rank])]}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["tensor", "dict"])
+def test_launch_returns_tensors_intact(kind):
+    results = distributed.launch(_tensor_result, 3, (kind,), timeout_s=LAUNCH_TIMEOUT_S)
+    assert len(results) == 3
+    for rank, result in enumerate(results):
+        values = torch.arange(6, dtype=torch.float64) + 10 * rank
+        if kind == "tensor":
+            assert torch.equal(result, values)
+            continue
+        assert result["rank"] == rank and torch.equal(result["values"], values)
+        assert torch.equal(result["column"], values[1::3])
+        assert torch.equal(result["ids"][0], torch.tensor([rank]))
+
+
+# ---------------------------------------------------------------------------------------
 # Faults: a rank that dies, a rank that hangs
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -555,7 +556,8 @@ def launch(
     would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, MASTER_PORT are set; ``fn``
     calls :func:`init_from_env`), and return their results in rank order.
 
-    ``fn`` and its results must be picklable (a module-level function). Each process uses
+    ``fn`` and its results must be picklable (a module-level function); tensors in the
+    results are copied, so they outlive the process that made them. Each process uses
     ``threads`` intra-op threads (default: the CPU count shared out). After ``timeout_s``
     every process still running is killed and TimeoutError is raised, so a hang can never
     outlive the call. A rank that raises or dies makes ``launch`` raise RuntimeError, or,
@@ -593,9 +595,13 @@ def launch(
             for rank in pending:
                 if pipes[rank].poll():
                     try:
-                        status, payload = pipes[rank].recv()
+                        # Our own child's message (see _launched): as trusted as recv().
+                        status, payload = pickle.loads(pipes[rank].recv_bytes())
                     except EOFError:  # died without a word
                         status, payload = "died", "the process exited without a result"
+                    except Exception:  # e.g. the result's class cannot be imported here
+                        status = "error"
+                        payload = f"its result could not be unpickled:\n{traceback.format_exc()}"
                     if status == "ok":
                         results[rank] = payload
                     else:
@@ -626,10 +632,15 @@ def _launched(fn, args, rank, world_size, port, threads, pipe) -> None:
         message: tuple[str, Any] = ("ok", fn(*args))
     except BaseException:  # report everything, KeyboardInterrupt included
         message = ("error", traceback.format_exc())
+    # Plain pickle, not pipe.send: multiprocessing's pickler, which torch extends, sends a
+    # tensor as a handle to this process's shared memory, gone once this process exits
+    # (the parent then fails to open it). Plain pickle copies the tensors' data.
     try:
-        pipe.send(message)
+        data = pickle.dumps(message)
     except Exception:
-        pipe.send(("error", f"the result could not be pickled:\n{traceback.format_exc()}"))
+        failure = f"the result could not be pickled:\n{traceback.format_exc()}"
+        data = pickle.dumps(("error", failure))
+    pipe.send_bytes(data)
     pipe.close()
     try:
         shutdown()

@@ -5,13 +5,15 @@ containers, never arbitrary pickled objects. ``--out`` receives the folded model
 ``state_dict`` (same safe format). The folded model keeps the factory's class, with each
 folded BN replaced by ``nn.Identity``; rebuild it with
 ``batchnorm.fold(factory(), example_inputs)[0]`` and ``load_state_dict``. ``--onnx``
-writes a self-contained ONNX graph of the folded model.
+writes a self-contained ONNX graph of the folded model. Output folders must exist (a typo
+in a path is reported, not turned into a new folder); both paths are checked before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import pickle
 import re
@@ -25,6 +27,10 @@ from torch import Tensor, nn
 from batchnorm.folding import fold
 
 DEFAULT_INPUT_SHAPE = "1,3,224,224"  # an ImageNet-sized image, as the issue's example
+#: Most elements --input-shape may ask for. fold needs one example input, to trace the model
+#: and compare its outputs; 2**27 float32 values (512 MiB, before the model's activations)
+#: is far above one large image (1,3,1024,1024 has 3.1M), so more is a typo.
+MAX_INPUT_ELEMENTS = 2**27
 # How many offending keys an error lists before "...".
 _SHOWN_KEYS = 5
 
@@ -45,12 +51,19 @@ def add_fold_parser(commands: Any) -> None:
     p.add_argument(
         "--weights", help="a state_dict saved with torch.save (default: the factory's weights)"
     )
-    p.add_argument("--out", required=True, help="where to write the folded model's state_dict")
-    p.add_argument("--onnx", help="also export the folded model to this ONNX file")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="file to write the folded model's state_dict to (its folder must exist)",
+    )
+    p.add_argument(
+        "--onnx", help="also export the folded model to this ONNX file (its folder must exist)"
+    )
     p.add_argument(
         "--input-shape",
         default=DEFAULT_INPUT_SHAPE,
-        help=f"shape of the example input, comma-separated (default {DEFAULT_INPUT_SHAPE})",
+        help=f"shape of the example input, comma-separated (default {DEFAULT_INPUT_SHAPE}; at "
+        f"most {MAX_INPUT_ELEMENTS} elements)",
     )
 
 
@@ -65,10 +78,13 @@ def run_fold(args: argparse.Namespace) -> int:
 
 
 def _fold_command(args: argparse.Namespace) -> None:
+    check_output_path(args.out, "--out")
+    if args.onnx:
+        check_output_path(args.onnx, "--onnx")
+    shape = parse_shape(args.input_shape)
     model = load_factory(args.model)
     if args.weights:
         load_weights(model, args.weights, args.model)
-    shape = parse_shape(args.input_shape)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     model.eval()
     try:
@@ -79,6 +95,14 @@ def _fold_command(args: argparse.Namespace) -> None:
             f"the model rejected an input of shape {shape}: {error}. Hint: pass the shape it "
             f"takes with --input-shape N,C,H,W (default {DEFAULT_INPUT_SHAPE})."
         ) from error
+    outputs = _output_tensors(expected)
+    if not any(t.numel() for t in outputs):
+        shapes = ", ".join(str(tuple(t.shape)) for t in outputs)
+        raise FoldCLIError(
+            f"the model's output is empty (shape {shapes}) for an input of shape {shape}, so "
+            f"the folded model cannot be checked against it. Hint: pass an --input-shape for "
+            f"which the model gives a non-empty output."
+        )
     folded, report = fold(model, x)
     with torch.no_grad():
         actual = folded(x)
@@ -88,7 +112,10 @@ def _fold_command(args: argparse.Namespace) -> None:
         f"max |folded - unfolded| = {diff:.3g} (relative to max |unfolded|: "
         f"{diff / max(scale, 1e-30):.3g}) on a random input of shape {shape}"
     )
-    torch.save(folded.state_dict(), args.out)
+    try:
+        torch.save(folded.state_dict(), args.out)
+    except (OSError, RuntimeError) as error:  # checked above, but the disk may still refuse
+        raise FoldCLIError(f"cannot write --out {args.out!r}: {error}") from error
     print(f"wrote the folded state_dict to {args.out}")
     if args.onnx:
         export_onnx(folded, x, args.onnx)
@@ -185,8 +212,24 @@ def _some(items: list[str]) -> str:
     return "[" + ", ".join(items[:_SHOWN_KEYS]) + more + "]"
 
 
+def check_output_path(path: str, option: str) -> None:
+    """Refuse an output path that cannot be a new file, before the (slow) folding."""
+    if os.path.isdir(path):
+        raise FoldCLIError(
+            f"{option} {path!r} is a folder; expected a file name. Hint: e.g. "
+            f"{os.path.join(path, 'folded.pt' if option == '--out' else 'folded.onnx')!r}."
+        )
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise FoldCLIError(
+            f"{option} {path!r}: the folder {folder!r} does not exist. Hint: create it first "
+            f"(mkdir -p {folder}), or check the path for typos."
+        )
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``, positive ints only."""
+    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``, positive ints, at most
+    ``MAX_INPUT_ELEMENTS`` elements in all."""
     try:
         shape = tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -196,23 +239,38 @@ def parse_shape(text: str) -> tuple[int, ...]:
             f"--input-shape must be positive integers separated by commas, e.g. "
             f"{DEFAULT_INPUT_SHAPE}; got {text!r}."
         )
+    elements = math.prod(shape)
+    if elements > MAX_INPUT_ELEMENTS:
+        raise FoldCLIError(
+            f"--input-shape {text} has {elements} elements, more than the "
+            f"{MAX_INPUT_ELEMENTS} allowed (MAX_INPUT_ELEMENTS). Hint: fold needs a single "
+            f"example; use batch size 1 and the model's usual input size, e.g. "
+            f"{DEFAULT_INPUT_SHAPE}."
+        )
     return shape
 
 
-def _max_difference(actual: object, expected: object) -> tuple[float, float]:
-    """max |actual - expected| and max |expected| over a tensor or a tuple/list of them."""
-    pairs = (
-        [(actual, expected)]
-        if isinstance(expected, Tensor)
-        else list(zip(actual, expected, strict=True))
-        if isinstance(expected, (tuple, list))
+def _output_tensors(output: object) -> list[Tensor]:
+    """The tensors of a model output: a tensor or a tuple/list of them."""
+    tensors = (
+        [output]
+        if isinstance(output, Tensor)
+        else list(output)
+        if isinstance(output, (tuple, list))
         else []
     )
-    if not pairs or not all(isinstance(e, Tensor) for _, e in pairs):
+    if not tensors or not all(isinstance(t, Tensor) for t in tensors):
         raise FoldCLIError(
-            f"cannot compare model outputs of type {type(expected).__name__}; fold compares a "
+            f"cannot compare model outputs of type {type(output).__name__}; fold compares a "
             f"tensor or a tuple/list of tensors."
         )
+    return tensors
+
+
+def _max_difference(actual: object, expected: object) -> tuple[float, float]:
+    """max |actual - expected| and max |expected| over a tensor or a tuple/list of them
+    (at least one of them non-empty)."""
+    pairs = list(zip(_output_tensors(actual), _output_tensors(expected), strict=True))
     diff = max((a.double() - e.double()).abs().max().item() for a, e in pairs if e.numel())
     scale = max(e.double().abs().max().item() for _, e in pairs if e.numel())
     return diff, scale

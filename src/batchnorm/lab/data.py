@@ -4,7 +4,9 @@ MNIST / Fashion-MNIST IDX files, Keras' ``mnist.npz`` or any ``.npz`` with
 
 Nothing is ever downloaded. Every file is checked as it is read, and a broken one raises
 :class:`DataError` naming the file and the problem (bad magic number, truncated file, count
-mismatch, missing key, label out of range, ...).
+mismatch, missing key, label out of range, ...). Every size a header announces is checked
+against the file (or bounded, when only decompressing would tell) before anything of that
+size is allocated, so a crafted file cannot exhaust memory.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import random
 import struct
@@ -20,6 +23,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -38,6 +42,16 @@ IDX_FILES = {
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 #: Both MNIST variants have 10 classes; a label outside 0..9 means a wrong or corrupt file.
 MNIST_CLASSES = 10
+#: Labels are class indices in 0..MAX_CLASSES-1. The model has one output per class, so a
+#: label of 2**40 would size a layer for 2**40 classes; 100k is far above any data set the lab
+#: trains on (ImageNet-21k has 21,841 classes), so a larger label means a corrupt file or
+#: labels that are not indices.
+MAX_CLASSES = 100_000
+#: Most bytes of data the header of one array (IDX file or .npz member) may announce. The
+#: lab's data sets are small (MNIST's training images: 47 MB) and are loaded whole; a larger
+#: claim is corrupt or crafted. Checked before reading, it bounds what a gzip or zip bomb,
+#: whose real size only decompressing would tell, can make us allocate.
+MAX_ARRAY_BYTES = 2**32
 
 #: IDX type codes (the third byte of the magic number) and the big-endian dtype they denote.
 _IDX_DTYPES = {
@@ -203,7 +217,8 @@ def _single_npz(path: Path) -> Path:
 def load_npz(path: str | os.PathLike, name: str = "npz", num_classes: int | None = None) -> Dataset:
     """Read a ``.npz`` with ``x_train, y_train, x_test, y_test`` (Keras' ``mnist.npz`` has
     this layout). Labels must be integers in ``0..num_classes-1`` (``num_classes`` defaults
-    to the largest label + 1). Pickled (object) arrays are refused."""
+    to the largest label + 1, at most MAX_CLASSES). Only plain numeric arrays are read:
+    pickled (object) arrays are refused."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -216,27 +231,104 @@ def load_npz(path: str | os.PathLike, name: str = "npz", num_classes: int | None
             f"with {start!r}). Hint: write it with numpy.savez."
         )
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            present = sorted(archive.files)
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            # numpy's names for the members: "x_train.npy" is x_train (as np.load has it)
+            present = sorted(n[: -len(".npy")] if n.endswith(".npy") else n for n in names)
             missing = [k for k in NPZ_KEYS if k not in present]
             if missing:
                 raise DataError(
                     f"{path}: missing arrays {missing}; found {present}. Expected "
                     f"x_train, y_train, x_test, y_test (the layout of Keras' mnist.npz)."
                 )
-            arrays = {key: archive[key] for key in NPZ_KEYS}
+            size = path.stat().st_size
+            arrays = {
+                key: _read_npy_member(path, archive, key if key in names else f"{key}.npy", size)
+                for key in NPZ_KEYS
+            }
     except DataError:
         raise
-    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
+    # zipfile raises NotImplementedError for unknown compression, RuntimeError for encryption
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error, NotImplementedError,
+            RuntimeError) as error:  # fmt: skip
         raise DataError(
             f"{path}: not a readable .npz archive (truncated or corrupt: {error})."
         ) from None
-    except ValueError as error:  # object arrays need pickle, which we refuse
-        raise DataError(
-            f"{path}: cannot read the arrays without pickle ({error}). Hint: save plain "
-            f"numeric arrays with numpy.savez."
-        ) from None
     return _make_dataset(path, name, arrays, num_classes)
+
+
+#: Deflate expands data at most 1032-fold (258 bytes per 2-bit code); a zip member that
+#: claims more than that from its compressed size is corrupt.
+_DEFLATE_MAX_RATIO = 1032
+#: The .npy header versions we parse; 3.0 only adds utf-8 field names (structured dtypes,
+#: which are not numeric arrays anyway).
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def _read_npy_member(path: Path, archive: zipfile.ZipFile, member: str, size: int) -> np.ndarray:
+    """One array of a .npz archive of ``size`` bytes. Before numpy allocates anything, every
+    size claimed is checked: the zip entry's against the archive and its compressed size, the
+    .npy header's shape x itemsize against the entry's. Only plain numeric dtypes are read,
+    never pickled objects."""
+    key = member.removesuffix(".npy")
+    where = f"{path} [{key}]"
+    info = archive.getinfo(member)
+    ratio = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: _DEFLATE_MAX_RATIO}.get(
+        info.compress_type
+    )
+    if ratio is None:
+        raise DataError(
+            f"{where}: zip compression method {info.compress_type} is not supported; expected "
+            f"stored or deflated members. Hint: write it with numpy.savez or savez_compressed."
+        )
+    if info.compress_size > size or info.file_size > ratio * info.compress_size:
+        raise DataError(
+            f"{where}: corrupt zip entry: it claims {info.file_size} bytes, from "
+            f"{info.compress_size} bytes stored in an archive of {size} bytes."
+        )
+    with archive.open(info) as stream:
+        try:
+            version = np.lib.format.read_magic(stream)
+            if version not in _NPY_HEADER_READERS:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, fortran_order, dtype = _NPY_HEADER_READERS[version](stream)
+        except ValueError as error:
+            raise DataError(
+                f"{where}: not a valid .npy array ({error}). Hint: write it with numpy.savez."
+            ) from None
+        if dtype.hasobject:
+            raise DataError(
+                f"{where}: cannot read the arrays without pickle (dtype {dtype} holds Python "
+                f"objects). Hint: save plain numeric arrays with numpy.savez."
+            )
+        if dtype.kind not in "biuf":
+            what = "labels" if key.startswith("y") else "samples"
+            raise DataError(
+                f"{where}: expected numeric {what} (a bool, integer or float array), got "
+                f"dtype {dtype}."
+            )
+        hint = "Hint: the file is corrupt; write it again with numpy.savez."
+        if any(n < 0 for n in shape):
+            raise DataError(f"{where}: the .npy header announces a negative size: {shape}. {hint}")
+        payload = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+        announced = f"the .npy header announces shape {shape} of {dtype} ({payload} bytes)"
+        stored = info.file_size - stream.tell()
+        if payload != stored:
+            raise DataError(
+                f"{where}: {announced}, the archive holds {stored} bytes of data for it. {hint}"
+            )
+        if payload > MAX_ARRAY_BYTES:
+            raise DataError(
+                f"{where}: {announced}, more than MAX_ARRAY_BYTES = {MAX_ARRAY_BYTES}. Hint: "
+                f"the lab loads data sets whole; use a smaller one."
+            )
+        data = _read_at_most(stream, payload)
+    if len(data) != payload:
+        raise DataError(f"{where}: truncated: {announced}, read {len(data)}.")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,24 +360,37 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
     against ``ndim`` when given, and that its size matches its header exactly."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        file = open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file.") from None
-    gzipped = path.suffix == ".gz" or raw[:2] == b"\x1f\x8b"
-    if gzipped:
+    with file:
+        gzipped = path.suffix == ".gz" or file.read(2) == b"\x1f\x8b"
+        file.seek(0)
+        if not gzipped:
+            return _read_idx_stream(path, file, os.fstat(file.fileno()).st_size, ndim)
         try:
-            raw = gzip.decompress(raw)
+            with gzip.GzipFile(fileobj=file) as stream:
+                return _read_idx_stream(path, stream, None, ndim)
         except (OSError, EOFError, zlib.error) as error:
             raise DataError(
                 f"{path}: not a valid gzip file (truncated or corrupt: {error})."
             ) from None
-    if len(raw) < 4:
-        raise DataError(f"{path}: truncated: {len(raw)} bytes, shorter than the IDX header.")
-    zero, type_code, dims = struct.unpack(">HBB", raw[:4])
+
+
+def _read_idx_stream(
+    path: Path, stream: BinaryIO, size: int | None, ndim: int | None
+) -> np.ndarray:
+    """The IDX array in ``stream``; ``size`` is the file's size, or None for a gzip stream
+    (whose size only decompressing would tell): then the data is read with a cap of what the
+    header announces, itself bounded by MAX_ARRAY_BYTES, so a bomb cannot allocate more."""
+    once = "" if size is not None else " once decompressed"
+    magic = stream.read(4)
+    if len(magic) < 4:
+        raise DataError(f"{path}: truncated: {len(magic)} bytes, shorter than the IDX header.")
+    zero, type_code, dims = struct.unpack(">HBB", magic)
     if zero != 0 or type_code not in _IDX_DTYPES or dims == 0:
         raise DataError(
-            f"{path}: bad magic number 0x{raw[:4].hex()}; an IDX file starts with two zero "
+            f"{path}: bad magic number 0x{magic.hex()}; an IDX file starts with two zero "
             f"bytes, a type code in {[hex(c) for c in _IDX_DTYPES]} and the number of "
             f"dimensions (MNIST images: 0x00000803, labels: 0x00000801)."
         )
@@ -293,29 +398,54 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
         kind = "images (N, rows, cols)" if ndim == 3 else "labels (N,)"
         raise DataError(
             f"{path}: expected {ndim}-D {kind}, the header says {dims}-D (magic "
-            f"0x{raw[:4].hex()}). Hint: are image and label files swapped?"
+            f"0x{magic.hex()}). Hint: are image and label files swapped?"
         )
     header = 4 + 4 * dims
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated inside the header ({len(raw)} of {header} bytes).")
-    shape = struct.unpack(f">{dims}I", raw[4:header])
-    dtype = _IDX_DTYPES[type_code]
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        problem = "truncated" if len(raw) < expected else "has trailing bytes"
+    sizes = stream.read(4 * dims)
+    if len(sizes) < 4 * dims:
         raise DataError(
-            f"{path}: {problem}: the header announces shape {shape} ({expected} bytes), "
-            f"the file has {len(raw)} bytes{' once decompressed' if gzipped else ''}."
+            f"{path}: truncated inside the header ({4 + len(sizes)} of {header} bytes{once})."
         )
-    return (
-        np.frombuffer(raw, dtype=dtype, offset=header)
-        .reshape(shape)
-        .astype(dtype.newbyteorder("="))
-    )
+    shape = struct.unpack(f">{dims}I", sizes)
+    dtype = _IDX_DTYPES[type_code]
+    payload = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    expected = header + payload
+    announced = f"the header announces shape {shape} ({expected} bytes)"
+    if size is not None and size != expected:
+        problem = "truncated" if size < expected else "has trailing bytes"
+        raise DataError(f"{path}: {problem}: {announced}, the file has {size} bytes.")
+    if payload > MAX_ARRAY_BYTES:
+        raise DataError(
+            f"{path}: {announced}{once}, more than MAX_ARRAY_BYTES = {MAX_ARRAY_BYTES} bytes "
+            f"of data. Hint: the header is probably corrupt; the lab loads data sets whole."
+        )
+    data = _read_at_most(stream, payload + 1)  # a byte more than announced: trailing bytes?
+    if len(data) < payload:
+        raise DataError(
+            f"{path}: truncated: {announced}, the file has {header + len(data)} bytes{once}."
+        )
+    if len(data) > payload:
+        raise DataError(f"{path}: has trailing bytes: {announced}, the file has more{once}.")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 # ---------------------------------------------------------------------------------------
 # Checks shared by every format
+
+#: Size of the pieces :func:`_read_at_most` reads.
+_CHUNK_BYTES = 1 << 20
+
+
+def _read_at_most(stream: BinaryIO, limit: int) -> bytearray:
+    """Up to ``limit`` bytes of ``stream``, read in pieces: memory follows the data actually
+    there, not the claim (one big read would allocate ``limit`` bytes at once)."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = stream.read(min(_CHUNK_BYTES, limit - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _make_dataset(
@@ -350,6 +480,10 @@ def _make_dataset(
             )
         if len(x) == 0:
             raise DataError(f"{where('x_' + split)}: no samples.")
+        if x[0].size == 0:
+            raise DataError(
+                f"{where('x_' + split)}: the samples have no features (shape {x.shape})."
+            )
         if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
             raise DataError(f"{where('x_' + split)}: expected numeric samples, got {x.dtype}.")
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
@@ -359,16 +493,25 @@ def _make_dataset(
             f"{where('x_test')}: test samples have shape {arrays['x_test'].shape[1:]}, train "
             f"samples {arrays['x_train'].shape[1:]}; they must match."
         )
-    labels = np.concatenate([arrays["y_train"], arrays["y_test"]])
-    classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    classes = num_classes
+    if classes is None:  # the largest label + 1, unless beyond MAX_CLASSES (reported below)
+        top = max(int(arrays[key].max()) for key in ("y_train", "y_test"))  # exact ints
+        classes = min(top + 1, MAX_CLASSES)
     for key in ("y_train", "y_test"):
         y = arrays[key]
         bad = (y < 0) | (y >= classes)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
+            bound = (
+                f" (at most MAX_CLASSES = {MAX_CLASSES} classes: the model has one output per "
+                f"class)"
+                if num_classes is None and y[first] >= classes
+                else ""
+            )
             raise DataError(
                 f"{where(key)}: label out of range: {key}[{first}] = {int(y[first])}, expected "
-                f"0..{classes - 1}."
+                f"0..{classes - 1}{bound}. Hint: labels are class indices 0..K-1; "
+                f"numpy.unique(y, return_inverse=True) maps other values to indices."
             )
 
     def features(x: np.ndarray) -> Tensor:
