@@ -156,7 +156,7 @@ def test_numpy_integers_are_channel_counts_as_in_torch():
 @pytest.mark.parametrize(
     "bounds, fragment",
     [({"rmax": 0}, "rmax=0.0"), ({"rmax": 0.5}, "rmax=0.5"), ({"dmax": -1}, "dmax=-1.0"),
-     ({"rmin": 0.0}, "rmin must be in (0, 1]")],
+     ({"rmin": -1.0}, "rmin must be in [0, 1]")],
 )  # fmt: skip
 def test_batch_renorm_bounds_are_checked(bounds, fragment):
     with raises(ValueError, "BatchRenorm1d", fragment):

@@ -147,9 +147,9 @@ class _BatchRenorm(_BatchNormBase):
                 f"norm; the paper's schedule is paper_rmax/paper_dmax."
             )
         rmin = 1.0 / rmax if self.rmin is None else at(self.rmin)
-        if not 0 < rmin <= 1:
+        if not 0 <= rmin <= 1:  # 0 (with rmax=inf): unclipped r, as Keras' renorm allows
             raise ValueError(
-                f"{type(self).__name__}: rmin must be in (0, 1], got {rmin} at step {step}. "
+                f"{type(self).__name__}: rmin must be in [0, 1], got {rmin} at step {step}. "
                 f"Hint: leave rmin=None for 1/rmax."
             )
         return rmin, rmax, dmax
