@@ -2,8 +2,9 @@
 
 One forward and one backward implementation serve two entry points:
 
-* eager mode calls them through a ``torch.autograd.Function`` (about 8 µs of overhead per
-  call, where a ``torch.library`` custom op costs about 27 µs — too much for small layers);
+* eager mode calls them through a ``torch.autograd.Function``, whose per-call overhead is a
+  fraction of a ``torch.library`` custom op's, which is too much for small layers (the
+  figures: docs/performance.md);
 * under ``torch.compile`` the same code runs as the custom ops ``batchnorm::forward`` and
   ``batchnorm::backward``, which have fake implementations and registered autograd, so
   compiled graphs do not break on them.
@@ -161,8 +162,9 @@ def available_backends() -> list[str]:
 
 #: Below this many values a CPU batch norm costs more in Python around a kernel (the
 #: autograd.Function, the kernel's call) than in the kernel: ATen's C++ operator, whose
-#: autograd runs no Python, is faster there (`make bench`: 0.5-0.8x at (100, 128) for the
-#: Numba path). Same as the Numba kernels' serial/parallel threshold.
+#: autograd runs no Python, is faster there (`make bench` times the Numba path at (100, 128)
+#: as ``ours_numba``: benchmarks/results/cpu_kernels.json, docs/performance.md). Same as the
+#: Numba kernels' serial/parallel threshold.
 ATEN_BELOW_NUMEL = 65_536
 
 
@@ -181,11 +183,11 @@ def _use_aten(
     It can in PyTorch's running-statistics convention, followed by the activation and
     residual as separate (C++) ops. On CPU float32 and float64, `make bench` measured it
     faster for small inputs (epilogue included) and for plain BN in eval mode (its
-    elementwise loop streams 10-30 % faster). Training on larger inputs stays on our Numba
-    kernels, also for (N, C) and channels-last inputs where ATen is ~5 % faster: ATen's
-    float32 backward there loses accuracy (torch 2.13: 12-27 % of the gradient's scale on a
-    (32768, 128) batch followed by a ReLU; ours: 1e-6). Other devices and dtypes keep the
-    reference path (tested on CUDA against torch.nn)."""
+    elementwise loop streams faster). Training on larger inputs stays on our Numba kernels,
+    also for (N, C) and channels-last inputs where ATen is slightly faster: ATen's float32
+    backward there loses accuracy on large batches (a test holds it). The measurements:
+    benchmarks/results/cpu_kernels.json and docs/performance.md. Other devices and dtypes
+    keep the reference path (tested on CUDA against torch.nn)."""
     if _aten_policy is False or not unbiased_running_var or keep_output_only:
         return False
     if (running_mean is None) != (running_var is None):
