@@ -1,7 +1,7 @@
 """``batchnorm bench``: batch norm on CPU — ours (Numba kernels) against torch.nn (ATen) and
 against torch.compile of the reference, in one run.
 
-What is measured (issue 3), in float32 with torch's thread count (Numba follows it):
+What is measured, in float32 with torch's thread count (Numba follows it):
 
 * shapes (100, 128), (4096, 1024), (32, 128, 32, 32) contiguous and channels_last,
   (64, 256, 28, 28) and (8, 64, 16, 56, 56);
@@ -57,7 +57,7 @@ from torch import Tensor, nn
 import batchnorm
 from batchnorm import ops, reference
 
-#: (label, shape, channels_last), as listed in issue 3.
+#: (label, shape, channels_last): the shapes of the project's CPU performance targets.
 SHAPES: list[tuple[str, tuple[int, ...], bool]] = [
     ("(100,128)", (100, 128), False),
     ("(4096,1024)", (4096, 1024), False),
@@ -307,7 +307,7 @@ def run(
                     row["speedup_vs_ours_unfused"] = medians["ours+relu"] / medians[name]
                 rows.append(row)
     return {
-        "benchmark": "batchnorm CPU kernels (issue 3)",
+        "benchmark": "batchnorm CPU kernels",
         "quick": quick,
         "environment": environment(),
         "traffic_model": {**TRAFFIC, "copy": COPY_TRAFFIC, "unit": "input-sized tensors"},
@@ -352,7 +352,8 @@ def _find(rows, label, mode, contender):
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, evaluated on these results (absent shapes are skipped)."""
+    """The project's CPU performance targets, evaluated on these results (absent shapes are
+    skipped). docs/performance.md says which a committed run met."""
     checks = []
 
     def add(name, row, key, goal):

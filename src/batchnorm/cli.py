@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from batchnorm import bench
 
-    bench.add_arguments(commands.add_parser("bench", help="benchmark the CPU kernels (issue 3)"))
+    bench.add_arguments(commands.add_parser("bench", help="time the CPU kernels against ATen"))
 
     args = parser.parse_args(argv)
     if args.command == "bench":

@@ -3,8 +3,9 @@ around the kernels of the backend that :mod:`batchnorm.ops.dispatch` picks.
 
 One forward and one backward implementation serve two entry points:
 
-* eager mode calls them through a ``torch.autograd.Function`` (a custom op's dispatch costs
-  several times more per call, too much for small layers: benchmarks/results);
+* eager mode calls them through a ``torch.autograd.Function``, whose per-call overhead is a
+  fraction of a ``torch.library`` custom op's, which is too much for small layers (the
+  figures: docs/performance.md);
 * under ``torch.compile`` the same code runs as the custom ops ``batchnorm::forward`` and
   ``batchnorm::backward``, which have fake implementations and registered autograd, so
   compiled graphs do not break on them.
