@@ -238,6 +238,58 @@ def backward(
     return dx.to(x.dtype), dweight, dbias, dpre.to(x.dtype)
 
 
+def forward_tangent(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    dx: Tensor | None,
+    dweight: Tensor | None,
+    dbias: Tensor | None,
+    dresidual: Tensor | None,
+    training: bool,
+    activation: str = "identity",
+    negative_slope: float = 0.01,
+    dmean: Tensor | None = None,
+    dvar: Tensor | None = None,
+) -> Tensor:
+    """The tangent of y (forward-mode derivative) for tangents of x, weight, bias, residual
+    and, in eval mode, of the statistics mean and var (None: zero). In training mean and
+    invstd depend on x:
+
+        dxhat = invstd * (dx - mean(dx) - xhat * mean(dx * xhat))
+        (eval: invstd * (dx - dmean) - xhat * invstd^2 * dvar / 2)
+        dpre  = weight * dxhat + dweight * xhat + dbias + dresidual
+        dy    = act'(pre) * dpre
+    """
+    dtype = invstd.dtype
+    xhat = normalize(x, mean, invstd)
+    dxhat = torch.zeros_like(xhat)
+    if dx is not None:
+        dx = dx.to(dtype)
+        if training:
+            dims = reduce_dims(x)
+            dx = dx - dx.mean(dims, keepdim=True) - xhat * (dx * xhat).mean(dims, keepdim=True)
+        dxhat = dxhat + dx * per_channel(invstd, x)
+    if dmean is not None:
+        dxhat = dxhat - per_channel(dmean.to(dtype) * invstd, x)
+    if dvar is not None:
+        dxhat = dxhat - xhat * per_channel(dvar.to(dtype) * invstd.square() / 2, x)
+    dpre = dxhat if weight is None else dxhat * per_channel(weight.to(dtype), x)
+    if dweight is not None:
+        dpre = dpre + xhat * per_channel(dweight.to(dtype), x)
+    if dbias is not None:
+        dpre = dpre + per_channel(dbias.to(dtype), x)
+    if dresidual is not None:
+        dpre = dpre + dresidual.to(dtype)
+    if activation != "identity":
+        pre = pre_activation(x, mean, invstd, weight, bias, residual)
+        dpre = activation_grad(dpre, pre, activation, negative_slope)
+    return dpre.to(x.dtype)
+
+
 def normalize(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
     """xhat = (x - mean) * invstd, in the dtype of the statistics."""
     return (x.to(invstd.dtype) - per_channel(mean, x)) * per_channel(invstd, x)

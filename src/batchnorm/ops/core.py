@@ -18,10 +18,30 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from batchnorm import reference
 from batchnorm.backends import Call
+from batchnorm.backends.reference import ReferenceBackend
 from batchnorm.ops.dispatch import select, select_kernels
+
+_REFERENCE = ReferenceBackend()
+
+
+def _is_wrapped(t: Tensor) -> bool:
+    """Whether t is a wrapper without storage: torch.func's batched and grad-tracking
+    tensors, and the batched gradients of autograd.grad(is_grads_batched=True)."""
+    return not torch._C._has_storage(t)
+
+
+def _kernels(x: Tensor, training: bool, activation: str, *tensors: Tensor | None):
+    """The kernel backend for a call, or the reference for wrapped tensors (a kernel has
+    no storage to read; torch.func batches and differentiates the reference's torch ops
+    itself)."""
+    if _is_wrapped(x) or any(t is not None and _is_wrapped(t) for t in tensors):
+        return _REFERENCE
+    return select_kernels(x, training, activation, tensors[-1] is not None)
+
 
 # ---------------------------------------------------------------------------------------
 # The two implementations every entry point shares.
@@ -45,7 +65,7 @@ def forward_impl(
     Nothing is mutated here, so the function can back a functional custom op."""
     channels = x.shape[1]
     stats_dtype = reference.compute_dtype(x.dtype)
-    backend = select_kernels(x, training, activation, residual is not None)
+    backend = _kernels(x, training, activation, weight, bias, running_mean, running_var, residual)
     if not training:
         mean = running_mean.to(stats_dtype, copy=True)  # type: ignore[union-attr]
         var = running_var.to(stats_dtype, copy=True)  # type: ignore[union-attr]
@@ -81,7 +101,7 @@ def backward_impl(
         zeros = mean.new_zeros(mean.shape)
         return torch.zeros_like(x), zeros, zeros.clone(), torch.zeros_like(x)
     dy = dy.to(x.dtype)
-    backend = select_kernels(x, training, activation, residual is not None)
+    backend = _kernels(x, training, activation, dy, weight, bias, mean, invstd, residual)
     return backend.backward(
         dy, x, weight, bias, residual, mean, invstd, training, activation, negative_slope,
         need_dpre,
@@ -89,15 +109,45 @@ def backward_impl(
 
 
 # ---------------------------------------------------------------------------------------
-# Autograd, shared by the eager Function and the custom op. Both take the arguments of
+# Autograd, shared by the eager Functions and the custom op. All take the arguments of
 # forward_impl: (x, weight, bias, running_mean, running_var, residual, training, eps,
 # activation, negative_slope).
+#
+# torch.func: the Functions keep forward and setup_context apart and set generate_vmap_rule,
+# so vmap runs them on batched tensors (the kernels then fall back to the reference, see
+# _kernels); forward-mode AD (jvp, jacfwd, forward-over-reverse) uses the closed form of
+# reference.forward_tangent.
 
 
 def _save(ctx, inputs: tuple, mean: Tensor, invstd: Tensor) -> None:
     x, weight, bias, _, _, residual, training, eps, activation, slope = inputs
     ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
+    ctx.save_for_forward(x, weight, bias, residual, mean, invstd)
     ctx.config = (training, eps, activation, slope)
+
+
+def _tangent(ctx, dx, dweight, dbias, drunning_mean, drunning_var, dresidual, *_):
+    """The tangent of y for the tangents of the inputs (jvp of the Functions). torch.func
+    may pass zero tangents for the running statistics; in eval mode they enter exactly."""
+    x, weight, bias, residual, mean, invstd = ctx.saved_tensors
+    training, _, activation, slope = ctx.config
+    dy = reference.forward_tangent(
+        x, mean, invstd, weight, bias, residual, dx, dweight, dbias, dresidual, training,
+        activation, slope, None if training else drunning_mean,
+        None if training else drunning_var,
+    )  # fmt: skip
+    return dy, None, None, None
+
+
+def _refuse_dual_statistics(*stats: Tensor | None) -> None:
+    """torch's rule: running statistics carry no forward-mode tangent (dual_level only)."""
+    for t in stats:
+        if t is not None and forward_ad.unpack_dual(t).tangent is not None:
+            raise RuntimeError(
+                "batch_norm: running_mean and running_var cannot have a forward-mode tangent "
+                "(forward grad), as in torch: they are buffers that training updates. Hint: "
+                "make the dual tensors from the input and parameters only."
+            )
 
 
 def _grads(ctx, dy: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
@@ -105,46 +155,48 @@ def _grads(ctx, dy: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
     x, weight, bias, residual, mean, invstd = ctx.saved_tensors
     training, eps, activation, slope = ctx.config
     need_x, need_w, need_b, _, _, need_r = ctx.needs_input_grad[:6]
-    if torch.is_grad_enabled():
-        # create_graph=True: differentiate the reference math again so that higher-order
-        # gradients are exact (the hand-written backward treats mean/invstd as constants).
-        dx, dw, db, dr = _differentiable_grads(
-            dy, x, weight, bias, residual, mean, invstd, training, eps, activation, slope
+    tensors = (dy, x, weight, bias, residual)
+    if torch.is_grad_enabled() and any(
+        t is not None and (t.requires_grad or _is_wrapped(t)) for t in tensors
+    ):
+        # The gradient will be differentiated again (create_graph=True, torch.func): the
+        # reference's backward, with the statistics recomputed from x so that they are
+        # differentiated too (the saved ones are constants).
+        if training:
+            mean, var = reference.batch_stats(x)
+            invstd = reference.invstd_of(var, eps)
+        dx, dw, db, dr = reference.backward(
+            dy, x, mean, invstd, weight, bias, residual, training, activation, slope
         )
     else:
         dx, dw, db, dr = backward_fn(
             dy, x, weight, bias, residual, mean, invstd, training, activation, slope, need_r
         )
-        dw = dw.to(weight.dtype) if weight is not None else dw
-        db = db.to(bias.dtype) if bias is not None else db
+    dw = dw.to(weight.dtype) if weight is not None else dw
+    db = db.to(bias.dtype) if bias is not None else db
     keep = (need_x, need_w, need_b, False, False, need_r)
     grads = (dx, dw, db, None, None, dr)
     return tuple(g if k else None for g, k in zip(grads, keep, strict=True)) + (None,) * 4
 
 
-def _differentiable_grads(dy, x, weight, bias, residual, mean, invstd, training, eps, act, slope):
-    tensors = (x, weight, bias, residual)
-    inputs = [t for t in tensors if t is not None and t.requires_grad]
-    with torch.enable_grad():
-        if training:
-            mean, var = reference.batch_stats(x)
-            invstd = reference.invstd_of(var, eps)
-        y = reference.forward(x, mean, invstd, weight, bias, residual, act, slope)
-        grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if t is not None and t.requires_grad else None for t in tensors)
-
-
 class _BatchNormFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, *inputs):
-        y, mean, invstd, var = forward_impl(*inputs)
+    def forward(*inputs):
+        return forward_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, mean, invstd, var = output
         _save(ctx, inputs, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd, var)
-        return y, mean, invstd, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd, _dvar):
         return _grads(ctx, dy, backward_impl)
+
+    jvp = staticmethod(_tangent)
 
 
 class _KeepOutputFunction(torch.autograd.Function):
@@ -155,22 +207,31 @@ class _KeepOutputFunction(torch.autograd.Function):
     (see reference.weak_channels) keep their input instead.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, *inputs):
-        x, weight, bias, _, _, _, training, eps, activation, slope = inputs
-        y, mean, invstd, var = forward_impl(*inputs)
+    def forward(*inputs):
+        return forward_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _, _, residual, training, eps, activation, slope = inputs
+        y, mean, invstd, var = output
         weak = reference.weak_channels(weight, bias, x.shape[1], x.device)
         kept = x.index_select(1, weak) if weak.numel() else None
         ctx.save_for_backward(y, weight, bias, mean, invstd, weak, kept)
-        ctx.config = (training, activation, slope)
+        # forward-mode AD needs the input: it is at hand here (only backward recovers it)
+        ctx.save_for_forward(x, weight, bias, residual, mean, invstd)
+        ctx.config = (training, eps, activation, slope)
         ctx.mark_non_differentiable(mean, invstd, var)
-        return y, mean, invstd, var
+
+    jvp = staticmethod(_tangent)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dmean, _dinvstd, _dvar):
         y, weight, bias, mean, invstd, weak, kept = ctx.saved_tensors
-        training, activation, slope = ctx.config
+        training, _, activation, slope = ctx.config
         x = reference.recover_input(y, mean, invstd, weight, bias, activation, slope)
         if kept is not None:
             x.index_copy_(1, weak, kept.to(x.dtype))
@@ -266,6 +327,16 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x, dtype=t.dtype).copy_(t)
 
 
+def _differentiated(*tensors: Tensor | None) -> bool:
+    """Whether autograd (backward or forward mode, torch.func included) may ask for a
+    derivative of this call: then it runs through an autograd.Function."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tangents may flow
+        return True
+    return any(t is not None and _is_wrapped(t) for t in tensors)  # torch.func transforms
+
+
 def batch_norm(
     x: Tensor,
     weight: Tensor | None,
@@ -285,6 +356,8 @@ def batch_norm(
 
     Inputs must already be validated (see :mod:`batchnorm.functional`)."""
     compiling = torch.compiler.is_compiling()
+    if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tangents may flow
+        _refuse_dual_statistics(running_mean, running_var)
     if not compiling:
         call = Call(x, training, activation, residual is not None, keep_output_only,
                     unbiased_running_var)  # fmt: skip
@@ -298,9 +371,7 @@ def batch_norm(
             activation, float(negative_slope))  # fmt: skip
     if compiling:
         y, mean, _, var = _forward_op(*args)
-    elif torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, residual)
-    ):
+    elif _differentiated(x, weight, bias, residual):
         function = _KeepOutputFunction if keep_output_only else _BatchNormFunction
         y, mean, _, var = function.apply(*args)
     else:
