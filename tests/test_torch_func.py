@@ -16,7 +16,7 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import batchnorm
 import batchnorm.functional as BF
-from tests.conftest import assert_close
+from conftest import assert_close
 
 ACTIVATIONS = [None, "relu", "leaky_relu", "silu", "elu"]
 SMALL = (5, 3, 2)  # small enough for Jacobians (30 x 30)
