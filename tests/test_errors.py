@@ -166,3 +166,13 @@ def test_batch_renorm_bounds_are_checked(bounds, fragment):
     layer = batchnorm.BatchRenorm1d(3, **scheduled)
     with raises(ValueError, "BatchRenorm1d", fragment, "at step 0"):
         layer(torch.randn(8, 3))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_an_empty_batch_of_another_dtype_is_returned_as_torch_does(training, backend):
+    x = torch.empty(0, 3, 4, dtype=torch.float64)
+    stats = (torch.zeros(3), torch.ones(3))
+    expected = torch.nn.functional.batch_norm(x, *stats, training=training)
+    y = BF.batch_norm(x, *stats, torch.ones(3), torch.zeros(3), training=training)
+    assert y.shape == expected.shape and y.dtype == expected.dtype
+    assert batchnorm.BatchNorm1d(3).train(training)(x).dtype == torch.float64

@@ -174,7 +174,11 @@ def check_inputs(
             )
         if t.device != device:
             _check_same_device(where, input, name, t)
-        if t.dtype != dtype and not (dtype in _HALF_DTYPES and t.dtype == torch.float32):
+        if (
+            t.dtype != dtype
+            and not (dtype in _HALF_DTYPES and t.dtype == torch.float32)
+            and input.numel()  # an empty batch has nothing to mix: torch returns it
+        ):
             raise InputTypeError(
                 f"{where}: input has dtype {dtype} but {name} has dtype {t.dtype}. "
                 f"Hint: move the layer to the input's dtype (layer.to({dtype})) or "
