@@ -274,3 +274,48 @@ def test_silu_over_the_whole_range_of_exp(dtype):
     y64.backward(dy.double())
     assert_close(y, y64.detach(), dtype)
     assert_close(x_.grad, x64.grad, dtype)
+
+
+# A read-only install: the package folder and the home folder cannot be written (simulated,
+# since the tests may run as root, who can write anywhere).
+_READ_ONLY = """
+import os, sys, tempfile
+blocked = [os.path.realpath(p) for p in sys.argv[1:]]
+def _is_blocked(path):
+    return any(os.path.realpath(path).startswith(b) for b in blocked)
+_temporary_file, _makedirs = tempfile.TemporaryFile, os.makedirs
+def temporary_file(*args, dir=None, **kwargs):
+    if dir is not None and _is_blocked(dir):
+        raise PermissionError(13, "Permission denied (simulated)", dir)
+    return _temporary_file(*args, dir=dir, **kwargs)
+def makedirs(name, *args, **kwargs):
+    if _is_blocked(name) and not os.path.isdir(name):
+        raise PermissionError(13, "Permission denied (simulated)", name)
+    return _makedirs(name, *args, **kwargs)
+tempfile.TemporaryFile, os.makedirs = temporary_file, makedirs
+import numba, torch, batchnorm
+print(batchnorm.BatchNorm1d(8)(torch.randn(4, 8)).shape[1], repr(numba.config.CACHE_DIR))
+"""
+
+
+@pytest.mark.parametrize("temp_writable", [True, False])
+def test_import_works_when_the_cache_folders_are_read_only(tmp_path, temp_writable):
+    import subprocess
+    import sys
+
+    import batchnorm.backends.numba_cpu as package
+
+    home, temp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir(), temp.mkdir()
+    blocked = [os.path.dirname(package.__file__), str(home)]
+    blocked += [] if temp_writable else [str(temp)]
+    env = {**os.environ, "HOME": str(home), "TMPDIR": str(temp)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    env.pop("XDG_CACHE_HOME", None)
+    done = subprocess.run([sys.executable, "-c", _READ_ONLY, *blocked], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    channels, cache_dir = done.stdout.split()
+    assert channels == "8"
+    # the temp folder holds the cache when it is writable; else the kernels are not cached
+    assert (str(temp) in cache_dir) if temp_writable else cache_dir == "''"

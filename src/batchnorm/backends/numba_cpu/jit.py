@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import types
 
 import numba
@@ -61,6 +62,34 @@ class _Kernel:
         return self.parallel, _sync_threads()
 
 
+def _writable(folder: str) -> bool:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
+
+
+def _enable_cache() -> bool:
+    """Whether the compiled kernels can be cached on disk (else they compile in each process).
+
+    Numba caches next to this file, or where NUMBA_CACHE_DIR says, and refuses to compile at
+    all (at import time) when neither is writable, as in a read-only container or a shared
+    install. Then the cache goes to the user's cache folder or the temp folder instead."""
+    if numba.config.CACHE_DIR or _writable(os.path.join(os.path.dirname(__file__), "__pycache__")):
+        return True
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for folder in (
+        os.path.join(user_cache, "batchnorm", "numba"),
+        os.path.join(tempfile.gettempdir(), f"batchnorm-numba-{os.getuid()}"),
+    ):
+        if _writable(folder):
+            numba.config.CACHE_DIR = folder
+            return True
+    return False
+
+
 # GNU OpenMP (numba's threading layer here) cannot run in a child forked after it started:
 # numba would end the child ("fork() called from a process already using GNU OpenMP"). A
 # forked child (DataLoader workers, multiprocessing's "fork") runs the serial kernels, as
@@ -78,7 +107,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # error_model="numpy": a float division by zero gives inf/nan as in torch, instead of the
 # Python-style test and exception that would also keep a loop from vectorizing.
-_HELPER = {"cache": True, "fastmath": FASTMATH, "error_model": "numpy"}
+_HELPER = {"cache": _enable_cache(), "fastmath": FASTMATH, "error_model": "numpy"}
 
 
 @intrinsic
