@@ -15,8 +15,10 @@ A new device is one folder here and one line in :func:`builtin_backends`.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Protocol
 
+import torch
 from torch import Tensor
 
 
@@ -37,6 +39,8 @@ class Backend(Protocol):
     name: str
     #: True: ``batch_norm`` computes the whole call; False: the kernels of KernelBackend.
     operator: bool
+    #: The device types it computes on (None: any), so that tests run it where it can.
+    devices: tuple[str, ...] | None
 
     def supports(self, call: Call) -> bool:
         """Whether this backend computes ``call`` exactly (device, dtype, activation, ...)."""
@@ -138,6 +142,14 @@ def builtin_backends() -> list[Backend]:
     from batchnorm.backends.reference import ReferenceBackend
 
     backends: list[Backend] = [AtenBackend()]
+    # triton takes ~0.2 s to import: only where it can run (a GPU, or its interpreter)
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            from batchnorm.backends.triton import TritonBackend
+        except ImportError:
+            pass
+        else:
+            backends.append(TritonBackend())
     try:
         from batchnorm.backends.numba_cpu import NumbaBackend
     except ImportError:

@@ -33,9 +33,12 @@ def unregister_backend(name: str) -> None:
     _REGISTRY[:] = [b for b in _REGISTRY if b.name != name]
 
 
-def available_backends() -> list[str]:
-    """The registered backends' names, in dispatch order."""
-    return [b.name for b in _REGISTRY]
+def available_backends(device: str | None = None) -> list[str]:
+    """The registered backends' names, in dispatch order; with ``device`` (a device type
+    such as "cpu"), those that compute on it."""
+    return [
+        b.name for b in _REGISTRY if device is None or b.devices in (None,) or device in b.devices
+    ]
 
 
 def backend_named(name: str) -> Backend:

@@ -29,6 +29,7 @@ ATEN_BELOW_NUMEL = 65_536
 class AtenBackend:
     name = "aten"
     operator = True
+    devices = None
 
     def supports(self, call: Call) -> bool:
         """Any device and dtype torch takes, in torch's convention (unbiased running

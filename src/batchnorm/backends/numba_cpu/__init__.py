@@ -115,6 +115,7 @@ class NumbaBackend:
 
     name = "numba"
     operator = False
+    devices = ("cpu",)
 
     def supports(self, call: Call) -> bool:
         x = call.x

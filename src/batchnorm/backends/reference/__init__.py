@@ -13,6 +13,7 @@ from batchnorm.backends import Call
 class ReferenceBackend:
     name = "reference"
     operator = False
+    devices = None
 
     def supports(self, call: Call) -> bool:
         return True
