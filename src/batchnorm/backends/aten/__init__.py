@@ -4,12 +4,13 @@ separate (C++) ops. It computes torch's running-variance convention only, and is
 inputs made safe (see :func:`safe_batch_norm`).
 
 Dispatch rule (``preferred``), from ``make bench`` on 2 cores (benchmarks/results/
-cpu_kernels.json): on CPU float32/float64, inputs below ATEN_BELOW_NUMEL values (epilogue
-included: a few C++ ops beat a Python-called kernel there) and plain eval of any size (its
-elementwise loop streams faster than ours). Training on larger inputs stays on the Numba
-kernels, also for (N, C) and channels-last inputs where ATen is a little faster: ATen's
-float32 backward there loses accuracy on mean-shifted data (torch 2.13). Other devices and
-dtypes keep their default (see batchnorm.backends.builtin_backends), until measured.
+cpu_kernels.json): on CPU, every bfloat16/float16 call (no kernel of ours takes them yet);
+for float32/float64, inputs below ATEN_BELOW_NUMEL values (epilogue included: a few C++
+ops beat a Python-called kernel there) and plain eval of any size (its elementwise loop
+streams faster than ours). Training on larger inputs stays on the Numba kernels, also for
+(N, C) and channels-last inputs where ATen is a little faster: ATen's float32 backward
+there loses accuracy on mean-shifted data (torch 2.13). Other devices keep the reference
+until measured (see batchnorm.backends.builtin_backends).
 """
 
 from __future__ import annotations
@@ -38,7 +39,13 @@ class AtenBackend:
 
     def preferred(self, call: Call) -> bool:
         x = call.x
-        if not x.is_cpu or x.dtype not in (torch.float32, torch.float64):
+        if not x.is_cpu:
+            return False
+        if x.dtype in (torch.bfloat16, torch.float16):
+            # No kernel of ours takes half precision on CPU yet, and the reference is 10-100x
+            # slower than ATen there (torch.autocast("cpu") gives BN bfloat16 inputs).
+            return True
+        if x.dtype not in (torch.float32, torch.float64):
             return False
         if x.numel() < ATEN_BELOW_NUMEL:
             return True
