@@ -1,4 +1,5 @@
-"""CUDA: our layers on GPU tensors (reference path) match torch.nn on the same GPU.
+"""CUDA: our layers on GPU tensors match torch.nn on the same GPU, through every backend
+that computes on CUDA (the default dispatch, and each one forced).
 
 These run where a GPU is present (the project's GPU check runs them on an H100/H200);
 on CPU-only machines they are skipped — there is nothing to compare with there.
@@ -36,9 +37,10 @@ def _train_steps(module, dtype, channels_last, device, compute_dtype=None):
     return [r.detach().double() for r in results]
 
 
+@pytest.mark.parametrize("backend", [None, *ops.available_backends("cuda")])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_cuda_matches_torch(dtype, channels_last):
+def test_cuda_matches_torch(dtype, channels_last, backend):
     """float32/float64: ours equals torch.nn on the GPU. float16/bfloat16: both round, so
     both are compared with torch.nn run in float64 on the same (rounded) inputs, and ours
     must be no less accurate than torch's own half-precision kernel (within 2x)."""
@@ -53,7 +55,11 @@ def test_cuda_matches_torch(dtype, channels_last):
     oracle.load_state_dict(theirs.state_dict())
     assert ops.select_backend(torch.empty(1, 8, device=device, dtype=dtype)).name == "reference"
 
-    ours_results = _train_steps(ours, dtype, channels_last, device)
+    if backend is None:
+        ours_results = _train_steps(ours, dtype, channels_last, device)
+    else:
+        with ops.use_backend(backend, lenient=True):
+            ours_results = _train_steps(ours, dtype, channels_last, device)
     theirs_results = _train_steps(theirs, dtype, channels_last, device)
     if dtype not in HALF:
         for a, b in zip(ours_results, theirs_results, strict=True):
@@ -82,3 +88,27 @@ def test_cuda_variants_and_compile():
     model.eval()
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
     assert eager.device.type == "cuda" and torch.isfinite(eager).all()
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+def test_cuda_autocast_matches_torch(dtype, activation):
+    """Under torch.autocast a conv gives BN a half input with float32 parameters."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 16, 3, padding=1).cuda()
+    theirs, ours = (
+        nn.BatchNorm2d(16).cuda(),
+        batchnorm.BatchNormAct2d(16, activation=activation).cuda(),
+    )
+    act = {None: nn.Identity(), "relu": nn.ReLU(), "silu": nn.SiLU()}[activation]
+    x = torch.randn(32, 3, 28, 28, device="cuda").to(memory_format=torch.channels_last)
+    outputs = []
+    for layer in (nn.Sequential(conv, ours), nn.Sequential(conv, theirs, act)):
+        with torch.autocast("cuda", dtype=dtype):
+            y = layer(x)
+        y.float().square().mean().backward()
+        outputs.append(y)
+    assert outputs[0].dtype == outputs[1].dtype == dtype
+    torch.testing.assert_close(outputs[0].float(), outputs[1].float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-2, atol=1e-3)
