@@ -4,8 +4,9 @@ channels_last layouts.
 
 ``run(quick)`` returns the results and writes them to ``benchmarks/results/fold.json``
 (``fold_quick.json`` for a quick run); ``python benchmarks/fold_bench.py [--quick]`` does
-the same from the shell. Folded and unfolded calls alternate, so both see the same
-background load, and the figures are medians.
+the same from the shell. Folded and unfolded calls alternate
+(:func:`batchnorm.lab.timing.time_interleaved`), so both see the same background load, and
+the figures are medians.
 
 By default torch runs on ONE thread, and the benchmark records the thread's CPU time as
 well as wall-clock time. Our machines have 2 cores shared by several people: when other
@@ -22,13 +23,14 @@ import json
 import os
 import platform
 import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import batchnorm
 from batchnorm import example_models
+from batchnorm.lab.timing import time_interleaved, wall_and_cpu_seconds
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODELS = {
@@ -43,13 +45,6 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 FULL = (2, 11)
 QUICK = (1, 3)
 DEFAULT_THREADS = 1  # see the module docstring
-
-
-def _time_once(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    """(wall-clock, this thread's CPU time) of one call, in seconds."""
-    wall, cpu = time.perf_counter(), time.thread_time()
-    model(x)
-    return time.perf_counter() - wall, time.thread_time() - cpu
 
 
 def _median_ms(samples: list[tuple[float, float]], which: int) -> float:
@@ -83,13 +78,11 @@ def run(
                 with torch.inference_mode():
                     expected = model(x)
                     error = (folded(x) - expected).abs().max() / expected.abs().max()
-                    for _ in range(warmup):
-                        model(x)
-                        folded(x)
-                    unfolded_t, folded_t = [], []
-                    for _ in range(repeats):
-                        unfolded_t.append(_time_once(model, x))
-                        folded_t.append(_time_once(folded, x))
+                    runs = {"unfolded": partial(model, x), "folded": partial(folded, x)}
+                    times = time_interleaved(
+                        runs, reps=repeats, warmup=warmup, measure=wall_and_cpu_seconds
+                    )
+                unfolded_t, folded_t = times["unfolded"], times["folded"]
                 row = {
                     "model": name,
                     "input": label,

@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import distributed
+from batchnorm.lab.timing import time_interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sync_batchnorm.json"
 WORLD_SIZES = (2, 8, 64)
@@ -81,12 +83,10 @@ def _workloads() -> dict:
     return {"article_mlp_b128": (mlp, (128, 40)), "conv_bn2d_16x64x32x32": (conv, (16, 16, 32, 32))}
 
 
-def _time_steps(model: nn.Module, x: torch.Tensor, steps: int) -> float:
-    start = time.perf_counter()
+def _steps(model: nn.Module, x: torch.Tensor, steps: int) -> None:
     for _ in range(steps):
         model.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
-    return (time.perf_counter() - start) / steps
 
 
 def _step_time_worker(rounds: int, steps: int) -> dict:
@@ -95,25 +95,24 @@ def _step_time_worker(rounds: int, steps: int) -> dict:
     the median latency of one all_reduce of a forward message (C = 128), for context."""
     ctx = distributed.init_from_env(timeout_s=120)
     message = torch.zeros(2 * 128 + 1, dtype=torch.float64)  # the MLP layer's forward message
-    latencies = []
-    for _ in range(rounds * steps):
-        start = time.perf_counter()
-        torch.distributed.all_reduce(message)
-        latencies.append(time.perf_counter() - start)
-    results: dict = {"all_reduce_latency_ms": round(statistics.median(latencies) * 1e3, 4)}
+    all_reduce = partial(torch.distributed.all_reduce, message)
+    latencies = time_interleaved({"all_reduce": all_reduce}, reps=rounds * steps, warmup=0)
+    latency_ms = statistics.median(latencies["all_reduce"]) * 1e3
+    results: dict = {"all_reduce_latency_ms": round(latency_ms, 4)}
     for name, (factory, shape) in _workloads().items():
         torch.manual_seed(0)
         local = factory()
         synced = batchnorm.convert_sync_batchnorm(factory())
         x = torch.randn(shape, generator=torch.Generator().manual_seed(ctx.rank))
-        times: dict[str, list[float]] = {"local": [], "sync": []}
         for model in (local, synced):  # warm-up (first collectives connect, caches fill)
-            _time_steps(model, x, 3)
-        for _ in range(rounds):
-            times["local"].append(_time_steps(local, x, steps))
-            times["sync"].append(_time_steps(synced, x, steps))
-        local_ms = statistics.median(times["local"]) * 1e3
-        sync_ms = statistics.median(times["sync"]) * 1e3
+            _steps(model, x, 3)
+        runs = {
+            "local": partial(_steps, local, x, steps),
+            "sync": partial(_steps, synced, x, steps),
+        }
+        times = time_interleaved(runs, reps=rounds, warmup=0)
+        local_ms = statistics.median(times["local"]) / steps * 1e3
+        sync_ms = statistics.median(times["sync"]) / steps * 1e3
         results[name] = {
             "input_shape_per_rank": list(shape),
             "local_ms": round(local_ms, 4),

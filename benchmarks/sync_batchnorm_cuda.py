@@ -15,8 +15,8 @@ import argparse
 import json
 import os
 import statistics
-import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import distributed
+from batchnorm.lab.timing import time_interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sync_batchnorm_cuda.json"
 #: The project's parity tolerances (tests/conftest.py), relative to the largest magnitude.
@@ -120,17 +121,17 @@ def _synchronize(x):
         torch.cuda.synchronize(x.device)
 
 
+def _steps(model, x, steps):
+    _synchronize(x)
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+    _synchronize(x)
+
+
 def _step_ms(model, x, steps, rounds):
-    times = []
-    for _ in range(rounds):
-        _synchronize(x)
-        start = time.perf_counter()
-        for _ in range(steps):
-            model.zero_grad(set_to_none=True)
-            model(x).square().mean().backward()
-        _synchronize(x)
-        times.append((time.perf_counter() - start) / steps * 1e3)
-    return round(statistics.median(times), 4)
+    times = time_interleaved({"steps": partial(_steps, model, x, steps)}, reps=rounds, warmup=0)
+    return round(statistics.median(times["steps"]) / steps * 1e3, 4)
 
 
 def _worker(backend, quick):
@@ -170,7 +171,7 @@ def _worker(backend, quick):
     for label, model in models.items():
         try:
             model.to(device)
-            _step_ms(model, x, 3, 1)  # warm-up
+            _steps(model, x, 3)  # warm-up
             timing[label] = _step_ms(model, x, steps, rounds)
         except Exception as err:
             timing[label] = f"{type(err).__name__}: {err}"

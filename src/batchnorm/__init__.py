@@ -1,20 +1,13 @@
 """batchnorm: Batch Normalization for PyTorch — drop-in modules, fast kernels, model tools."""
 
 from batchnorm import distributed, functional, reference
-from batchnorm.distributed import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
-from batchnorm.folding import FoldReport, fold
-from batchnorm.interop import from_keras
-from batchnorm.modules import (
+from batchnorm.nn import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
     BatchNormAct1d,
     BatchNormAct2d,
     BatchNormAct3d,
-)
-from batchnorm.recalibration import recalibrate
-from batchnorm.transforms import convert, freeze, unfreeze
-from batchnorm.variants import (
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
@@ -27,9 +20,19 @@ from batchnorm.variants import (
     InPlaceBatchNormAct1d,
     InPlaceBatchNormAct2d,
     InPlaceBatchNormAct3d,
-    paper_dmax,
-    paper_rmax,
+    SyncBatchNorm,
 )
+from batchnorm.nn.renorm import paper_dmax, paper_rmax
+from batchnorm.tools.convert import (
+    convert,
+    convert_sync_batchnorm,
+    freeze,
+    revert_sync_batchnorm,
+    unfreeze,
+)
+from batchnorm.tools.fold import FoldReport, fold
+from batchnorm.tools.keras import from_keras
+from batchnorm.tools.recalibrate import recalibrate
 
 __version__ = "0.1.0"
 

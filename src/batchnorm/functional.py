@@ -81,14 +81,9 @@ def _batch_norm(
 
     ``keep_output_only`` saves only the output for backward and recovers the input from it
     (InPlace-ABN); the activation must then be invertible and there is no residual."""
-    activation = "identity" if activation is None else activation
     check_inputs(input, running_mean, running_var, weight, bias, residual, training, where)
     check_eps(eps, training, where)
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"{where}: unknown activation {activation!r}; expected one of "
-            f"{[a for a in ACTIVATIONS if a != 'identity'] + [None]}."
-        )
+    activation = check_activation(activation, where)
     if keep_output_only:
         check_invertible(activation, negative_slope, where)
         if residual is not None:
@@ -101,6 +96,18 @@ def _batch_norm(
         0.0 if momentum is None else momentum, eps, activation, negative_slope,
         unbiased_running_var, keep_output_only,
     )  # fmt: skip
+
+
+def check_activation(activation: str | None, where: str) -> str:
+    """The fused activation's name, ``"identity"`` for None; ValueError if it is unknown."""
+    if activation is None:
+        return "identity"
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{where}: unknown activation {activation!r}; expected one of "
+            f"{[a for a in ACTIVATIONS if a != 'identity']} or None (no activation)."
+        )
+    return activation
 
 
 def check_eps(eps: float, training: bool, where: str) -> None:

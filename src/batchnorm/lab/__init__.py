@@ -7,7 +7,8 @@
 * :mod:`~batchnorm.lab.probes`: hook-based activation quantiles and gradient norms
 * :mod:`~batchnorm.lab.plots`, :mod:`~batchnorm.lab.report`: figures, ``report.html``
 * :mod:`~batchnorm.lab.demo`, :mod:`~batchnorm.lab.reproduce`: the two commands
-* :mod:`~batchnorm.lab.timing`: epoch time per batch-norm implementation (``make bench``)
+* :mod:`~batchnorm.lab.timing`: the benchmarks' timing helper; epoch time per batch-norm
+  implementation (``make bench``)
 
 Needs the ``lab`` extra (mnist1d, matplotlib, rich), imported only where used.
 """

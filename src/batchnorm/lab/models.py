@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-import batchnorm
+from batchnorm.nn import flavour
 
 #: Which batch-norm implementation a model uses: ours, torch.nn's, or none.
 BN_CHOICES = ("batchnorm", "torch")
@@ -22,10 +22,8 @@ def batch_norm_1d(features: int, bn: str | None) -> nn.Module:
     or ``nn.Identity`` (``None``)."""
     if bn is None:
         return nn.Identity()
-    if bn == "batchnorm":
-        return batchnorm.BatchNorm1d(features)
-    if bn == "torch":
-        return nn.BatchNorm1d(features)
+    if bn in BN_CHOICES:  # families of batchnorm.nn.FLAVOURS
+        return flavour(bn, 1)(features)
     raise ValueError(f"unknown batch-norm implementation {bn!r}; expected one of {BN_CHOICES}.")
 
 

@@ -1,22 +1,83 @@
-"""How long one epoch of the demo takes with each batch-norm implementation.
+"""Timing: the one helper every benchmark uses, and the demo's epoch time.
+
+:func:`time_interleaved` calls the contenders of a benchmark in turn, call by call, so that
+a machine that slows down or speeds up during the measurement (our machines are shared)
+affects them alike; ``batchnorm bench`` and the scripts in ``benchmarks/`` time with it.
 
 :func:`epoch_seconds` trains the article's model with :func:`batchnorm.lab.fit.fit` (the
 demo's own loop, without probes) using ``batchnorm.BatchNorm1d``, ``torch.nn.BatchNorm1d``
-and no BN, interleaving the implementations so that a machine that slows down or speeds up
-during the measurement affects them alike. ``make bench`` reports the result.
+and no BN, interleaved in the same way. ``make bench`` reports the result.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
 
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.fit import adam, fit, resolve_device, torch_threads
 from batchnorm.lab.models import article_model
+
+T = TypeVar("T")
+
+
+def wall_seconds(run: Callable[[], object]) -> float:
+    """Wall-clock seconds of one call of ``run``."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def wall_and_cpu_seconds(run: Callable[[], object]) -> tuple[float, float]:
+    """(wall-clock seconds, this thread's CPU seconds) of one call of ``run``. With torch on
+    one thread the CPU time is the computation's own cost, whatever else the machine runs."""
+    cpu = time.thread_time()
+    wall = wall_seconds(run)
+    return wall, time.thread_time() - cpu
+
+
+def reported_seconds(run: Callable[[], float]) -> float:
+    """The seconds ``run`` returns: for work that times only part of itself (e.g. the
+    training steps of an epoch, without evaluation)."""
+    return float(run())
+
+
+def time_interleaved(
+    runs: Mapping[str, Callable[[], Any]],
+    *,
+    reps: int | None = None,
+    budget: float = 1.0,
+    bounds: tuple[int, int] = (1, 1_000_000),
+    warmup: int = 3,
+    measure: Callable[[Callable[[], Any]], T] = wall_seconds,
+) -> dict[str, list[T]]:
+    """Call the ``runs`` in turn, call by call, and return ``{name: [measure of each call]}``
+    (wall-clock seconds by default; see :func:`wall_and_cpu_seconds`,
+    :func:`reported_seconds`).
+
+    Each run is first called ``warmup`` times untimed (first-call costs: allocations,
+    compilation, caches). Then ``reps`` rounds, or, when ``reps`` is None, as many as take
+    about ``budget`` seconds per run at the speed of its slowest warm-up call, within
+    ``bounds`` (so a budget needs ``warmup >= 1``)."""
+    slowest = 0.0
+    for run in runs.values():
+        for _ in range(warmup):
+            slowest = max(slowest, wall_seconds(run))
+    if reps is None:
+        if warmup < 1:
+            raise ValueError("time_interleaved: a time budget needs warmup >= 1 (or give reps).")
+        reps = int(min(bounds[1], max(bounds[0], budget / max(slowest, 1e-9))))
+    times: dict[str, list[T]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            times[name].append(measure(run))
+    return times
+
 
 #: MNIST-1D's shape (the demo's default data): 4000 training samples of 40 features, 10
 #: classes. The cost of an epoch does not depend on the values, so random data stands in
@@ -69,13 +130,11 @@ def epoch_seconds(
         )  # fmt: skip
         return history.train_seconds / n_epochs
 
-    samples: dict[str, list[float]] = {impl: [] for impl in implementations}
     with torch_threads(threads):
         for impl in implementations:
             one_run(impl, 1)  # warm-up: first-call costs (allocations, lazy init)
-        for _ in range(repeats):
-            for impl in implementations:
-                samples[impl].append(one_run(impl, epochs))
+        runs = {impl: partial(one_run, impl, epochs) for impl in implementations}
+        samples = time_interleaved(runs, reps=repeats, warmup=0, measure=reported_seconds)
     medians = {impl: statistics.median(v) for impl, v in samples.items()}
     result: dict[str, Any] = {
         "model": f"article_model({data.num_features}, {data.num_classes}): Linear + ReLU -> "

@@ -76,3 +76,25 @@ def test_frozen_target_computes_eval_outputs():
     assert isinstance(frozen[1], batchnorm.FrozenBatchNorm2d)
     assert isinstance(frozen[6], batchnorm.FrozenBatchNorm1d)
     torch.testing.assert_close(frozen(x), expected)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_unfreeze_keeps_a_fused_activation_in_a_batch_norm_act(dims):
+    shape = {1: (6, 3), 2: (4, 3, 2, 2), 3: (2, 3, 2, 2, 2)}[dims]
+    act = getattr(batchnorm, f"BatchNormAct{dims}d")(3, activation="leaky_relu",
+                                                     negative_slope=0.2)  # fmt: skip
+    plain = getattr(batchnorm, f"BatchNorm{dims}d")(3)
+    model = nn.Sequential(act, plain)
+    model(random_input(shape))  # move the running statistics
+    model.eval()
+    x = random_input(shape, seed=1)
+    expected = model(x)
+    frozen, _ = batchnorm.freeze(model)
+    assert frozen[0].activation == "leaky_relu" and frozen[1].activation is None
+    thawed, report = batchnorm.unfreeze(frozen)
+    assert type(thawed[0]) is type(act) and type(thawed[1]) is type(plain)
+    assert (thawed[0].activation, thawed[0].negative_slope) == ("leaky_relu", 0.2)
+    assert thawed[1].activation is None
+    assert report[0] == f"0: FrozenBatchNorm{dims}d -> BatchNormAct{dims}d"
+    assert set(thawed.state_dict()) == set(model.state_dict())
+    torch.testing.assert_close(thawed(x), expected)

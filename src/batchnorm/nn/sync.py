@@ -1,6 +1,6 @@
-"""Batch norm across processes: SyncBatchNorm on torch.distributed, and the few pieces a
-training script needs around it (process group from torchrun's environment, DDP wrapping,
-gathering results on rank 0, a local launcher).
+"""Batch norm across processes: SyncBatchNorm on torch.distributed. The pieces a training
+script needs around it (process group from torchrun's environment, DDP wrapping, gathering
+results on rank 0, a local launcher) are in :mod:`batchnorm.distributed`.
 
 Protocol of one SyncBatchNorm layer in one training step, for C channels:
 
@@ -39,16 +39,6 @@ handled by NCCL's watchdog, which aborts the process group.
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing
-import os
-import pickle
-import socket
-import time
-import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from multiprocessing.connection import wait
 from typing import Any
 
 import torch
@@ -57,19 +47,13 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from batchnorm import reference
-from batchnorm.functional import check_inputs
-from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
+from batchnorm.functional import check_activation, check_inputs
+from batchnorm.nn.base import _BatchNormBase, full_signature
 from batchnorm.ops import select_backend
-from batchnorm.transforms import _swap
 
 #: dtype of the forward message: float64 keeps Σ(x − s)² − M·(mean − s)² accurate when the
 #: shift is far from the mean (see the module docstring's error bound), for every input dtype.
 STATS_MESSAGE_DTYPE = torch.float64
-
-#: Process-group timeout of :func:`init_from_env`: a rank that stops answering makes the
-#: others raise after this long (a dead process is noticed at once by gloo). Long enough for
-#: a slow first step (data loading, compilation), far below torch's default of 30 minutes.
-DEFAULT_TIMEOUT_S = 300.0
 
 
 def sync_message_bytes(num_features: int, dtype: torch.dtype = torch.float32) -> dict[str, int]:
@@ -250,6 +234,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 # The module
 
 
+@full_signature
 class SyncBatchNorm(_BatchNormBase):
     """Batch norm whose training statistics are those of the whole batch across the
     processes of ``process_group`` (default: the whole world), on CPU (gloo) or CUDA (NCCL).
@@ -260,8 +245,9 @@ class SyncBatchNorm(_BatchNormBase):
     a group of one process, it is plain batch norm and makes no collective call.
 
     ``activation``/``negative_slope`` (instance attributes, set by
-    :func:`convert_sync_batchnorm` from a fused layer) apply the activation in the same pass.
-    ``original_class`` is what :func:`revert_sync_batchnorm` turns the layer back into.
+    :func:`batchnorm.convert_sync_batchnorm` from a fused layer) apply the activation in the
+    same pass. ``original_class`` is what :func:`batchnorm.revert_sync_batchnorm` turns the
+    layer back into.
     """
 
     _ranks = None  # any rank >= 2
@@ -277,14 +263,13 @@ class SyncBatchNorm(_BatchNormBase):
         process_group: Any = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-        unbiased_running_var: bool = True,
+        **options: Any,
     ) -> None:
+        """``**options``: the keyword-only parameters of ``BatchNormNd``, passed on (``bias``,
+        ``unbiased_running_var``)."""
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            bias=bias, unbiased_running_var=unbiased_running_var,
-        )  # fmt: skip
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **options
+        )
         self.process_group = process_group
         self.original_class: type[nn.Module] | None = None
         self.last_input_rank: int | None = None  # revert's choice when original_class is None
@@ -309,12 +294,7 @@ class SyncBatchNorm(_BatchNormBase):
         running_var = self.running_var if track else None
         check_inputs(input, running_mean, running_var, self.weight, self.bias, residual, True,
                      where, check_count=False)  # fmt: skip
-        activation = "identity" if self.activation is None else self.activation
-        if activation not in reference.ACTIVATIONS:
-            raise ValueError(
-                f"{where}: unknown activation {activation!r}; expected one of "
-                f"{[a for a in reference.ACTIVATIONS if a != 'identity'] + [None]}."
-            )
+        activation = check_activation(self.activation, where)
         if self._agreed_group != id(group):
             _check_agreement(input, group, where)
             self._agreed_group = id(group)
@@ -351,304 +331,3 @@ class SyncBatchNorm(_BatchNormBase):
                 running_mean, running_var, mean, var, count, momentum, self.unbiased_running_var
             )
         return y
-
-
-# ---------------------------------------------------------------------------------------
-# Conversion
-
-_TORCH_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_PLAIN_BY_RANK = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
-
-
-def _convertible(module: nn.Module) -> bool:
-    """torch.nn's batch norms (exact types) and ours whose computation is the plain one
-    (BatchNorm1d/2d/3d and fused-activation layers). Variants that override forward (ghost,
-    renorm, frozen, ...) keep their own behaviour and are left alone, as are subclasses of
-    torch's classes, whose forward may do more than batch norm."""
-    if isinstance(module, SyncBatchNorm):
-        return False
-    if type(module) in _TORCH_BATCH_NORMS:
-        return True
-    return isinstance(module, _BatchNormBase) and type(module).forward is _BatchNormBase.forward
-
-
-def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
-    """Replace the batch-norm layers of ``module`` by :class:`SyncBatchNorm`, in place, and
-    return it (a module that is itself a batch-norm layer is returned converted).
-
-    Converts torch.nn's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` and this package's plain
-    and fused-activation layers (the activation stays fused); weights, buffers, options,
-    ``requires_grad``, training mode, device and dtype are kept, and each new layer remembers
-    its original class for :func:`revert_sync_batchnorm`."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(
-            f"convert_sync_batchnorm: expected an nn.Module, got {type(module).__name__}."
-        )
-    if _convertible(module):
-        sync = _swap(module, SyncBatchNorm)
-        sync.process_group = process_group
-        sync.activation = getattr(module, "activation", None)
-        sync.negative_slope = getattr(module, "negative_slope", 0.01)
-        sync.original_class = type(module)
-        if hasattr(module, "qconfig"):
-            sync.qconfig = module.qconfig
-        return sync
-    for name, child in list(module.named_children()):
-        setattr(module, name, convert_sync_batchnorm(child, process_group))
-    return module
-
-
-def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Turn every :class:`SyncBatchNorm` in ``module`` back into a single-process layer, in
-    place, and return it.
-
-    A layer made by :func:`convert_sync_batchnorm` gets its original class back. One built
-    directly becomes this package's ``BatchNorm1d/2d/3d``, chosen by the rank of the last
-    input it saw (2-D/3-D: 1d, 4-D: 2d, 5-D: 3d), with its fused activation kept; a layer
-    that has never run, or saw another rank, raises ValueError."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(
-            f"revert_sync_batchnorm: expected an nn.Module, got {type(module).__name__}."
-        )
-    if isinstance(module, SyncBatchNorm):
-        return _revert(module)
-    for name, child in list(module.named_children()):
-        setattr(module, name, revert_sync_batchnorm(child))
-    return module
-
-
-def _revert(sync: SyncBatchNorm) -> nn.Module:
-    rank = sync.last_input_rank
-    target = sync.original_class or (None if rank is None else _PLAIN_BY_RANK.get(rank))
-    if target is None:
-        seen = "has not run yet" if rank is None else f"last saw a {rank}-D input"
-        raise ValueError(
-            f"revert_sync_batchnorm: {sync.layer_name} was not made by convert_sync_batchnorm "
-            f"and {seen}, so the BatchNormNd to revert to is unknown. Hint: run one forward "
-            f"pass first, or set layer.original_class (e.g. batchnorm.BatchNorm2d)."
-        )
-    plain = _swap(sync, target)
-    if isinstance(plain, nn.SyncBatchNorm):
-        plain.process_group = sync.process_group
-    if isinstance(plain, _BatchNormBase):
-        for name in ("activation", "negative_slope"):
-            if getattr(plain, name) != getattr(sync, name):
-                setattr(plain, name, getattr(sync, name))
-    elif sync.activation is not None:
-        raise ValueError(
-            f"revert_sync_batchnorm: {sync.layer_name} fuses activation "
-            f"{sync.activation!r}, which {target.__name__} cannot apply. Hint: set "
-            f"layer.original_class to one of batchnorm's classes."
-        )
-    if hasattr(sync, "qconfig"):
-        plain.qconfig = sync.qconfig
-    return plain
-
-
-# ---------------------------------------------------------------------------------------
-# Training across processes: torchrun environment, DDP, results on rank 0, a local launcher
-
-
-@dataclass(frozen=True)
-class DistributedContext:
-    """Where this process stands in the process group."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-_ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def init_from_env(
-    backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
-) -> DistributedContext:
-    """Join the process group described by torchrun's environment variables (RANK,
-    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and return this process's context.
-
-    ``backend`` defaults to NCCL when CUDA is available (one GPU per local rank) and gloo
-    otherwise. A process group that is already initialized is reused."""
-    missing = [name for name in _ENV_VARS if name not in os.environ]
-    if missing and not dist.is_initialized():
-        raise RuntimeError(
-            f"init_from_env: environment variables {missing} are not set. Hint: start the "
-            f"script with torchrun, e.g. `torchrun --nproc_per_node=2 -m batchnorm demo "
-            f"--distributed`, or with batchnorm.distributed.launch."
-        )
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        if backend is None:
-            use_nccl = torch.cuda.is_available() and dist.is_nccl_available()
-            backend = "nccl" if use_nccl else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(
-            backend,
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
-    backend = dist.get_backend()
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
-
-
-def wrap_model(
-    model: nn.Module, context: DistributedContext, *, sync_batchnorm: bool = True
-) -> nn.parallel.DistributedDataParallel:
-    """Convert the model's batch norms to SyncBatchNorm (unless ``sync_batchnorm=False``),
-    move it to the context's device and wrap it in DistributedDataParallel, which makes
-    every rank start from rank 0's weights and averages gradients."""
-    if sync_batchnorm:
-        model = convert_sync_batchnorm(model)
-    model = model.to(context.device)
-    device_ids = [context.device.index] if context.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-def gather_on_main(obj: Any, context: DistributedContext) -> list[Any] | None:
-    """Every rank's (picklable) ``obj``, in rank order, on rank 0; None on other ranks."""
-    gathered: list[Any] | None = [None] * context.world_size if context.is_main else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered
-
-
-def local_slice(total: int, context: DistributedContext) -> slice:
-    """This rank's contiguous share of ``total`` items; the first ``total % world_size``
-    ranks get one more, so shares differ by at most one and cover everything in order."""
-    base, extra = divmod(total, context.world_size)
-    start = context.rank * base + min(context.rank, extra)
-    return slice(start, start + base + (context.rank < extra))
-
-
-def shutdown() -> None:
-    """Leave the process group, if this process is in one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-@dataclass(frozen=True)
-class RankFailure:
-    """What :func:`launch` returns, with ``strict=False``, for a rank that gave no result."""
-
-    rank: int
-    exitcode: int | None
-    error: str
-
-
-def launch(
-    fn: Callable[..., Any],
-    world_size: int,
-    args: Sequence[Any] = (),
-    *,
-    timeout_s: float = 120.0,
-    strict: bool = True,
-    threads: int | None = None,
-) -> list[Any]:
-    """Run ``fn(*args)`` in ``world_size`` fresh processes on this machine, as torchrun
-    would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, MASTER_PORT are set; ``fn``
-    calls :func:`init_from_env`), and return their results in rank order.
-
-    ``fn`` and its results must be picklable (a module-level function); tensors in the
-    results are copied, so they outlive the process that made them. Each process uses
-    ``threads`` intra-op threads (default: the CPU count shared out). After ``timeout_s``
-    every process still running is killed and TimeoutError is raised, so a hang can never
-    outlive the call. A rank that raises or dies makes ``launch`` raise RuntimeError, or,
-    with ``strict=False``, gives a :class:`RankFailure` in its place."""
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"launch: world_size must be a positive int, got {world_size!r}.")
-    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
-    context = multiprocessing.get_context("spawn")
-    port = _free_port()
-    processes, pipes = [], []
-    for rank in range(world_size):
-        receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(
-            target=_launched,
-            args=(fn, tuple(args), rank, world_size, port, threads, sender),
-            daemon=True,
-        )
-        process.start()
-        sender.close()  # the child holds the only writer: EOF when it dies
-        processes.append(process)
-        pipes.append(receiver)
-    deadline = time.monotonic() + timeout_s
-    results: dict[int, Any] = {}
-    try:
-        while len(results) < world_size:
-            left = deadline - time.monotonic()
-            pending = [r for r in range(world_size) if r not in results]
-            if left <= 0:
-                raise TimeoutError(
-                    f"launch: ranks {pending} gave no result within {timeout_s:.0f} s; all "
-                    f"processes were killed. Hint: a rank is stuck in a collective, or the "
-                    f"work needs a larger timeout_s."
-                )
-            wait([pipes[r] for r in pending], timeout=left)
-            for rank in pending:
-                if pipes[rank].poll():
-                    try:
-                        # Our own child's message (see _launched): as trusted as recv().
-                        status, payload = pickle.loads(pipes[rank].recv_bytes())
-                    except EOFError:  # died without a word
-                        status, payload = "died", "the process exited without a result"
-                    except Exception:  # e.g. the result's class cannot be imported here
-                        status = "error"
-                        payload = f"its result could not be unpickled:\n{traceback.format_exc()}"
-                    if status == "ok":
-                        results[rank] = payload
-                    else:
-                        processes[rank].join(5)
-                        results[rank] = RankFailure(rank, processes[rank].exitcode, payload)
-    finally:
-        for process in processes:  # let them leave the group, then make sure they are gone
-            process.join(max(0.0, min(5.0, deadline - time.monotonic())))
-            if process.is_alive():
-                process.kill()
-                process.join()
-    ordered = [results[r] for r in range(world_size)]
-    failures = [r for r in ordered if isinstance(r, RankFailure)]
-    if strict and failures:
-        details = "\n".join(f"--- rank {f.rank} (exit code {f.exitcode}):\n{f.error}"
-                            for f in failures)  # fmt: skip
-        raise RuntimeError(f"launch: {len(failures)} of {world_size} ranks failed.\n{details}")
-    return ordered
-
-
-def _launched(fn, args, rank, world_size, port, threads, pipe) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(threads)
-    try:
-        message: tuple[str, Any] = ("ok", fn(*args))
-    except BaseException:  # report everything, KeyboardInterrupt included
-        message = ("error", traceback.format_exc())
-    # Plain pickle, not pipe.send: multiprocessing's pickler, which torch extends, sends a
-    # tensor as a handle to this process's shared memory, gone once this process exits
-    # (the parent then fails to open it). Plain pickle copies the tensors' data.
-    try:
-        data = pickle.dumps(message)
-    except Exception:
-        failure = f"the result could not be pickled:\n{traceback.format_exc()}"
-        data = pickle.dumps(("error", failure))
-    pipe.send_bytes(data)
-    pipe.close()
-    try:
-        shutdown()
-    except Exception:  # a broken group (a peer died) may not leave cleanly; the result is out
-        pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,11 +1,14 @@
-"""Command line: ``batchnorm demo``, ``batchnorm reproduce ioffe2015``, ``batchnorm fold`` and
-``batchnorm bench``."""
+"""The lab's commands: ``batchnorm demo`` and ``batchnorm reproduce ioffe2015``."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from batchnorm.fold_cli import add_fold_parser
+from batchnorm.lab import demo as lab_demo
+from batchnorm.lab import reproduce as lab_reproduce
+from batchnorm.lab.data import load_dataset
+from batchnorm.lab.fit import resolve_device, torch_threads
 
 #: Intra-op CPU threads the lab commands use by default (see batchnorm.lab.fit.torch_threads:
 #: the models are small, and a busy machine makes a thread pool slow).
@@ -58,14 +61,8 @@ def _add_lab_options(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="batchnorm", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    # The lab's defaults live in its modules (light imports: torch is loaded already).
-    from batchnorm.lab import demo as lab_demo
-    from batchnorm.lab import reproduce as lab_reproduce
-
+def add_lab_parsers(commands: Any) -> None:
+    """The ``demo`` and ``reproduce`` subcommands, with the lab's defaults."""
     demo = commands.add_parser(
         "demo", help="train the article's model with and without BN, plot and report"
     )
@@ -115,39 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_lab_options(reproduce, out="batchnorm-report/ioffe2015")
 
-    add_fold_parser(commands)
 
-    from batchnorm import bench
-
-    bench.add_arguments(commands.add_parser("bench", help="time the CPU kernels against ATen"))
-
-    args = parser.parse_args(argv)
-    if args.command == "bench":
-        return bench.run_from_args(args)
+def run_lab_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run ``demo`` or ``reproduce`` as parsed by :func:`add_lab_parsers`."""
     if args.command == "demo":
         return _run_lab(
             parser, args, lab_demo.run_demo, epochs=args.epochs, batch_size=args.batch_size,
             lr=args.lr, distributed=args.distributed,
         )  # fmt: skip
-    if args.command == "reproduce":
-        return _run_lab(
-            parser, args, lab_reproduce.run_ioffe2015, steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
-            activation=args.activation, threshold=args.threshold, unit=args.unit,
-        )  # fmt: skip
-    if args.command == "fold":
-        from batchnorm.fold_cli import run_fold
-
-        return run_fold(args)
-    return 2
+    return _run_lab(
+        parser, args, lab_reproduce.run_ioffe2015, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+        activation=args.activation, threshold=args.threshold, unit=args.unit,
+    )  # fmt: skip
 
 
 def _run_lab(parser: argparse.ArgumentParser, args: argparse.Namespace, run, **options) -> int:
     """Load the data, run a lab command; bad data or settings end with a message, not a
     traceback."""
-    from batchnorm.lab.data import load_dataset
-    from batchnorm.lab.fit import resolve_device, torch_threads
-
     try:
         resolve_device(args.device)
         data = load_dataset(args.data, args.data_dir)

@@ -11,14 +11,15 @@ What is measured, in float32 with torch's thread count (Numba follows it):
   batch norm: our fused ``BatchNormAct``, our ``BatchNorm`` followed by ``torch.relu``, and
   torch.nn's followed by ``torch.relu``);
 * contenders ``aten`` (``torch.nn.BatchNorm*d``), ``ours`` (``batchnorm.BatchNorm*d``, which
-  dispatches plain batch norm to ATen where that is faster, see ``ops._use_aten``),
+  dispatches plain batch norm to ATen where that is faster, see :mod:`batchnorm.backends`),
   ``ours_numba`` (the same layer forced onto the Numba kernels) and ``compiled_reference``
   (``torch.compile`` of the plain-torch math of :mod:`batchnorm.reference`, compilation
   excluded from the timings).
 
 Every contender's output (and input gradient) is first checked against ATen's; the check's
 largest error is part of the results. Calls alternate between contenders, so that all see
-the same background load, and each figure is the median (and the minimum) of many calls.
+the same background load (:func:`batchnorm.lab.timing.time_interleaved`), and each figure
+is the median (and the minimum) of many calls.
 
 Effective bandwidth uses a stated minimal-traffic model: the bytes a batch-norm pass must
 move between the cores and memory if nothing stays in cache between passes, in tensor
@@ -54,8 +55,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-import batchnorm
 from batchnorm import ops, reference
+from batchnorm.lab.timing import time_interleaved
+from batchnorm.nn import dims_of_input, flavour
 
 #: (label, shape, channels_last): the shapes of the project's CPU performance targets.
 SHAPES: list[tuple[str, tuple[int, ...], bool]] = [
@@ -120,21 +122,19 @@ def _reference_bn(x, weight, bias, running_mean, running_var, training, momentum
 
 def _layers(shape: tuple[int, ...], activation: str | None = None) -> dict[str, nn.Module]:
     """torch.nn's layer and ours (plain, and fused when activation is set), same state."""
-    kind = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(shape)]
+    dims = dims_of_input(len(shape))
     channels = shape[1]
     torch.manual_seed(0)
-    aten = getattr(nn, f"BatchNorm{kind}")(channels)
+    aten = flavour("torch", dims)(channels)
     with torch.no_grad():
         aten.weight.uniform_(0.5, 1.5)
         aten.bias.normal_()
         aten.running_mean.normal_()
         aten.running_var.uniform_(0.5, 1.5)
-    ours = getattr(batchnorm, f"BatchNorm{kind}")
+    ours = flavour("batchnorm", dims)
     layers = {"aten": aten, "ours": ours(channels), "ours_numba": ours(channels)}
     if activation:
-        layers["ours_fused"] = getattr(batchnorm, f"BatchNormAct{kind}")(
-            channels, activation=activation
-        )
+        layers["ours_fused"] = flavour("act", dims)(channels, activation=activation)
     for layer in layers.values():
         layer.load_state_dict(aten.state_dict())
     return layers
@@ -217,24 +217,6 @@ def _check(fn: Callable[[Tensor], Tensor], expected: tuple[Tensor, ...], x: Tens
     )
 
 
-def _time(runs: dict[str, Callable[[], None]], budget: float, bounds: tuple[int, int]):
-    """Alternate the contenders call by call; {name: [seconds per call]}."""
-    slowest = 0.0
-    for run in runs.values():
-        for _ in range(WARMUP):
-            start = time.perf_counter()
-            run()
-            slowest = max(slowest, time.perf_counter() - start)
-    reps = int(min(bounds[1], max(bounds[0], budget / max(slowest, 1e-9))))
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def run(
     shapes: list[tuple[str, tuple[int, ...], bool]] | None = None,
     modes: tuple[str, ...] = MODES,
@@ -275,7 +257,9 @@ def run(
             runs = {name: _runner(fn, x, dy, backward) for name, fn in fns.items()}
             # The copy takes its turn among the contenders: it meets the caches they leave.
             runs["copy"] = lambda dst=dst, x=x: dst.copy_(x)
-            times = _time(runs, TIME_BUDGET[level], REPS_BOUNDS[level])
+            times = time_interleaved(
+                runs, budget=TIME_BUDGET[level], bounds=REPS_BOUNDS[level], warmup=WARMUP
+            )
             log(f"  {mode}: {time.perf_counter() - start:.1f} s")
             medians = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
             copy_ms = medians.pop("copy")

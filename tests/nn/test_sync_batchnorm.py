@@ -607,10 +607,9 @@ def test_convert_a_bare_layer_and_revert_by_input_rank():
     assert type(batchnorm.convert_sync_batchnorm(nn.BatchNorm3d(2))) is SyncBatchNorm
     for shape, kind in (((4, 2), batchnorm.BatchNorm1d), ((2, 2, 3, 3), batchnorm.BatchNorm2d)):
         layer = SyncBatchNorm(2)
-        layer.activation = "relu"
         layer(torch.randn(shape))
         plain = batchnorm.revert_sync_batchnorm(layer)
-        assert type(plain) is kind and plain.activation == "relu"
+        assert type(plain) is kind and plain.activation is None
         assert torch.equal(plain.running_mean, layer.running_mean)
     with pytest.raises(ValueError, match="has not run yet.*original_class"):
         batchnorm.revert_sync_batchnorm(nn.Sequential(SyncBatchNorm(2)))
@@ -620,6 +619,30 @@ def test_convert_a_bare_layer_and_revert_by_input_rank():
         batchnorm.revert_sync_batchnorm(layer)
     with pytest.raises(TypeError, match="expected an nn.Module"):
         batchnorm.convert_sync_batchnorm("model")
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (2, 2, 3, 3), (2, 2, 3, 3, 2)])
+def test_revert_keeps_a_fused_activation_in_a_batch_norm_act(shape):
+    """A SyncBatchNorm with an activation reverts to BatchNormActNd, whether it was built
+    directly (the class chosen by the input rank) or converted from a plain BatchNormNd."""
+    kind = {2: batchnorm.BatchNormAct1d, 4: batchnorm.BatchNormAct2d,
+            5: batchnorm.BatchNormAct3d}[len(shape)]  # fmt: skip
+    plain = {2: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d, 5: batchnorm.BatchNorm3d}
+    x = random_input(shape, torch.float64)
+    built = SyncBatchNorm(2, dtype=torch.float64)
+    converted = batchnorm.convert_sync_batchnorm(plain[len(shape)](2, dtype=torch.float64))
+    for layer in (built, converted):
+        layer.activation, layer.negative_slope = "leaky_relu", 0.2
+        layer(x)  # the input rank, and running statistics that are not the initial ones
+        back = batchnorm.revert_sync_batchnorm(layer)
+        assert type(back) is kind
+        assert (back.activation, back.negative_slope) == ("leaky_relu", 0.2)
+        for key, value in layer.state_dict().items():
+            assert torch.equal(back.state_dict()[key], value)
+        assert_close(back(x), layer(x))
+        back.eval(), layer.eval()
+        assert_close(back(x), layer(x))
+        assert back(x).min() < 0  # leaky_relu's slope, not relu
 
 
 def test_init_from_env_without_torchrun_says_how_to_start(monkeypatch):

@@ -1,22 +1,30 @@
-"""Drop-in batch-norm modules: the constructor, parameters, buffers and state_dict of
-torch.nn.BatchNorm1d/2d/3d, running on :mod:`batchnorm.functional`.
+"""The shell of every trainable layer in :mod:`batchnorm.nn`: the constructor, parameters,
+buffers and state_dict of torch.nn.BatchNorm1d/2d/3d, the running-average step and the call
+of the one functional core (:mod:`batchnorm.functional`), with the checks every layer makes
+and the input ranks of the 1d/2d/3d flavours.
 
-They subclass ``torch.nn.modules.batchnorm._BatchNorm`` on purpose: tools across the
+The layers subclass ``torch.nn.modules.batchnorm._BatchNorm`` on purpose: tools across the
 ecosystem (``torch.optim.swa_utils.update_bn``, fvcore, timm, detectron2) find batch-norm
 layers with ``isinstance(m, _BatchNorm)``, and they keep working with ours.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.functional import InputError, _batch_norm
-from batchnorm.reference import ACTIVATIONS
+
+#: The N of the ``BatchNormNd`` flavour that takes inputs of each rank.
+DIMS_OF_INPUT_RANK = {2: 1, 3: 1, 4: 2, 5: 3}
+
+_Layer = TypeVar("_Layer", bound=type)
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def check_positive_int(layer: str, name: str, value: Any, meaning: str = "") -> int:
@@ -29,15 +37,6 @@ def check_positive_int(layer: str, name: str, value: Any, meaning: str = "") -> 
     if number < 1:
         raise ValueError(f"{layer}: {name} must be a positive int{meaning}, got {value!r}.")
     return number
-
-
-def check_activation(layer: str, activation: str | None) -> None:
-    """A layer's fused activation: None or one of reference.ACTIVATIONS."""
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(
-            f"{layer}: unknown activation {activation!r}; expected one of "
-            f"{[a for a in ACTIVATIONS if a != 'identity']} or None (no activation)."
-        )
 
 
 def check_layer_input(
@@ -54,10 +53,10 @@ def check_layer_input(
             f"input.unsqueeze(0)."
         )
     if ranks is not None and input.dim() not in ranks:
-        suggestion = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+        dims = DIMS_OF_INPUT_RANK.get(input.dim())
         hint = (
-            f"use the {suggestion[input.dim()]} flavour for {input.dim()}-D inputs."
-            if input.dim() in suggestion
+            f"use the BatchNorm{dims}d flavour for {input.dim()}-D inputs."
+            if dims is not None
             else "batch norm takes inputs of shape (N, C, *) with 2 to 5 dimensions."
         )
         raise ValueError(
@@ -70,6 +69,34 @@ def check_layer_input(
             f"{tuple(input.shape)} with {input.shape[1]}. Hint: set num_features to the number "
             f"of channels of the layer before."
         )
+
+
+def full_signature(cls: _Layer) -> _Layer:
+    """Class decorator for a layer whose ``__init__`` names only its own options and passes
+    the others on to its parent through ``*args``/``**kwargs``: the signature that
+    ``inspect.signature`` and ``help`` show lists the parameters passed on, in the parent's
+    order, where ``*args`` (positional ones) and ``**kwargs`` (keyword-only ones) stand."""
+    init = cls.__dict__["__init__"]
+    own = list(inspect.signature(init).parameters.values())
+    kinds = {p.kind for p in own}
+    named = {p.name for p in own}
+    parent = super(cls, cls).__init__
+    passed = [p for p in inspect.signature(parent).parameters.values() if p.name not in named]
+    positional = [p for p in passed if p.kind in _POSITIONAL]
+    keyword = [p for p in passed if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    if inspect.Parameter.VAR_POSITIONAL not in kinds:  # only by keyword, through **kwargs
+        keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in positional] + keyword
+        positional = []
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        keyword = []
+    init.__signature__ = inspect.Signature(
+        [p for p in own if p.kind in _POSITIONAL]
+        + positional
+        + keyword
+        + [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY],
+        return_annotation=inspect.signature(init).return_annotation,
+    )
+    return cls
 
 
 class _BatchNormBase(_BatchNorm):
@@ -193,64 +220,3 @@ class _Dims2d:
 class _Dims3d:
     _ranks = (5,)
     _layout = "(N, C, D, H, W)"
-
-
-class BatchNorm1d(_Dims1d, _BatchNormBase):
-    """Drop-in ``torch.nn.BatchNorm1d`` for (N, C) or (N, C, L) inputs."""
-
-
-class BatchNorm2d(_Dims2d, _BatchNormBase):
-    """Drop-in ``torch.nn.BatchNorm2d`` for (N, C, H, W) inputs, contiguous or channels_last."""
-
-
-class BatchNorm3d(_Dims3d, _BatchNormBase):
-    """Drop-in ``torch.nn.BatchNorm3d`` for (N, C, D, H, W) inputs."""
-
-
-class _BatchNormActBase(_BatchNormBase):
-    """Batch norm followed by an activation, fused in one kernel: y = act(BN(x) [+ residual]).
-
-    Parameters, buffers and state_dict are those of the plain layer, so a torch.nn
-    BatchNorm checkpoint loads as is; ``forward(input, residual=None)`` adds an optional
-    residual (same shape as the input) before the activation."""
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-        unbiased_running_var: bool = True,
-        activation: str | None = "relu",
-        negative_slope: float = 0.01,
-    ) -> None:
-        name = type(self).__name__
-        check_activation(name, activation)
-        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
-            raise TypeError(
-                f"{name}: negative_slope must be a number (the slope of leaky_relu below "
-                f"zero), got {type(negative_slope).__name__}."
-            )
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            bias=bias, unbiased_running_var=unbiased_running_var,
-        )  # fmt: skip
-        self.activation = None if activation == "identity" else activation
-        self.negative_slope = float(negative_slope)
-
-
-class BatchNormAct1d(_Dims1d, _BatchNormActBase):
-    """``BatchNorm1d`` fused with an activation: ``act(BN(x) [+ residual])``."""
-
-
-class BatchNormAct2d(_Dims2d, _BatchNormActBase):
-    """``BatchNorm2d`` fused with an activation: ``act(BN(x) [+ residual])``."""
-
-
-class BatchNormAct3d(_Dims3d, _BatchNormActBase):
-    """``BatchNorm3d`` fused with an activation: ``act(BN(x) [+ residual])``."""

@@ -8,7 +8,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import example_models
-from batchnorm.folding import bn_affine, is_batchnorm_like
+from batchnorm.tools.fold import bn_affine, is_batchnorm_like
 from conftest import assert_close, random_input
 
 DTYPES = [torch.float32, torch.float64]

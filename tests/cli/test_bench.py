@@ -2,7 +2,8 @@
 
 import json
 
-from batchnorm import bench, cli
+from batchnorm import cli
+from batchnorm.cli import bench
 
 TINY = [("(6,3,4,4)", (6, 3, 4, 4), False), ("(6,3,4,4) channels_last", (6, 3, 4, 4), True)]
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from batchnorm.nn import dims_of_input, flavour
+
 
 def from_keras(layer: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Build the equivalent module, weights and statistics included, from a Keras 3
@@ -27,8 +29,6 @@ def from_keras(layer: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     use ``memory_format=torch.channels_last``, which keeps the same bytes).
     Keras is imported by the caller, not here.
     """
-    from batchnorm import modules, variants
-
     kind = type(layer).__name__
     if kind != "BatchNormalization" or not hasattr(layer, "moving_mean"):
         raise TypeError(
@@ -52,7 +52,7 @@ def from_keras(layer: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
         "dtype": dtype,
         "unbiased_running_var": False,
     }
-    dims = {2: 1, 3: 1, 4: 2, 5: 3}.get(rank, 1)
+    dims = dims_of_input(rank) or 1
     if layer.renorm:
         clipping = layer.renorm_clipping or {}
         options.update(
@@ -61,9 +61,7 @@ def from_keras(layer: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
             dmax=_bound(clipping.get("dmax"), float("inf")),
             renorm_momentum=1.0 - layer.renorm_momentum,
         )
-        module = getattr(variants, f"BatchRenorm{dims}d")(channels, **options)
-    else:
-        module = getattr(modules, f"BatchNorm{dims}d")(channels, **options)
+    module = flavour("renorm" if layer.renorm else "batchnorm", dims)(channels, **options)
     state = {"running_mean": numpy("moving_mean"), "running_var": numpy("moving_variance")}
     if layer.renorm:
         state.update(renorm_mean=numpy("renorm_mean"), renorm_std=numpy("renorm_stddev"),

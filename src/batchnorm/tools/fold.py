@@ -30,138 +30,27 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.reference import invstd_of
+from batchnorm.tools.affine import (
+    CONV,
+    CONV_TRANSPOSE,
+    LAYERS,
+    bn_affine,
+    fold_into_next,
+    fold_into_previous,
+    fused_activation,
+    in_channels,
+    is_batchnorm_like,
+    num_channels,
+    out_channels,
+)
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-# Exact types only: a subclass may override forward (weight standardisation, quantisation...),
-# and folding into it would silently change the model.
-_LAYERS = (nn.Linear, *_CONV, *_CONV_TRANSPOSE)
-# Names of the frozen batch-norm classes of torchvision, timm, detectron2 and this package:
-# buffers weight/bias/running_mean/running_var and an ``eps`` attribute, no running update.
-_FROZEN_PREFIX = "FrozenBatchNorm"
-_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 # The activations a fused BN+activation module may carry, as modules fold can leave behind.
 _ACTIVATION_MODULES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "relu": lambda bn: nn.ReLU(),
     "leaky_relu": lambda bn: nn.LeakyReLU(getattr(bn, "negative_slope", 0.01)),
     "silu": lambda bn: nn.SiLU(),
 }
-
-
-# --------------------------------------------------------------------------- BN accessors
-
-
-def is_batchnorm_like(module: nn.Module) -> bool:
-    """True for batch-norm layers fold knows: any ``_BatchNorm`` (torch.nn's, ours, SyncBN)
-    and frozen batch norms (torchvision/timm/detectron2 ``FrozenBatchNorm2d`` style)."""
-    return isinstance(module, _BatchNorm) or _is_frozen_like(module)
-
-
-def _is_frozen_like(module: nn.Module) -> bool:
-    return (
-        type(module).__name__.startswith(_FROZEN_PREFIX)
-        and all(isinstance(getattr(module, n, None), Tensor) for n in _FROZEN_BUFFERS)
-        and isinstance(getattr(module, "eps", None), float)
-    )
-
-
-def bn_affine(module: nn.Module) -> tuple[Tensor, Tensor] | str:
-    """The eval-mode map of a batch-norm layer as float64 CPU ``(scale, shift)`` per channel,
-    ``BN(x) = scale * x + shift``, or a string saying why it is not such a map.
-
-    The activation of a fused BN+activation module is not part of the map (see
-    :func:`fold`); any other extra computation (child modules) makes it not foldable.
-    """
-    if not is_batchnorm_like(module):
-        return f"{type(module).__name__} is not a batch-norm layer"
-    children = [name for name, _ in module.named_children()]
-    if children:
-        return (
-            f"it has submodules ({', '.join(children)}) that compute more than batch norm; "
-            f"fold only removes plain batch norm"
-        )
-    mean, var = module.running_mean, module.running_var
-    if mean is None or var is None:
-        return (
-            "track_running_stats=False: it normalizes with the statistics of each batch even "
-            "in eval mode, which is not a fixed affine map"
-        )
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    if any(t is not None and nn.parameter.is_lazy(t) for t in (mean, var, weight, bias)):
-        return "it is an uninitialized lazy module; run one batch through the model first"
-    scale = invstd_of(_f64(var), module.eps)
-    if weight is not None:
-        scale = scale * _f64(weight)
-    shift = -_f64(mean) * scale
-    if bias is not None:
-        shift = shift + _f64(bias)
-    return scale, shift
-
-
-def _f64(t: Tensor) -> Tensor:
-    return t.detach().to("cpu", torch.float64)
-
-
-def _fused_activation(bn: nn.Module) -> str | None:
-    """The activation a fused BN+activation module applies after the affine map, or None."""
-    activation = getattr(bn, "activation", None)
-    return None if activation in (None, "identity") else str(activation)
-
-
-def _num_channels(bn: nn.Module) -> int:
-    return int(bn.running_mean.numel()) if bn.running_mean is not None else bn.num_features
-
-
-# --------------------------------------------------------------------------- weight updates
-
-
-def _fold_into_previous(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    """``BN(layer(x)) = layer'(x)``: scale the output channels of weight and bias."""
-    w, b = _f64(layer.weight), _bias_f64(layer, _out_channels(layer))
-    ones = [1] * (w.dim() - 2)
-    if isinstance(layer, _CONV_TRANSPOSE):  # weight (in, out / groups, *k), grouped by input
-        g = layer.groups
-        w = (w.view(g, -1, *w.shape[1:]) * scale.view(g, 1, -1, *ones)).view(w.shape)
-    else:  # Linear (out, in), Conv (out, in / groups, *k)
-        w = w * scale.view(-1, *([1] * (w.dim() - 1)))
-    _assign(layer, w, b * scale + shift)
-
-
-def _fold_into_next(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    """``layer(BN(x)) = layer'(x)`` for Linear and non-zero-padded Conv: scale the input
-    channels of the weight and add the layer's response to the constant ``shift``."""
-    w = _f64(layer.weight)  # Linear (out, in), Conv (out, in / groups, *k)
-    out = w.shape[0]
-    g = getattr(layer, "groups", 1)
-    grouped = w.reshape(g, out // g, w.shape[1], -1)
-    per_input = (g, 1, w.shape[1], 1)
-    b = _bias_f64(layer, out) + (grouped * shift.view(per_input)).sum((2, 3)).reshape(out)
-    _assign(layer, (grouped * scale.view(per_input)).reshape(w.shape), b)
-
-
-def _out_channels(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
-def _in_channels(layer: nn.Module) -> int:
-    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
-
-
-def _bias_f64(layer: nn.Module, n: int) -> Tensor:
-    return torch.zeros(n, dtype=torch.float64) if layer.bias is None else _f64(layer.bias)
-
-
-def _assign(layer: nn.Module, weight: Tensor, bias: Tensor) -> None:
-    like = layer.weight
-    with torch.no_grad():
-        like.copy_(weight.to(like.dtype))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(bias.to(like.device, like.dtype), like.requires_grad)
-        else:
-            layer.bias.copy_(bias.to(layer.bias.dtype))
 
 
 # --------------------------------------------------------------------------- report
@@ -243,13 +132,13 @@ def _decide(facts: _Facts, name: str, before: _Neighbour, after: _Neighbour) -> 
         return affine
     if facts.calls[name] > 1 or name in facts.referenced or _owns_shared(facts, bn):
         return "the module is shared (called more than once or its tensors used elsewhere)"
-    activation = _fused_activation(bn)
+    activation = fused_activation(bn)
     if activation is not None and activation not in _ACTIVATION_MODULES:
         return f"fused activation {activation!r} that fold does not know"
     reasons = []
     why = _check_layer(facts, name, before, "after")
     if not why:
-        _fold_into_previous(facts.model.get_submodule(before.name), *affine)
+        fold_into_previous(facts.model.get_submodule(before.name), *affine)
         kept = _ACTIVATION_MODULES[activation](bn) if activation else nn.Identity()
         _replace(facts.model, name, kept)
         return FoldedBN(name, before.name, "after", activation)
@@ -260,7 +149,7 @@ def _decide(facts: _Facts, name: str, before: _Neighbour, after: _Neighbour) -> 
         else _check_layer(facts, name, after, "before")
     )
     if not why:
-        _fold_into_next(facts.model.get_submodule(after.name), *affine)
+        fold_into_next(facts.model.get_submodule(after.name), *affine)
         _replace(facts.model, name, nn.Identity())
         return FoldedBN(name, after.name, "before")
     reasons.append(f"after it: {why}")
@@ -274,14 +163,14 @@ def _check_layer(facts: _Facts, bn_name: str, side: _Neighbour, position: str) -
         return side.why_not
     layer = facts.model.get_submodule(side.name)
     kind = type(layer).__name__
-    if type(layer) not in _LAYERS:
+    if type(layer) not in LAYERS:
         return f"{side.name} is a {kind}, not a Linear/Conv/ConvTranspose layer"
     if facts.calls[side.name] > 1 or side.name in facts.referenced or _owns_shared(facts, layer):
         return f"{side.name} is shared (called more than once or its tensors used elsewhere)"
     bn = facts.model.get_submodule(bn_name)
-    channels = _out_channels(layer) if position == "after" else _in_channels(layer)
-    if channels != _num_channels(bn):
-        return f"{side.name} has {channels} channels on that side, the BN {_num_channels(bn)}"
+    channels = out_channels(layer) if position == "after" else in_channels(layer)
+    if channels != num_channels(bn):
+        return f"{side.name} has {channels} channels on that side, the BN {num_channels(bn)}"
     rank = facts.ranks.get(bn_name)
     if isinstance(layer, nn.Linear):
         if rank is None:
@@ -297,12 +186,12 @@ def _check_layer(facts: _Facts, bn_name: str, side: _Neighbour, position: str) -
     elif rank is not None and rank != layer.weight.dim():
         return f"{side.name} runs on unbatched input (BN input is {rank}-D)"
     if position == "before":
-        if isinstance(layer, _CONV_TRANSPOSE):
+        if isinstance(layer, CONV_TRANSPOSE):
             return (
                 f"{side.name} is a {kind}: its border outputs receive fewer taps, so the BN "
                 f"shift does not become a constant bias"
             )
-        if isinstance(layer, _CONV) and layer.padding_mode == "zeros":
+        if isinstance(layer, CONV) and layer.padding_mode == "zeros":
             if any(layer._reversed_padding_repeated_twice):
                 return (
                     f"{side.name} pads with zeros (padding={layer.padding}): the padded border "
@@ -330,7 +219,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
             is_batchnorm_like(m)
-            or isinstance(m, _LAYERS)
+            or isinstance(m, LAYERS)
             or super().is_leaf_module(m, module_qualified_name)
         )
 
@@ -536,7 +425,7 @@ def _observe(model: nn.Module, args: tuple, facts: _Facts) -> None:
     every candidate module is called (a module called twice is shared)."""
     handles = []
     for name, m in model.named_modules():
-        if is_batchnorm_like(m) or type(m) in _LAYERS:
+        if is_batchnorm_like(m) or type(m) in LAYERS:
 
             def hook(module: nn.Module, inputs: tuple, name: str = name) -> None:
                 facts.calls[name] += 1

@@ -11,10 +11,10 @@ from torch import nn
 import batchnorm
 from batchnorm import example_models
 from batchnorm.cli import main
-from test_fold import randomize
+from tools.test_fold import randomize
 
 SHAPE = "2,3,32,32"
-FACTORY = "test_fold_cli:small_resnet"
+FACTORY = f"{__name__}:small_resnet"
 UNPICKLED = []  # filled if the CLI ever ran the payload below
 
 
@@ -92,7 +92,7 @@ def test_refuses_pickled_objects_without_running_them(tmp_path, capsys):
         capsys, "--model", FACTORY, "--weights", str(path), "--out", str(tmp_path / "x.pt")
     )
     assert status == 2
-    assert f"refusing to load '{path}': it holds a Python object (test_fold_cli._payload)" in err
+    assert f"refusing to load '{path}': it holds a Python object ({__name__}._payload)" in err
     assert "torch.save(model.state_dict(), path)" in err
     assert UNPICKLED == []
 
@@ -132,7 +132,7 @@ def test_mismatched_and_non_state_dict_weights(tmp_path, capsys):
         capsys, "--model", FACTORY, "--weights", str(other), "--out", str(tmp_path / "o.pt")
     )
     assert status == 2
-    assert "do not match the model built by test_fold_cli:small_resnet" in err
+    assert f"do not match the model built by {FACTORY}" in err
     assert "shape mismatches [stem.0.weight: file (4, 3, 7, 7) vs model (8, 3, 7, 7)" in err
 
     partial = tmp_path / "partial.pt"
@@ -168,7 +168,7 @@ def _one_line_error(capsys, *args) -> str:
 
 def test_empty_model_output_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "o.pt"
-    err = _one_line_error(capsys, "--model", "test_fold_cli:EmptyOutput", "--out", str(out),
+    err = _one_line_error(capsys, "--model", f"{__name__}:EmptyOutput", "--out", str(out),
                           "--input-shape", SHAPE)  # fmt: skip
     assert "the model's output is empty (shape (2, 0, 30, 30)) for an input of shape " in err
     assert "(2, 3, 32, 32)" in err and "Hint: pass an --input-shape" in err

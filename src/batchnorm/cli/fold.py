@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from batchnorm.folding import fold
+from batchnorm.tools.fold import fold
 
 DEFAULT_INPUT_SHAPE = "1,3,224,224"  # an ImageNet-sized image, as the example
 #: Most elements --input-shape may ask for. fold needs one example input, to trace the model

@@ -16,7 +16,7 @@ import batchnorm
 from batchnorm import example_models
 from batchnorm.cli import main
 from conftest import assert_close, random_input
-from test_fold import randomize
+from tools.test_fold import randomize
 
 
 def small_mobilenet() -> nn.Module:
@@ -62,7 +62,7 @@ def test_folded_resnet_exports_without_batch_norm_and_onnxruntime_agrees():
 def test_cli_writes_an_onnx_file_onnxruntime_runs(tmp_path, capsys):
     out, path = tmp_path / "folded.pt", tmp_path / "folded.onnx"
     status = main(
-        ["fold", "--model", "test_onnx:small_mobilenet", "--out", str(out),
+        ["fold", "--model", f"{__name__}:small_mobilenet", "--out", str(out),
          "--onnx", str(path), "--input-shape", "1,3,64,64"]
     )  # fmt: skip
     assert status == 0, capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Tests of batchnorm.cli, the command line (a package, as tests/lab: basenames may repeat)."""
