@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint format docs clean
+.PHONY: demo test fuzz bench lint format docs clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The differential fuzz test of batchnorm.functional.batch_norm with many more examples
+# than `make test` runs (tests/test_fuzz.py).
+fuzz: $(STAMP)
+	BATCHNORM_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q tests/test_fuzz.py
 
 bench: $(STAMP)
 	$(PY) -m batchnorm bench
