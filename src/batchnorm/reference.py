@@ -60,9 +60,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def channel_sum(t: Tensor, dims: list[int]) -> Tensor:
+    """t summed over ``dims``; float32 is summed in float64 (a float32 sum over many values
+    loses digits in proportion to their count), half precision in float32."""
+    if t.dtype == torch.float32:
+        return t.sum(dims, dtype=torch.float64).to(t.dtype)
+    return t.sum(dims, dtype=compute_dtype(t.dtype))
+
+
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance, computed stably (no E[x²] − E[x]²)."""
-    var, mean = torch.var_mean(x.to(compute_dtype(x.dtype)), dim=reduce_dims(x), correction=0)
+    """Per-channel mean and biased variance, in two passes (no E[x²] − E[x]²): the mean,
+    then the mean square of the deviations. An infinite value gives an infinite mean (and
+    a NaN variance), as torch's sums do."""
+    dims = reduce_dims(x)
+    count = max(x.numel() // max(x.shape[1], 1), 1)
+    values = x.to(compute_dtype(x.dtype))
+    mean = channel_sum(values, dims) / count
+    var = channel_sum((values - per_channel(mean, x)).square(), dims) / count
     return mean, var
 
 
@@ -88,15 +102,17 @@ def activation_grad(dy: Tensor, pre: Tensor, activation: str, negative_slope: fl
     """dL/dpre from dL/dy, evaluated at the pre-activation ``pre``."""
     if activation == "identity":
         return dy
+    # At a NaN pre-activation, torch's tests decide: relu and elu pass dy (theirs is
+    # pre <= 0), leaky_relu scales it (pre > 0); relu's gradient below 0 is exactly 0.
     if activation == "relu":
-        return dy * (pre > 0)
+        return torch.where(pre <= 0, torch.zeros_like(dy), dy)
     if activation == "leaky_relu":
         return torch.where(pre > 0, dy, dy * negative_slope)
     if activation == "silu":
         s = torch.sigmoid(pre)
         return dy * s * (1 + pre * (1 - s))
     if activation == "elu":
-        return torch.where(pre > 0, dy, dy * torch.exp(pre))
+        return torch.where(pre <= 0, dy * torch.exp(pre), dy)
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
@@ -228,8 +244,8 @@ def backward(
         pre = pre_activation(x, mean, invstd, weight, bias, residual)
         dpre = activation_grad(dy.to(dtype), pre, activation, negative_slope)
     xhat = normalize(x, mean, invstd)
-    dbias = dpre.sum(dims)
-    dweight = (dpre * xhat).sum(dims)
+    dbias = channel_sum(dpre, dims)
+    dweight = channel_sum(dpre * xhat, dims)
     if training:
         dx = input_grad(dpre, xhat, invstd, weight, dbias, dweight, x.numel() // x.shape[1])
     else:

@@ -28,6 +28,7 @@ class Call(NamedTuple):
     x: Tensor
     training: bool
     activation: str  # one of reference.ACTIVATIONS ("identity" for none)
+    negative_slope: float
     has_residual: bool
     #: Keep only the output for backward (InPlace-ABN): ops recovers the input from it.
     keep_output_only: bool

@@ -34,13 +34,13 @@ def _is_wrapped(t: Tensor) -> bool:
     return not torch._C._has_storage(t)
 
 
-def _kernels(x: Tensor, training: bool, activation: str, *tensors: Tensor | None):
+def _kernels(x: Tensor, training: bool, activation: str, slope: float, *tensors: Tensor | None):
     """The kernel backend for a call, or the reference for wrapped tensors (a kernel has
     no storage to read; torch.func batches and differentiates the reference's torch ops
     itself)."""
     if _is_wrapped(x) or any(t is not None and _is_wrapped(t) for t in tensors):
         return _REFERENCE
-    return select_kernels(x, training, activation, tensors[-1] is not None)
+    return select_kernels(x, training, activation, tensors[-1] is not None, slope)
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,7 +65,9 @@ def forward_impl(
     Nothing is mutated here, so the function can back a functional custom op."""
     channels = x.shape[1]
     stats_dtype = reference.compute_dtype(x.dtype)
-    backend = _kernels(x, training, activation, weight, bias, running_mean, running_var, residual)
+    backend = _kernels(
+        x, training, activation, negative_slope, weight, bias, running_mean, running_var, residual
+    )
     if not training:
         mean = running_mean.to(stats_dtype, copy=True)  # type: ignore[union-attr]
         var = running_var.to(stats_dtype, copy=True)  # type: ignore[union-attr]
@@ -101,7 +103,9 @@ def backward_impl(
         zeros = mean.new_zeros(mean.shape)
         return torch.zeros_like(x), zeros, zeros.clone(), torch.zeros_like(x)
     dy = dy.to(x.dtype)
-    backend = _kernels(x, training, activation, dy, weight, bias, mean, invstd, residual)
+    backend = _kernels(
+        x, training, activation, negative_slope, dy, weight, bias, mean, invstd, residual
+    )
     return backend.backward(
         dy, x, weight, bias, residual, mean, invstd, training, activation, negative_slope,
         need_dpre,
@@ -359,8 +363,8 @@ def batch_norm(
     if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tangents may flow
         _refuse_dual_statistics(running_mean, running_var)
     if not compiling:
-        call = Call(x, training, activation, residual is not None, keep_output_only,
-                    unbiased_running_var)  # fmt: skip
+        call = Call(x, training, activation, negative_slope, residual is not None,
+                    keep_output_only, unbiased_running_var)  # fmt: skip
         backend = select(call)
         if backend.operator:
             return backend.batch_norm(  # type: ignore[attr-defined]

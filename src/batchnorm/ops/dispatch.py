@@ -75,10 +75,14 @@ def select(call: Call, *, kernels_only: bool = False) -> Backend:
 
 
 def select_kernels(
-    x, training: bool = True, activation: str = "identity", has_residual: bool = False
+    x,
+    training: bool = True,
+    activation: str = "identity",
+    has_residual: bool = False,
+    negative_slope: float = 0.01,
 ) -> KernelBackend:
     """The kernel backend for a plain call on ``x`` (its unspecified options: the usual)."""
-    call = Call(x, training, activation, has_residual, False, True)
+    call = Call(x, training, activation, negative_slope, has_residual, False, True)
     return select(call, kernels_only=True)  # type: ignore[return-value]
 
 

@@ -95,6 +95,10 @@ def safe_batch_norm(
     x = _dense(x)
     weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
     bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    # Running statistics that are not contiguous: ATen is given contiguous copies, and the
+    # update it makes to them in training is copied back.
+    given_mean = _contiguous(running_mean)
+    given_var = _contiguous(running_var)
     shift = None
     if training and x.dtype == torch.float32 and x.numel() > 0:
         first = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
@@ -102,15 +106,23 @@ def safe_batch_norm(
         x = x - reference.per_channel(shift, x)
     # With a shift, ATen updates a zero vector to momentum * (mean - shift), the running
     # mean's increment less momentum * shift (so the large terms are added once, here).
-    given_mean = running_mean
     if shift is not None and running_mean is not None:
         given_mean = torch.zeros_like(running_mean)
-    y = torch.batch_norm(x, weight, bias, given_mean, running_var, training, momentum, eps, False)
-    if given_mean is not running_mean:
-        running_mean.mul_(1 - momentum).add_(given_mean).add_(shift, alpha=momentum)  # type: ignore[union-attr]
+    y = torch.batch_norm(x, weight, bias, given_mean, given_var, training, momentum, eps, False)
+    if training and running_mean is not None and given_mean is not running_mean:
+        if shift is None:
+            running_mean.copy_(given_mean)
+        else:
+            running_mean.mul_(1 - momentum).add_(given_mean).add_(shift, alpha=momentum)
+    if training and running_var is not None and given_var is not running_var:
+        running_var.copy_(given_var)
     if y.requires_grad:
         y.register_hook(_with_strides(y.stride()))
     return y
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _dense(t: Tensor) -> Tensor:

@@ -119,7 +119,10 @@ class NumbaBackend:
 
     def supports(self, call: Call) -> bool:
         x = call.x
-        return x.is_cpu and x.dtype in _LIKE and call.activation in ACTIVATION_CODES
+        if not (x.is_cpu and x.dtype in _LIKE and call.activation in ACTIVATION_CODES):
+            return False
+        # the kernels' relu is leaky_relu of slope 0 but for relu(-inf) = 0 (torch: NaN)
+        return not (call.activation == "leaky_relu" and call.negative_slope == 0)
 
     def preferred(self, call: Call) -> bool:
         return True

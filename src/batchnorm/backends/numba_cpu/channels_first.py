@@ -6,10 +6,10 @@ import numpy as np
 from numba import njit, prange
 
 from batchnorm.backends.numba_cpu.jit import (
-    _HELPER,
     _IDENTITY,
     _SILU,
     CHUNK,
+    INLINE,
     _coefficients,
     _finish_stats,
     _grad_coefficients,
@@ -28,7 +28,7 @@ from batchnorm.backends.numba_cpu.jit import (
 # tests sit outside the loops.
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cf_piece_stats(xr):
     """(mean, M2) of a piece, in float64: its own mean, then the values centred on it."""
     T = xr.dtype.type  # scalars in x's dtype: a bare literal would promote float32
@@ -47,7 +47,7 @@ def _cf_piece_stats(xr):
     return local + d1 / count, d2 - np.float64(d1) * d1 / count
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cf_epilogue(xr, zr, yr, m, a, b, act, neg, has_z):
     """yr = act((xr - m) * a + b [+ zr])."""
     if act == _SILU:
@@ -68,7 +68,7 @@ def _cf_epilogue(xr, zr, yr, m, a, b, act, neg, has_z):
             yr[s] = _linear_act((xr[s] - m) * a + b, neg)
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cf_dpre(gr, xr, zr, out, m, a, b, act, neg, has_z):
     """out = dL/dpre from dL/dy = gr, with the pre-activation recomputed."""
     if act == _SILU:
@@ -86,7 +86,7 @@ def _cf_dpre(gr, xr, zr, out, m, a, b, act, neg, has_z):
             out[s] = _linear_grad(gr[s], (xr[s] - m) * a + b, neg)
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cf_grad_sums(gr, xr, m):
     """(sum g, sum g * (x - mean)) over a piece, g being dL/dpre."""
     T = xr.dtype.type
@@ -97,7 +97,7 @@ def _cf_grad_sums(gr, xr, m):
     return g, gx
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cf_grad_sums_act(gr, xr, zr, m, a, b, act, neg, has_z):
     """_cf_grad_sums of dL/dpre recomputed from dL/dy = gr."""
     T = xr.dtype.type
@@ -126,21 +126,21 @@ def _cf_grad_sums_act(gr, xr, zr, m, a, b, act, neg, has_z):
     return g, gx
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cf_dx(gr, xr, dxr, m, a, k0, k2):
     """dxr = a * gr + k0 + k2 * (xr - m), gr being dL/dpre."""
     for s in range(xr.shape[0]):
         dxr[s] = a * gr[s] + k0 + k2 * (xr[s] - m)
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cf_dx_eval(gr, dxr, a):
     """dxr = a * gr: eval mode, where x does not enter dx (an infinite x keeps dx finite)."""
     for s in range(gr.shape[0]):
         dxr[s] = a * gr[s]
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cf_dx_act(gr, xr, zr, dxr, m, a, b, k0, k2, act, neg, has_z):
     """_cf_dx with dL/dpre recomputed from dL/dy = gr."""
     if act == _SILU:

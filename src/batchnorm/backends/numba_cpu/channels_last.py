@@ -7,10 +7,10 @@ import numpy as np
 from numba import njit, prange
 
 from batchnorm.backends.numba_cpu.jit import (
-    _HELPER,
     _IDENTITY,
     _SILU,
     BLOCK,
+    INLINE,
     MAX_BLOCK_ROWS,
     PIECES_PER_THREAD,
     _coefficients,
@@ -30,7 +30,7 @@ from batchnorm.backends.numba_cpu.jit import (
 # per-channel vectors.
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cl_blocks(rows, channels, threads):
     """(rows per block, number of blocks) of an (M, C) pass."""
     per = max(1, min(BLOCK // max(channels, 1), MAX_BLOCK_ROWS))
@@ -40,7 +40,7 @@ def _cl_blocks(rows, channels, threads):
     return per, (rows + per - 1) // per
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cl_block_stats(xb, block_mean, block_m2):
     """Per-channel (mean, M2) of a block of rows: its own mean, then the centred values."""
     T = xb.dtype.type
@@ -66,7 +66,7 @@ def _cl_block_stats(xb, block_mean, block_m2):
             block_mean[c], block_m2[c] = local[c], np.nan
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cl_epilogue(xb, zb, yb, mean, scale, shift, act, neg, has_z):
     """yb = act((xb - mean) * scale + shift [+ zb])."""
     rows, channels = xb.shape
@@ -93,7 +93,7 @@ def _cl_epilogue(xb, zb, yb, mean, scale, shift, act, neg, has_z):
                 yb[r, c] = _linear_act((xb[r, c] - mean[c]) * scale[c] + shift[c], neg)
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cl_dpre(gb, xb, zb, out, mean, scale, shift, act, neg, has_z):
     """out = dL/dpre from dL/dy = gb, with the pre-activation recomputed."""
     rows, channels = xb.shape
@@ -116,7 +116,7 @@ def _cl_dpre(gb, xb, zb, out, mean, scale, shift, act, neg, has_z):
                 out[r, c] = _linear_grad(gb[r, c], pre, neg)
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cl_grad_sums(gb, xb, g, gx, mean):
     """Add g = dL/dpre and g * (x - mean) of a block to the per-channel sums."""
     rows, channels = xb.shape
@@ -126,7 +126,7 @@ def _cl_grad_sums(gb, xb, g, gx, mean):
             gx[c] += gb[r, c] * (xb[r, c] - mean[c])
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cl_grad_sums_act(gb, xb, zb, g, gx, mean, scale, shift, act, neg, has_z):
     """_cl_grad_sums of dL/dpre recomputed from dL/dy = gb."""
     rows, channels = xb.shape
@@ -158,7 +158,7 @@ def _cl_grad_sums_act(gb, xb, zb, g, gx, mean, scale, shift, act, neg, has_z):
                 gx[c] += d * xc
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cl_dx(gb, xb, dxb, mean, scale, k0, k2):
     """_cf_dx for a block with per-channel vectors."""
     rows, channels = xb.shape
@@ -167,7 +167,7 @@ def _cl_dx(gb, xb, dxb, mean, scale, k0, k2):
             dxb[r, c] = scale[c] * gb[r, c] + k0[c] + k2[c] * (xb[r, c] - mean[c])
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cl_dx_eval(gb, dxb, scale):
     """_cf_dx_eval for a block with per-channel vectors."""
     rows, channels = gb.shape
@@ -176,7 +176,7 @@ def _cl_dx_eval(gb, dxb, scale):
             dxb[r, c] = scale[c] * gb[r, c]
 
 
-@njit(**_HELPER)
+@njit(**INLINE)
 def _cl_dx_act(gb, xb, zb, dxb, mean, scale, shift, k0, k2, act, neg, has_z):
     """_cf_dx_act for a block with per-channel vectors."""
     rows, channels = xb.shape

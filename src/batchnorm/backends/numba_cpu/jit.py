@@ -4,6 +4,7 @@ a vectorizable exp), and the per-channel coefficients. See the package's docstri
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -44,15 +45,18 @@ class _Kernel:
     """One kernel compiled twice: with ``parallel=True`` and serially (prange runs as range).
 
     Below SERIAL_BELOW values the serial one runs: waking threads costs a few µs per parallel
-    loop, more than the work of a small layer. Both are cached on disk; the serial copy has
-    its own name so that the two do not share a cache entry."""
+    loop, more than the work of a small layer. Both are cached on disk under names of their
+    own, which carry HELPERS_STAMP."""
 
     def __init__(self, fn) -> None:
-        serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
-        serial.__qualname__ = fn.__qualname__ + "_serial"
+        def renamed(suffix: str):
+            copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix)
+            copy.__qualname__ = fn.__qualname__ + suffix
+            return copy
+
         options = {**_HELPER, "nogil": True}
-        self.parallel = njit(parallel=True, **options)(fn)
-        self.serial = njit(**options)(serial)
+        self.parallel = njit(parallel=True, **options)(renamed(f"_{HELPERS_STAMP}"))
+        self.serial = njit(**options)(renamed(f"_serial_{HELPERS_STAMP}"))
         self.__doc__ = fn.__doc__
 
     def pick(self, numel: int):
@@ -107,7 +111,16 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # error_model="numpy": a float division by zero gives inf/nan as in torch, instead of the
 # Python-style test and exception that would also keep a loop from vectorizing.
-_HELPER = {"cache": _enable_cache(), "fastmath": FASTMATH, "error_model": "numpy"}
+#: Options of the helpers in the kernel modules: not cached themselves, since they are
+#: compiled into the kernels that call them.
+INLINE = {"fastmath": FASTMATH, "error_model": "numpy"}
+#: Options of this module's own compiled functions and of the kernels (cached on disk).
+_HELPER = {**INLINE, "cache": _enable_cache()}
+
+#: Numba keys a cached function by the content of its own source file only; the kernels
+#: compile in the helpers of this file, so their cache names carry this file's hash too.
+with open(__file__, "rb") as _source:
+    HELPERS_STAMP = hashlib.sha256(_source.read()).hexdigest()[:12]
 
 
 @intrinsic
@@ -137,13 +150,17 @@ def _view(address, like, shape):
 
 @njit(inline="always", **_HELPER)
 def _linear_act(v, neg):
-    """v if v > 0 (or NaN, as torch.relu keeps it), else v * neg; relu(-inf) is 0."""
+    """v if v > 0 (or NaN, as torch.relu keeps it), else v * neg; relu(-inf) is 0. (A
+    leaky_relu of slope 0, whose -inf gives NaN in torch, is not given to these kernels.)"""
     return v if not v <= 0 else (v * neg if neg != 0 else neg)
 
 
 @njit(inline="always", **_HELPER)
 def _linear_grad(dy, pre, neg):
-    """dL/dpre of _linear_act: dy * (pre > 0) for relu, as reference.activation_grad."""
+    """dL/dpre of _linear_act, as torch: relu gives exactly 0 where pre <= 0 and dy
+    elsewhere (a NaN pre included); leaky_relu gives dy where pre > 0, else dy * neg."""
+    if neg == 0:
+        return neg if pre <= 0 else dy
     return dy if pre > 0 else dy * neg
 
 
@@ -219,13 +236,17 @@ def _exp_overload(v):
 
 @njit(inline="always", **_HELPER)
 def _silu(v):
-    return v / (np.float32(1) + _exp(-v))  # np.float32(1) keeps v's dtype, a bare 1 would not
+    """v * sigmoid(v); at v = -inf torch's product is -inf * 0 = NaN, and so is v - v."""
+    # np.float32(1) keeps v's dtype, where a bare 1 would promote float32 to float64
+    return v / (np.float32(1) + _exp(-v)) if v > -np.inf else v - v
 
 
 @njit(inline="always", **_HELPER)
 def _silu_grad(dy, pre):
+    """dy * s * (1 + pre * (1 - s)) with s = sigmoid(pre); NaN at pre = -inf, as torch."""
     s = np.float32(1) / (np.float32(1) + _exp(-pre))
-    return dy * s * (np.float32(1) + pre * (np.float32(1) - s))
+    grad = dy * s * (np.float32(1) + pre * (np.float32(1) - s))
+    return grad if pre > -np.inf else pre - pre
 
 
 @njit(**_HELPER)
