@@ -937,3 +937,36 @@ def test_composite_compliance(name):
     )
     assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
     assert run.stdout.strip() == "OK", run.stdout[-3000:]
+
+
+# TestMathBits.test_neg_view: a tensor with the negative bit set (torch._neg_view) holds
+# the negation of its memory; its values, not its memory, must be normalized.
+
+
+def _neg_view(t):
+    with torch.no_grad():
+        view = torch._neg_view(t.detach().neg())
+    return view.requires_grad_(t.requires_grad)
+
+
+def _check_neg_view(x):
+    x = _leaf(x)
+    xn = _neg_view(x)
+    assert xn.is_neg() and torch.equal(xn, x)
+    c = x.shape[1]
+    weight = torch.rand(c, dtype=x.dtype) + 0.5
+    expected = F.batch_norm(x, None, None, weight, None, True)
+    actual = BF.batch_norm(xn, None, None, weight, None, True)
+    assert_close(actual, expected)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(11), dtype=x.dtype)
+    (e_grad,) = torch.autograd.grad(expected, x, g)
+    (a_grad,) = torch.autograd.grad(actual, xn, _neg_view(g))
+    assert_close(a_grad, e_grad)
+
+
+def test_neg_view_input(backend):
+    _check_neg_view(torch.randn(4, 3, 5, dtype=torch.float64))
+
+
+def test_large_neg_view_input():
+    _check_neg_view(torch.randn(2048, 40, dtype=torch.float64))
