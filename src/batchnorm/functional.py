@@ -22,8 +22,13 @@ class InputError(ValueError, RuntimeError):
     catches it."""
 
 
-class InputTypeError(TypeError, RuntimeError):
-    """A dtype batch norm cannot take where torch raises RuntimeError; see InputError."""
+class InputTypeError(TypeError, NotImplementedError):
+    """A dtype batch norm cannot take: a TypeError with our hint, and the class torch raises
+    (NotImplementedError for an integer input, RuntimeError, its base, for mixed dtypes)."""
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """A constructor argument of the wrong type (torch: TypeError; batchnorm 0.1: ValueError)."""
 
 
 def batch_norm(
@@ -81,8 +86,10 @@ def _batch_norm(
 
     ``keep_output_only`` saves only the output for backward and recovers the input from it
     (InPlace-ABN); the activation must then be invertible and there is no residual."""
+    if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
+        return input.clone()  # torch returns an empty input as it is, whatever its rank
+    check_eps(eps, training, where)  # first, as torch does
     check_inputs(input, running_mean, running_var, weight, bias, residual, training, where)
-    check_eps(eps, training, where)
     activation = check_activation(activation, where)
     if keep_output_only:
         check_invertible(activation, negative_slope, where)
@@ -153,12 +160,12 @@ def check_inputs(
     if not isinstance(input, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}.")
     if not input.is_floating_point():
-        raise TypeError(
+        raise InputTypeError(
             f"{where}: expected a floating-point input, got dtype {input.dtype}. "
             f"Hint: convert it first, e.g. input.float()."
         )
     if input.dim() < 2:
-        raise ValueError(
+        raise InputError(
             f"{where}: expected an input of shape (N, C, *) with at least 2 dimensions, got "
             f"shape {tuple(input.shape)}. Hint: a single sample needs a batch dimension, "
             f"e.g. input.unsqueeze(0)."

@@ -268,15 +268,11 @@ def forward_tangent(
     training: bool,
     activation: str = "identity",
     negative_slope: float = 0.01,
-    dmean: Tensor | None = None,
-    dvar: Tensor | None = None,
 ) -> Tensor:
-    """The tangent of y (forward-mode derivative) for tangents of x, weight, bias, residual
-    and, in eval mode, of the statistics mean and var (None: zero). In training mean and
-    invstd depend on x:
+    """The tangent of y (forward-mode derivative) for tangents of x, weight, bias and
+    residual (None: zero). In training mean and invstd depend on x:
 
-        dxhat = invstd * (dx - mean(dx) - xhat * mean(dx * xhat))
-        (eval: invstd * (dx - dmean) - xhat * invstd^2 * dvar / 2)
+        dxhat = invstd * (dx - mean(dx) - xhat * mean(dx * xhat))      (eval: invstd * dx)
         dpre  = weight * dxhat + dweight * xhat + dbias + dresidual
         dy    = act'(pre) * dpre
     """
@@ -289,10 +285,6 @@ def forward_tangent(
             dims = reduce_dims(x)
             dx = dx - dx.mean(dims, keepdim=True) - xhat * (dx * xhat).mean(dims, keepdim=True)
         dxhat = dxhat + dx * per_channel(invstd, x)
-    if dmean is not None:
-        dxhat = dxhat - per_channel(dmean.to(dtype) * invstd, x)
-    if dvar is not None:
-        dxhat = dxhat - xhat * per_channel(dvar.to(dtype) * invstd.square() / 2, x)
     dpre = dxhat if weight is None else dxhat * per_channel(weight.to(dtype), x)
     if dweight is not None:
         dpre = dpre + xhat * per_channel(dweight.to(dtype), x)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.functional import InputError, _batch_norm
+from batchnorm.functional import ArgumentTypeError, InputError, _batch_norm
 
 #: The N of the ``BatchNormNd`` flavour that takes inputs of each rank.
 DIMS_OF_INPUT_RANK = {2: 1, 3: 1, 4: 2, 5: 3}
@@ -29,13 +29,16 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 
 def check_positive_int(layer: str, name: str, value: Any, meaning: str = "") -> int:
     """Constructor arguments that count something (num_features, virtual_batch_size), as a
-    Python int: any integer type is taken (numpy's too, as torch.nn takes them)."""
+    Python int: any integer type is taken (numpy's too, as torch.nn takes them). Errors are
+    of torch's classes (TypeError for a non-integer, RuntimeError for a negative count) and
+    ValueErrors too."""
+    message = f"{layer}: {name} must be a positive int{meaning}, got {value!r}."
     try:
         number = operator.index(value) if not isinstance(value, bool) else 0
     except TypeError:
-        number = 0
+        raise ArgumentTypeError(message) from None
     if number < 1:
-        raise ValueError(f"{layer}: {name} must be a positive int{meaning}, got {value!r}.")
+        raise InputError(message)
     return number
 
 

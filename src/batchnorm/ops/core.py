@@ -34,17 +34,23 @@ def _is_wrapped(t: Tensor) -> bool:
     return not torch._C._has_storage(t)
 
 
+#: Tensor types whose memory a kernel may read as it is.
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _readable(t: Tensor) -> bool:
+    """Whether a kernel can read t's memory as its values: a plain tensor with storage and no
+    lazy negation. Not: torch.func's wrappers, fake tensors (tracing, torch.export), other
+    tensor subclasses, torch._neg_view tensors."""
+    return type(t) in _PLAIN_TENSORS and torch._C._has_storage(t) and not t.is_neg()
+
+
 def _kernels(x: Tensor, training: bool, activation: str, slope: float, *tensors: Tensor | None):
-    """The kernel backend for a call, or the reference for wrapped tensors (a kernel has
-    no storage to read; torch.func batches and differentiates the reference's torch ops
-    itself)."""
-    if _is_wrapped(x) or any(t is not None and _is_wrapped(t) for t in tensors):
+    """The kernel backend for a call, or the reference where a tensor is not _readable (its
+    torch ops handle every tensor type: torch.func batches and differentiates them)."""
+    if not _readable(x) or not all(t is None or _readable(t) for t in tensors):
         return _REFERENCE
     return select_kernels(x, training, activation, tensors[-1] is not None, slope)
-
-
-# ---------------------------------------------------------------------------------------
-# The two implementations every entry point shares.
 
 
 def forward_impl(
@@ -131,20 +137,24 @@ def _save(ctx, inputs: tuple, mean: Tensor, invstd: Tensor) -> None:
 
 
 def _tangent(ctx, dx, dweight, dbias, drunning_mean, drunning_var, dresidual, *_):
-    """The tangent of y for the tangents of the inputs (jvp of the Functions). torch.func
-    may pass zero tangents for the running statistics; in eval mode they enter exactly."""
+    """The tangent of y for the tangents of the inputs (jvp of the Functions). As in torch,
+    the running statistics are never differentiated: their tangents are ignored (and
+    refused where torch refuses them, see _refuse_dual_statistics)."""
     x, weight, bias, residual, mean, invstd = ctx.saved_tensors
     training, _, activation, slope = ctx.config
     dy = reference.forward_tangent(
         x, mean, invstd, weight, bias, residual, dx, dweight, dbias, dresidual, training,
-        activation, slope, None if training else drunning_mean,
-        None if training else drunning_var,
+        activation, slope,
     )  # fmt: skip
     return dy, None, None, None
 
 
-def _refuse_dual_statistics(*stats: Tensor | None) -> None:
-    """torch's rule: running statistics carry no forward-mode tangent (dual_level only)."""
+def _refuse_dual_statistics(x: Tensor, training: bool, *stats: Tensor | None) -> None:
+    """torch's rule (dual_level only): in eval mode, a dual input cannot be normalized with
+    running statistics that carry a tangent too. (In training they only receive the update,
+    and their tangent is ignored, as in torch.)"""
+    if training or forward_ad.unpack_dual(x).tangent is None:
+        return
     for t in stats:
         if t is not None and forward_ad.unpack_dual(t).tangent is not None:
             raise RuntimeError(
@@ -361,7 +371,7 @@ def batch_norm(
     Inputs must already be validated (see :mod:`batchnorm.functional`)."""
     compiling = torch.compiler.is_compiling()
     if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tangents may flow
-        _refuse_dual_statistics(running_mean, running_var)
+        _refuse_dual_statistics(x, training, running_mean, running_var)
     if not compiling:
         call = Call(x, training, activation, negative_slope, residual is not None,
                     keep_output_only, unbiased_running_var)  # fmt: skip
@@ -385,6 +395,7 @@ def batch_norm(
         if compiling:  # plain torch ops, which the compiler traces
             update = reference.update_running_stats
         else:
-            update = select_kernels(x, training, activation).update_running_stats
+            kernels = _kernels(x, training, activation, negative_slope, running_mean, running_var)
+            update = kernels.update_running_stats
         update(running_mean, running_var, mean, var, count, momentum, unbiased_running_var)
     return y
