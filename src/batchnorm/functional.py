@@ -81,15 +81,19 @@ def _batch_norm(
     where: str,
     unbiased_running_var: bool = True,
     keep_output_only: bool = False,
+    reduction: ops.Reduction | None = None,
 ) -> Tensor:
     """batch_norm with ``where`` naming the caller (a layer) in error messages.
 
     ``keep_output_only`` saves only the output for backward and recovers the input from it
-    (InPlace-ABN); the activation must then be invertible and there is no residual."""
+    (InPlace-ABN); the activation must then be invertible and there is no residual.
+    ``reduction``: the cross-process step of SyncBatchNorm (see ops.Reduction); the
+    "more than 1 value per channel" rule then applies to the global batch, in it."""
     if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
         return input.clone()  # torch returns an empty input as it is, whatever its rank
     check_eps(eps, training, where)  # first, as torch does
-    check_inputs(input, running_mean, running_var, weight, bias, residual, training, where)
+    check_inputs(input, running_mean, running_var, weight, bias, residual, training, where,
+                 check_count=reduction is None)  # fmt: skip
     activation = check_activation(activation, where)
     if keep_output_only:
         check_invertible(activation, negative_slope, where)
@@ -101,7 +105,7 @@ def _batch_norm(
     return ops.batch_norm(
         input, weight, bias, running_mean, running_var, residual, training,
         0.0 if momentum is None else momentum, eps, activation, negative_slope,
-        unbiased_running_var, keep_output_only,
+        unbiased_running_var, keep_output_only, reduction,
     )  # fmt: skip
 
 

@@ -182,6 +182,7 @@ class _BatchNormBase(_BatchNorm):
         bias: Tensor | None,
         running_mean: Tensor | None | bool = True,
         running_var: Tensor | None | bool = True,
+        reduction: Any = None,
     ) -> Tensor:
         """The functional core with this layer's options; running statistics default to the
         layer's own (``True``), read in eval mode and updated in training when tracked."""
@@ -207,6 +208,7 @@ class _BatchNormBase(_BatchNorm):
             where=self.layer_name,
             unbiased_running_var=self.unbiased_running_var,
             keep_output_only=self._keep_output_only,
+            reduction=reduction,
         )
 
 

@@ -44,12 +44,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from batchnorm import reference
-from batchnorm.functional import check_activation, check_inputs
 from batchnorm.nn.base import _BatchNormBase, full_signature
-from batchnorm.ops import select_backend
 
 #: dtype of the forward message: float64 keeps Σ(x − s)² − M·(mean − s)² accurate when the
 #: shift is far from the mean (see the module docstring's error bound), for every input dtype.
@@ -170,64 +167,38 @@ def _global_stats(
 
 
 # ---------------------------------------------------------------------------------------
-# Autograd
+# The cross-process step of the core (batchnorm.ops.Reduction)
 
 
-def _normalize(x, weight, bias, residual, mean, invstd, activation, negative_slope) -> Tensor:
-    if x.numel() == 0:  # an empty rank: nothing to normalize (backends need not take it)
-        return torch.empty_like(x)
-    return select_backend(x).forward_eval(
-        x, weight, bias, residual, mean, invstd, activation, negative_slope
-    )
+class ProcessGroupReduction:
+    """The statistics and gradient sums of the global batch, by one all_reduce each; the
+    core (batchnorm.ops) does the rest, with the same kernels as every layer."""
 
+    def __init__(self, group: Any, shift: Tensor, where: str) -> None:
+        self.group, self.shift, self.where = group, shift, where
+        self.count = 0
 
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """Normalize with given global statistics; backward makes the gradient exact for the
-    global batch with one all_reduce of [Σdpre, Σdpre·x̂]. mean and invstd come from
-    ``x.detach()``: their dependence on x is accounted for here, in closed form."""
+    def statistics(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        stats = _global_stats(x, self.shift, self.group, self.where)
+        if stats is None:  # every rank's batch is empty
+            return None
+        mean64, var64, self.count = stats
+        if self.count == 1:
+            world = dist.get_world_size(self.group)
+            raise ValueError(
+                f"{self.where}: expected more than 1 value per channel when training, got 1 "
+                f"across the {world} ranks of the process group (this rank's input has shape "
+                f"{tuple(x.shape)}). Hint: batch statistics need at least 2 values per "
+                f"channel; use larger batches or call model.eval()."
+            )
+        dtype = reference.compute_dtype(x.dtype)
+        return mean64.to(dtype), var64.to(dtype)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, mean, invstd, count, activation, slope, group,
-                where):  # fmt: skip
-        ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
-        ctx.config = (count, activation, slope, group, where)
-        return _normalize(x, weight, bias, residual, mean, invstd, activation, slope)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, bias, residual, mean, invstd = ctx.saved_tensors
-        count, activation, slope, group, where = ctx.config
-        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        channels, dtype = x.shape[1], invstd.dtype
-        if x.numel():
-            # Eval-mode backward of the backend: dpre and the local Σdpre·x̂ (= dweight) and
-            # Σdpre (= dbias) with the global statistics; its eval-mode dx is not used.
-            _, sum_dpre_xhat, sum_dpre, dpre = select_backend(x).backward(
-                dy.to(x.dtype), x, weight, bias, residual, mean, invstd, False, activation,
-                slope, need_x or need_r,
-            )  # fmt: skip
-        else:
-            sum_dpre_xhat = sum_dpre = mean.new_zeros(channels)
-            dpre = torch.zeros_like(x)
-        dx = None
-        # needs_input_grad[0] is a property of the model, the same on every rank, so either
-        # all ranks make this all_reduce or none does.
-        if need_x:
-            sums = torch.cat([sum_dpre.to(dtype), sum_dpre_xhat.to(dtype)])
-            _all_reduce(sums, group, where, "gradient sums")
-            if x.numel():
-                xhat = reference.normalize(x, mean, invstd)
-                dx = reference.input_grad(
-                    dpre.to(dtype), xhat, invstd, weight, sums[:channels], sums[channels:], count
-                ).to(x.dtype)
-            else:
-                dx = torch.zeros_like(x)
-        # dweight and dbias stay local: DistributedDataParallel reduces parameter gradients.
-        dw = sum_dpre_xhat.to(weight.dtype) if need_w else None
-        db = sum_dpre.to(bias.dtype) if need_b else None
-        dr = dpre.to(residual.dtype) if need_r else None
-        return (dx, dw, db, dr) + (None,) * 7
+    def gradient_sums(self, sum_dpre: Tensor, sum_dpre_xhat: Tensor) -> tuple[Tensor, Tensor]:
+        channels = sum_dpre.shape[0]
+        sums = torch.cat([sum_dpre, sum_dpre_xhat.to(sum_dpre.dtype)])
+        _all_reduce(sums, self.group, self.where, "gradient sums")
+        return sums[:channels], sums[channels:]
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,46 +259,13 @@ class SyncBatchNorm(_BatchNormBase):
         group, world = self._sync_group()
         if not self.training or world <= 1:
             return super().forward(input, residual)
-        where = self.layer_name
-        track = self.track_running_stats
-        running_mean = self.running_mean if track else None
-        running_var = self.running_var if track else None
-        check_inputs(input, running_mean, running_var, self.weight, self.bias, residual, True,
-                     where, check_count=False)  # fmt: skip
-        activation = check_activation(self.activation, where)
         if self._agreed_group != id(group):
-            _check_agreement(input, group, where)
+            _check_agreement(input, group, self.layer_name)
             self._agreed_group = id(group)
-        stats_dtype = reference.compute_dtype(input.dtype)
         shift = torch.zeros(self.num_features, dtype=STATS_MESSAGE_DTYPE, device=input.device)
-        if running_mean is not None:
-            shift.copy_(running_mean)
-        stats = _global_stats(input.detach(), shift, group, where)
-        if stats is None:  # every rank's batch is empty: empty output, statistics unchanged
-            self._momentum_factor()
-            return torch.empty_like(input)
-        mean64, var64, count = stats
-        if count == 1:
-            raise ValueError(
-                f"{where}: expected more than 1 value per channel when training, got 1 across "
-                f"the {world} ranks of the process group (this rank's input has shape "
-                f"{tuple(input.shape)}). Hint: batch statistics need at least 2 values per "
-                f"channel; use larger batches or call model.eval()."
-            )
-        mean, var = mean64.to(stats_dtype), var64.to(stats_dtype)
-        invstd = reference.invstd_of(var, self.eps)
-        tensors = (input, self.weight, self.bias, residual)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            y = _SyncBatchNormFunction.apply(
-                input, self.weight, self.bias, residual, mean, invstd, count, activation,
-                float(self.negative_slope), group, where,
-            )  # fmt: skip
-        else:
-            y = _normalize(input, self.weight, self.bias, residual, mean, invstd, activation,
-                           float(self.negative_slope))  # fmt: skip
-        momentum = self._momentum_factor()
-        if running_mean is not None and running_var is not None:
-            reference.update_running_stats(
-                running_mean, running_var, mean, var, count, momentum, self.unbiased_running_var
-            )
-        return y
+        if self.track_running_stats and self.running_mean is not None:
+            shift.copy_(self.running_mean)
+        reduction = ProcessGroupReduction(group, shift, self.layer_name)
+        return self._normalize(
+            input, residual, self._momentum_factor(), self.weight, self.bias, reduction=reduction
+        )

@@ -4,7 +4,7 @@
 ``use_backend``, ``available_backends`` and ``register_backend`` steer the dispatch.
 """
 
-from batchnorm.ops.core import backward_impl, batch_norm, forward_impl
+from batchnorm.ops.core import Reduction, backward_impl, batch_norm, forward_impl
 from batchnorm.ops.dispatch import (
     available_backends,
     backend_named,
@@ -20,6 +20,7 @@ from batchnorm.ops.dispatch import (
 select_backend = select_kernels
 
 __all__ = [
+    "Reduction",
     "available_backends",
     "backend_named",
     "backward_impl",

@@ -16,6 +16,8 @@ mode, where the dispatch prefers it.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
@@ -32,6 +34,24 @@ def _is_wrapped(t: Tensor) -> bool:
     """Whether t is a wrapper without storage: torch.func's batched and grad-tracking
     tensors, and the batched gradients of autograd.grad(is_grads_batched=True)."""
     return not torch._C._has_storage(t)
+
+
+class Reduction(Protocol):
+    """The cross-process step of SyncBatchNorm (see batchnorm.nn.sync): the core computes
+    with the statistics of the global batch, and makes its gradient that of the global
+    batch, through these two calls. One object serves one call (it keeps the count)."""
+
+    #: Values per channel in the global batch, known after ``statistics``.
+    count: int
+
+    def statistics(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The global batch's (mean, biased var), in the statistics dtype of x; None when
+        every process's batch is empty."""
+        ...
+
+    def gradient_sums(self, sum_dpre: Tensor, sum_dpre_xhat: Tensor) -> tuple[Tensor, Tensor]:
+        """The global sums of dL/dpre and dL/dpre * xhat, from this process's."""
+        ...
 
 
 #: Tensor types whose memory a kernel may read as it is.
@@ -64,9 +84,11 @@ def forward_impl(
     eps: float,
     activation: str,
     negative_slope: float,
+    reduction: Reduction | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Return (y, mean, invstd, var): the statistics that normalized x (mean and invstd are
-    saved for backward; var, the biased batch variance, feeds the running update).
+    saved for backward; var, the biased batch variance, feeds the running update). With a
+    ``reduction`` (training only), those of the global batch.
 
     Nothing is mutated here, so the function can back a functional custom op."""
     channels = x.shape[1]
@@ -82,12 +104,22 @@ def forward_impl(
             x, weight, bias, residual, mean, invstd, activation, negative_slope
         )
         return y, mean, invstd, var
-    if x.numel() == 0:  # empty batch: empty output (the caller leaves the statistics alone)
+    stats = None
+    if reduction is not None:
+        stats = reduction.statistics(x.detach())
+    elif x.numel():
+        y, mean, var, invstd = backend.forward_train(
+            x, weight, bias, residual, eps, activation, negative_slope
+        )
+        return y, mean, invstd, var
+    if stats is None:  # empty batch: empty output (the caller leaves the statistics alone)
         zeros = x.new_zeros(channels, dtype=stats_dtype)
         return torch.empty_like(x), zeros, zeros.clone(), zeros.clone()
-    y, mean, var, invstd = backend.forward_train(
-        x, weight, bias, residual, eps, activation, negative_slope
-    )
+    mean, var = stats  # normalize this process's batch with the global statistics
+    invstd = reference.invstd_of(var, eps)
+    if x.numel() == 0:
+        return torch.empty_like(x), mean, invstd, var
+    y = backend.forward_eval(x, weight, bias, residual, mean, invstd, activation, negative_slope)
     return y, mean, invstd, var
 
 
@@ -130,10 +162,12 @@ def backward_impl(
 
 
 def _save(ctx, inputs: tuple, mean: Tensor, invstd: Tensor) -> None:
-    x, weight, bias, _, _, residual, training, eps, activation, slope = inputs
+    x, weight, bias, _, _, residual, training, eps, activation, slope, *reduction = inputs
     ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
     ctx.save_for_forward(x, weight, bias, residual, mean, invstd)
     ctx.config = (training, eps, activation, slope)
+    ctx.reduction = reduction[0] if reduction else None
+    ctx.n_inputs = len(inputs)
 
 
 def _tangent(ctx, dx, dweight, dbias, drunning_mean, drunning_var, dresidual, *_):
@@ -170,9 +204,21 @@ def _grads(ctx, dy: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
     training, eps, activation, slope = ctx.config
     need_x, need_w, need_b, _, _, need_r = ctx.needs_input_grad[:6]
     tensors = (dy, x, weight, bias, residual)
-    if torch.is_grad_enabled() and any(
+    higher_order = torch.is_grad_enabled() and any(
         t is not None and (t.requires_grad or _is_wrapped(t)) for t in tensors
-    ):
+    )
+    if training and ctx.reduction is not None:
+        if higher_order:
+            raise RuntimeError(
+                "SyncBatchNorm: gradients of its gradients (create_graph=True, torch.func) "
+                "are not supported across processes. Hint: revert_sync_batchnorm(model) for "
+                "single-process higher-order derivatives."
+            )
+        dx, dw, db, dr = _reduced_grads(
+            dy, x, weight, bias, residual, mean, invstd, activation, slope, ctx.reduction,
+            need_x, need_r,
+        )  # fmt: skip
+    elif higher_order:
         # The gradient will be differentiated again (create_graph=True, torch.func): the
         # reference's backward, with the statistics recomputed from x so that they are
         # differentiated too (the saved ones are constants).
@@ -190,7 +236,39 @@ def _grads(ctx, dy: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
     db = db.to(bias.dtype) if bias is not None else db
     keep = (need_x, need_w, need_b, False, False, need_r)
     grads = (dx, dw, db, None, None, dr)
-    return tuple(g if k else None for g, k in zip(grads, keep, strict=True)) + (None,) * 4
+    trailing = (None,) * (ctx.n_inputs - len(grads))  # the non-tensor arguments
+    return tuple(g if k else None for g, k in zip(grads, keep, strict=True)) + trailing
+
+
+def _reduced_grads(
+    dy, x, weight, bias, residual, mean, invstd, activation, slope, reduction, need_x, need_r
+):
+    """Training gradients with a reduction: this process's sums from the kernels' eval-mode
+    backward (Σdpre·x̂ = dweight, Σdpre = dbias), made global for dx only (the parameters'
+    gradients stay local: DistributedDataParallel averages them), then dx by
+    reference.input_grad with the global count."""
+    if x.numel():
+        _, dweight, dbias, dpre = backward_impl(
+            dy, x, weight, bias, residual, mean, invstd, False, activation, slope,
+            need_x or need_r,
+        )  # fmt: skip
+    else:
+        dweight, dbias = mean.new_zeros(x.shape[1]), mean.new_zeros(x.shape[1])
+        dpre = torch.zeros_like(x)
+    dx = None
+    # needs_input_grad is a property of the model, the same in every process, so either
+    # every process makes this collective call or none does.
+    if need_x:
+        sum_dpre, sum_dpre_xhat = reduction.gradient_sums(dbias, dweight)
+        if x.numel():
+            xhat = reference.normalize(x, mean, invstd)
+            dx = reference.input_grad(
+                dpre.to(invstd.dtype), xhat, invstd, weight, sum_dpre, sum_dpre_xhat,
+                reduction.count,
+            ).to(x.dtype)  # fmt: skip
+        else:
+            dx = torch.zeros_like(x)
+    return dx, dweight, dbias, dpre
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -365,14 +443,18 @@ def batch_norm(
     negative_slope: float,
     unbiased_running_var: bool = True,
     keep_output_only: bool = False,
+    reduction: Reduction | None = None,
 ) -> Tensor:
     """Run the operation with autograd and update the running statistics when training.
+    With a ``reduction`` (SyncBatchNorm in training) the statistics, the gradient and the
+    running update are those of the global batch.
 
     Inputs must already be validated (see :mod:`batchnorm.functional`)."""
-    compiling = torch.compiler.is_compiling()
+    reduction = reduction if training else None
+    compiling = torch.compiler.is_compiling() and reduction is None
     if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tangents may flow
         _refuse_dual_statistics(x, training, running_mean, running_var)
-    if not compiling:
+    if not compiling and reduction is None:
         call = Call(x, training, activation, negative_slope, residual is not None,
                     keep_output_only, unbiased_running_var)  # fmt: skip
         backend = select(call)
@@ -385,13 +467,14 @@ def batch_norm(
             activation, float(negative_slope))  # fmt: skip
     if compiling:
         y, mean, _, var = _forward_op(*args)
+    elif keep_output_only and _differentiated(x, weight, bias, residual):
+        y, mean, _, var = _KeepOutputFunction.apply(*args)
     elif _differentiated(x, weight, bias, residual):
-        function = _KeepOutputFunction if keep_output_only else _BatchNormFunction
-        y, mean, _, var = function.apply(*args)
+        y, mean, _, var = _BatchNormFunction.apply(*args, reduction)
     else:
-        y, mean, _, var = forward_impl(*args)
+        y, mean, _, var = forward_impl(*args, reduction)
     if training and running_mean is not None and running_var is not None:
-        count = x.numel() // max(x.shape[1], 1)
+        count = x.numel() // max(x.shape[1], 1) if reduction is None else reduction.count
         if compiling:  # plain torch ops, which the compiler traces
             update = reference.update_running_stats
         else:
