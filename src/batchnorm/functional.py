@@ -82,18 +82,21 @@ def _batch_norm(
     unbiased_running_var: bool = True,
     keep_output_only: bool = False,
     reduction: ops.Reduction | None = None,
+    layer_checked: bool = False,
 ) -> Tensor:
     """batch_norm with ``where`` naming the caller (a layer) in error messages.
 
     ``keep_output_only`` saves only the output for backward and recovers the input from it
     (InPlace-ABN); the activation must then be invertible and there is no residual.
     ``reduction``: the cross-process step of SyncBatchNorm (see ops.Reduction); the
-    "more than 1 value per channel" rule then applies to the global batch, in it."""
+    "more than 1 value per channel" rule then applies to the global batch, in it.
+    ``layer_checked``: a layer has checked the input's type and rank already (with its own
+    message, see nn.base.check_layer_input), which are then not checked again."""
     if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
         return input.clone()  # torch returns an empty input as it is, whatever its rank
     check_eps(eps, training, where)  # first, as torch does
     check_inputs(input, running_mean, running_var, weight, bias, residual, training, where,
-                 check_count=reduction is None)  # fmt: skip
+                 check_count=reduction is None, check_rank=not layer_checked)  # fmt: skip
     activation = check_activation(activation, where)
     if keep_output_only:
         check_invertible(activation, negative_slope, where)
@@ -156,19 +159,21 @@ def check_inputs(
     where: str,
     *,
     check_count: bool = True,
+    check_rank: bool = True,
 ) -> None:
     """Raise TypeError/ValueError with a hint for anything batch norm cannot take.
 
     ``check_count=False`` skips the "more than 1 value per channel" rule, for callers that
-    apply it to a larger batch than ``input`` (SyncBatchNorm checks the global batch)."""
-    if not isinstance(input, Tensor):
+    apply it to a larger batch than ``input`` (SyncBatchNorm checks the global batch);
+    ``check_rank=False`` skips the type and rank checks a layer has made."""
+    if check_rank and not isinstance(input, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}.")
     if not input.is_floating_point():
         raise InputTypeError(
             f"{where}: expected a floating-point input, got dtype {input.dtype}. "
             f"Hint: convert it first, e.g. input.float()."
         )
-    if input.dim() < 2:
+    if check_rank and input.dim() < 2:
         raise InputError(
             f"{where}: expected an input of shape (N, C, *) with at least 2 dimensions, got "
             f"shape {tuple(input.shape)}. Hint: a single sample needs a batch dimension, "

@@ -209,6 +209,7 @@ class _BatchNormBase(_BatchNorm):
             unbiased_running_var=self.unbiased_running_var,
             keep_output_only=self._keep_output_only,
             reduction=reduction,
+            layer_checked=True,  # forward has run check_layer_input
         )
 
 

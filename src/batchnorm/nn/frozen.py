@@ -64,6 +64,7 @@ class _FrozenBatchNorm(nn.Module):
         return _batch_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
             self.eps, self.activation, self.negative_slope, residual, where=self.layer_name,
+            layer_checked=True,
         )  # fmt: skip
 
 
