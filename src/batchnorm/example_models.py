@@ -78,6 +78,66 @@ def resnet18_like(width: int = 64, classes: int = 1000, in_channels: int = 3) ->
     return ResNetLike(width, classes, in_channels)
 
 
+class Bottleneck(nn.Module):
+    """ResNet-50's bottleneck block: 1x1 -> 3x3 (stride) -> 1x1 (4x wider) convs, BN after
+    each, ReLU after the first two and after the residual sum. ``fused``: batchnorm's
+    BatchNormAct2d computes BN + ReLU, and BN + residual + ReLU, in one pass each."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, mid: int, stride: int, fused: bool = False) -> None:
+        super().__init__()
+        cout = mid * self.expansion
+        self.fused = fused
+        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = _bn(mid, fused)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
+        self.bn2 = _bn(mid, fused)
+        self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = _bn(cout, fused)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        if self.fused:
+            out = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+            return self.bn3(self.conv3(out), shortcut)
+        out = self.bn1(self.conv1(x)).relu()
+        out = self.bn2(self.conv2(out)).relu()
+        return (self.bn3(self.conv3(out)) + shortcut).relu()
+
+
+def _bn(channels: int, fused: bool) -> nn.Module:
+    if not fused:
+        return nn.BatchNorm2d(channels)
+    from batchnorm.nn import BatchNormAct2d  # the fused layer exists in this package only
+
+    return BatchNormAct2d(channels, activation="relu")
+
+
+def resnet50_like(
+    width: int = 64, classes: int = 1000, stages: tuple[int, ...] = (3, 4, 6, 3), fused=False
+) -> nn.Sequential:
+    """A ResNet-50-like network (bottleneck blocks; ResNet-50's BN shapes with the default
+    width and stages). ``fused=True`` builds it with batchnorm.BatchNormAct2d (BN + ReLU and
+    BN + residual + ReLU fused); otherwise with torch.nn.BatchNorm2d like every factory
+    here."""
+    layers: list[nn.Module] = _conv_bn_relu(3, width, 7, 2) + [nn.MaxPool2d(3, 2, 1)]
+    cin = width
+    for stage, blocks in enumerate(stages):
+        mid = width * 2**stage
+        for block in range(blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            layers.append(Bottleneck(cin, mid, stride, fused))
+            cin = mid * Bottleneck.expansion
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return nn.Sequential(*layers)
+
+
 def _conv_bn_relu(cin: int, cout: int, k: int, stride: int, groups: int = 1) -> list[nn.Module]:
     return [
         nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),

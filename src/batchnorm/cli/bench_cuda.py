@@ -1,0 +1,248 @@
+"""``batchnorm bench --device cuda``: batch norm on an NVIDIA GPU — ours against torch.nn
+(cuDNN), float32 and under half precision (bfloat16, float16 inputs with float32
+parameters, as torch.autocast gives them), NCHW and channels_last.
+
+Measured, each case as the median of many calls timed with CUDA events, contenders
+interleaved (:func:`batchnorm.lab.timing.time_interleaved`):
+
+* ResNet-50's batch-norm shapes, (C, H) from (64, 112) to (2048, 7), at batch 32 and 128,
+  and (N, C) = (8192, 4096);
+* modes ``forward_train``, ``eval``, ``forward_backward`` and ``bn_relu_residual`` (forward +
+  backward of act(BN(x) + z): our fused BatchNormAct against torch.nn's BN, add and ReLU);
+* contenders ``torch`` (torch.nn's layer), ``ours`` (the default dispatch) and ``ours_<name>``
+  for every other backend that computes on CUDA, forced (``triton`` where it is installed);
+* the copy ``dst.copy_(x)`` of the same tensor, for the fraction of copy bandwidth under the
+  traffic model of ``batchnorm bench`` (eval 2N, forward 3N, forward + backward 8N elements;
+  12N with the residual, which is read in both passes and whose gradient is written);
+* an end-to-end training step (forward, backward, SGD) of ResNet-50-like
+  (:func:`batchnorm.example_models.resnet50_like`) at batch 64, 224x224, channels_last,
+  bf16 autocast: torch.nn, ours converted, ours with BatchNormAct fused;
+* peak activation memory of 8 Conv -> BN -> LeakyReLU blocks: torch.nn against
+  InPlaceBatchNormAct2d (``torch.cuda.max_memory_allocated``).
+
+Every contender's output is first checked against torch's (largest error recorded).
+``quick`` runs small shapes on any device, so that the script itself is tested on CPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import batchnorm
+from batchnorm import example_models, ops
+from batchnorm.backends import Call
+from batchnorm.lab.timing import time_interleaved
+
+#: ResNet-50's BN (channels, height): the stem, and each stage's widest and narrowest.
+RESNET50_BN = [(64, 112), (256, 56), (128, 28), (512, 28), (1024, 14), (2048, 7)]
+BATCHES = (32, 128)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MODES = ("forward_train", "eval", "forward_backward", "bn_relu_residual")
+#: Minimal traffic in elements of the input's size (see the module docstring).
+TRAFFIC = {"eval": 2, "forward_train": 3, "forward_backward": 8, "bn_relu_residual": 12}
+#: Seconds of timed calls per contender and case: CUDA events time each call exactly, and
+#: the whole full run must fit a lent GPU session (about 300 cases).
+BUDGET = {"full": 0.1, "quick": 0.02}
+REPS = {"full": (20, 500), "quick": (2, 5)}
+
+
+def _shapes(quick: bool) -> list[tuple[str, tuple[int, ...]]]:
+    if quick:
+        return [("(4,8,6,6)", (4, 8, 6, 6)), ("(16,8)", (16, 8))]
+    shapes = [(f"({n},{c},{h},{h})", (n, c, h, h)) for n in BATCHES for c, h in RESNET50_BN]
+    return shapes + [("(8192,4096)", (8192, 4096))]
+
+
+def _seconds(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    """One call's time: CUDA events on a GPU (the kernels' own time), else wall clock."""
+    if device.type != "cuda":
+        from batchnorm.lab.timing import wall_seconds
+
+        return wall_seconds
+
+    def measure(run: Callable[[], Any]) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return measure
+
+
+def _layers(channels: int, rank: int, activation: str | None, device, dtype) -> dict:
+    torch_cls = nn.BatchNorm1d if rank == 2 else nn.BatchNorm2d
+    ours_cls = batchnorm.BatchNormAct1d if rank == 2 else batchnorm.BatchNormAct2d
+    theirs = torch_cls(channels, device=device)
+    ours = ours_cls(channels, activation=activation, device=device)
+    ours.load_state_dict(theirs.state_dict())
+    return {"torch": theirs, "ours": ours}
+
+
+def _case(mode: str, shape, dtype, channels_last: bool, device, budget, reps) -> dict:
+    """Times of every contender on one (mode, shape, dtype, layout) case."""
+    x = torch.randn(shape, device=device).to(dtype)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    z, dy = torch.randn_like(x), torch.randn_like(x)
+    fused = mode == "bn_relu_residual"
+    layers = _layers(shape[1], x.dim(), "relu" if fused else None, device, dtype)
+    backward = mode in ("forward_backward", "bn_relu_residual")
+    training = mode != "eval"
+    backends = [b for b in ops.available_backends(device.type) if b != "reference"]
+
+    def runner(name: str, backend: str | None) -> Callable[[], Tensor]:
+        layer = layers["torch" if name == "torch" else "ours"].train(training)
+
+        def call() -> Tensor:
+            xin = x.detach().requires_grad_(backward)
+            if name == "torch":
+                y = layer(xin)
+                y = (y + z).relu() if fused else y
+            elif fused:
+                y = layer(xin, z)
+            else:
+                y = layer(xin)
+            if backward:
+                y.backward(dy)
+                return xin.grad
+            return y
+
+        if backend is None:
+            return call
+
+        def forced() -> Tensor:
+            with ops.use_backend(backend):
+                return call()
+
+        return forced
+
+    with torch.no_grad():
+        dst = torch.empty_like(x)
+    runs = {"torch": runner("torch", None), "ours": runner("ours", None)}
+    call = Call(x, training, "relu" if fused else "identity", 0.01, fused, False, True)
+    runs |= {
+        f"ours_{b}": runner("ours", b)
+        for b in backends
+        if b != "aten" and ops.backend_named(b).supports(call)  # forced where it computes
+    }
+    expected = runs["torch"]().float()
+    errors = {name: (run().float() - expected).abs().max().item() for name, run in runs.items()}
+    runs["copy"] = lambda: dst.copy_(x)
+    grad = torch.no_grad() if not backward else torch.enable_grad()
+    with grad:
+        times = time_interleaved(runs, budget=budget, bounds=reps, measure=_seconds(device))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    bytes_moved = TRAFFIC[mode] * x.numel() * x.element_size()
+    copy_bytes = 2 * x.numel() * x.element_size()
+    return {
+        "median_s": medians,
+        "max_error_vs_torch": errors,
+        "speedup_vs_torch": {n: medians["torch"] / m for n, m in medians.items() if n != "copy"},
+        "fraction_of_copy": {
+            n: (bytes_moved / m) / (copy_bytes / medians["copy"])
+            for n, m in medians.items()
+            if n != "copy"
+        },
+    }
+
+
+def _training_step(quick: bool, device, budget, reps) -> dict:
+    """ResNet-50-like training steps under bf16 autocast, channels_last."""
+    kwargs = {"width": 8, "classes": 10, "stages": (1, 1, 1, 1)} if quick else {}
+    batch, size = (4, 32) if quick else (64, 224)
+    torch.manual_seed(0)
+    models = {
+        "torch": example_models.resnet50_like(**kwargs),
+        "ours": batchnorm.convert(example_models.resnet50_like(**kwargs)),
+        "ours_fused": batchnorm.convert(example_models.resnet50_like(**kwargs, fused=True)),
+    }
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
+    labels = torch.randint(0, 10 if quick else 1000, (batch,), device=device)
+    runs = {}
+    for name, model in models.items():
+        model.to(device, memory_format=torch.channels_last).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def step(model=model, optimizer=optimizer) -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(x), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        runs[name] = step
+    times = time_interleaved(runs, budget=budget * 10, bounds=reps, measure=_seconds(device))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "shape": [batch, 3, size, size],
+        "median_s": medians,
+        "speedup_vs_torch": {n: medians["torch"] / m for n, m in medians.items()},
+    }
+
+
+def _inplace_memory(quick: bool, device) -> dict:
+    """Peak memory of a forward + backward through 8 Conv -> BN -> LeakyReLU blocks."""
+    channels, batch, size = (8, 4, 16) if quick else (128, 64, 56)
+
+    def blocks(inplace: bool) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for _ in range(8):
+            layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=False))
+            if inplace:
+                layers.append(batchnorm.InPlaceBatchNormAct2d(channels))
+            else:
+                layers += [nn.BatchNorm2d(channels), nn.LeakyReLU(0.01)]
+        return nn.Sequential(*layers).to(device)
+
+    peaks = {}
+    for name, inplace in (("torch", False), ("ours_inplace", True)):
+        model = blocks(inplace)
+        x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+        model(x).sum().backward()
+        if device.type == "cuda":
+            peaks[name] = torch.cuda.max_memory_allocated() - start
+    if not peaks:
+        return {"measured": False, "reason": "peak memory is measured on CUDA only"}
+    return {
+        "measured": True,
+        "peak_bytes": peaks,
+        "saving": 1 - peaks["ours_inplace"] / peaks["torch"],
+    }
+
+
+def run(device: str = "cuda", quick: bool = False) -> dict:
+    """Every case on ``device``; a dict ready for JSON."""
+    dev = torch.device(device)
+    level = "quick" if quick else "full"
+    budget, reps = BUDGET[level], REPS[level]
+    rows = []
+    for label, shape in _shapes(quick):
+        for dtype in DTYPES:
+            for channels_last in (False, True) if len(shape) == 4 else (False,):
+                for mode in MODES:
+                    row = _case(mode, shape, dtype, channels_last, dev, budget, reps)
+                    layout = "channels_last" if channels_last else "contiguous"
+                    rows.append({"shape": label, "dtype": str(dtype), "layout": layout,
+                                 "mode": mode, **row})  # fmt: skip
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else device,
+        "torch": torch.__version__,
+        "backends": ops.available_backends(dev.type),
+        "level": level,
+        "cases": rows,
+        "training_step": _training_step(quick, dev, budget, reps),
+        "inplace_memory": _inplace_memory(quick, dev),
+    }

@@ -1,0 +1,21 @@
+"""The GPU benchmark's code, run on CPU at its quick size so that it cannot rot between the
+sessions that are lent a GPU (its figures come from those sessions only)."""
+
+import json
+
+from batchnorm.cli import bench_cuda
+
+
+def test_quick_run_on_cpu_has_every_case_and_agrees_with_torch():
+    results = bench_cuda.run("cpu", quick=True)
+    json.dumps(results)  # serializable as the committed JSON
+    modes = {row["mode"] for row in results["cases"]}
+    assert modes == set(bench_cuda.MODES)
+    assert {row["dtype"] for row in results["cases"]} == {str(d) for d in bench_cuda.DTYPES}
+    for row in results["cases"]:
+        assert {"torch", "ours", "copy"} <= set(row["median_s"])
+        # outputs and input gradients of magnitude ~1: float32 rounding, or half's (bf16: 2^-8)
+        tolerance = 5e-3 if row["dtype"] == "torch.float32" else 5e-2
+        for name, error in row["max_error_vs_torch"].items():
+            assert error < tolerance, (row["shape"], row["mode"], name, error)
+    assert set(results["training_step"]["median_s"]) == {"torch", "ours", "ours_fused"}
