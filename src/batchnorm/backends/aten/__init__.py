@@ -87,10 +87,12 @@ def safe_batch_norm(
     * a weight or bias that is not contiguous ((N, C) inputs: wrong dx);
     * an input or output gradient whose size-1 dimensions have other strides than a dense
       tensor's (wrong dx and dbias), so both are given dense strides;
-    * float32 data whose mean is large against its spread: the statistics (a plain float
-      sum) and the backward lose digits (2e-3 of the output's scale at mean 1e4 on (200, 8)).
-      The input is shifted by a per-channel value from its first sample: batch norm's
-      output and gradients do not change under a shift, and the sums become accurate.
+    * float32 data whose mean is large against its spread, in the channels-last kernel
+      that also takes (N, C) inputs: its statistics (a plain float sum) and backward lose
+      digits (3e-3 of the output's scale at mean 1e4 on (200, 8), 5-10x an exact float32
+      mean's rounding; the NCHW kernel stays within it). The input is shifted by a
+      per-channel value from its first sample: batch norm's output and gradients do not
+      change under a shift, and the sums become accurate.
     """
     x = _dense(x)
     weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
@@ -100,7 +102,7 @@ def safe_batch_norm(
     given_mean = _contiguous(running_mean)
     given_var = _contiguous(running_var)
     shift = None
-    if training and x.dtype == torch.float32 and x.numel() > 0:
+    if training and x.dtype == torch.float32 and x.numel() > 0 and _channels_last_kernel(x):
         first = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
         shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)  # keep inf/NaN as torch
         x = x - reference.per_channel(shift, x)
@@ -119,6 +121,12 @@ def safe_batch_norm(
     if y.requires_grad:
         y.register_hook(_with_strides(y.stride()))
     return y
+
+
+def _channels_last_kernel(x: Tensor) -> bool:
+    """Whether ATen's CPU batch norm takes x through its channels-last kernel (or may: any
+    layout other than NCHW-contiguous with spatial dimensions)."""
+    return x.dim() == 2 or not x.is_contiguous() or x.numel() == x.shape[0] * x.shape[1]
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:
