@@ -106,19 +106,19 @@ def safe_batch_norm(
         first = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
         shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)  # keep inf/NaN as torch
         x = x - reference.per_channel(shift, x)
-    # With a shift, ATen updates a zero vector to momentum * (mean - shift), the running
-    # mean's increment less momentum * shift (so the large terms are added once, here).
+    # With a shift, ATen updates the running mean less the shift (a copy: ATen saves the
+    # tensor it is given for backward), which is then shifted back.
     if shift is not None and running_mean is not None:
-        given_mean = torch.zeros_like(running_mean)
+        given_mean = running_mean - shift
     y = torch.batch_norm(x, weight, bias, given_mean, given_var, training, momentum, eps, False)
     if training and running_mean is not None and given_mean is not running_mean:
         if shift is None:
             running_mean.copy_(given_mean)
         else:
-            running_mean.mul_(1 - momentum).add_(given_mean).add_(shift, alpha=momentum)
+            torch.add(given_mean, shift, out=running_mean)
     if training and running_var is not None and given_var is not running_var:
         running_var.copy_(given_var)
-    if y.requires_grad:
+    if y.requires_grad and 1 in y.shape:  # only size-1 dimensions can carry odd strides
         y.register_hook(_with_strides(y.stride()))
     return y
 
