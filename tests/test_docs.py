@@ -9,6 +9,7 @@ and such blocks must stay rare (NO_TEST_LIMIT).
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import subprocess
@@ -178,3 +179,23 @@ def test_mkdocs_build_strict(tmp_path):
     api = (site / "api" / "index.html").read_text(encoding="utf-8")
     for name in ("batchnorm.BatchNorm2d", "batchnorm.fold", "batchnorm.functional.batch_norm"):
         assert name in api
+    # Layers whose __init__ passes options on get their real signature (full_signature sets
+    # it at import; docs/griffe_full_signature.py shows it), never *args / **kwargs.
+    signatures = _signatures(api)
+    assert "virtual_batch_size: int, eps: float" in signatures["batchnorm.GhostBatchNorm2d"]
+    assert "(num_features: int, eps: float" in signatures["batchnorm.BatchNormAct2d"]
+    assert "bias: bool = True" in signatures["batchnorm.SyncBatchNorm"]
+    for name, signature in signatures.items():
+        assert not re.search(r"\*\*?(args|kwargs|options)\b", signature), (name, signature)
+
+
+def _signatures(api: str) -> dict[str, str]:
+    """The signature shown under each heading of the API page, as text on one line."""
+    found = re.findall(
+        r'<h3 id="([\w.]+)".*?<div class="doc-signature[^"]*">(.*?)</div>', api, flags=re.S
+    )
+    text = {name: html.unescape(re.sub(r"<[^>]+>", "", block)) for name, block in found}
+    return {
+        name: re.sub(r"\s+", " ", t).replace("( ", "(").replace(", )", ")")
+        for name, t in text.items()
+    }

@@ -118,7 +118,8 @@ if not INTERPRETED:
         an sm_90 GPU, down to its cubin, in specializations covering every constexpr."""
         import triton.language as tl
 
-        from batchnorm.backends.triton import kernels
+        from batchnorm.backends.triton import kernels_backward as backward
+        from batchnorm.backends.triton import kernels_forward as forward
 
         _needs_the_compiler()
         x, p, blocks = _COMPILE_CASES[activation]
@@ -129,20 +130,20 @@ if not INTERPRETED:
                  "ACTIVATION": activation, "ACC": acc, **blocks}  # fmt: skip
         data = {"default": stats, "x_ptr": x, "y_ptr": x, "z_ptr": x, "dy_ptr": x, "dx_ptr": x,
                 "dpre_ptr": x, "weight_ptr": p, "bias_ptr": p}  # fmt: skip
-        _compile_for_sm90(kernels.normalize_kernel, data, {**flags, "BF16_BY_HAND": False})
-        _compile_for_sm90(kernels.grad_partial_kernel, data, flags)
+        _compile_for_sm90(forward.normalize_kernel, data, {**flags, "BF16_BY_HAND": False})
+        _compile_for_sm90(backward.grad_partial_kernel, data, flags)
         for training in (True, False):
             more = {"TRAINING": training, "WRITE_DPRE": training == (i % 2 == 0)}
             _compile_for_sm90(
-                kernels.grad_input_kernel, data, {**flags, **more, "BF16_BY_HAND": False}
+                backward.grad_input_kernel, data, {**flags, **more, "BF16_BY_HAND": False}
             )
-        _compile_for_sm90(kernels.stats_partial_kernel, {"default": "fp64", "x_ptr": x},
+        _compile_for_sm90(forward.stats_partial_kernel, {"default": "fp64", "x_ptr": x},
                           {"ACC": acc, **blocks})  # fmt: skip
         merge = {"BLOCK_P": 32, "BLOCK_C": 32}
-        _compile_for_sm90(kernels.stats_merge_kernel, {"default": "fp64", "mean_ptr": stats,
+        _compile_for_sm90(forward.stats_merge_kernel, {"default": "fp64", "mean_ptr": stats,
                           "var_ptr": stats, "invstd_ptr": stats}, merge)  # fmt: skip
-        _compile_for_sm90(kernels.grad_merge_kernel, {"default": stats}, merge)
-        _compile_for_sm90(kernels.running_update_kernel, {"default": stats}, {"BLOCK": 1024})
+        _compile_for_sm90(backward.grad_merge_kernel, {"default": stats}, merge)
+        _compile_for_sm90(forward.running_update_kernel, {"default": stats}, {"BLOCK": 1024})
 
 
 else:
@@ -153,7 +154,7 @@ else:
     from batchnorm.backends.triton import INTERPRETED as BACKEND_INTERPRETED
     from batchnorm.backends.triton import TritonBackend, supports
     from batchnorm.backends.triton.backend import _MAX_GRID_Y
-    from batchnorm.backends.triton.kernels import _out
+    from batchnorm.backends.triton.kernels_forward import _out
     from conftest import TOLERANCES, random_input
 
     HALF = (torch.float16, torch.bfloat16)
@@ -411,7 +412,7 @@ else:
         tl.store(y_ptr + i, _out(v, y_ptr, True), mask=i < n)
 
     def test_bfloat16_rounding_by_hand_is_torchs():
-        """kernels._out (used under the interpreter) rounds float32 to bfloat16 bit for bit
+        """kernels_forward._out (used under the interpreter) rounds float32 to bfloat16 bit for bit
         as torch does (to nearest even), specials and subnormals included."""
         g = torch.Generator().manual_seed(16)
         bits = torch.randint(-(2**31), 2**31, (2048,), generator=g, dtype=torch.int64)

@@ -2,7 +2,8 @@
 
 Importing this package imports triton and raises ImportError where it is not installed
 (batchnorm itself never needs it). ``supports(x)`` says which inputs ``TritonBackend``
-takes; see :mod:`.kernels` for the design and :mod:`.backend` for the torch side.
+takes; see :mod:`.kernels_forward` for the design (:mod:`.kernels_backward` for the
+gradients) and :mod:`.backend` for the torch side.
 """
 
 from batchnorm.backends.triton.backend import INTERPRETED, TritonBackend, supports

@@ -14,8 +14,8 @@ Layouts: x is used as it is when it is contiguous in channels-first order or in
 channels-last order (this covers (N, C)); any other strides are first copied into the
 nearer of the two. dy and the residual are brought into x's layout the same way, so one set
 of offsets serves every tensor of a call. The grid and tile choices are described in
-:mod:`batchnorm.backends.triton.kernels`; ``TritonBackend``'s arguments override them (the
-tests use tiny tiles to cross every block boundary on small inputs).
+:mod:`batchnorm.backends.triton.kernels_forward`; ``TritonBackend``'s arguments override them
+(the tests use tiny tiles to cross every block boundary on small inputs).
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from torch import Tensor
 
 from batchnorm import reference
 from batchnorm.backends import Call
-from batchnorm.backends.triton import kernels
+from batchnorm.backends.triton import kernels_backward, kernels_forward
 
 #: Whether the kernels run in Triton's interpreter (on CPU, with NumPy) rather than compiled
-#: for a GPU. Fixed when kernels.py was imported: ``triton.jit`` reads TRITON_INTERPRET then.
-INTERPRETED = not isinstance(kernels.normalize_kernel, triton.runtime.JITFunction)
+#: for a GPU. Fixed when the kernel modules were imported: ``triton.jit`` reads
+#: TRITON_INTERPRET then.
+INTERPRETED = not isinstance(kernels_forward.normalize_kernel, triton.runtime.JITFunction)
 
 #: The dtypes :func:`supports` accepts (the kernels also run float64; it stays with ATen and
 #: the reference on GPUs, where float64 throughput is low anyway).
@@ -125,7 +126,7 @@ def _multiprocessors(index: int) -> int:
 
 
 def _bf16_by_hand(x: Tensor) -> bool:
-    """Round bfloat16 outputs by hand: only under the interpreter (see kernels._out)."""
+    """Round bfloat16 outputs by hand: only under the interpreter (see kernels_forward._out)."""
     return INTERPRETED and x.dtype == torch.bfloat16
 
 
@@ -272,13 +273,13 @@ class TritonBackend:
         stats_dtype = reference.compute_dtype(x.dtype)
         acc = _ACC.get(x.dtype, tl.float32)
         mean, var, invstd = (x.new_empty(plan.C, dtype=stats_dtype) for _ in range(3))
-        # the pieces' (count, mean, M2), in float64 (see kernels.stats_partial_kernel)
+        # the pieces' (count, mean, M2), in float64 (see kernels_forward.stats_partial_kernel)
         parts = [x.new_empty((plan.pieces, plan.C), dtype=torch.float64) for _ in range(3)]
         with _device_guard(x):
-            kernels.stats_partial_kernel[plan.grid](
+            kernels_forward.stats_partial_kernel[plan.grid](
                 x, *parts, *plan.args, ACC=acc, **plan.blocks, **LAUNCH_OPTIONS
             )
-            kernels.stats_merge_kernel[self._merge_grid(plan.C)](
+            kernels_forward.stats_merge_kernel[self._merge_grid(plan.C)](
                 *parts, mean, var, invstd, plan.pieces, plan.C, *split_float(eps),
                 **self._merge_blocks, **LAUNCH_OPTIONS,
             )  # fmt: skip
@@ -302,7 +303,7 @@ class TritonBackend:
         y = torch.empty_like(x)
         z = None if residual is None else _in_layout(residual.detach(), layout)
         with _device_guard(x):
-            kernels.normalize_kernel[plan.grid](
+            kernels_forward.normalize_kernel[plan.grid](
                 x, x if z is None else z, y, _vector(mean, x), _vector(invstd, x),
                 _vector(weight, x), _vector(bias, x), *plan.args,
                 *split_float(negative_slope), HAS_Z=z is not None,
@@ -342,14 +343,14 @@ class TritonBackend:
                  "HAS_BIAS": bias is not None, "ACTIVATION": activation, "ACC": acc,
                  **plan.blocks, **LAUNCH_OPTIONS}  # fmt: skip
         with _device_guard(x):
-            kernels.grad_partial_kernel[plan.grid](
+            kernels_backward.grad_partial_kernel[plan.grid](
                 dy, x, z_, mean, invstd, weight_, bias_, *parts, *plan.args, *slope, **flags
             )
-            kernels.grad_merge_kernel[self._merge_grid(plan.C)](
+            kernels_backward.grad_merge_kernel[self._merge_grid(plan.C)](
                 *parts, dbias, dweight, plan.pieces, plan.C, **self._merge_blocks,
                 **LAUNCH_OPTIONS,
             )  # fmt: skip
-            kernels.grad_input_kernel[plan.grid](
+            kernels_backward.grad_input_kernel[plan.grid](
                 dy, x, z_, dx, dpre if write_dpre else dx, mean, invstd, weight_, bias_,
                 dbias, dweight, plan.N * plan.S, *plan.args, *slope, TRAINING=bool(training),
                 WRITE_DPRE=write_dpre, BF16_BY_HAND=_bf16_by_hand(x), **flags,
@@ -376,7 +377,7 @@ class TritonBackend:
         num, den = (count, count - 1) if unbiased and count > 1 else (1, 1)
         block = min(_pow2(channels), 1024)
         with _device_guard(running_mean):
-            kernels.running_update_kernel[(triton.cdiv(channels, block),)](
+            kernels_forward.running_update_kernel[(triton.cdiv(channels, block),)](
                 running_mean, running_var, mean, var, channels, *split_float(momentum), num,
                 den, BLOCK=block, **LAUNCH_OPTIONS,
             )  # fmt: skip
