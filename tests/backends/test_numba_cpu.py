@@ -111,7 +111,7 @@ def test_layouts_match_torch(shape, channels_last, training, dtype):
 
 def test_transposed_ncl_input_runs_channels_last():
     x = random_input((4, 6, 9)).transpose(1, 2).contiguous().transpose(1, 2)  # (N, C, L), C last
-    assert cpu._layout(x) == "cl"
+    assert cpu.layout_of(x) == "cl"
     check(x)
 
 

@@ -16,14 +16,14 @@ mode, where the dispatch prefers it.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
 from batchnorm import reference
-from batchnorm.backends import Call
+from batchnorm.backends import Call, OperatorBackend
 from batchnorm.backends.reference import ReferenceBackend
 from batchnorm.ops.dispatch import select, select_kernels
 
@@ -459,7 +459,7 @@ def batch_norm(
                     keep_output_only, unbiased_running_var)  # fmt: skip
         backend = select(call)
         if backend.operator:
-            return backend.batch_norm(  # type: ignore[attr-defined]
+            return cast(OperatorBackend, backend).batch_norm(
                 x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
                 activation, negative_slope,
             )  # fmt: skip

@@ -8,6 +8,8 @@ cannot compute raises a clear error rather than silently running elsewhere.
 
 from __future__ import annotations
 
+from typing import cast
+
 from batchnorm.backends import Backend, Call, KernelBackend, builtin_backends
 
 _REGISTRY: list[Backend] = builtin_backends()
@@ -83,7 +85,7 @@ def select_kernels(
 ) -> KernelBackend:
     """The kernel backend for a plain call on ``x`` (its unspecified options: the usual)."""
     call = Call(x, training, activation, negative_slope, has_residual, False, True)
-    return select(call, kernels_only=True)  # type: ignore[return-value]
+    return cast(KernelBackend, select(call, kernels_only=True))
 
 
 class use_backend:

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from batchnorm import reference
 from batchnorm.backends import Call
+from batchnorm.backends.layout import in_layout, layout_of
 from batchnorm.backends.numba_cpu.channels_first import cf_backward, cf_forward
 from batchnorm.backends.numba_cpu.channels_last import cl_backward, cl_forward
 from batchnorm.backends.numba_cpu.jit import ACTIVATION_CODES, running_update
@@ -45,33 +46,9 @@ from batchnorm.backends.numba_cpu.jit import ACTIVATION_CODES, running_update
 _LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
-def _channels_last_order(x: Tensor) -> tuple[int, ...]:
-    return (0, *range(2, x.dim()), 1)
-
-
-def _layout(x: Tensor) -> str:
-    """The kernel layout x is in, or the nearest one if x is neither (it will be copied)."""
-    if x.dim() == 2:
-        return "cl"
-    if x.is_contiguous():
-        return "cl" if x.numel() == x.shape[0] * x.shape[1] else "cf"
-    if x.permute(_channels_last_order(x)).is_contiguous():
-        return "cl"
-    return "cl" if x.stride(1) < min(x.stride()[2:]) else "cf"
-
-
 def _in_layout(t: Tensor, layout: str, dtype: torch.dtype) -> Tensor:
     """t with x's dtype and the memory layout ``layout`` (a copy only if it is not so)."""
-    if t.dtype != dtype:
-        t = t.detach().to(dtype)
-    if layout == "cf" or t.dim() <= 2:  # also per-channel vectors
-        return t if t.is_contiguous() else t.detach().contiguous()
-    order = _channels_last_order(t)
-    moved = t.permute(order)
-    if moved.is_contiguous():
-        return t
-    inverse = [order.index(i) for i in range(t.dim())]
-    return moved.detach().contiguous().permute(inverse)
+    return in_layout(t if t.dtype == dtype else t.detach().to(dtype), layout)
 
 
 def _shape(x: Tensor, layout: str) -> tuple[int, ...]:
@@ -129,7 +106,7 @@ class NumbaBackend:
 
     def _forward(self, x, weight, bias, residual, mean, var, invstd, eps, activation, slope,
                  training):  # fmt: skip
-        layout = _layout(x)
+        layout = layout_of(x)
         x = _in_layout(x, layout, x.dtype)
         y = torch.empty_like(x)
         # Every tensor whose address a kernel reads is held by a local until it returns.
@@ -157,7 +134,7 @@ class NumbaBackend:
 
     def backward(self, dy, x, weight, bias, residual, mean, invstd, training, activation,
                  negative_slope, need_dpre):  # fmt: skip
-        layout = _layout(x)
+        layout = layout_of(x)
         x = _in_layout(x, layout, x.dtype)
         dy = _in_layout(dy, layout, x.dtype)
         # Every tensor whose address a kernel reads is held by a local until it returns.

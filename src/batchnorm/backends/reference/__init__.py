@@ -4,8 +4,6 @@ activations a faster backend has no kernel for) and, run in float64, the tests' 
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from batchnorm import reference
 from batchnorm.backends import Call
 
@@ -41,16 +39,4 @@ class ReferenceBackend:
         )
         return dx, dw, db, dpre if need_dpre else None
 
-    def update_running_stats(
-        self,
-        running_mean: Tensor,
-        running_var: Tensor,
-        mean: Tensor,
-        var: Tensor,
-        count: int,
-        momentum: float,
-        unbiased: bool = True,
-    ) -> None:
-        reference.update_running_stats(
-            running_mean, running_var, mean, var, count, momentum, unbiased
-        )
+    update_running_stats = staticmethod(reference.update_running_stats)

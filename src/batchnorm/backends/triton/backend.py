@@ -32,6 +32,7 @@ from torch import Tensor
 
 from batchnorm import reference
 from batchnorm.backends import Call
+from batchnorm.backends.layout import in_layout, layout_of
 from batchnorm.backends.triton import kernels_backward, kernels_forward
 
 #: Whether the kernels run in Triton's interpreter (on CPU, with NumPy) rather than compiled
@@ -70,38 +71,6 @@ def split_float(value: float) -> tuple[float, float]:
     sees the full negative slope, eps or momentum, and both modes compute the same thing."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
     return hi, float(value - hi)
-
-
-# ---------------------------------------------------------------------------------------
-# Layouts (the same rule as batchnorm.kernels.cpu: use x as it is if it is dense in one of
-# the two layouts, else copy it into the nearer one).
-
-
-def _channels_last_order(x: Tensor) -> tuple[int, ...]:
-    return (0, *range(2, x.dim()), 1)
-
-
-def _layout(x: Tensor) -> str:
-    """The layout x is in, "cf" (channels first) or "cl" (channels last), or the nearer."""
-    if x.dim() == 2:
-        return "cl"
-    if x.is_contiguous():
-        return "cl" if x.numel() == x.shape[0] * x.shape[1] else "cf"
-    if x.permute(_channels_last_order(x)).is_contiguous():
-        return "cl"
-    return "cl" if x.stride(1) < min(x.stride()[2:]) else "cf"
-
-
-def _in_layout(t: Tensor, layout: str) -> Tensor:
-    """t, dense in ``layout`` (a copy only if it is not); its dtype is kept."""
-    if layout == "cf" or t.dim() <= 2:
-        return t if t.is_contiguous() else t.contiguous()
-    order = _channels_last_order(t)
-    moved = t.permute(order)
-    if moved.is_contiguous():
-        return t
-    inverse = [order.index(i) for i in range(t.dim())]
-    return moved.contiguous().permute(inverse)
 
 
 def _vector(t: Tensor | None, like: Tensor) -> Tensor:
@@ -267,8 +236,8 @@ class TritonBackend:
     def forward_train(self, x, weight, bias, residual, eps, activation, negative_slope):
         """(y, mean, biased var, invstd) of a batch with at least one value per channel."""
         _check_activation(activation)
-        layout = _layout(x)
-        x = _in_layout(x.detach(), layout)
+        layout = layout_of(x)
+        x = in_layout(x.detach(), layout)
         plan = self._plan(x, layout)
         stats_dtype = reference.compute_dtype(x.dtype)
         acc = _ACC.get(x.dtype, tl.float32)
@@ -290,8 +259,8 @@ class TritonBackend:
     def forward_eval(self, x, weight, bias, residual, mean, invstd, activation, negative_slope):
         """y = act((x - mean) * invstd * weight + bias [+ residual]) with given statistics."""
         _check_activation(activation)
-        layout = _layout(x)
-        x = _in_layout(x.detach(), layout)
+        layout = layout_of(x)
+        x = in_layout(x.detach(), layout)
         if x.numel() == 0:
             return torch.empty_like(x)
         plan = self._plan(x, layout)
@@ -301,7 +270,7 @@ class TritonBackend:
     def _normalize(self, x, layout, plan, weight, bias, residual, mean, invstd, activation,
                    negative_slope):  # fmt: skip
         y = torch.empty_like(x)
-        z = None if residual is None else _in_layout(residual.detach(), layout)
+        z = None if residual is None else in_layout(residual.detach(), layout)
         with _device_guard(x):
             kernels_forward.normalize_kernel[plan.grid](
                 x, x if z is None else z, y, _vector(mean, x), _vector(invstd, x),
@@ -320,10 +289,10 @@ class TritonBackend:
         Training: the gradient flows through the batch mean and variance; eval: it does not
         (dx = weight * invstd * dpre). dweight and dbias are computed in both."""
         _check_activation(activation)
-        layout = _layout(x)
-        x = _in_layout(x.detach(), layout)
-        dy = _in_layout(dy.detach(), layout)
-        z = None if residual is None else _in_layout(residual.detach(), layout)
+        layout = layout_of(x)
+        x = in_layout(x.detach(), layout)
+        dy = in_layout(dy.detach(), layout)
+        z = None if residual is None else in_layout(residual.detach(), layout)
         plan = self._plan(x, layout)
         stats_dtype = reference.compute_dtype(x.dtype)
         acc = _ACC.get(x.dtype, tl.float32)
