@@ -22,6 +22,14 @@ from batchnorm.nn import (
     InPlaceBatchNormAct3d,
     SyncBatchNorm,
 )
+from batchnorm.nn.lazy import (
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    LazyBatchNormAct1d,
+    LazyBatchNormAct2d,
+    LazyBatchNormAct3d,
+)
 from batchnorm.nn.renorm import paper_dmax, paper_rmax
 from batchnorm.tools.convert import (
     convert,
@@ -56,6 +64,12 @@ __all__ = [
     "InPlaceBatchNormAct1d",
     "InPlaceBatchNormAct2d",
     "InPlaceBatchNormAct3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "LazyBatchNormAct1d",
+    "LazyBatchNormAct2d",
+    "LazyBatchNormAct3d",
     "SyncBatchNorm",
     "convert",
     "convert_sync_batchnorm",

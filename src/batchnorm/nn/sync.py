@@ -246,6 +246,17 @@ class SyncBatchNorm(_BatchNormBase):
         self.last_input_rank: int | None = None  # revert's choice when original_class is None
         self._agreed_group: int | None = None  # id of the group that passed the agreement check
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """torch.nn.SyncBatchNorm's idiom, ``SyncBatchNorm.convert_sync_batchnorm(model)``:
+        :func:`batchnorm.convert_sync_batchnorm` (which keeps fused activations and can be
+        undone by :func:`batchnorm.revert_sync_batchnorm`)."""
+        # The model tools sit above the layers: imported here, when called, to keep
+        # torch's classmethod on the class without an import cycle.
+        from batchnorm.tools.convert import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(module, process_group)
+
     def _sync_group(self) -> tuple[Any, int]:
         """(group, its size); size 1 when there is nothing to synchronize with."""
         if not (dist.is_available() and dist.is_initialized()):

@@ -1,0 +1,112 @@
+"""``LazyBatchNorm1d/2d/3d`` and ``LazyBatchNormAct1d/2d/3d``: the layers with
+``num_features`` taken from the first input, as torch.nn.LazyBatchNorm*d.
+
+Until then the parameters and running statistics are uninitialized (torch's
+``UninitializedParameter``/``UninitializedBuffer``); the first forward materializes them
+with the input's channel count, resets them, and turns the layer into its eager class
+(``cls_to_become``: ``BatchNorm2d``, ``BatchNormAct2d``, ...), as torch.nn's lazy layers do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+from batchnorm.nn.base import _BatchNormBase
+from batchnorm.nn.batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+)
+
+
+class _LazyBatchNorm(LazyModuleMixin, _BatchNormBase):
+    """The lazy shell: built with one channel and no tensors, then given uninitialized ones
+    (the arguments are the eager class's, without ``num_features``)."""
+
+    cls_to_become: type[_BatchNormBase]
+
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        **options: Any,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        # affine and tracking off: no tensors are made that would be replaced at once
+        super().__init__(1, eps, momentum, False, False, device, dtype, **options)
+        self.num_features = 0
+        self.affine, self.track_running_stats = affine, track_running_stats
+        if affine:
+            self.weight = UninitializedParameter(**factory)
+            if bias:
+                self.bias = UninitializedParameter(**factory)
+        if track_running_stats:
+            self.running_mean = UninitializedBuffer(**factory)
+            self.running_var = UninitializedBuffer(**factory)
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def initialize_parameters(self, input: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Called once, before the first forward (also with no tensor to materialize:
+        affine=False and no running statistics)."""
+        if self.num_features == 0:
+            self.num_features = input.shape[1]
+        if not self.has_uninitialized_params():  # none, or loaded from a state_dict
+            return
+        for tensor in (self.weight, self.bias, self.running_mean, self.running_var):
+            if isinstance(tensor, (UninitializedParameter, UninitializedBuffer)):
+                tensor.materialize((self.num_features,))
+        self.reset_parameters()
+
+
+class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):
+    """``BatchNorm1d`` with ``num_features`` from the first input (torch.nn.LazyBatchNorm1d)."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyBatchNorm, BatchNorm2d):
+    """``BatchNorm2d`` with ``num_features`` from the first input (torch.nn.LazyBatchNorm2d)."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
+    """``BatchNorm3d`` with ``num_features`` from the first input (torch.nn.LazyBatchNorm3d)."""
+
+    cls_to_become = BatchNorm3d
+
+
+class LazyBatchNormAct1d(_LazyBatchNorm, BatchNormAct1d):
+    """``BatchNormAct1d`` with ``num_features`` from the first input."""
+
+    cls_to_become = BatchNormAct1d
+
+
+class LazyBatchNormAct2d(_LazyBatchNorm, BatchNormAct2d):
+    """``BatchNormAct2d`` with ``num_features`` from the first input."""
+
+    cls_to_become = BatchNormAct2d
+
+
+class LazyBatchNormAct3d(_LazyBatchNorm, BatchNormAct3d):
+    """``BatchNormAct3d`` with ``num_features`` from the first input."""
+
+    cls_to_become = BatchNormAct3d
