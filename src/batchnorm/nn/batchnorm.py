@@ -40,16 +40,20 @@ class _BatchNormActBase(_BatchNormBase):
         """``*args``/``**kwargs``: the parameters of ``BatchNormNd``, passed on (``eps``,
         ``momentum``, ``affine``, ``track_running_stats``, ``device``, ``dtype``; keyword-only
         ``bias``, ``unbiased_running_var``)."""
-        name = type(self).__name__
-        check_activation(activation, name)
-        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
-            raise TypeError(
-                f"{name}: negative_slope must be a number (the slope of leaky_relu below "
-                f"zero), got {type(negative_slope).__name__}."
-            )
+        options = activation_options(type(self).__name__, activation, negative_slope)
         super().__init__(num_features, *args, **kwargs)
-        self.activation = None if activation == "identity" else activation
-        self.negative_slope = float(negative_slope)
+        self.activation, self.negative_slope = options
+
+
+def activation_options(layer: str, activation: str | None, negative_slope: float):
+    """A fused layer's (activation, negative_slope), checked: None for no activation."""
+    check_activation(activation, layer)
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError(
+            f"{layer}: negative_slope must be a number (the slope of leaky_relu below "
+            f"zero), got {type(negative_slope).__name__}."
+        )
+    return (None if activation == "identity" else activation), float(negative_slope)
 
 
 class BatchNormAct1d(_Dims1d, _BatchNormActBase):

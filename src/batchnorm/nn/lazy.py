@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from batchnorm.nn.base import _BatchNormBase
+from batchnorm.nn.base import _BatchNormBase, full_signature
 from batchnorm.nn.batchnorm import (
     BatchNorm1d,
     BatchNorm2d,
@@ -24,6 +24,7 @@ from batchnorm.nn.batchnorm import (
     BatchNormAct1d,
     BatchNormAct2d,
     BatchNormAct3d,
+    activation_options,
 )
 
 
@@ -43,11 +44,12 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNormBase):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
-        **options: Any,
+        unbiased_running_var: bool = True,
     ) -> None:
         factory = {"device": device, "dtype": dtype}
         # affine and tracking off: no tensors are made that would be replaced at once
-        super().__init__(1, eps, momentum, False, False, device, dtype, **options)
+        super().__init__(1, eps, momentum, False, False, device, dtype,
+                         unbiased_running_var=unbiased_running_var)  # fmt: skip
         self.num_features = 0
         self.affine, self.track_running_stats = affine, track_running_stats
         if affine:
@@ -94,19 +96,35 @@ class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
     cls_to_become = BatchNorm3d
 
 
-class LazyBatchNormAct1d(_LazyBatchNorm, BatchNormAct1d):
+@full_signature
+class _LazyBatchNormAct(_LazyBatchNorm):
+    """The lazy shell of the fused layers: the activation options, then the lazy ones."""
+
+    def __init__(
+        self,
+        *args: Any,
+        activation: str | None = "relu",
+        negative_slope: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
+        options = activation_options(type(self).__name__, activation, negative_slope)
+        super().__init__(*args, **kwargs)
+        self.activation, self.negative_slope = options
+
+
+class LazyBatchNormAct1d(_LazyBatchNormAct, BatchNormAct1d):
     """``BatchNormAct1d`` with ``num_features`` from the first input."""
 
     cls_to_become = BatchNormAct1d
 
 
-class LazyBatchNormAct2d(_LazyBatchNorm, BatchNormAct2d):
+class LazyBatchNormAct2d(_LazyBatchNormAct, BatchNormAct2d):
     """``BatchNormAct2d`` with ``num_features`` from the first input."""
 
     cls_to_become = BatchNormAct2d
 
 
-class LazyBatchNormAct3d(_LazyBatchNorm, BatchNormAct3d):
+class LazyBatchNormAct3d(_LazyBatchNormAct, BatchNormAct3d):
     """``BatchNormAct3d`` with ``num_features`` from the first input."""
 
     cls_to_become = BatchNormAct3d
