@@ -23,6 +23,7 @@ from batchnorm.nn import (
     SyncBatchNorm,
 )
 from batchnorm.nn.renorm import paper_dmax, paper_rmax
+from batchnorm.tools.audit import AuditReport, audit
 from batchnorm.tools.convert import (
     convert,
     convert_sync_batchnorm,
@@ -37,6 +38,7 @@ from batchnorm.tools.recalibrate import recalibrate
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditReport",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -57,6 +59,7 @@ __all__ = [
     "InPlaceBatchNormAct2d",
     "InPlaceBatchNormAct3d",
     "SyncBatchNorm",
+    "audit",
     "convert",
     "convert_sync_batchnorm",
     "distributed",
