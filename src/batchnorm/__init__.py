@@ -31,6 +31,7 @@ from batchnorm.nn.lazy import (
     LazyBatchNormAct3d,
 )
 from batchnorm.nn.renorm import paper_dmax, paper_rmax
+from batchnorm.tools.audit import AuditReport, audit
 from batchnorm.tools.convert import (
     convert,
     convert_sync_batchnorm,
@@ -45,6 +46,7 @@ from batchnorm.tools.recalibrate import recalibrate
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditReport",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -71,6 +73,7 @@ __all__ = [
     "LazyBatchNormAct2d",
     "LazyBatchNormAct3d",
     "SyncBatchNorm",
+    "audit",
     "convert",
     "convert_sync_batchnorm",
     "distributed",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from batchnorm.cli import bench
+from batchnorm.cli.audit import add_audit_parser, run_audit
 from batchnorm.cli.fold import add_fold_parser, run_fold
 from batchnorm.cli.lab import add_lab_parsers, run_lab_command
 
@@ -15,10 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     add_lab_parsers(commands)
     add_fold_parser(commands)
+    add_audit_parser(commands)
     bench.add_arguments(commands.add_parser("bench", help="time the CPU kernels against ATen"))
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench.run_from_args(args)
     if args.command == "fold":
         return run_fold(args)
+    if args.command == "audit":
+        return run_audit(args)
     return run_lab_command(parser, args)

@@ -4,5 +4,6 @@
   ``convert_sync_batchnorm``/``revert_sync_batchnorm``;
 * :mod:`~batchnorm.tools.fold` (with :mod:`~batchnorm.tools.affine`): ``fold``;
 * :mod:`~batchnorm.tools.recalibrate`: ``recalibrate``;
+* :mod:`~batchnorm.tools.audit` (with :mod:`~batchnorm.tools.audit_report`): ``audit``;
 * :mod:`~batchnorm.tools.keras`: ``from_keras``.
 """
