@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from batchnorm.tools.audit import AuditReport, LayerAudit
+    from batchnorm.tools.audit.findings import AuditReport, LayerAudit
 
 #: Most layers the HTML page plots (the worst first, by running-statistics gap).
 MAX_PLOTTED_LAYERS = 24
