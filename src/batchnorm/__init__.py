@@ -24,6 +24,7 @@ from batchnorm.nn import (
 )
 from batchnorm.nn.renorm import paper_dmax, paper_rmax
 from batchnorm.tools.convert import (
+    SkippedLayerWarning,
     convert,
     convert_sync_batchnorm,
     freeze,
@@ -56,6 +57,7 @@ __all__ = [
     "InPlaceBatchNormAct1d",
     "InPlaceBatchNormAct2d",
     "InPlaceBatchNormAct3d",
+    "SkippedLayerWarning",
     "SyncBatchNorm",
     "convert",
     "convert_sync_batchnorm",
