@@ -33,6 +33,7 @@ from batchnorm.nn.lazy import (
 from batchnorm.nn.renorm import paper_dmax, paper_rmax
 from batchnorm.tools.audit import AuditReport, audit
 from batchnorm.tools.convert import (
+    SkippedLayerWarning,
     convert,
     convert_sync_batchnorm,
     freeze,
@@ -72,6 +73,7 @@ __all__ = [
     "LazyBatchNormAct1d",
     "LazyBatchNormAct2d",
     "LazyBatchNormAct3d",
+    "SkippedLayerWarning",
     "SyncBatchNorm",
     "audit",
     "convert",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchnorm
-from batchnorm import distributed
+from batchnorm import SkippedLayerWarning, distributed
 from batchnorm.distributed import SyncBatchNorm
 from conftest import TOLERANCES, assert_close, random_input
 
@@ -547,13 +547,6 @@ def test_bad_inputs_name_the_layer():
         layer(torch.randn(1, 4))  # no process group: the local rule
 
 
-class _ActLayer(batchnorm.BatchNorm2d):
-    """Stands in for a fused BatchNormAct: class attributes, the base forward."""
-
-    activation = "leaky_relu"
-    negative_slope = 0.3
-
-
 class _VariantLayer(batchnorm.BatchNorm2d):
     """Stands in for a variant with its own forward (ghost, renorm, ...)."""
 
@@ -566,7 +559,7 @@ def _zoo():
     return nn.Sequential(
         nn.Conv2d(3, 4, 1),
         nn.BatchNorm2d(4),
-        _ActLayer(4),
+        batchnorm.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.3),
         _VariantLayer(4),
         nn.Sequential(batchnorm.BatchNorm2d(4, momentum=None, bias=False)),
         nn.SyncBatchNorm(4, affine=False),
@@ -581,7 +574,8 @@ def test_convert_and_revert_keep_classes_options_state_and_outputs():
     for m in (model, expected):
         m(random_input((5, 3, 4, 4), torch.float64))  # move the running statistics
     x = random_input((6, 3, 4, 4), torch.float64, seed=3)
-    converted = batchnorm.convert_sync_batchnorm(model, process_group="pg")
+    with pytest.warns(SkippedLayerWarning, match="3: kept _VariantLayer, .* has its own forward"):
+        converted = batchnorm.convert_sync_batchnorm(model, process_group="pg")
     kinds = [type(converted[i]) for i in (1, 2, 3, 5, 7)] + [type(converted[4][0])]
     assert kinds == [SyncBatchNorm, SyncBatchNorm, _VariantLayer, SyncBatchNorm, SyncBatchNorm,
                      SyncBatchNorm]  # fmt: skip

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.functional import ArgumentTypeError, InputError, _batch_norm
+from batchnorm.nn.tracing import GraphFriendly, script_batch_norm, script_check_rank
 
 #: The N of the ``BatchNormNd`` flavour that takes inputs of each rank.
 DIMS_OF_INPUT_RANK = {2: 1, 3: 1, 4: 2, 5: 3}
@@ -102,12 +103,24 @@ def full_signature(cls: _Layer) -> _Layer:
     return cls
 
 
-class _BatchNormBase(_BatchNorm):
+class _BatchNormBase(GraphFriendly, _BatchNorm):
     """Shared body of the trainable modules of this package.
 
     Subclasses set the accepted ranks; variants change only how the statistics (or the
-    scale and shift given to the one functional core) are obtained in training.
+    scale and shift given to the one functional core) are obtained in training, in
+    ``_forward`` (the eager path of ``forward``; see :mod:`batchnorm.nn.tracing` for the
+    torch.fx and TorchScript paths).
     """
+
+    #: What TorchScript compiles as constants (torch's, and the options of this package).
+    __constants__ = [
+        *_BatchNorm.__constants__,
+        "activation",
+        "negative_slope",
+        "unbiased_running_var",
+        "_ranks",
+        "_script_trains",
+    ]
 
     #: Input ranks the layer accepts and how to describe them in an error.
     _ranks: tuple[int, ...] | None = ()
@@ -117,6 +130,8 @@ class _BatchNormBase(_BatchNorm):
     negative_slope: float = 0.01
     #: Keep only the output for backward (InPlace-ABN); see InPlaceBatchNormAct2d.
     _keep_output_only: bool = False
+    #: Whether the TorchScript path can train (its training step is plain batch norm).
+    _script_trains: bool = True
 
     def __init__(
         self,
@@ -141,6 +156,7 @@ class _BatchNormBase(_BatchNorm):
             self.register_parameter("bias", None)
         self.unbiased_running_var = unbiased_running_var
 
+    @torch.jit.unused
     @property
     def layer_name(self) -> str:
         """How error messages name this layer."""
@@ -169,9 +185,35 @@ class _BatchNormBase(_BatchNorm):
                 return 1.0 / float(self.num_batches_tracked)
         return 0.0 if self.momentum is None else self.momentum
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
+        """The eager path of ``forward``: what variants override."""
         self._check_input_dim(input)
         return self._normalize(input, residual, self._momentum_factor(), self.weight, self.bias)
+
+    def _forward_script(self, input: Tensor, residual: Tensor | None) -> Tensor:
+        """The TorchScript path of ``forward``: the plain layer's function in torch ops."""
+        if self._ranks is not None:
+            script_check_rank(input.dim(), list(self._ranks))
+        if self.training and not self._script_trains:
+            raise RuntimeError(
+                "this batch-norm variant trains only in eager mode; a scripted copy runs in "
+                "eval mode (call .eval() before torch.jit.script)"
+            )
+        momentum = 0.0 if self.momentum is None else self.momentum
+        num_batches_tracked = self.num_batches_tracked
+        if self.training and self.track_running_stats and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(num_batches_tracked)
+        running_mean, running_var = self.running_mean, self.running_var
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
+        if self.training and not self.track_running_stats:
+            running_mean, running_var = None, None
+        return script_batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
+            momentum, self.eps, self.activation, self.negative_slope, residual,
+            self.unbiased_running_var,
+        )  # fmt: skip
 
     def _normalize(
         self,

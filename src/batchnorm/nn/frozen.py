@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 from batchnorm.functional import _batch_norm, check_activation
 from batchnorm.nn.base import _Dims1d, _Dims2d, _Dims3d, check_layer_input, check_positive_int
+from batchnorm.nn.tracing import GraphFriendly, script_batch_norm, script_check_rank
 
 
-class _FrozenBatchNorm(nn.Module):
+class _FrozenBatchNorm(GraphFriendly, nn.Module):
     """Batch norm frozen into a fixed affine transform (as torchvision's FrozenBatchNorm2d).
 
     ``weight``, ``bias``, ``running_mean`` and ``running_var`` are buffers: nothing is
@@ -23,6 +24,7 @@ class _FrozenBatchNorm(nn.Module):
 
     _ranks: tuple[int, ...] = ()
     _layout: str = ""
+    __constants__ = ["num_features", "eps", "activation", "negative_slope", "_ranks"]
 
     def __init__(
         self,
@@ -45,6 +47,7 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
+    @torch.jit.unused
     @property
     def layer_name(self) -> str:
         return f"{type(self).__name__}({self.num_features})"
@@ -59,12 +62,19 @@ class _FrozenBatchNorm(nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)  # a trained BN's step counter
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
         check_layer_input(self.layer_name, input, self._ranks, self._layout, self.num_features)
         return _batch_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
             self.eps, self.activation, self.negative_slope, residual, where=self.layer_name,
             layer_checked=True,
+        )  # fmt: skip
+
+    def _forward_script(self, input: Tensor, residual: Tensor | None) -> Tensor:
+        script_check_rank(input.dim(), list(self._ranks))
+        return script_batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+            self.eps, self.activation, self.negative_slope, residual, True,
         )  # fmt: skip
 
 

@@ -36,6 +36,8 @@ class _GhostBatchNorm(_BatchNormBase):
     (no virtual batches at inference). ``virtual_batch_size >= N`` is plain batch norm.
     """
 
+    _script_trains = False  # a scripted copy runs in eval mode
+
     def __init__(
         self, num_features: int, virtual_batch_size: int, *args: Any, **kwargs: Any
     ) -> None:
@@ -51,7 +53,7 @@ class _GhostBatchNorm(_BatchNormBase):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
         self._check_input_dim(input)
         momentum = self._momentum_factor()
         size, n = self.virtual_batch_size, input.shape[0]

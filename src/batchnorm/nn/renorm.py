@@ -59,6 +59,8 @@ class _BatchRenorm(_BatchNormBase):
       the new value: Keras' 0.99 is our 0.01. :func:`batchnorm.from_keras` sets this up.
     """
 
+    _script_trains = False  # a scripted copy runs in eval mode
+
     def __init__(
         self,
         num_features: int,
@@ -128,7 +130,7 @@ class _BatchRenorm(_BatchNormBase):
             )
         return rmin, rmax, dmax
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
         self._check_input_dim(input)
         momentum = self._momentum_factor()
         if not self.training or input.numel() == 0:

@@ -222,6 +222,7 @@ class SyncBatchNorm(_BatchNormBase):
     """
 
     _ranks = None  # any rank >= 2
+    _script_trains = False  # a scripted copy runs in eval mode
     _layout = "(N, C, *)"
 
     def __init__(
@@ -264,12 +265,12 @@ class SyncBatchNorm(_BatchNormBase):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group, dist.get_world_size(group)
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
         self._check_input_dim(input)
         self.last_input_rank = input.dim()
         group, world = self._sync_group()
         if not self.training or world <= 1:
-            return super().forward(input, residual)
+            return super()._forward(input, residual)
         if self._agreed_group != id(group):
             _check_agreement(input, group, self.layer_name)
             self._agreed_group = id(group)

@@ -1,0 +1,284 @@
+"""Training-step time on model-shaped networks: torch.nn's batch norm vs this package's
+(``batchnorm.convert``) vs this package's with the activation (and residual) fused into the
+layer (``BatchNormAct2d``).
+
+The networks have the real batch-norm shapes of torchvision's resnet18 (20 BN layers),
+mobilenet_v2 (52) and efficientnet_b0 (49): the same convolutions, channels, strides and
+residual connections, each conv followed by BN and its activation. Two simplifications:
+mobilenet_v2's ReLU6 is a ReLU (ReLU6 is not a fused activation of this package), and
+efficientnet_b0 has no stochastic depth (its squeeze-and-excitation blocks are kept).
+
+One training step is forward + cross-entropy + backward (no optimizer step: it is the same
+for every contender) at batch 8, 3x96x96, on ONE torch thread, in NCHW and channels_last.
+The contenders alternate call by call (:func:`batchnorm.lab.timing.time_interleaved`), so
+they see the same background load; the figures are medians of wall-clock and of the thread's
+CPU time. The machine's load average is recorded before and after.
+
+    python benchmarks/models.py [OUT.json] [--reps N] [--warmup N] [--models a,b]
+
+writes OUT.json (default benchmarks/results/models.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import batchnorm
+from batchnorm.lab.timing import time_interleaved, wall_and_cpu_seconds
+
+RESULTS = Path(__file__).resolve().parent / "results" / "models.json"
+BATCH, SIZE, CLASSES = 8, 96, 1000
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+REPS, WARMUP = 9, 3  # a short run (about 30 s): the machine is shared
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class ConvBN(nn.Module):
+    """Conv -> BN -> activation, with an optional residual added before the activation.
+    ``fused``: one BatchNormAct2d does BN, residual and activation."""
+
+    def __init__(
+        self, cin: int, cout: int, k: int, stride: int, act: str | None, fused: bool,
+        groups: int = 1,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
+        self.fused = fused
+        if fused:
+            self.bn = batchnorm.BatchNormAct2d(cout, activation=act)
+            self.act = None
+        else:
+            self.bn = nn.BatchNorm2d(cout)
+            self.act = {None: None, "relu": nn.ReLU(inplace=True),
+                        "silu": nn.SiLU(inplace=True)}[act]  # fmt: skip
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        y = self.conv(x)
+        if self.fused:
+            return self.bn(y, residual)
+        y = self.bn(y)
+        if residual is not None:
+            y = y + residual
+        return y if self.act is None else self.act(y)
+
+
+class Head(nn.Module):
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cin, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x.mean((2, 3)))
+
+
+# --------------------------------------------------------------------------- resnet18
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, fused: bool) -> None:
+        super().__init__()
+        self.a = ConvBN(cin, cout, 3, stride, "relu", fused)
+        self.b = ConvBN(cout, cout, 3, 1, "relu", fused)  # relu(bn(conv) + shortcut)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = ConvBN(cin, cout, 1, stride, None, fused)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.down is None else self.down(x)
+        return self.b(self.a(x), shortcut)
+
+
+def resnet18(fused: bool = False) -> nn.Module:
+    layers: list[nn.Module] = [ConvBN(3, 64, 7, 2, "relu", fused), nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(cin, cout, stride, fused), BasicBlock(cout, cout, 1, fused)]
+        cin = cout
+    return nn.Sequential(*layers, Head(cin))
+
+
+# --------------------------------------------------------------------------- mobilenet_v2
+
+
+class InvertedResidual(nn.Module):
+    """Expand 1x1 -> depthwise kxk -> project 1x1 (no activation) [+ input]."""
+
+    def __init__(
+        self, cin: int, cout: int, stride: int, expand: int, k: int, act: str, fused: bool,
+        se: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        hidden = cin * expand
+        self.expand = ConvBN(cin, hidden, 1, 1, act, fused) if expand != 1 else None
+        self.depthwise = ConvBN(hidden, hidden, k, stride, act, fused, groups=hidden)
+        self.se = SqueezeExcite(hidden, max(1, cin // 4)) if se else None
+        self.project = ConvBN(hidden, cout, 1, 1, None, fused)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x if self.expand is None else self.expand(x)
+        y = self.depthwise(y)
+        if self.se is not None:
+            y = self.se(y)
+        return self.project(y, x if self.residual else None)
+
+
+def mobilenet_v2(fused: bool = False) -> nn.Module:
+    layers: list[nn.Module] = [ConvBN(3, 32, 3, 2, "relu", fused)]
+    cin = 32
+    for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                       (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):  # fmt: skip
+        for i in range(n):
+            layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t, 3, "relu", fused))
+            cin = c
+    return nn.Sequential(*layers, ConvBN(cin, 1280, 1, 1, "relu", fused), Head(1280))
+
+
+# --------------------------------------------------------------------------- efficientnet_b0
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, squeezed: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, squeezed, 1)
+        self.expand = nn.Conv2d(squeezed, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.expand(F.silu(self.reduce(x.mean((2, 3), keepdim=True))))
+        return x * scale.sigmoid()
+
+
+def efficientnet_b0(fused: bool = False) -> nn.Module:
+    layers: list[nn.Module] = [ConvBN(3, 32, 3, 2, "silu", fused)]
+    cin = 32
+    for expand, k, stride, cout, n in ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2),
+                                       (6, 3, 2, 80, 3), (6, 5, 1, 112, 3), (6, 5, 2, 192, 4),
+                                       (6, 3, 1, 320, 1)):  # fmt: skip
+        for i in range(n):
+            layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand, k,
+                                           "silu", fused, se=True))  # fmt: skip
+            cin = cout
+    return nn.Sequential(*layers, ConvBN(cin, 1280, 1, 1, "silu", fused), Head(1280))
+
+
+MODELS: dict[str, Callable[[bool], nn.Module]] = {
+    "resnet18": resnet18,
+    "mobilenet_v2": mobilenet_v2,
+    "efficientnet_b0": efficientnet_b0,
+}
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def contenders(name: str) -> dict[str, nn.Module]:
+    """torch.nn's BN, ours (converted), ours fused: the same weights and statistics."""
+    torch.manual_seed(0)
+    reference = MODELS[name](False)
+    ours = batchnorm.convert(MODELS[name](False))
+    ours.load_state_dict(reference.state_dict())
+    fused = MODELS[name](True)
+    fused.load_state_dict(reference.state_dict())  # the activations have no state
+    return {"torch.nn": reference, "batchnorm": ours, "batchnorm fused": fused}
+
+
+def training_step(model: nn.Module, x: Tensor, target: Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), target).backward()
+
+
+def _median_ms(samples: list[tuple[float, float]], which: int) -> float:
+    return round(1e3 * statistics.median(s[which] for s in samples), 2)
+
+
+def run(out: Path | None = RESULTS, reps: int = REPS, warmup: int = WARMUP,
+        models: list[str] | None = None) -> dict:  # fmt: skip
+    """Measure every (model, layout); return the JSON-ready results and write them to
+    ``out`` (unless None)."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()
+    started = time.time()
+    rows = []
+    try:
+        for name in models or list(MODELS):
+            nets = contenders(name)
+            bn_layers = sum(isinstance(m, nn.BatchNorm2d) for m in nets["torch.nn"].modules())
+            for layout, memory_format in LAYOUTS.items():
+                g = torch.Generator().manual_seed(1)
+                x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
+                x = x.contiguous(memory_format=memory_format)
+                target = torch.randint(0, CLASSES, (BATCH,), generator=g)
+                for net in nets.values():
+                    net.to(memory_format=memory_format).train()
+                with torch.no_grad():  # same function: eval-mode outputs agree
+                    outputs = [net.eval()(x) for net in nets.values()]
+                    difference = max((o - outputs[0]).abs().max().item() for o in outputs)
+                for net in nets.values():
+                    net.train()
+                runs = {k: partial(training_step, net, x, target) for k, net in nets.items()}
+                times = time_interleaved(
+                    runs, reps=reps, warmup=warmup, measure=wall_and_cpu_seconds
+                )
+                row = {"model": name, "layout": layout, "bn_layers": bn_layers,
+                       "max_output_difference": difference}  # fmt: skip
+                for contender, samples in times.items():
+                    row[f"{contender} wall_ms"] = _median_ms(samples, 0)
+                    row[f"{contender} cpu_ms"] = _median_ms(samples, 1)
+                base = row["torch.nn cpu_ms"]
+                row["batchnorm / torch.nn (cpu)"] = round(row["batchnorm cpu_ms"] / base, 3)
+                row["fused / torch.nn (cpu)"] = round(row["batchnorm fused cpu_ms"] / base, 3)
+                print(
+                    f"{name:16s} {layout:13s} cpu ms: torch.nn {base:8.1f}  batchnorm "
+                    f"{row['batchnorm cpu_ms']:8.1f} ({row['batchnorm / torch.nn (cpu)']:.2f}x)  "
+                    f"fused {row['batchnorm fused cpu_ms']:8.1f} "
+                    f"({row['fused / torch.nn (cpu)']:.2f}x)",
+                    flush=True,
+                )
+                rows.append(row)
+    finally:
+        torch.set_num_threads(previous_threads)
+    result = {
+        "benchmark": "training step (forward + cross-entropy + backward), medians of "
+        "interleaved calls",
+        "input": f"batch {BATCH}, 3x{SIZE}x{SIZE}",
+        "threads": 1,
+        "reps": reps,
+        "warmup": warmup,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs (shared)",
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "seconds": round(time.time() - started, 1),
+        "notes": "mobilenet_v2 with ReLU instead of ReLU6; efficientnet_b0 without stochastic "
+        "depth. Ratios below 1: faster than torch.nn.",
+        "results": rows,
+    }
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path, default=RESULTS, help="the JSON file")
+    parser.add_argument("--reps", type=int, default=REPS, help="timed steps per contender")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed steps first")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
+    args = parser.parse_args()
+    run(args.out, args.reps, args.warmup, args.models.split(","))
