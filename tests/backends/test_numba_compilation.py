@@ -76,3 +76,16 @@ def test_batchnorm_compile_fills_the_cache_then_loads_from_it(tmp_path):
     assert str(tmp_path) in first and "5 specializations: 5 compiled" in first
     second = _run(args, tmp_path, module=True).stdout
     assert "5 specializations: 5 loaded from the cache" in second, second
+
+
+def test_without_a_cache_folder_the_notice_and_the_command_say_so(monkeypatch, capsys):
+    from batchnorm import cli
+    from batchnorm.backends.numba_cpu import compilation
+
+    assert compilation.cache_dir() and "`batchnorm compile`" in compilation.notice()
+    monkeypatch.setitem(compilation._HELPER, "cache", False)  # no writable folder found
+    assert compilation.cache_dir() is None
+    text = compilation.notice()
+    assert "not cached" in text and "NUMBA_CACHE_DIR" in text and "batchnorm compile" not in text
+    assert cli.main(["compile"]) == 1
+    assert "Hint: set NUMBA_CACHE_DIR" in capsys.readouterr().err

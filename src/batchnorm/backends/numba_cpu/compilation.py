@@ -74,14 +74,15 @@ class _CompileNotice(event.Listener):
 def notice() -> str:
     where = cache_dir()
     cached = (
-        f"each is compiled once, then loaded from the cache in {where}"
+        f"each is compiled once, then loaded from the cache in {where}. `batchnorm compile` "
+        f"compiles all of them ahead of time."
         if where
         else "they are not cached (no writable cache folder: set NUMBA_CACHE_DIR to one), so "
-        "every process compiles them again"
+        "every process compiles them again."
     )
     return (
         f"batchnorm: compiling the Numba CPU kernels this input needs (seconds, up to a minute "
-        f"on a busy machine); {cached}. `batchnorm compile` compiles all of them ahead of time."
+        f"on a busy machine); {cached}"
     )
 
 
