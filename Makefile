@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # Two installs into the same .venv, both under the pinned versions of requirements-dev.txt:
 # the demo and the benchmarks need the `lab` extra only; the tests, lint and docs also need
-# `dev` (pytest, ONNX, Keras, MkDocs, Triton: about 1.7 GB more), installed on first use.
+# `dev` (pytest, ONNX, Keras, MkDocs, Triton: about 1.3 GB more), installed on first use.
 LAB    := $(VENV)/.installed-lab
 STAMP  := $(VENV)/.installed
 

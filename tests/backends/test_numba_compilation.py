@@ -29,11 +29,13 @@ def state():
     return found
 
 at_import = state()
+compiled_at_import = compilation.NOTICE.shown  # any compile of the package's Numba code
 x = torch.randn(4, 3, 10, dtype=torch.float64)
 with ops.use_backend("numba"):
     BF.batch_norm(x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
 stats = compilation.KERNELS["channels_first"]["forward"].serial.stats
-print(json.dumps({"at_import": at_import, "after_call": state(),
+print(json.dumps({"at_import": at_import, "compiled_at_import": compiled_at_import,
+                  "after_call": state(),
                   "misses": sum(stats.cache_misses.values()),
                   "hits": sum(stats.cache_hits.values())}))
 """
@@ -52,6 +54,7 @@ def test_nothing_compiles_at_import_a_call_compiles_what_it_runs_and_says_so_onc
     cold = _run(_ONE_CALL, tmp_path)
     result = json.loads(cold.stdout)
     assert set(result["at_import"].values()) == {0}, result["at_import"]
+    assert result["compiled_at_import"] is False
     compiled = {name for name, count in result["after_call"].items() if count}
     assert compiled == {"channels_first forward serial"}
     assert (result["misses"], result["hits"]) == (1, 0)
