@@ -7,7 +7,7 @@ import importlib
 from types import ModuleType
 
 #: What the ``lab`` extra installs (pyproject.toml's optional-dependencies).
-LAB_EXTRA = ("mnist1d", "matplotlib")
+LAB_EXTRA = ("mnist1d", "matplotlib", "rich")
 
 
 class MissingExtraError(ImportError):
