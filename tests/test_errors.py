@@ -41,6 +41,16 @@ def test_single_value_per_channel_in_training():
     assert bn(torch.randn(1, 3)).shape == (1, 3)  # eval mode takes a single sample
 
 
+def test_single_value_hint_recommends_only_what_works():
+    with pytest.raises(ValueError) as info:
+        batchnorm.BatchNorm1d(3)(torch.randn(1, 3))
+    hint = str(info.value).partition("Hint:")[2]
+    for remedy in ("model.eval()", "FrozenBatchNorm", "larger batches", "SyncBatchNorm"):
+        assert remedy in hint
+    assert "Ghost" not in hint  # GhostBatchNorm needs 2 values per channel too
+    assert batchnorm.FrozenBatchNorm1d(3).train()(torch.randn(1, 3)).shape == (1, 3)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
 def test_integer_and_bool_inputs(dtype):
     with raises(TypeError, "BatchNorm1d(3)", "floating-point", str(dtype), ".float()"):

@@ -239,8 +239,9 @@ def check_inputs(
         raise ValueError(
             f"{where}: expected more than 1 value per channel when training, got input of "
             f"shape {tuple(input.shape)}. Hint: batch statistics need at least 2 values per "
-            f"channel; call model.eval() for single-sample inference, or use "
-            f"FrozenBatchNorm/GhostBatchNorm."
+            f"channel; call model.eval() for single-sample inference, use FrozenBatchNorm "
+            f"(fixed statistics), train with larger batches, or SyncBatchNorm to take the "
+            f"statistics over the batches of all processes."
         )
 
 

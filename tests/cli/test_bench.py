@@ -46,3 +46,21 @@ def test_cli_bench_quick_writes_json(tmp_path, monkeypatch, capsys):
     assert data["quick"] is True and data["environment"]["allocator"] == "glibc defaults"
     assert data["environment"]["backend_ours"] == "numba"
     assert "written to" in capsys.readouterr().out
+
+
+def test_cli_bench_quick_default_out_no_verdicts_and_load_warning(tmp_path, monkeypatch, capsys):
+    """Without --out nothing lands in the current folder; --quick judges no target; a busy
+    machine is said to be busy."""
+    monkeypatch.setattr(bench, "QUICK_SHAPES", TINY[:1])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (7.5, 7.0, 6.0))
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    assert cli.main(["bench", "--quick", "--no-compile"]) == 0
+    out, err = capsys.readouterr()
+    written = tmp_path / "cache" / "batchnorm" / "bench" / "cpu_kernels_quick.json"
+    assert json.loads(written.read_text())["quick"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    assert f"written to {written}" in out
+    assert "met" not in out and "targets: not judged on a --quick run" in out
+    assert "warning: the load average is 7.5 on 2 cores" in err

@@ -220,3 +220,38 @@ def test_python_m_batchnorm_demo(tmp_path, cache_env):
     assert metrics["runs"]["with BN"]["steps"] == [0, 40]
     for name in DEMO_FIGURES:
         assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
+
+
+# The lab extra missing: the import of mnist1d (or matplotlib) fails as if not installed.
+_WITHOUT = """
+import sys
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None
+from batchnorm.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "missing, argv",
+    [
+        ("mnist1d", ["demo", "--epochs", "1"]),
+        ("mnist1d", ["reproduce", "ioffe2015", "--steps", "10"]),
+        ("matplotlib", ["demo", "--data", "npz"]),  # the plots: said before training
+    ],
+)
+def test_missing_lab_extra_names_the_extra_and_how_to_install_it(tmp_path, blobs, missing,
+                                                                  argv):  # fmt: skip
+    if "npz" in argv:
+        np.savez(tmp_path / "blobs.npz", **blobs())
+        argv = [*argv, "--data-dir", str(tmp_path / "blobs.npz")]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT, missing, *argv, "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"batchnorm {argv[0]}: error: the lab needs the package {missing!r}")
+    assert 'pip install "batchnorm[lab]"' in line and 'pip install ".[lab]"' in line

@@ -65,9 +65,14 @@ def test_cli_writes_an_onnx_file_onnxruntime_runs(tmp_path, capsys):
         ["fold", "--model", f"{__name__}:small_mobilenet", "--out", str(out),
          "--onnx", str(path), "--input-shape", "1,3,64,64"]
     )  # fmt: skip
-    assert status == 0, capsys.readouterr().err
-    assert "fold: 27 of 27 batch-norm layers folded (fx)" in capsys.readouterr().out
-    proto = onnx.load(str(path))
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    assert "fold: 27 of 27 batch-norm layers folded (fx)" in printed.out
+    # one file, weights included: no folded.onnx.data beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folded.onnx", "folded.pt"]
+    assert f"to {path} (one file, weights included)" in printed.out
+    proto = onnx.load(str(path), load_external_data=False)
+    assert proto.graph.initializer and not any(t.external_data for t in proto.graph.initializer)
     # two of its BN sit before a 1x1 conv: torch.onnx's own optimizer would leave them
     assert "BatchNormalization" not in op_types(proto)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # the CLI's

@@ -111,7 +111,7 @@ def test_population_statistics_modes_and_momentum(capsys):
         if isinstance(m, _BatchNorm):
             assert torch.equal(m.num_batches_tracked, counters[name])
     assert all(p.grad is None for p in model.parameters())
-    assert "recalibrate: batch 3/3" in capsys.readouterr().err
+    assert "recalibrate: 3/3 batches (100 %)" in capsys.readouterr().err
 
 
 def test_num_batches_and_plain_tensors():
@@ -197,3 +197,21 @@ def test_two_gloo_processes_merge_statistics(tmp_path):
     for rank in range(2):
         model.load_state_dict(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True))
         assert_matches(model, expected)
+
+
+def test_progress_on_a_non_terminal_is_a_few_plain_lines(capsys):
+    """Captured stderr is not a terminal: no carriage returns, a line per tenth at most."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    data = [torch.randn(4, 4) for _ in range(200)]
+    batchnorm.recalibrate(model, data)
+    lines = capsys.readouterr().err.splitlines()
+    assert "\r" not in "".join(lines) and 1 <= len(lines) <= 10, lines
+    assert lines[0].startswith("recalibrate: 20/200 batches (10 %)")
+    assert lines[-1].startswith("recalibrate: 200/200 batches (100 %)")
+    batchnorm.recalibrate(model, iter(data))  # unknown length: 1, 2, 5 ... and the end
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        f"recalibrate: {n} batches" for n in (1, 2, 5, 10, 20, 50, 100, 200)
+    ]
+    batchnorm.recalibrate(model, data, progress=False)
+    assert capsys.readouterr().err == ""

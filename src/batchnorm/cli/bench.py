@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,7 +91,11 @@ CHECK_TOLERANCE = 1e-3
 #: Shapes whose output is at least this large (bytes) are "large" for the 60 %-of-copy
 #: target: smaller ones run from the caches, where the copy baseline is not the limit.
 LARGE_BYTES = 16 << 20
+#: The repository's folder of committed results: `make bench` passes it as --out.
 RESULTS_DIR = Path("benchmarks") / "results"
+#: A 1-minute load average above this share of the cores means other processes compete
+#: for them: the timings, and the verdicts drawn from them, are then not to be trusted.
+BUSY_LOAD = 0.5
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
@@ -368,8 +373,8 @@ def targets(rows: list[dict]) -> list[dict]:
     return checks
 
 
-def table(results: dict) -> str:
-    """The results as a plain-text table, then the targets."""
+def table(results: dict, verdicts: bool = True) -> str:
+    """The results as a plain-text table, then the targets (unless ``verdicts`` is False)."""
     head = f"{'shape':<30} {'mode':<25} {'contender':<19} {'median ms':>10} {'speed-up':>9} "
     head += f"{'GB/s':>7} {'of copy':>8}"
     lines = [head, "-" * len(head)]
@@ -380,6 +385,9 @@ def table(results: dict) -> str:
             f"{r['fraction_of_copy']:>7.0%}"
         )
     lines += ["", "speed-up: against aten (aten+relu for bn_relu_forward_backward)", ""]
+    if not verdicts:
+        lines.append("targets: not judged on a --quick run (small shapes, few calls)")
+        return "\n".join(lines)
     for t in results["targets"]:
         mark = "met" if t["met"] else "NOT met"
         lines.append(f"{mark:>8}  {t['target']}: {t['value']:.2f}")
@@ -401,8 +409,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch (and Numba) threads; default: torch's default")  # fmt: skip
     parser.add_argument("--system-allocator", action="store_true",
                         help="keep glibc's malloc defaults (see the module docstring)")  # fmt: skip
-    default = RESULTS_DIR / "cpu_kernels[_quick].json"
-    parser.add_argument("--out", default=None, help=f"JSON file (default {default})")
+    default = default_out_folder() / "cpu_kernels[_quick].json"
+    parser.add_argument(
+        "--out", default=None, help=f"JSON file to write (default {default}; make bench "
+        f"writes {RESULTS_DIR / 'cpu_kernels.json'})",
+    )  # fmt: skip
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -413,14 +424,47 @@ def run_from_args(args: argparse.Namespace) -> int:
     allocator = "glibc defaults"
     if not args.system_allocator:
         allocator = "freed memory reused (mallopt)" if keep_freed_memory() else allocator
+    out = Path(
+        args.out or default_out_folder() / f"cpu_kernels{'_quick' if args.quick else ''}.json"
+    )
+    busy = load_warning()
+    if busy:
+        print(f"warning: {busy}", file=sys.stderr, flush=True)
     results = run(quick=args.quick, compile_reference=not (args.quick or args.no_compile))
     results["environment"]["allocator"] = allocator
-    out = Path(args.out or RESULTS_DIR / f"cpu_kernels{'_quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results))
+    print(table(results, verdicts=not args.quick))
+    if busy and not args.quick:  # said again where the verdicts are read
+        print(f"\nwarning: {busy} The verdicts above may be wrong.")
     print(f"\nwritten to {out}")
     return 0
+
+
+def default_out_folder() -> Path:
+    """Where results go without --out: ``$XDG_CACHE_HOME/batchnorm/bench``
+    (``~/.cache/batchnorm/bench``), never the current folder."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "batchnorm" / "bench"
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on Windows
+        return None
+
+
+def load_warning() -> str | None:
+    """A sentence when the machine is busy (1-minute load average above BUSY_LOAD of the
+    cores), else None. Asked before the run: during it, the benchmark is the load."""
+    load, cores = _load_average(), os.cpu_count() or 1
+    if load is None or load <= BUSY_LOAD * cores:
+        return None
+    return (
+        f"the load average is {load:.1f} on {cores} cores: other processes compete for the "
+        f"CPU, so the timings are not reliable. Rerun on a quiet machine."
+    )
 
 
 if __name__ == "__main__":

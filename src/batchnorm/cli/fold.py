@@ -5,8 +5,10 @@ containers, never arbitrary pickled objects. ``--out`` receives the folded model
 ``state_dict`` (same safe format). The folded model keeps the factory's class, with each
 folded BN replaced by ``nn.Identity``; rebuild it with
 ``batchnorm.fold(factory(), example_inputs)[0]`` and ``load_state_dict``. ``--onnx``
-writes a self-contained ONNX graph of the folded model. Output folders must exist (a typo
-in a path is reported, not turned into a new folder); both paths are checked before any work.
+writes the folded model as one ONNX file, weights included (a model over ONNX's 2 GB limit
+for one file gets its weights in a ``.data`` file next to it, as the command then says).
+Output folders must exist (a typo in a path is reported, not turned into a new folder);
+both paths are checked before any work.
 """
 
 from __future__ import annotations
@@ -118,8 +120,20 @@ def _fold_command(args: argparse.Namespace) -> None:
         raise FoldCLIError(f"cannot write --out {args.out!r}: {error}") from error
     print(f"wrote the folded state_dict to {args.out}")
     if args.onnx:
+        data = f"{args.onnx}.data"  # where torch.onnx puts weights it does not embed
+        before = _modified(data)
         export_onnx(folded, x, args.onnx)
-        print(f"wrote the folded ONNX graph to {args.onnx}")
+        if _modified(data) not in (None, before):
+            print(
+                f"wrote the folded ONNX graph to {args.onnx} and its weights (over ONNX's "
+                f"2 GB limit for one file) to {data}: keep the two files together"
+            )
+        else:
+            print(f"wrote the folded ONNX graph to {args.onnx} (one file, weights included)")
+
+
+def _modified(path: str) -> float | None:
+    return os.stat(path).st_mtime_ns if os.path.exists(path) else None
 
 
 def load_factory(spec: str) -> nn.Module:
@@ -286,6 +300,12 @@ def export_onnx(model: nn.Module, x: Tensor, path: str) -> None:
             "--onnx needs the onnx and onnxscript packages: pip install onnx onnxscript"
         ) from error
     try:
-        torch.onnx.export(model, (x,), path, dynamo=True, verbose=False)
+        program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
     except Exception as error:
         raise FoldCLIError(f"ONNX export failed: {type(error).__name__}: {error}") from error
+    try:
+        # One file, weights included; only past ONNX's 2 GB limit for one file do they go
+        # to a separate file, which run_fold names.
+        program.save(path)
+    except (OSError, ValueError) as error:
+        raise FoldCLIError(f"cannot write --onnx {path!r}: {error}") from error

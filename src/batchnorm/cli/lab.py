@@ -8,6 +8,7 @@ from typing import Any
 from batchnorm.lab import demo as lab_demo
 from batchnorm.lab import reproduce as lab_reproduce
 from batchnorm.lab.data import load_dataset
+from batchnorm.lab.extras import MissingExtraError, import_extra
 from batchnorm.lab.fit import resolve_device, torch_threads
 
 #: Intra-op CPU threads the lab commands use by default (see batchnorm.lab.fit.torch_threads:
@@ -58,7 +59,11 @@ def _add_lab_options(parser: argparse.ArgumentParser, out: str) -> None:
     )
     parser.add_argument("--out", default=out, help="report folder (%(default)s)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "-q", "--quiet", "--no-progress", dest="no_progress", action="store_true",
+        help="no progress on stderr (by default a live bar on a terminal, else a line per "
+        "tenth of the training)",
+    )  # fmt: skip
 
 
 def add_lab_parsers(commands: Any) -> None:
@@ -132,6 +137,8 @@ def _run_lab(parser: argparse.ArgumentParser, args: argparse.Namespace, run, **o
     traceback."""
     try:
         resolve_device(args.device)
+        if not args.no_plots:
+            import_extra("matplotlib")  # missing: said now, not after the training
         data = load_dataset(args.data, args.data_dir)
         with torch_threads(args.threads):
             run(
@@ -139,6 +146,6 @@ def _run_lab(parser: argparse.ArgumentParser, args: argparse.Namespace, run, **o
                 plots_enabled=not args.no_plots, progress=False if args.no_progress else None,
                 **options,
             )  # fmt: skip
-    except ValueError as error:  # DataError is a ValueError; so are bad option values
+    except (ValueError, MissingExtraError) as error:  # DataError is a ValueError
         parser.exit(2, f"batchnorm {args.command}: error: {error}\n")
     return 0

@@ -10,7 +10,8 @@
 * :mod:`~batchnorm.lab.timing`: the benchmarks' timing helper; epoch time per batch-norm
   implementation (``make bench``)
 
-Needs the ``lab`` extra (mnist1d, matplotlib, rich), imported only where used.
+Needs the ``lab`` extra (mnist1d, matplotlib; rich for the audit's table), imported only
+where used (:mod:`~batchnorm.lab.extras`).
 """
 
 from batchnorm.lab.data import DataError, Dataset, load_dataset

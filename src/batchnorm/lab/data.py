@@ -54,6 +54,8 @@ __all__ = [
     "read_idx",
 ]
 
+from batchnorm.lab.extras import import_extra
+
 #: The data sets ``load_dataset`` knows by name.
 DATASETS = ("mnist1d", "mnist", "fashion-mnist", "npz")
 
@@ -112,9 +114,7 @@ def cache_dir() -> Path:
 
 def load_mnist1d(quiet: bool = False) -> Dataset:
     """MNIST-1D at ``mnist1d``'s default arguments, generated once and then read from cache."""
-    from mnist1d.data import get_dataset_args
-
-    args = get_dataset_args(as_dict=True)
+    args = import_extra("mnist1d.data").get_dataset_args(as_dict=True)
     args.pop("url", None)  # only used by mnist1d's downloader, which we never call
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / f"mnist1d-{key}.npz"
@@ -134,10 +134,9 @@ def load_mnist1d(quiet: bool = False) -> Dataset:
 
 
 def _generate_mnist1d() -> dict[str, np.ndarray]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # mnist1d imports pyplot; never open a window
-    from mnist1d.data import get_dataset_args, make_dataset
+    import_extra("matplotlib").use("Agg")  # mnist1d imports pyplot; never open a window
+    mnist1d_data = import_extra("mnist1d.data")
+    get_dataset_args, make_dataset = mnist1d_data.get_dataset_args, mnist1d_data.make_dataset
 
     # make_dataset reseeds the global `random` and numpy generators; leave them as found.
     py_state, np_state = random.getstate(), np.random.get_state()

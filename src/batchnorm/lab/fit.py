@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from batchnorm._progress import Progress
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.probes import Probe
 
 #: Test samples per forward pass in evaluation: bounds memory for large test sets
 #: (10 000 MNIST images x 784 features is 31 MB in float32), one pass for ours.
 EVAL_CHUNK = 10_000
-#: How many steps between progress-bar refreshes (the bar costs a little per update).
+#: Steps between progress updates (see batchnorm._progress; each costs a little).
 PROGRESS_EVERY = 10
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -93,8 +94,9 @@ def fit(
     epoch shuffles the training set with a generator seeded by ``seed`` (two models trained
     with the same seed see the same mini-batches) and uses its ``len // batch_size`` full
     mini-batches. The model is evaluated on the test set in eval mode before training,
-    every ``eval_every`` steps (default: once per epoch) and at the end. ``progress`` shows a
-    progress bar on stderr (default: only when stderr is a terminal).
+    every ``eval_every`` steps (default: once per epoch) and at the end. Progress goes to
+    stderr (a live bar on a terminal, a line per tenth of the steps elsewhere) unless
+    ``progress`` is False.
 
     Data-parallel training (e.g. a DistributedDataParallel model): ``shard(batch_size)`` is
     the slice of every mini-batch this process trains on; the recorded training loss and
@@ -127,13 +129,12 @@ def fit(
     losses = torch.empty(total, device=device)
     correct = torch.empty(total, device=device, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
-    show = sys.stderr.isatty() if progress is None else progress
 
     local = range(batch_size)[shard(batch_size)] if shard is not None else range(batch_size)
     for probe in probes.values():
         probe.attach(getattr(model, "module", model))  # DDP wraps the model in .module
     try:
-        with _ProgressBar(show, total, label) as bar:
+        with Progress(label or "training", total, "steps", progress is not False) as bar:
             _evaluate_into(history, model, data, loss_fn, probes, 0, losses, correct)
             model.train()
             step, last_eval = 0, 0
@@ -156,7 +157,7 @@ def fit(
                     for probe in probes.values():
                         probe.after_step(step)
                     if step % PROGRESS_EVERY == 0:
-                        bar.advance_to(step)
+                        bar.update(step)
                     if step % eval_every == 0 or step == total:
                         _synchronize(device)
                         history.train_seconds += time.perf_counter() - started
@@ -165,7 +166,7 @@ def fit(
                             last_eval, len(local),
                         )  # fmt: skip
                         last_eval = step
-                        bar.advance_to(step, history.test_accuracy[-1])
+                        bar.update(step, f"test acc {history.test_accuracy[-1]:.3f}")
                         started = time.perf_counter()
                     if step == total:
                         break
@@ -234,47 +235,6 @@ def _evaluate_into(
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class _ProgressBar:
-    """A rich progress bar on stderr, or nothing (non-interactive output, e.g. CI logs)."""
-
-    def __init__(self, show: bool, total: int, label: str) -> None:
-        self.show, self.total, self.label = show, total, label
-
-    def __enter__(self) -> _ProgressBar:
-        if self.show:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("{task.description:<12}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("steps"),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[info]}"),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self._progress.__enter__()
-            self._task = self._progress.add_task(self.label, total=self.total, info="")
-        return self
-
-    def advance_to(self, step: int, test_accuracy: float | None = None) -> None:
-        if self.show:
-            info = {} if test_accuracy is None else {"info": f"test acc {test_accuracy:.3f}"}
-            self._progress.update(self._task, completed=step, **info)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.show:
-            self._progress.__exit__(*exc)
 
 
 def adam(params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:

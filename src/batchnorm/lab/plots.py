@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from batchnorm.lab.extras import import_extra
 from batchnorm.lab.fit import History
 
 #: Colours by run label; anything else cycles through matplotlib's default palette.
@@ -19,12 +20,8 @@ DPI = 110
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    import_extra("matplotlib").use("Agg")
+    return import_extra("matplotlib.pyplot")
 
 
 def color(label: str, index: int = 0) -> str:

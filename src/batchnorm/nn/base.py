@@ -162,6 +162,14 @@ class _BatchNormBase(GraphFriendly, _BatchNorm):
         """How error messages name this layer."""
         return f"{type(self).__name__}({self.num_features})"
 
+    def _get_name(self) -> str:
+        """``batchnorm.BatchNorm2d`` in ``repr`` where torch.nn's layer says ``BatchNorm2d``:
+        after ``convert`` a printed model shows which layers are ours. A class defined
+        outside this package (a user's subclass) keeps its plain name."""
+        cls = type(self)
+        ours = cls.__module__.split(".")[0] == "batchnorm"
+        return f"batchnorm.{cls.__name__}" if ours else cls.__name__
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if self.activation not in (None, "identity"):

@@ -9,7 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm.functional import _batch_norm, check_activation
-from batchnorm.nn.base import _Dims1d, _Dims2d, _Dims3d, check_layer_input, check_positive_int
+from batchnorm.nn.base import (
+    _BatchNormBase,
+    _Dims1d,
+    _Dims2d,
+    _Dims3d,
+    check_layer_input,
+    check_positive_int,
+)
 from batchnorm.nn.tracing import GraphFriendly, script_batch_norm, script_check_rank
 
 
@@ -51,6 +58,8 @@ class _FrozenBatchNorm(GraphFriendly, nn.Module):
     @property
     def layer_name(self) -> str:
         return f"{type(self).__name__}({self.num_features})"
+
+    _get_name = _BatchNormBase._get_name  # batchnorm.FrozenBatchNorm2d in repr
 
     def extra_repr(self) -> str:
         text = f"{self.num_features}, eps={self.eps}"

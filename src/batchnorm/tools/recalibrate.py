@@ -11,7 +11,6 @@ reached the layer.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm._progress import Progress
 from batchnorm.reference import batch_stats
 
 
@@ -63,7 +63,9 @@ def recalibrate(
 
     ``data`` yields model inputs: a tensor, or a list/tuple whose first element is the
     input (``(inputs, targets)`` as a DataLoader gives them); tensors are moved to the
-    model's device. ``num_batches`` stops early (None: the whole iterable).
+    model's device. ``num_batches`` stops early (None: the whole iterable). Progress goes
+    to stderr (a live bar on a terminal, a line per tenth of the batches elsewhere) unless
+    ``progress`` is False.
 
     Only ``_BatchNorm`` layers that track running statistics (torch.nn's, this package's,
     SyncBatchNorm) run in training mode, so they normalize with batch statistics as during
@@ -165,19 +167,16 @@ def _run(
         total = num_batches if total is None else min(total, num_batches)
     show = progress and (not _distributed() or dist.get_rank() == 0)
     done = 0
-    for batch in data:
-        if num_batches is not None and done >= num_batches:
-            break
-        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if isinstance(inputs, Tensor):
-            inputs = inputs.to(device)
-        model(inputs)
-        done += 1
-        if show:
-            of = f"/{total}" if total is not None else ""
-            print(f"\rrecalibrate: batch {done}{of}", end="", file=sys.stderr, flush=True)
-    if show:
-        print(file=sys.stderr, flush=True)
+    with Progress("recalibrate", total, "batches", enabled=show) as bar:
+        for batch in data:
+            if num_batches is not None and done >= num_batches:
+                break
+            inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if isinstance(inputs, Tensor):
+                inputs = inputs.to(device)
+            model(inputs)
+            done += 1
+            bar.update(done)
 
 
 def _distributed() -> bool:

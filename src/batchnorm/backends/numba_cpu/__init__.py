@@ -37,6 +37,7 @@ from batchnorm.backends import Call
 from batchnorm.backends.layout import in_layout, layout_of
 from batchnorm.backends.numba_cpu.channels_first import cf_backward, cf_forward
 from batchnorm.backends.numba_cpu.channels_last import cl_backward, cl_forward
+from batchnorm.backends.numba_cpu.compilation import NOTICE as _COMPILE_NOTICE  # noqa: F401
 from batchnorm.backends.numba_cpu.jit import ACTIVATION_CODES, running_update
 
 # The backend: torch tensors in, torch tensors out (see batchnorm.backends.KernelBackend).

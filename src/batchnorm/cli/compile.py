@@ -1,0 +1,77 @@
+"""``batchnorm compile``: compile the Numba CPU kernels into their disk cache ahead of time.
+
+The first call of a kernel specialization (kernel x dtype x serial/parallel) compiles it,
+which takes seconds each; this command does all of them now, e.g. in a Docker image's
+build, so that no training run waits for the compiler. Kernels already in the cache are
+only loaded. The cache is next to the installed package, or in the folder NUMBA_CACHE_DIR
+names. Numba uses a cache folder only where it can write, so the user who later runs the
+model must be able to write this one: for an image run as another user than the build's,
+e.g. ``ENV NUMBA_CACHE_DIR=/opt/numba-cache`` and ``RUN batchnorm compile && chmod -R
+a+rwX /opt/numba-cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``batchnorm compile`` on the CLI's subparsers."""
+    from batchnorm.backends.numba_cpu.compilation import DTYPES, LAYOUTS
+
+    parser = commands.add_parser(
+        "compile",
+        help="compile the Numba CPU kernels into their disk cache now (e.g. in a Docker build)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--dtype", action="append", choices=list(DTYPES),
+        help="only this dtype (repeatable; default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--layout", action="append", choices=list(LAYOUTS),
+        help="only this layout (repeatable; default: all): channels_first is a contiguous "
+        "(N, C, *) input, channels_last a channels_last(_3d) or 2-D (N, C) one",
+    )  # fmt: skip
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from batchnorm.backends.numba_cpu.compilation import DTYPES, LAYOUTS, cache_dir, precompile
+
+    where = cache_dir()
+    if where is None:
+        print(
+            "batchnorm compile: error: no writable folder for Numba's cache, so compiled "
+            "kernels would last only this process. Hint: set NUMBA_CACHE_DIR to a writable "
+            "folder.",
+            file=sys.stderr,
+        )
+        return 1
+    dtypes = list(dict.fromkeys(args.dtype or DTYPES))
+    layouts = list(dict.fromkeys(args.layout or LAYOUTS))
+    print(f"batchnorm compile: Numba CPU kernels, {', '.join(dtypes)}, {', '.join(layouts)}")
+    print(f"cache  {where}", flush=True)
+
+    def log(spec) -> None:
+        print(
+            f"  {spec.kernel:<15} {spec.dtype:<8} {spec.variant:<9} {spec.source:<22} "
+            f"{spec.seconds:6.2f} s",
+            flush=True,
+        )
+
+    start = time.perf_counter()
+    done = precompile(dtypes, layouts, log)
+    total = time.perf_counter() - start
+    by_source: dict[str, list[float]] = {}
+    for spec in done:
+        by_source.setdefault(spec.source, []).append(spec.seconds)
+    counts = "; ".join(
+        f"{len(times)} {source} ({sum(times):.1f} s)" for source, times in by_source.items()
+    )
+    print(f"{len(done)} specializations: {counts}; {total:.1f} s in all")
+    return 0
