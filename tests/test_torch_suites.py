@@ -436,9 +436,11 @@ def test_save_pickle_deepcopy(backend, name, index, training):
 
 @pytest.mark.parametrize("name,index,training", CASES)
 def test_repr_matches_torch(name, index, training):
+    """torch's repr, prefixed with the package so that a converted model shows whose layer
+    it is (a chosen difference, issue P10)."""
     ref, ours, _ = _build(name, index, training)
-    assert repr(ours) == repr(ref)
-    assert str(ours) == str(ref)
+    assert repr(ours) == "batchnorm." + repr(ref)
+    assert str(ours) == "batchnorm." + str(ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
