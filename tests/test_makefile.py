@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# An environment guard: the README's commands need make, which CI and our machines have.
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
 
