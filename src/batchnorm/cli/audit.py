@@ -20,22 +20,21 @@ from typing import Any
 
 import torch
 
-from batchnorm.cli.fold import FoldCLIError, check_output_path, load_factory, load_weights
+from batchnorm.cli.common import CLIError, add_model_arguments, command_parser, exit_status
+from batchnorm.cli.fold import check_output_path, load_model
 from batchnorm.tools.audit import DEFAULT_BATCH_SIZE, DEFAULT_NUM_BATCHES, SEVERITIES, audit
 
 
-def add_audit_parser(commands: Any) -> None:
+def add_parser(commands: Any) -> None:
     """Register the ``audit`` subcommand on the CLI's subparsers."""
-    p = commands.add_parser(
+    p = command_parser(
+        commands,
         "audit",
-        help="audit the batch norm of a trained model on data: findings, evidence, fixes",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "audit the batch norm of a trained model on data: findings, evidence, fixes",
+        __doc__,
+        run,
     )
-    p.add_argument("--model", required=True, help="pkg.module:factory returning the nn.Module")
-    p.add_argument(
-        "--weights", help="a state_dict saved with torch.save (default: the factory's weights)"
-    )
+    add_model_arguments(p)
     p.add_argument(
         "--data", required=True, help=".npz with x_train, y_train, x_test, y_test (as the lab's)"
     )
@@ -69,34 +68,24 @@ def add_audit_parser(commands: Any) -> None:
     )
 
 
-def run_audit(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Carry out ``batchnorm audit``; returns the exit status."""
     from batchnorm.lab.data import DataError
 
-    try:
-        report = _audit_command(args)
-    except (FoldCLIError, DataError) as error:
-        print(f"batchnorm audit: error: {error}", file=sys.stderr)
-        return 2
-    if args.fail_on != "never" and report.worst is not None:
-        if SEVERITIES.index(report.worst) <= SEVERITIES.index(args.fail_on):
-            return 1
-    return 0
+    return exit_status("audit", lambda: _audit_command(args), DataError)
 
 
-def _audit_command(args: argparse.Namespace) -> Any:
+def _audit_command(args: argparse.Namespace) -> int:
     from batchnorm.lab.data import load_npz
 
     for path, option in ((args.html, "--html"), (args.json, "--json")):
         if path:
             check_output_path(path, option)
     if args.batch_size < 1:
-        raise FoldCLIError(f"--batch-size must be a positive int, got {args.batch_size}.")
+        raise CLIError(f"--batch-size must be a positive int, got {args.batch_size}.")
     if args.num_batches < 0:
-        raise FoldCLIError(f"--num-batches must be 0 (all) or more, got {args.num_batches}.")
-    model = load_factory(args.model)
-    if args.weights:
-        load_weights(model, args.weights, args.model)
+        raise CLIError(f"--num-batches must be 0 (all) or more, got {args.num_batches}.")
+    model = load_model(args)
     data = load_npz(args.data)
     x = data.x_train if args.split == "train" else data.x_test
     y = data.y_train if args.split == "train" else data.y_test
@@ -115,7 +104,7 @@ def _audit_command(args: argparse.Namespace) -> Any:
             timing=not args.no_timing,
         )
     except (RuntimeError, ValueError, TypeError) as error:
-        raise FoldCLIError(
+        raise CLIError(
             f"the model failed on the data ({type(error).__name__}: {error}). Hint: "
             f"--sample-shape gives the samples the shape the model takes (they are read flat, "
             f"{tuple(x.shape[1:])})."
@@ -127,7 +116,8 @@ def _audit_command(args: argparse.Namespace) -> Any:
     if args.html:
         report.to_html(args.html)
         print(f"wrote {args.html}")
-    return report
+    failing = args.fail_on != "never" and report.worst is not None
+    return int(failing and SEVERITIES.index(report.worst) <= SEVERITIES.index(args.fail_on))
 
 
 def _reshape(x: torch.Tensor, text: str) -> torch.Tensor:
@@ -136,12 +126,12 @@ def _reshape(x: torch.Tensor, text: str) -> torch.Tensor:
     except ValueError:
         shape = ()
     if not shape or any(n < 1 for n in shape):
-        raise FoldCLIError(
+        raise CLIError(
             f"--sample-shape must be positive integers separated by commas, e.g. 1,40; got "
             f"{text!r}."
         )
     if math.prod(shape) != x[0].numel():
-        raise FoldCLIError(
+        raise CLIError(
             f"--sample-shape {text} has {math.prod(shape)} elements, the samples have "
             f"{x[0].numel()}."
         )

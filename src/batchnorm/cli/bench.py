@@ -52,6 +52,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -398,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="batchnorm bench", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``batchnorm bench`` on the CLI's subparsers."""
+    parser = commands.add_parser("bench", help="time the CPU kernels against ATen")
+    add_arguments(parser)
+    parser.set_defaults(run=run_from_args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

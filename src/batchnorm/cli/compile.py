@@ -17,16 +17,19 @@ import sys
 import time
 from typing import Any
 
+from batchnorm.cli.common import command_parser
+
 
 def add_parser(commands: Any) -> None:
     """Register ``batchnorm compile`` on the CLI's subparsers."""
     from batchnorm.backends.numba_cpu.compilation import DTYPES, LAYOUTS
 
-    parser = commands.add_parser(
+    parser = command_parser(
+        commands,
         "compile",
-        help="compile the Numba CPU kernels into their disk cache now (e.g. in a Docker build)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "compile the Numba CPU kernels into their disk cache now (e.g. in a Docker build)",
+        __doc__,
+        run,
     )
     parser.add_argument(
         "--dtype", action="append", choices=list(DTYPES),
@@ -37,7 +40,6 @@ def add_parser(commands: Any) -> None:
         help="only this layout (repeatable; default: all): channels_first is a contiguous "
         "(N, C, *) input, channels_last a channels_last(_3d) or 2-D (N, C) one",
     )  # fmt: skip
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from batchnorm.cli.common import CLIError, add_model_arguments, command_parser, exit_status
 from batchnorm.tools.fold import fold
 
 DEFAULT_INPUT_SHAPE = "1,3,224,224"  # an ImageNet-sized image, as the issue's example
@@ -37,22 +38,12 @@ MAX_INPUT_ELEMENTS = 2**27
 _SHOWN_KEYS = 5
 
 
-class FoldCLIError(Exception):
-    """A user mistake; main() prints it without a traceback."""
-
-
-def add_fold_parser(commands: Any) -> None:
+def add_parser(commands: Any) -> None:
     """Register the ``fold`` subcommand on the CLI's subparsers."""
-    p = commands.add_parser(
-        "fold",
-        help="fold batch norm into the neighbouring layers of a model",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser(
+        commands, "fold", "fold batch norm into the neighbouring layers of a model", __doc__, run
     )
-    p.add_argument("--model", required=True, help="pkg.module:factory returning the nn.Module")
-    p.add_argument(
-        "--weights", help="a state_dict saved with torch.save (default: the factory's weights)"
-    )
+    add_model_arguments(p)
     p.add_argument(
         "--out",
         required=True,
@@ -69,38 +60,31 @@ def add_fold_parser(commands: Any) -> None:
     )
 
 
-def run_fold(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Carry out ``batchnorm fold``; returns the exit status (2 on a user error)."""
-    try:
-        _fold_command(args)
-    except FoldCLIError as error:
-        print(f"batchnorm fold: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status("fold", lambda: _fold_command(args))
 
 
-def _fold_command(args: argparse.Namespace) -> None:
+def _fold_command(args: argparse.Namespace) -> int:
     check_output_path(args.out, "--out")
     if args.onnx:
         check_output_path(args.onnx, "--onnx")
     shape = parse_shape(args.input_shape)
-    model = load_factory(args.model)
-    if args.weights:
-        load_weights(model, args.weights, args.model)
+    model = load_model(args)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     model.eval()
     try:
         with torch.no_grad():
             expected = model(x)
     except Exception as error:
-        raise FoldCLIError(
+        raise CLIError(
             f"the model rejected an input of shape {shape}: {error}. Hint: pass the shape it "
             f"takes with --input-shape N,C,H,W (default {DEFAULT_INPUT_SHAPE})."
         ) from error
     outputs = _output_tensors(expected)
     if not any(t.numel() for t in outputs):
         shapes = ", ".join(str(tuple(t.shape)) for t in outputs)
-        raise FoldCLIError(
+        raise CLIError(
             f"the model's output is empty (shape {shapes}) for an input of shape {shape}, so "
             f"the folded model cannot be checked against it. Hint: pass an --input-shape for "
             f"which the model gives a non-empty output."
@@ -117,7 +101,7 @@ def _fold_command(args: argparse.Namespace) -> None:
     try:
         torch.save(folded.state_dict(), args.out)
     except (OSError, RuntimeError) as error:  # checked above, but the disk may still refuse
-        raise FoldCLIError(f"cannot write --out {args.out!r}: {error}") from error
+        raise CLIError(f"cannot write --out {args.out!r}: {error}") from error
     print(f"wrote the folded state_dict to {args.out}")
     if args.onnx:
         data = f"{args.onnx}.data"  # where torch.onnx puts weights it does not embed
@@ -130,17 +114,26 @@ def _fold_command(args: argparse.Namespace) -> None:
             )
         else:
             print(f"wrote the folded ONNX graph to {args.onnx} (one file, weights included)")
+    return 0
 
 
 def _modified(path: str) -> float | None:
     return os.stat(path).st_mtime_ns if os.path.exists(path) else None
 
 
+def load_model(args: argparse.Namespace) -> nn.Module:
+    """The model of ``--model`` with the weights of ``--weights``, if given."""
+    model = load_factory(args.model)
+    if args.weights:
+        load_weights(model, args.weights, args.model)
+    return model
+
+
 def load_factory(spec: str) -> nn.Module:
     """Build the model named ``pkg.module:factory``."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise FoldCLIError(
+        raise CLIError(
             f"--model must look like pkg.module:factory, got {spec!r}. Hint: e.g. "
             f"batchnorm.example_models:resnet18_like."
         )
@@ -149,22 +142,22 @@ def load_factory(spec: str) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise FoldCLIError(
+        raise CLIError(
             f"cannot import module {module_name!r} ({error}). Hint: install its package or run "
             f"from the directory that contains it."
         ) from error
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
-        raise FoldCLIError(
+        raise CLIError(
             f"module {module_name!r} has no callable {attr!r}. Hint: --model names a function "
             f"or class that builds the model with no arguments."
         )
     try:
         model = factory()
     except Exception as error:
-        raise FoldCLIError(f"{spec}() raised {type(error).__name__}: {error}") from error
+        raise CLIError(f"{spec}() raised {type(error).__name__}: {error}") from error
     if not isinstance(model, nn.Module):
-        raise FoldCLIError(f"{spec}() returned a {type(model).__name__}, not an nn.Module.")
+        raise CLIError(f"{spec}() returned a {type(model).__name__}, not an nn.Module.")
     return model
 
 
@@ -173,24 +166,24 @@ def load_weights(model: nn.Module, path: str, spec: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
-        raise FoldCLIError(f"--weights: no such file {path!r}.") from error
+        raise CLIError(f"--weights: no such file {path!r}.") from error
     except pickle.UnpicklingError as error:
         message = str(error)
         found = re.search(r"GLOBAL ([\w.]+)", message)
         if found:
-            raise FoldCLIError(
+            raise CLIError(
                 f"refusing to load {path!r}: it holds a Python object ({found.group(1)}) that "
                 f"is not a tensor or plain container, and unpickling it could run arbitrary "
                 f"code. Hint: save only the weights, torch.save(model.state_dict(), path)."
             ) from error
         detail = message.rpartition("WeightsUnpickler error:")[2].strip().split("\n")[0]
-        raise FoldCLIError(f"cannot read {path!r} as a torch.save file ({detail}).") from error
+        raise CLIError(f"cannot read {path!r} as a torch.save file ({detail}).") from error
     except Exception as error:
-        raise FoldCLIError(f"cannot read {path!r} as a torch.save file: {error}") from error
+        raise CLIError(f"cannot read {path!r} as a torch.save file: {error}") from error
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
     ):
-        raise FoldCLIError(
+        raise CLIError(
             f"{path!r} is not a state_dict (a mapping of names to tensors), got "
             f"{type(state).__name__}. Hint: save model.state_dict(); from a training "
             f"checkpoint save checkpoint['state_dict'] (or whatever key holds it)."
@@ -213,7 +206,7 @@ def load_weights(model: nn.Module, path: str, spec: str) -> None:
             ]
             if items
         ]
-        raise FoldCLIError(
+        raise CLIError(
             f"the weights in {path!r} do not match the model built by {spec}: "
             f"{'; '.join(problems)}. Hint: use the factory (and its arguments) the weights "
             f"were trained with."
@@ -229,13 +222,13 @@ def _some(items: list[str]) -> str:
 def check_output_path(path: str, option: str) -> None:
     """Refuse an output path that cannot be a new file, before the (slow) folding."""
     if os.path.isdir(path):
-        raise FoldCLIError(
+        raise CLIError(
             f"{option} {path!r} is a folder; expected a file name. Hint: e.g. "
             f"{os.path.join(path, 'folded.pt' if option == '--out' else 'folded.onnx')!r}."
         )
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
-        raise FoldCLIError(
+        raise CLIError(
             f"{option} {path!r}: the folder {folder!r} does not exist. Hint: create it first "
             f"(mkdir -p {folder}), or check the path for typos."
         )
@@ -249,13 +242,13 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(n < 1 for n in shape):
-        raise FoldCLIError(
+        raise CLIError(
             f"--input-shape must be positive integers separated by commas, e.g. "
             f"{DEFAULT_INPUT_SHAPE}; got {text!r}."
         )
     elements = math.prod(shape)
     if elements > MAX_INPUT_ELEMENTS:
-        raise FoldCLIError(
+        raise CLIError(
             f"--input-shape {text} has {elements} elements, more than the "
             f"{MAX_INPUT_ELEMENTS} allowed (MAX_INPUT_ELEMENTS). Hint: fold needs a single "
             f"example; use batch size 1 and the model's usual input size, e.g. "
@@ -274,7 +267,7 @@ def _output_tensors(output: object) -> list[Tensor]:
         else []
     )
     if not tensors or not all(isinstance(t, Tensor) for t in tensors):
-        raise FoldCLIError(
+        raise CLIError(
             f"cannot compare model outputs of type {type(output).__name__}; fold compares a "
             f"tensor or a tuple/list of tensors."
         )
@@ -296,16 +289,16 @@ def export_onnx(model: nn.Module, x: Tensor, path: str) -> None:
     try:
         import onnxscript  # noqa: F401
     except ImportError as error:
-        raise FoldCLIError(
+        raise CLIError(
             "--onnx needs the onnx and onnxscript packages: pip install onnx onnxscript"
         ) from error
     try:
         program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
     except Exception as error:
-        raise FoldCLIError(f"ONNX export failed: {type(error).__name__}: {error}") from error
+        raise CLIError(f"ONNX export failed: {type(error).__name__}: {error}") from error
     try:
         # One file, weights included; only past ONNX's 2 GB limit for one file do they go
-        # to a separate file, which run_fold names.
+        # to a separate file, which the fold command names.
         program.save(path)
     except (OSError, ValueError) as error:
-        raise FoldCLIError(f"cannot write --onnx {path!r}: {error}") from error
+        raise CLIError(f"cannot write --onnx {path!r}: {error}") from error
