@@ -20,6 +20,8 @@ from batchnorm.backends.triton.kernels_forward import (
     _coefficients,
     _out,
     _per_channel_sum,
+    _pieces_block,
+    _program_piece,
     _tile,
 )
 
@@ -50,22 +52,16 @@ def _activation_grad(dy, pre, ACTIVATION: tl.constexpr, slope_hi, slope_lo):
 
 @triton.jit
 def _dpre_and_xhat(
-    dy_ptr,
-    x_ptr,
-    z_ptr,
-    offsets,
-    mask,
-    mean,
-    invstd,
-    scale,
-    shift,
-    slope_hi,
-    slope_lo,
-    HAS_Z: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    ACC: tl.constexpr,
+    t, c0, N, C, S, stride_n, stride_c, tiles_s,  # tile t of the walk: see _tile
+    dy_ptr, x_ptr, z_ptr, mean, invstd, scale, shift, slope_hi, slope_lo,
+    HAS_Z: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """dL/dpre (recomputing pre from x and z) and xhat for one tile; both 0 off the array."""
+    """Tile t's offsets and mask, dL/dpre (recomputing pre from x and z) and xhat; dpre and
+    xhat are 0 off the array."""
+    offsets, mask, unused_count = _tile(
+        t, c0, N, C, S, stride_n, stride_c, tiles_s, BLOCK_N, BLOCK_C, BLOCK_S
+    )
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
     # Zero off the array: padding must add nothing to the sums, and exp() of a padding
@@ -79,57 +75,31 @@ def _dpre_and_xhat(
         if HAS_Z:
             pre += tl.load(z_ptr + offsets, mask=mask, other=0.0).to(ACC)
         dpre = _activation_grad(dy, pre, ACTIVATION, slope_hi, slope_lo)
-    return dpre, xhat
+    return offsets, mask, dpre, xhat
 
 
 @triton.jit
 def grad_partial_kernel(
-    dy_ptr,
-    x_ptr,
-    z_ptr,
-    mean_ptr,
-    invstd_ptr,
-    weight_ptr,
-    bias_ptr,
-    sum_dpre_ptr,
-    sum_dpre_xhat_ptr,
-    N,
-    C,
-    S,
-    stride_n,
-    stride_c,
-    tiles_s,
-    tiles,
-    tiles_per_piece,
-    slope_hi,
-    slope_lo,
-    HAS_Z: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    dy_ptr, x_ptr, z_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+    sum_dpre_ptr, sum_dpre_xhat_ptr,  # (pieces, C) out
+    N, C, S, stride_n, stride_c, tiles_s, tiles, tiles_per_piece,  # the walk: see _tile
+    slope_hi, slope_lo,
+    HAS_Z: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Per-piece sums of dpre and dpre * xhat, into row ``piece`` of (pieces, C) arrays."""
-    c0 = tl.program_id(0) * BLOCK_C
-    piece = tl.program_id(1)
-    first = piece * tiles_per_piece
-    last = tl.minimum(first + tiles_per_piece, tiles)
+    c0, piece, first, last = _program_piece(tiles, tiles_per_piece, BLOCK_C)
     mean, invstd, scale, shift = _coefficients(
         c0, C, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C
     )
     sum_dpre = tl.zeros([BLOCK_C], ACC)
     sum_dpre_xhat = tl.zeros([BLOCK_C], ACC)
     for t in range(first, last):
-        offsets, mask, unused_count = _tile(
-            t, c0, N, C, S, stride_n, stride_c, tiles_s, BLOCK_N, BLOCK_C, BLOCK_S
+        offsets, mask, dpre, xhat = _dpre_and_xhat(
+            t, c0, N, C, S, stride_n, stride_c, tiles_s, dy_ptr, x_ptr, z_ptr, mean, invstd,
+            scale, shift, slope_hi, slope_lo, HAS_Z, ACTIVATION, ACC, BLOCK_N, BLOCK_C, BLOCK_S,
         )
-        dpre, xhat = _dpre_and_xhat(
-            dy_ptr, x_ptr, z_ptr, offsets, mask, mean, invstd, scale, shift, slope_hi,
-            slope_lo, HAS_Z, ACTIVATION, ACC,
-        )  # fmt: skip
         sum_dpre += _per_channel_sum(dpre)
         sum_dpre_xhat += _per_channel_sum(dpre * xhat)
     c = c0 + tl.arange(0, BLOCK_C)
@@ -140,14 +110,10 @@ def grad_partial_kernel(
 
 @triton.jit
 def grad_merge_kernel(
-    part_dpre_ptr,
-    part_dpre_xhat_ptr,
-    dbias_ptr,
-    dweight_ptr,
-    pieces,
-    C,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    part_dpre_ptr, part_dpre_xhat_ptr,  # (pieces, C) in
+    dbias_ptr, dweight_ptr,  # (C,) out
+    pieces, C,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dbias = sum(dpre) and dweight = sum(dpre * xhat): the pieces' partials summed in
     float64, stored in the statistics dtype."""
@@ -156,9 +122,7 @@ def grad_merge_kernel(
     dbias = tl.zeros([BLOCK_C], tl.float64)
     dweight = tl.zeros([BLOCK_C], tl.float64)
     for p0 in range(0, pieces, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        at = p.to(tl.int64)[:, None] * C + c[None, :]
-        mask = (p < pieces)[:, None] & valid_c[None, :]
+        at, mask = _pieces_block(p0, pieces, c, C, BLOCK_P)
         dbias += tl.sum(tl.load(part_dpre_ptr + at, mask=mask, other=0.0).to(tl.float64), 0)
         dweight += tl.sum(tl.load(part_dpre_xhat_ptr + at, mask=mask, other=0.0).to(tl.float64), 0)
     tl.store(dbias_ptr + c, dbias.to(dbias_ptr.dtype.element_ty), mask=valid_c)
@@ -167,46 +131,19 @@ def grad_merge_kernel(
 
 @triton.jit
 def grad_input_kernel(
-    dy_ptr,
-    x_ptr,
-    z_ptr,
-    dx_ptr,
-    dpre_ptr,
-    mean_ptr,
-    invstd_ptr,
-    weight_ptr,
-    bias_ptr,
-    dbias_ptr,
-    dweight_ptr,
-    count,
-    N,
-    C,
-    S,
-    stride_n,
-    stride_c,
-    tiles_s,
-    tiles,
-    tiles_per_piece,
-    slope_hi,
-    slope_lo,
-    HAS_Z: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    TRAINING: tl.constexpr,
-    WRITE_DPRE: tl.constexpr,
-    ACC: tl.constexpr,
-    BF16_BY_HAND: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    dy_ptr, x_ptr, z_ptr, dx_ptr, dpre_ptr,
+    mean_ptr, invstd_ptr, weight_ptr, bias_ptr, dbias_ptr, dweight_ptr, count,
+    N, C, S, stride_n, stride_c, tiles_s, tiles, tiles_per_piece,  # the walk: see _tile
+    slope_hi, slope_lo,
+    HAS_Z: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, TRAINING: tl.constexpr, WRITE_DPRE: tl.constexpr,
+    ACC: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """dx = scale * (dpre - dbias / M - xhat * dweight / M) in training (the gradient goes
     through mean and var), dx = scale * dpre in eval; scale = invstd * weight, M = count.
     With WRITE_DPRE, also stores dpre (in dpre_ptr's dtype)."""
-    c0 = tl.program_id(0) * BLOCK_C
-    first = tl.program_id(1) * tiles_per_piece
-    last = tl.minimum(first + tiles_per_piece, tiles)
+    c0, unused_piece, first, last = _program_piece(tiles, tiles_per_piece, BLOCK_C)
     mean, invstd, scale, shift = _coefficients(
         c0, C, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C
     )
@@ -216,13 +153,10 @@ def grad_input_kernel(
         mean_dpre = tl.load(dbias_ptr + c, mask=c < C, other=0.0).to(ACC) / m
         mean_dpre_xhat = tl.load(dweight_ptr + c, mask=c < C, other=0.0).to(ACC) / m
     for t in range(first, last):
-        offsets, mask, unused_count = _tile(
-            t, c0, N, C, S, stride_n, stride_c, tiles_s, BLOCK_N, BLOCK_C, BLOCK_S
+        offsets, mask, dpre, xhat = _dpre_and_xhat(
+            t, c0, N, C, S, stride_n, stride_c, tiles_s, dy_ptr, x_ptr, z_ptr, mean, invstd,
+            scale, shift, slope_hi, slope_lo, HAS_Z, ACTIVATION, ACC, BLOCK_N, BLOCK_C, BLOCK_S,
         )
-        dpre, xhat = _dpre_and_xhat(
-            dy_ptr, x_ptr, z_ptr, offsets, mask, mean, invstd, scale, shift, slope_hi,
-            slope_lo, HAS_Z, ACTIVATION, ACC,
-        )  # fmt: skip
         if TRAINING:
             dx = (dpre - _bcast(mean_dpre) - xhat * _bcast(mean_dpre_xhat)) * _bcast(scale)
         else:

@@ -64,17 +64,8 @@ import triton.language as tl
 
 @triton.jit
 def _tile(
-    t,
-    c0,
-    N,
-    C,
-    S,
-    stride_n,
-    stride_c,
-    tiles_s,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    t, c0, N, C, S, stride_n, stride_c, tiles_s,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Offsets and mask of tile ``t`` for channels c0 .. c0 + BLOCK_C, and how many (n, s)
     positions of it are inside the array (the same for every channel)."""
@@ -92,6 +83,21 @@ def _tile(
     mask = (n < N)[:, None, None] & (c < C)[None, :, None] & (s < S)[None, None, :]
     count = tl.minimum(N - n0, BLOCK_N) * tl.minimum(S - s0, BLOCK_S)
     return offsets, mask, count
+
+
+@triton.jit
+def _program_piece(tiles, tiles_per_piece, BLOCK_C: tl.constexpr):
+    """This program's first channel, its piece, and the tiles [first, last) of the piece."""
+    piece = tl.program_id(1)
+    first = piece * tiles_per_piece
+    return tl.program_id(0) * BLOCK_C, piece, first, tl.minimum(first + tiles_per_piece, tiles)
+
+
+@triton.jit
+def _pieces_block(p0, pieces, c, C, BLOCK_P: tl.constexpr):
+    """Offsets and mask of pieces p0 .. p0 + BLOCK_P, channels c, in a (pieces, C) array."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    return p.to(tl.int64)[:, None] * C + c[None, :], (p < pieces)[:, None] & (c < C)[None, :]
 
 
 @triton.jit
@@ -127,16 +133,8 @@ def _bcast(v):
 
 @triton.jit
 def _coefficients(
-    c0,
-    C,
-    mean_ptr,
-    invstd_ptr,
-    weight_ptr,
-    bias_ptr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    c0, C, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per-channel mean, invstd, scale = invstd * weight and shift = bias, in ACC, so that
     pre = (x - mean) * scale + shift (the order of reference.pre_activation)."""
@@ -177,29 +175,14 @@ def _activate(pre, ACTIVATION: tl.constexpr, slope_hi, slope_lo):
 
 @triton.jit
 def stats_partial_kernel(
-    x_ptr,
-    count_ptr,
-    mean_ptr,
-    m2_ptr,
-    N,
-    C,
-    S,
-    stride_n,
-    stride_c,
-    tiles_s,
-    tiles,
-    tiles_per_piece,
+    x_ptr, count_ptr, mean_ptr, m2_ptr,
+    N, C, S, stride_n, stride_c, tiles_s, tiles, tiles_per_piece,  # the walk: see _tile
     ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """(count, mean, M2) of one piece for a block of channels, into row ``piece`` of the
     (pieces, C) float64 partial arrays."""
-    c0 = tl.program_id(0) * BLOCK_C
-    piece = tl.program_id(1)
-    first = piece * tiles_per_piece
-    last = tl.minimum(first + tiles_per_piece, tiles)
+    c0, piece, first, last = _program_piece(tiles, tiles_per_piece, BLOCK_C)
     c = c0 + tl.arange(0, BLOCK_C)
     valid = c < C
     # The piece works on x - shift, shift being its first value in each channel: a shift
@@ -240,18 +223,10 @@ def stats_partial_kernel(
 
 @triton.jit
 def stats_merge_kernel(
-    count_ptr,
-    part_mean_ptr,
-    part_m2_ptr,
-    mean_ptr,
-    var_ptr,
-    invstd_ptr,
-    pieces,
-    C,
-    eps_hi,
-    eps_lo,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    count_ptr, part_mean_ptr, part_m2_ptr,  # (pieces, C) in
+    mean_ptr, var_ptr, invstd_ptr,  # (C,) out
+    pieces, C, eps_hi, eps_lo,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Merge the pieces' partials in float64 into the batch mean, biased var and invstd
     (stored in the statistics dtype, the element type of mean_ptr)."""
@@ -261,9 +236,7 @@ def stats_merge_kernel(
     mean = tl.zeros([BLOCK_C], tl.float64)
     m2 = tl.zeros([BLOCK_C], tl.float64)
     for p0 in range(0, pieces, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        at = p.to(tl.int64)[:, None] * C + c[None, :]
-        mask = (p < pieces)[:, None] & valid_c[None, :]
+        at, mask = _pieces_block(p0, pieces, c, C, BLOCK_P)
         n_i = tl.load(count_ptr + at, mask=mask, other=0.0).to(tl.float64)
         mean_i = tl.load(part_mean_ptr + at, mask=mask, other=0.0).to(tl.float64)
         m2_i = tl.load(part_m2_ptr + at, mask=mask, other=0.0).to(tl.float64)
@@ -297,38 +270,16 @@ def stats_merge_kernel(
 
 @triton.jit
 def normalize_kernel(
-    x_ptr,
-    z_ptr,
-    y_ptr,
-    mean_ptr,
-    invstd_ptr,
-    weight_ptr,
-    bias_ptr,
-    N,
-    C,
-    S,
-    stride_n,
-    stride_c,
-    tiles_s,
-    tiles,
-    tiles_per_piece,
-    slope_hi,
-    slope_lo,
-    HAS_Z: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    ACC: tl.constexpr,
-    BF16_BY_HAND: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+    N, C, S, stride_n, stride_c, tiles_s, tiles, tiles_per_piece,  # the walk: see _tile
+    slope_hi, slope_lo,
+    HAS_Z: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACC: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """y = act((x - mean) * invstd * weight + bias [+ z]), computed in ACC, stored in y's
     dtype. z (the residual) has x's layout but may have its own dtype."""
-    c0 = tl.program_id(0) * BLOCK_C
-    first = tl.program_id(1) * tiles_per_piece
-    last = tl.minimum(first + tiles_per_piece, tiles)
+    c0, unused_piece, first, last = _program_piece(tiles, tiles_per_piece, BLOCK_C)
     mean, unused_invstd, scale, shift = _coefficients(
         c0, C, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C
     )
@@ -350,15 +301,8 @@ def normalize_kernel(
 
 @triton.jit
 def running_update_kernel(
-    running_mean_ptr,
-    running_var_ptr,
-    mean_ptr,
-    var_ptr,
-    C,
-    momentum_hi,
-    momentum_lo,
-    bessel_num,
-    bessel_den,
+    running_mean_ptr, running_var_ptr, mean_ptr, var_ptr, C,
+    momentum_hi, momentum_lo, bessel_num, bessel_den,
     BLOCK: tl.constexpr,
 ):
     """In place, in float64: running = (1 - momentum) * running + momentum * new, with
