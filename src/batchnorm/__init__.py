@@ -1,35 +1,7 @@
 """batchnorm: Batch Normalization for PyTorch — drop-in modules, fast kernels, model tools."""
 
-from batchnorm import distributed, functional, reference
-from batchnorm.nn import (
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    BatchNormAct1d,
-    BatchNormAct2d,
-    BatchNormAct3d,
-    BatchRenorm1d,
-    BatchRenorm2d,
-    BatchRenorm3d,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-    GhostBatchNorm1d,
-    GhostBatchNorm2d,
-    GhostBatchNorm3d,
-    InPlaceBatchNormAct1d,
-    InPlaceBatchNormAct2d,
-    InPlaceBatchNormAct3d,
-    SyncBatchNorm,
-)
-from batchnorm.nn.lazy import (
-    LazyBatchNorm1d,
-    LazyBatchNorm2d,
-    LazyBatchNorm3d,
-    LazyBatchNormAct1d,
-    LazyBatchNormAct2d,
-    LazyBatchNormAct3d,
-)
+from batchnorm import distributed, functional, nn, reference
+from batchnorm.nn import *  # noqa: F403  (the layers: batchnorm.nn.__all__)
 from batchnorm.nn.renorm import paper_dmax, paper_rmax
 from batchnorm.tools.audit import AuditReport, audit
 from batchnorm.tools.convert import (
@@ -47,34 +19,10 @@ from batchnorm.tools.recalibrate import recalibrate
 __version__ = "0.1.0"
 
 __all__ = [
+    *nn.__all__,
     "AuditReport",
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "BatchNorm3d",
-    "BatchNormAct1d",
-    "BatchNormAct2d",
-    "BatchNormAct3d",
-    "BatchRenorm1d",
-    "BatchRenorm2d",
-    "BatchRenorm3d",
     "FoldReport",
-    "FrozenBatchNorm1d",
-    "FrozenBatchNorm2d",
-    "FrozenBatchNorm3d",
-    "GhostBatchNorm1d",
-    "GhostBatchNorm2d",
-    "GhostBatchNorm3d",
-    "InPlaceBatchNormAct1d",
-    "InPlaceBatchNormAct2d",
-    "InPlaceBatchNormAct3d",
-    "LazyBatchNorm1d",
-    "LazyBatchNorm2d",
-    "LazyBatchNorm3d",
-    "LazyBatchNormAct1d",
-    "LazyBatchNormAct2d",
-    "LazyBatchNormAct3d",
     "SkippedLayerWarning",
-    "SyncBatchNorm",
     "audit",
     "convert",
     "convert_sync_batchnorm",

@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 
-from batchnorm.cli.common import CLIError, add_model_arguments, command_parser, exit_status
+from batchnorm.cli.common import (
+    CLIError,
+    add_model_arguments,
+    command_parser,
+    exit_status,
+    parse_shape,
+)
 from batchnorm.cli.fold import check_output_path, load_model
 from batchnorm.tools.audit import DEFAULT_BATCH_SIZE, DEFAULT_NUM_BATCHES, SEVERITIES, audit
 
@@ -121,15 +127,7 @@ def _audit_command(args: argparse.Namespace) -> int:
 
 
 def _reshape(x: torch.Tensor, text: str) -> torch.Tensor:
-    try:
-        shape = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        shape = ()
-    if not shape or any(n < 1 for n in shape):
-        raise CLIError(
-            f"--sample-shape must be positive integers separated by commas, e.g. 1,40; got "
-            f"{text!r}."
-        )
+    shape = parse_shape(text, "--sample-shape", "1,40")
     if math.prod(shape) != x[0].numel():
         raise CLIError(
             f"--sample-shape {text} has {math.prod(shape)} elements, the samples have "

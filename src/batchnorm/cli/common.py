@@ -45,3 +45,17 @@ def exit_status(name: str, command: Callable[[], int], *errors: type[Exception])
     except (CLIError, *errors) as error:
         print(f"batchnorm {name}: error: {error}", file=sys.stderr)
         return 2
+
+
+def parse_shape(text: str, option: str, example: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``: positive ints separated by commas, or a
+    ``CLIError`` naming ``option`` and an ``example`` of a valid value."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(n < 1 for n in shape):
+        raise CLIError(
+            f"{option} must be positive integers separated by commas, e.g. {example}; got {text!r}."
+        )
+    return shape

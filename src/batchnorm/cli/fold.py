@@ -26,7 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from batchnorm.cli.common import CLIError, add_model_arguments, command_parser, exit_status
+from batchnorm.cli.common import (
+    CLIError,
+    add_model_arguments,
+    command_parser,
+    exit_status,
+    parse_shape,
+)
 from batchnorm.tools.fold import fold
 
 DEFAULT_INPUT_SHAPE = "1,3,224,224"  # an ImageNet-sized image, as the issue's example
@@ -69,7 +75,7 @@ def _fold_command(args: argparse.Namespace) -> int:
     check_output_path(args.out, "--out")
     if args.onnx:
         check_output_path(args.onnx, "--onnx")
-    shape = parse_shape(args.input_shape)
+    shape = parse_input_shape(args.input_shape)
     model = load_model(args)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     model.eval()
@@ -234,18 +240,9 @@ def check_output_path(path: str, option: str) -> None:
         )
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``, positive ints, at most
-    ``MAX_INPUT_ELEMENTS`` elements in all."""
-    try:
-        shape = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        shape = ()
-    if not shape or any(n < 1 for n in shape):
-        raise CLIError(
-            f"--input-shape must be positive integers separated by commas, e.g. "
-            f"{DEFAULT_INPUT_SHAPE}; got {text!r}."
-        )
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape``: a shape of at most ``MAX_INPUT_ELEMENTS`` elements."""
+    shape = parse_shape(text, "--input-shape", DEFAULT_INPUT_SHAPE)
     elements = math.prod(shape)
     if elements > MAX_INPUT_ELEMENTS:
         raise CLIError(

@@ -6,34 +6,20 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from batchnorm._html import BASE_STYLE, json_ready
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
-       color: #222; }
+_STYLE = (
+    BASE_STYLE
+    + """
 pre { background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 0.95em; }
-figure { margin: 2em 0; }
-figcaption { color: #555; margin-top: 0.4em; }
-img { max-width: 100%; border: 1px solid #ddd; }
-table { border-collapse: collapse; }
-td, th { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; }
 """
-
-
-def json_ready(value: Any) -> Any:
-    """``value`` with non-finite floats (a diverged loss) replaced by None: strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
+)
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> Path:

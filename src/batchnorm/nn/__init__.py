@@ -31,8 +31,45 @@ from batchnorm.nn.inplace import (
     InPlaceBatchNormAct2d,
     InPlaceBatchNormAct3d,
 )
+from batchnorm.nn.lazy import (
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    LazyBatchNormAct1d,
+    LazyBatchNormAct2d,
+    LazyBatchNormAct3d,
+)
 from batchnorm.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from batchnorm.nn.sync import SyncBatchNorm
+
+#: The layers, re-exported by ``batchnorm`` itself.
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "InPlaceBatchNormAct1d",
+    "InPlaceBatchNormAct2d",
+    "InPlaceBatchNormAct3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "LazyBatchNormAct1d",
+    "LazyBatchNormAct2d",
+    "LazyBatchNormAct3d",
+    "SyncBatchNorm",
+]
 
 #: family -> N of ``BatchNormNd`` (1, 2, 3) -> layer class. ``"torch"`` is torch.nn's plain
 #: batch norm; ``"sync"`` takes inputs of any rank and is listed under None.

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from batchnorm._html import json_ready
 from batchnorm.tools.audit.output import (
-    json_ready,
     print_table,
     render_text,
     write_html,

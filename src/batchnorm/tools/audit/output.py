@@ -9,10 +9,11 @@ import base64
 import html
 import io
 import json
-import math
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from batchnorm._html import BASE_STYLE
 
 if TYPE_CHECKING:
     from batchnorm.tools.audit.findings import AuditReport, LayerAudit
@@ -21,29 +22,17 @@ if TYPE_CHECKING:
 MAX_PLOTTED_LAYERS = 24
 _COLORS = {"error": "#c62828", "warning": "#b26a00", "info": "#1565c0"}
 _RICH_STYLES = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em;
-       color: #222; }
-table { border-collapse: collapse; width: 100%; }
-td, th { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+_STYLE = (
+    BASE_STYLE
+    + """
+body { max-width: 1200px; }
+table { width: 100%; }
+td, th { padding: 0.3em 0.6em; vertical-align: top; }
 code { background: #f6f8fa; padding: 0.1em 0.3em; font-size: 0.92em; word-break: break-word; }
-figure { margin: 2em 0; }
-figcaption { color: #555; margin-top: 0.4em; }
-img { max-width: 100%; border: 1px solid #ddd; }
 .error { color: #c62828; font-weight: bold; } .warning { color: #b26a00; font-weight: bold; }
 .info { color: #1565c0; }
 """
-
-
-def json_ready(value: Any) -> Any:
-    """``value`` with non-finite floats replaced by None (strict JSON) and tuples as lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
+)
 
 
 def summary_line(report: AuditReport) -> str:
