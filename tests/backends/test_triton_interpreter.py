@@ -36,14 +36,27 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "
 if not INTERPRETED:
     import triton
 
+    #: The suites whose every test takes a backend (tests/conftest.py's ``backend`` fixture,
+    #: or their own list of backends): in the child they run through Triton too, from the
+    #: layers, variants and SyncBatchNorm (two gloo ranks) down to PyTorch's own tests.
+    PARITY_SUITES = [
+        "nn/test_modules.py", "nn/test_modules_act.py", "nn/test_variants.py",
+        "nn/test_sync_batchnorm.py", "test_functional.py", "test_errors.py",
+        "test_torch_func.py", "test_fuzz.py", "test_torch_suites.py",
+    ]  # fmt: skip
+
     def test_interpreter_suite_in_a_child_process():
-        """Every case below, run by a child pytest with TRITON_INTERPRET=1."""
+        """Every case below, and every parity test of PARITY_SUITES with the Triton
+        backend, run by a child pytest with TRITON_INTERPRET=1."""
         import batchnorm
 
         src = str(Path(batchnorm.__file__).resolve().parents[1])
         paths = [src, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(paths)}
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+        tests = Path(__file__).resolve().parents[1]
+        suites = [str(tests / suite) for suite in PARITY_SUITES]
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                   "triton", __file__, *suites]  # fmt: skip
         start = time.perf_counter()
         child = subprocess.run(
             command, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True,

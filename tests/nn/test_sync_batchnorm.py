@@ -8,6 +8,7 @@ outcome comes back to its own pytest test. Every launch has a hard timeout.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import inspect
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchnorm
-from batchnorm import SkippedLayerWarning, distributed
+from batchnorm import SkippedLayerWarning, distributed, ops
 from batchnorm.distributed import SyncBatchNorm
 from conftest import TOLERANCES, assert_close, random_input
 
@@ -344,43 +345,73 @@ CHECKS = {
 }
 
 
-def _run_checks(world_size):
-    """Worker: join the group from torchrun-style variables, run every check, report each
-    outcome (None or a traceback) rather than stopping at the first failure."""
+def _run_checks(world_size, backend=None):
+    """Worker: join the group from torchrun-style variables, run every check (with
+    ``backend``: the parity checks only, every local computation forced onto it), report
+    each outcome (None or a traceback) rather than stopping at the first failure."""
     ctx = distributed.init_from_env(timeout_s=PG_TIMEOUT_S)
     assert (ctx.world_size, ctx.backend, ctx.device.type) == (world_size, "gloo", "cpu")
+    checks = CHECKS[world_size]
+    forced = contextlib.nullcontext()
+    if backend is not None:
+        checks = {name: check for name, check in checks.items() if name.startswith("parity_")}
+        forced = ops.use_backend(backend, lenient=True)
     outcomes = {}
-    for name, check in CHECKS[world_size].items():
-        try:
-            check(ctx)
-            outcomes[name] = None
-        except Exception:
-            outcomes[name] = traceback.format_exc()
+    with forced:
+        for name, check in checks.items():
+            try:
+                check(ctx)
+                outcomes[name] = None
+            except Exception:
+                outcomes[name] = traceback.format_exc()
     return outcomes
 
 
-_launched: dict[int, list] = {}
+_launched: dict[tuple[int, str | None], list] = {}
 
 
-def _outcomes(world_size):
-    """Launch the group of checks once per world size and keep the outcomes."""
-    if world_size not in _launched:
-        _launched[world_size] = distributed.launch(
-            _run_checks, world_size, (world_size,), timeout_s=LAUNCH_TIMEOUT_S
+def _outcomes(world_size, backend=None):
+    """Launch the group of checks once per world size (and forced backend); keep the
+    outcomes."""
+    if (world_size, backend) not in _launched:
+        _launched[world_size, backend] = distributed.launch(
+            _run_checks, world_size, (world_size, backend), timeout_s=LAUNCH_TIMEOUT_S
         )
-    return _launched[world_size]
+    return _launched[world_size, backend]
+
+
+def _failures(outcomes):
+    return "\n".join(
+        f"rank {r} {name}:\n{error}"
+        for r, by_name in enumerate(outcomes)
+        for name, error in by_name.items()
+        if error
+    )
+
+
+#: The kernel backends SyncBatchNorm's local statistics and sums can run on (the Triton
+#: kernels too, when the interpreter suite runs this file with TRITON_INTERPRET=1).
+KERNEL_BACKENDS = [
+    name for name in ops.available_backends("cpu") if not ops.backend_named(name).operator
+]
 
 
 @pytest.mark.parametrize("check", list(CHECKS[2]))
 def test_two_ranks(check):
-    failures = [f"rank {r}:\n{o[check]}" for r, o in enumerate(_outcomes(2)) if o[check]]
-    assert not failures, "\n".join(failures)
+    assert not _failures([{check: o[check]} for o in _outcomes(2)])
 
 
 @pytest.mark.parametrize("check", list(CHECKS[3]))
 def test_three_ranks(check):
-    failures = [f"rank {r}:\n{o[check]}" for r, o in enumerate(_outcomes(3)) if o[check]]
-    assert not failures, "\n".join(failures)
+    assert not _failures([{check: o[check]} for o in _outcomes(3)])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_two_ranks_parity_on_each_kernel_backend(backend):
+    """The parity checks with each kernel backend forced: the cross-process reduction is a
+    step of the one core, so every backend's kernels compute SyncBatchNorm's local parts."""
+    failures = _failures(_outcomes(2, backend))
+    assert not failures, failures
 
 
 # ---------------------------------------------------------------------------------------

@@ -253,7 +253,9 @@ def stats_merge_kernel(
         mean += delta * frac
         m2 += m2_b + delta * delta * count * frac
         count = total
-    var = tl.maximum(m2, 0.0) / tl.where(count > 0, count, 1.0)
+    # Clamp a rounding-negative M2 to 0, but keep a NaN (tl.maximum would drop it): an inf
+    # in the batch makes the variance NaN, as torch's is.
+    var = tl.where(m2 < 0, 0.0, m2) / tl.where(count > 0, count, 1.0)
     out_ty = mean_ptr.dtype.element_ty
     var_out = var.to(out_ty)
     # invstd of the variance as stored, as reference.invstd_of(var, eps) computes it.
