@@ -231,24 +231,16 @@ def _module_fn(module, n_inputs=1):
     return fn
 
 
+@pytest.mark.parametrize(
+    "check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck], ids=["grad", "gradgrad"]
+)
 @pytest.mark.parametrize("name,index,training", GRAD_CASES)
-def test_gradcheck(backend, name, index, training):
-    """test_modules.test_grad: total derivative w.r.t. input and parameters, batched too."""
+def test_gradcheck(backend, name, index, training, check):
+    """test_modules.test_grad and test_gradgrad (ModuleInfo supports_gradgrad): total first
+    and second derivatives w.r.t. input and parameters, batched too."""
     _, ours, x = _build(name, index, training, torch.float64, requires_grad=True)
     inputs = (x, *ours.parameters())
-    assert torch.autograd.gradcheck(
-        _module_fn(ours), inputs, fast_mode=True, check_batched_grad=True
-    )
-
-
-@pytest.mark.parametrize("name,index,training", GRAD_CASES)
-def test_gradgradcheck(backend, name, index, training):
-    """test_modules.test_gradgrad (ModuleInfo supports_gradgrad), batched too."""
-    _, ours, x = _build(name, index, training, torch.float64, requires_grad=True)
-    inputs = (x, *ours.parameters())
-    assert torch.autograd.gradgradcheck(
-        _module_fn(ours), inputs, fast_mode=True, check_batched_grad=True
-    )
+    assert check(_module_fn(ours), inputs, fast_mode=True, check_batched_grad=True)
 
 
 @pytest.mark.parametrize("name,index,training", CASES)
