@@ -123,27 +123,11 @@ def results(runs: dict[str, History]) -> dict[str, dict[str, float]]:
     }
 
 
-def summary_table(table: dict[str, dict[str, float]]) -> str:
-    """The side-by-side table the demo prints."""
-    lines = [f"{'':<12}{'test accuracy':>15}{'final train loss':>19}{'train time':>13}"]
-    for label, r in table.items():
-        lines.append(
-            f"{label:<12}{r['test_accuracy']:>15.3f}{r['final_train_loss']:>19.3f}"
-            f"{r['train_seconds']:>11.1f} s"
-        )
-    return "\n".join(lines)
-
-
 def run_demo(
-    data: Dataset | str = "mnist1d",
-    data_dir: str | Path | None = None,
-    epochs: int = EPOCHS,
-    batch_size: int = BATCH_SIZE,
-    lr: float = LR,
-    bn: str = "batchnorm",
-    options: RunOptions = DEFAULT_OPTIONS,
-    distributed: bool = False,
-) -> dict[str, Any]:
+    data: Dataset | str = "mnist1d", data_dir: str | Path | None = None,
+    epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LR, bn: str = "batchnorm",
+    options: RunOptions = DEFAULT_OPTIONS, distributed: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """Run the demo, print its summary, write the report folder (default
     ``batchnorm-report``) and return the metrics written to its ``metrics.json``.
 
@@ -250,3 +234,14 @@ def _figures(runs: dict[str, History], out: Path, name: str) -> list[tuple[Path,
             "BN still normalizes with its initial running statistics (mean 0, variance 1).",
         ),
     ]  # fmt: skip
+
+
+def summary_table(table: dict[str, dict[str, float]]) -> str:
+    """The side-by-side table the demo prints."""
+    lines = [f"{'':<12}{'test accuracy':>15}{'final train loss':>19}{'train time':>13}"]
+    for label, r in table.items():
+        lines.append(
+            f"{label:<12}{r['test_accuracy']:>15.3f}{r['final_train_loss']:>19.3f}"
+            f"{r['train_seconds']:>11.1f} s"
+        )
+    return "\n".join(lines)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from batchnorm.tools.audit.output import json_ready
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -81,17 +82,6 @@ def _table_html(table: Table, metrics: dict[str, Any]) -> str:
         f'<table class="results"><caption>{html.escape(table.caption)}</caption>'
         f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
-
-
-def json_ready(value: Any) -> Any:
-    """``value`` with non-finite floats (a diverged loss) replaced by None: strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> Path:

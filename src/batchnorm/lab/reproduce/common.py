@@ -17,6 +17,12 @@ from batchnorm.lab.data import Dataset, load_dataset
 from batchnorm.lab.fit import resolve_device
 from batchnorm.lab.report import Section, Table, write_report
 
+#: The model of santurkar2018 and renorm2017 (batchnorm.lab.models.mnist1d_cnn), as printed.
+CNN_DESCRIPTION = (
+    "model  VGG-like CNN: 2 x [2 x (Conv1d(3) -> norm -> ReLU) -> MaxPool] -> "
+    "Linear(64) -> norm -> ReLU -> Linear(10)"
+)
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -51,6 +57,38 @@ def prepare(
     if isinstance(data, str):  # concurrent processes may load it: the cache is atomic
         data = load_dataset(data, data_dir)
     return data.to(dev), dev
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a multi-seed reproduction runs: its data on its device, its sizes, its seeds."""
+
+    data: Dataset
+    device: torch.device
+    sizes: dict[str, int]
+    seeds: list[int]
+
+    def header(self, title: str, *lines: str) -> str:
+        """The printed header: the title, the data, the CNN, then ``lines``."""
+        return "\n".join([title, f"data   {self.data.describe()}", CNN_DESCRIPTION, *lines])
+
+
+def plan(
+    data: Dataset | str,
+    data_dir: str | Path | None,
+    options: RunOptions,
+    sizes: dict[str, int],
+    quick_sizes: dict[str, int],
+    quick: bool,
+    **given: int | None,
+) -> Plan:
+    """The sizes (``quick_sizes`` with ``quick``, else ``sizes``, then whatever was ``given``
+    and not None, e.g. ``steps=``), the data on the device, and ``sizes["seeds"]`` seeds from
+    ``options.seed`` on."""
+    chosen = dict(quick_sizes if quick else sizes)
+    chosen.update({key: value for key, value in given.items() if value is not None})
+    loaded, dev = prepare(data, data_dir, options.device)
+    return Plan(loaded, dev, chosen, list(range(options.seed, options.seed + chosen["seeds"])))
 
 
 def settings_of(data: Dataset, dev: torch.device, **settings: Any) -> dict[str, Any]:
