@@ -41,3 +41,11 @@ def test_a_terminal_gets_one_live_line_erased_at_the_end():
 def test_off_on_request():
     assert _run(io.StringIO(), 100, enabled=False) == ""
     assert _run(_Terminal(), 100, enabled=False) == ""
+
+
+def test_time_left_is_shown_while_running_and_not_at_the_end():
+    lines = _run(io.StringIO(), 100).splitlines()
+    assert all(", ETA " in line for line in lines[:-1])
+    assert ", ETA " not in lines[-1]  # done: nothing left
+    live = _run(_Terminal(), 50)
+    assert "ETA" in live

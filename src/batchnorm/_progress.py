@@ -1,5 +1,7 @@
 """Progress of a long loop (training, recalibration) on stderr, the same everywhere.
 
+Both show the time elapsed and, for a known total, the time left at the pace so far (ETA).
+
 * On a terminal: one live line, a bar redrawn in place (at most every ``REDRAW`` seconds),
   erased when the loop ends.
 * Anywhere else (a log file, CI, a pipe): a few plain lines, one at each tenth of the total
@@ -101,11 +103,17 @@ class Progress:
         of = f"/{self.total}" if self.total is not None else ""
         return f"{self.done}{of} {self.unit}"
 
+    def _eta(self, elapsed: float) -> str:
+        """Time left at the mean pace so far ("" before the first item and at the end)."""
+        if not self.total or not 0 < self.done < self.total:
+            return ""
+        return f", ETA {_duration(elapsed * (self.total - self.done) / self.done)}"
+
     def _line(self) -> str:
         percent = f" ({100 * self.done // self.total} %)" if self.total else ""
         info = f", {self.info}" if self.info else ""
         elapsed = time.perf_counter() - self._start
-        return f"{self.label}: {self._count()}{percent}, {elapsed:.1f} s{info}"
+        return f"{self.label}: {self._count()}{percent}, {elapsed:.1f} s{self._eta(elapsed)}{info}"
 
     def _bar(self) -> str:
         elapsed = time.perf_counter() - self._start
@@ -115,12 +123,18 @@ class Progress:
         else:
             bar = ""
         info = f"  {self.info}" if self.info else ""
-        return f"{self.label:<12} {bar}{self._count()}  {elapsed:.1f} s{info}"
+        return f"{self.label:<12} {bar}{self._count()}  {elapsed:.1f} s{self._eta(elapsed)}{info}"
 
     def _write(self, text: str) -> None:
         assert self.stream is not None
         self.stream.write(text)
         self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    """``42 s`` or ``3 min 05 s``: short enough for the bar."""
+    seconds = round(seconds)
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
 
 
 def _columns() -> int:

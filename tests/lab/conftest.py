@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+
 import numpy as np
 import pytest
 
+from batchnorm.cli import main
 from batchnorm.lab.data import Dataset, load_npz
 
 
@@ -50,3 +55,24 @@ def blobs_npz(tmp_path):
 @pytest.fixture
 def blobs_data(blobs_npz) -> Dataset:
     return load_npz(blobs_npz)
+
+
+def _quick_run(tmp_path_factory, cache, experiment):
+    """``batchnorm reproduce EXPERIMENT --quick`` once per session (the findings tests and the
+    browser test share it): (report folder, metrics, printed text)."""
+    out = tmp_path_factory.mktemp(experiment)
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setenv("XDG_CACHE_HOME", str(cache))
+        assert main(["reproduce", experiment, "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out, json.loads((out / "metrics.json").read_text()), printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def santurkar_quick(tmp_path_factory, mnist1d_cache):
+    return _quick_run(tmp_path_factory, mnist1d_cache, "santurkar2018")
+
+
+@pytest.fixture(scope="session")
+def renorm_quick(tmp_path_factory, mnist1d_cache):
+    return _quick_run(tmp_path_factory, mnist1d_cache, "renorm2017")

@@ -255,3 +255,19 @@ def test_missing_lab_extra_names_the_extra_and_how_to_install_it(tmp_path, blobs
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"batchnorm {argv[0]}: error: the lab needs the package {missing!r}")
     assert 'pip install "batchnorm[lab]"' in line and 'pip install ".[lab]"' in line
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["reproduce", "ioffe2015", "--quick"], "--quick applies to santurkar2018, renorm2017"),
+        (["reproduce", "renorm2017", "--activation", "tanh"], "--activation applies to ioffe2015"),
+        (["reproduce", "santurkar2018", "--seeds", "0"], "expected a positive integer"),
+    ],
+)
+def test_reproduce_option_of_another_experiment_is_one_line_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)

@@ -1,4 +1,4 @@
-"""Command line: ``batchnorm demo``, ``batchnorm reproduce ioffe2015``, ``batchnorm fold`` and
+"""Command line: ``batchnorm demo``, ``batchnorm reproduce EXPERIMENT``, ``batchnorm fold`` and
 ``batchnorm bench``."""
 
 from __future__ import annotations

@@ -9,10 +9,9 @@ and writes plots, ``metrics.json`` and a self-contained ``report.html``.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
@@ -25,11 +24,12 @@ from batchnorm.distributed import (
     wrap_model,
 )
 from batchnorm.lab import plots
-from batchnorm.lab.data import Dataset, load_dataset
-from batchnorm.lab.fit import History, adam, fit, resolve_device
+from batchnorm.lab.data import Dataset
+from batchnorm.lab.fit import History, adam, fit
 from batchnorm.lab.models import article_model, copy_shared_weights
 from batchnorm.lab.probes import ActivationQuantiles, GradientNorms
-from batchnorm.lab.report import write_report
+from batchnorm.lab.report import Table
+from batchnorm.lab.reproduce.common import DEFAULT_OPTIONS, RunOptions, finish, prepare, settings_of
 
 # The article's training set-up (its Keras example: Adam's default learning rate).
 EPOCHS = 50
@@ -123,59 +123,29 @@ def results(runs: dict[str, History]) -> dict[str, dict[str, float]]:
     }
 
 
-def summary_table(table: dict[str, dict[str, float]]) -> str:
-    """The side-by-side table the demo prints."""
-    lines = [f"{'':<12}{'test accuracy':>15}{'final train loss':>19}{'train time':>13}"]
-    for label, r in table.items():
-        lines.append(
-            f"{label:<12}{r['test_accuracy']:>15.3f}{r['final_train_loss']:>19.3f}"
-            f"{r['train_seconds']:>11.1f} s"
-        )
-    return "\n".join(lines)
-
-
 def run_demo(
-    data: Dataset | str = "mnist1d",
-    data_dir: str | Path | None = None,
-    epochs: int = EPOCHS,
-    batch_size: int = BATCH_SIZE,
-    lr: float = LR,
-    seed: int = 0,
-    bn: str = "batchnorm",
-    device: str = "cpu",
-    out: str | Path = "batchnorm-report",
-    plots_enabled: bool = True,
-    progress: bool | None = None,
-    stream: TextIO | None = None,
-    distributed: bool = False,
-) -> dict[str, Any]:
-    """Run the demo, print its summary to ``stream`` (stdout), write the report folder
-    ``out`` and return the metrics written to ``out/metrics.json``.
+    data: Dataset | str = "mnist1d", data_dir: str | Path | None = None,
+    epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LR, bn: str = "batchnorm",
+    options: RunOptions = DEFAULT_OPTIONS, distributed: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the demo, print its summary, write the report folder (default
+    ``batchnorm-report``) and return the metrics written to its ``metrics.json``.
 
     ``distributed=True`` (under torchrun): DistributedDataParallel with SyncBatchNorm, each
     process training on its share of every mini-batch of ``batch_size``; the main process
     prints and writes the report, the others return an empty dict."""
     context = init_from_env() if distributed else None
     try:
-        return _run_demo(
-            data, data_dir, epochs, batch_size, lr, seed, bn, device, out, plots_enabled,
-            progress, stream or sys.stdout, context,
-        )  # fmt: skip
+        return _run_demo(data, data_dir, epochs, batch_size, lr, bn, options, context)
     finally:
         if context is not None:
             shutdown()
 
 
-def _run_demo(
-    data, data_dir, epochs, batch_size, lr, seed, bn, device, out, plots_enabled, progress,
-    stream, context,
-) -> dict[str, Any]:  # fmt: skip
-    dev = resolve_device(device) if context is None else context.device
-    if isinstance(data, str):  # concurrent processes may load it: the cache is atomic
-        data = load_dataset(data, data_dir)
-    data = data.to(dev)
+def _run_demo(data, data_dir, epochs, batch_size, lr, bn, options, context) -> dict[str, Any]:
+    data, dev = prepare(data, data_dir, options.device if context is None else context.device)
     main = context is None or context.is_main
-    progress = progress if main else False
+    seed = options.seed
     bn_class = "batchnorm.BatchNorm1d" if bn == "batchnorm" else "torch.nn.BatchNorm1d"
     steps = epochs * (len(data.x_train) // batch_size)
     header = "\n".join(
@@ -198,30 +168,18 @@ def _run_demo(
         )
     )
     if main:
-        print(header + "\n", file=stream, flush=True)
+        options.print(header + "\n")
 
+    progress = options.progress if main else False
     runs = train_pair(data, epochs, batch_size, lr, seed, bn, progress, context)
     if not main:
         return {}
     table = results(runs)
-    out = Path(out)
-    names = list(FIGURES) if plots_enabled else []
-    listing = ", ".join(names + ["metrics.json"])
-    summary = summary_table(table)
-    footer = f"report {out / 'report.html'} ({listing})"
-    print(summary + "\n\n" + footer, file=stream, flush=True)
-
-    settings = {
-        "data": data.describe(),
-        "data source": data.source,
-        "batch norm": bn_class,
-        "optimizer": f"Adam, lr {lr:g}",
-        "batch size": batch_size,
-        "epochs": epochs,
-        "seed": seed,
-        "device": str(dev),
-        "torch": torch.__version__,
-    }
+    out = options.folder("batchnorm-report")
+    settings = settings_of(
+        data, dev, **{"batch norm": bn_class, "optimizer": f"Adam, lr {lr:g}",
+                      "batch size": batch_size, "epochs": epochs, "seed": seed},
+    )  # fmt: skip
     if context is not None:
         settings["distributed"] = (
             f"{context.world_size} processes, {context.backend}, "
@@ -233,35 +191,57 @@ def _run_demo(
         "results": table,
         "runs": {label: h.to_dict() for label, h in runs.items()},
     }
-    figures = []
-    if plots_enabled:
-        out.mkdir(parents=True, exist_ok=True)
-        figures = [
-            (
-                plots.learning_curves(
-                    runs, out / FIGURES[0], f"The article's model on {data.name}: with and "
-                    f"without batch norm",
-                ),
-                "Test accuracy (model in eval mode, after every epoch) and loss. The train "
-                "loss is the mean mini-batch loss of each epoch.",
+    figures = _figures(runs, out, data.name) if options.plots else []
+    results_table = Table(
+        "Results (the numbers of metrics.json)",
+        ["", "test accuracy", "final train loss", "train seconds"],
+        [(label, [(("results", label, "test_accuracy"), ".3f"),
+                  (("results", label, "final_train_loss"), ".3f"),
+                  (("results", label, "train_seconds"), ".1f")]) for label in table],
+    )  # fmt: skip
+    return finish(
+        options, out, "batchnorm demo", header, summary_table(table), metrics, figures,
+        [results_table],
+    )  # fmt: skip
+
+
+def _figures(runs: dict[str, History], out: Path, name: str) -> list[tuple[Path, str]]:
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        (
+            plots.learning_curves(
+                runs, out / FIGURES[0], f"The article's model on {name}: with and without "
+                f"batch norm",
             ),
-            (
-                plots.gradient_norms(
-                    runs, out / FIGURES[1], "gradients", "Gradient norm of each layer's "
-                    "parameters, every step (line: mean over an epoch)",
-                ),
-                "Per-layer gradient norms at every step; the BatchNorm1d panel exists only "
-                "for the model with BN.",
+            "Test accuracy (model in eval mode, after every epoch) and loss. The train "
+            "loss is the mean mini-batch loss of each epoch.",
+        ),
+        (
+            plots.gradient_norms(
+                runs, out / FIGURES[1], "gradients", "Gradient norm of each layer's "
+                "parameters, every step (line: mean over an epoch)",
             ),
-            (
-                plots.activation_quantiles(
-                    runs, out / FIGURES[2], "activations", "Distribution of the values "
-                    "entering two layers, on the test set after every epoch",
-                ),
-                "Median and 15-85 % band over all units and test samples. With BN, the "
-                "output layer's input is the BN output; without, the ReLU output. At epoch 0 "
-                "BN still normalizes with its initial running statistics (mean 0, variance 1).",
+            "Per-layer gradient norms at every step; the BatchNorm1d panel exists only "
+            "for the model with BN.",
+        ),
+        (
+            plots.activation_quantiles(
+                runs, out / FIGURES[2], "activations", "Distribution of the values "
+                "entering two layers, on the test set after every epoch",
             ),
-        ]  # fmt: skip
-    write_report(out, "batchnorm demo", header + "\n\n" + summary, metrics, figures, settings)
-    return metrics
+            "Median and 15-85 % band over all units and test samples. With BN, the "
+            "output layer's input is the BN output; without, the ReLU output. At epoch 0 "
+            "BN still normalizes with its initial running statistics (mean 0, variance 1).",
+        ),
+    ]  # fmt: skip
+
+
+def summary_table(table: dict[str, dict[str, float]]) -> str:
+    """The side-by-side table the demo prints."""
+    lines = [f"{'':<12}{'test accuracy':>15}{'final train loss':>19}{'train time':>13}"]
+    for label, r in table.items():
+        lines.append(
+            f"{label:<12}{r['test_accuracy']:>15.3f}{r['final_train_loss']:>19.3f}"
+            f"{r['train_seconds']:>11.1f} s"
+        )
+    return "\n".join(lines)

@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -82,9 +82,10 @@ def fit(
     loss_fn: LossFn = nn.functional.cross_entropy,
     probes: dict[str, Probe] | None = None,
     seed: int = 0,
-    progress: bool | None = None,
+    progress: bool | Progress | None = None,
     label: str = "",
     shard: Callable[[int], slice] | None = None,
+    order: Callable[[torch.Generator], Tensor] | None = None,
 ) -> History:
     """Train ``model`` with ``optimizer`` on ``data`` for ``steps`` optimizer steps (or
     ``epochs`` passes over the training set) of ``batch_size`` samples, and return its
@@ -96,7 +97,12 @@ def fit(
     mini-batches. The model is evaluated on the test set in eval mode before training,
     every ``eval_every`` steps (default: once per epoch) and at the end. Progress goes to
     stderr (a live bar on a terminal, a line per tenth of the steps elsewhere) unless
-    ``progress`` is False.
+    ``progress`` is False; an open :class:`~batchnorm._progress.Progress` instead counts
+    this run's steps on from where it stands (one bar over many runs).
+
+    ``order(generator)``: the order of the training samples for one epoch, a permutation of
+    ``range(len(data.x_train))`` (default: ``torch.randperm``); e.g. mini-batches drawn
+    from few classes (:func:`batchnorm.lab.variants.few_class_order`).
 
     Data-parallel training (e.g. a DistributedDataParallel model): ``shard(batch_size)`` is
     the slice of every mini-batch this process trains on; the recorded training loss and
@@ -133,19 +139,26 @@ def fit(
     local = range(batch_size)[shard(batch_size)] if shard is not None else range(batch_size)
     for probe in probes.values():
         probe.attach(getattr(model, "module", model))  # DDP wraps the model in .module
+    shared = isinstance(progress, Progress)
+    own = Progress(label or "training", total, "steps", progress is not False)
     try:
-        with Progress(label or "training", total, "steps", progress is not False) as bar:
+        with nullcontext(progress) if shared else own as bar:  # type: ignore[attr-defined]
+            base = bar.done if shared else 0
             _evaluate_into(history, model, data, loss_fn, probes, 0, losses, correct)
             model.train()
             step, last_eval = 0, 0
             started = time.perf_counter()
             while step < total:
-                perm = torch.randperm(n, generator=generator).to(device)
+                perm = (order or _shuffle(n))(generator).to(device)
+                if perm.shape != (n,):
+                    raise ValueError(f"fit: order must return {n} indices, got {perm.shape}.")
                 xs, ys = data.x_train[perm], data.y_train[perm]
                 for start in range(0, steps_per_epoch * batch_size, batch_size):
                     xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
                     if shard is not None:
                         xb, yb = xb[shard(batch_size)], yb[shard(batch_size)]
+                    for probe in probes.values():
+                        probe.before_step(step + 1, xb, yb)
                     logits = model(xb)
                     loss = loss_fn(logits, yb)
                     optimizer.zero_grad(set_to_none=True)
@@ -157,7 +170,7 @@ def fit(
                     for probe in probes.values():
                         probe.after_step(step)
                     if step % PROGRESS_EVERY == 0:
-                        bar.update(step)
+                        bar.update(base + step)
                     if step % eval_every == 0 or step == total:
                         _synchronize(device)
                         history.train_seconds += time.perf_counter() - started
@@ -166,7 +179,7 @@ def fit(
                             last_eval, len(local),
                         )  # fmt: skip
                         last_eval = step
-                        bar.update(step, f"test acc {history.test_accuracy[-1]:.3f}")
+                        bar.update(base + step, f"test acc {history.test_accuracy[-1]:.3f}")
                         started = time.perf_counter()
                     if step == total:
                         break
@@ -176,6 +189,10 @@ def fit(
     history.step_loss = losses.cpu().tolist()
     history.probes = {name: probe.result() for name, probe in probes.items()}
     return history
+
+
+def _shuffle(n: int) -> Callable[[torch.Generator], Tensor]:
+    return lambda generator: torch.randperm(n, generator=generator)
 
 
 def evaluate(

@@ -15,7 +15,12 @@ from batchnorm.lab.extras import import_extra
 from batchnorm.lab.fit import History
 
 #: Colours by run label; anything else cycles through matplotlib's default palette.
-COLORS = {"without BN": "tab:red", "with BN": "tab:blue"}
+COLORS = {
+    "without BN": "tab:red",
+    "with BN": "tab:blue",
+    "standard": "tab:red",  # Santurkar et al.'s name for the network without BN
+    "BN + noise": "tab:green",
+}
 DPI = 110
 
 

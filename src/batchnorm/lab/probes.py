@@ -33,7 +33,14 @@ class Probe:
         """Register the hooks on ``model``."""
 
     def detach(self) -> None:
-        """Remove the hooks (the recorded values stay)."""
+        """Remove the hooks (the recorded values stay): those a subclass keeps in
+        ``self._handles``."""
+        handles = getattr(self, "_handles", [])
+        while handles:
+            handles.pop().remove()
+
+    def before_step(self, step: int, x: Tensor, y: Tensor) -> None:
+        """Called before optimizer step number ``step`` (1-based) with its mini-batch."""
 
     def after_step(self, step: int) -> None:
         """Called after optimizer step number ``step`` (1-based)."""
@@ -122,11 +129,6 @@ class ActivationQuantiles(Probe):
 
         return hook
 
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
     def before_eval(self, step: int) -> None:
         self._buffers = {label: [] for label in self.layers}
 
@@ -194,11 +196,6 @@ class GradientNorms(Probe):
             self._sums[index] = squares if total is None else total + squares
 
         return hook
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def after_step(self, step: int) -> None:
         sums = [s if s is not None else torch.zeros(()) for s in self._sums]

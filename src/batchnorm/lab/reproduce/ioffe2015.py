@@ -15,19 +15,19 @@ evaluation (model in eval mode).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
 
 from batchnorm.lab import plots
-from batchnorm.lab.data import Dataset, load_dataset
-from batchnorm.lab.fit import History, fit, resolve_device
+from batchnorm.lab.data import Dataset
+from batchnorm.lab.fit import History, fit
 from batchnorm.lab.models import ACTIVATIONS, copy_shared_weights, ioffe_mlp
 from batchnorm.lab.probes import IOFFE_QUANTILES, ActivationQuantiles
-from batchnorm.lab.report import write_report
+from batchnorm.lab.report import Table
+from batchnorm.lab.reproduce.common import DEFAULT_OPTIONS, RunOptions, finish, prepare, settings_of
 
 # Section 4.1 of the paper: 3 hidden layers of 100 units, mini-batches of 60, plain SGD.
 HIDDEN, DEPTH, BATCH_SIZE = 100, 3, 60
@@ -152,25 +152,17 @@ def run_ioffe2015(
     activation: str = "sigmoid",
     threshold: float = THRESHOLD,
     unit: int = 0,
-    seed: int = 0,
     bn: str = "batchnorm",
-    device: str = "cpu",
-    out: str | Path = "batchnorm-report/ioffe2015",
-    plots_enabled: bool = True,
-    progress: bool | None = None,
-    stream: TextIO | None = None,
+    options: RunOptions = DEFAULT_OPTIONS,
 ) -> dict[str, Any]:
-    """Run the reproduction, print its summary to ``stream`` (stdout), write the report
-    folder ``out`` and return the metrics written to ``out/metrics.json``."""
-    stream = stream or sys.stdout
+    """Run the reproduction, print its summary, write the report folder (default
+    ``batchnorm-report/ioffe2015``) and return the metrics written to its ``metrics.json``."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}.")
     if not 0 <= unit < HIDDEN:
         raise ValueError(f"unit must be in 0..{HIDDEN - 1} (a unit of the last hidden layer).")
-    dev = resolve_device(device)
-    if isinstance(data, str):
-        data = load_dataset(data, data_dir)
-    data = data.to(dev)
+    data, dev = prepare(data, data_dir, options.device)
+    seed = options.seed
     bn_class = "batchnorm.BatchNorm1d" if bn == "batchnorm" else "torch.nn.BatchNorm1d"
     header = "\n".join(
         [
@@ -184,34 +176,25 @@ def run_ioffe2015(
             f"{eval_every} steps, seed {seed}, {dev}",
         ]
     )
-    print(header + "\n", file=stream, flush=True)
+    options.print(header + "\n")
 
-    runs = train_pair(data, steps, batch_size, lr, eval_every, activation, seed, bn, progress)
+    runs = train_pair(
+        data, steps, batch_size, lr, eval_every, activation, seed, bn, options.progress
+    )
     table = results(runs, threshold, unit)
-    out = Path(out)
+    out = options.folder("batchnorm-report/ioffe2015")
     summary = summary_table(table, threshold, unit) + (
         f"\n\nmedian drift: how far the median of a last-hidden-layer {activation} input (on the "
         f"test set) moved\nfrom the first to the last quarter of training, for unit {unit} and "
         f"averaged over all {HIDDEN} units."
     )
-    listing = ", ".join(([FIGURE] if plots_enabled else []) + ["metrics.json"])
-    print(summary + f"\n\nreport {out / 'report.html'} ({listing})", file=stream, flush=True)
-
-    settings = {
-        "data": data.describe(),
-        "data source": data.source,
-        "batch norm": bn_class,
-        "activation": activation,
-        "optimizer": f"SGD, lr {lr:g}",
-        "batch size": batch_size,
-        "steps": steps,
-        "evaluation every": f"{eval_every} steps",
-        "threshold": threshold,
-        "plotted unit": unit,
-        "seed": seed,
-        "device": str(dev),
-        "torch": torch.__version__,
-    }
+    settings = settings_of(
+        data, dev, **{
+            "batch norm": bn_class, "activation": activation, "optimizer": f"SGD, lr {lr:g}",
+            "batch size": batch_size, "steps": steps, "evaluation every": f"{eval_every} steps",
+            "threshold": threshold, "plotted unit": unit, "seed": seed,
+        },
+    )  # fmt: skip
     metrics = {
         "command": "reproduce ioffe2015",
         "settings": settings,
@@ -219,7 +202,7 @@ def run_ioffe2015(
         "runs": {label: h.to_dict() for label, h in runs.items()},
     }
     figures = []
-    if plots_enabled:
+    if options.plots:
         out.mkdir(parents=True, exist_ok=True)
         path = plots.ioffe_figure1(
             runs, out / FIGURE, PROBE, PROBE, unit, threshold, activation,
@@ -231,7 +214,17 @@ def run_ioffe2015(
             f"over the test set, without and with BN (same scale)."
         )
         figures.append((path, caption))
-    write_report(
-        out, "batchnorm reproduce ioffe2015", header + "\n\n" + summary, metrics, figures, settings
-    )
-    return metrics
+    columns = ["final test accuracy", "best test accuracy", "median drift (unit)",
+               "median drift (mean)", "train seconds"]  # fmt: skip
+    keys = [("final_test_accuracy", ".3f"), ("best_test_accuracy", ".3f"),
+            ("median_drift_unit", ".2f"), ("median_drift_mean", ".2f"),
+            ("train_seconds", ".1f")]  # fmt: skip
+    results_table = Table(
+        "Results (the numbers of metrics.json)", ["", "steps to threshold", *columns],
+        [(label, [(("results", label, "steps_to_threshold"), "d")]
+          + [(("results", label, key), fmt) for key, fmt in keys]) for label in table],
+    )  # fmt: skip
+    return finish(
+        options, out, "batchnorm reproduce ioffe2015", header, summary, metrics, figures,
+        [results_table],
+    )  # fmt: skip

@@ -1,0 +1,76 @@
+"""The qualitative findings of santurkar2018 and renorm2017 that hold at ``--quick`` (2 fixed
+seeds, 300 steps), each with a margin; the runs are shared with the browser test
+(conftest: one run per session).
+
+Only what holds at this size is asserted. The full default runs, whose numbers the docs
+quote, are in benchmarks/results/ (test_committed_results checks docs against them)."""
+
+from __future__ import annotations
+
+import pytest
+
+#: Margins on accuracies (fractions of the test set): larger than the differences between
+#: the two quick seeds' means we saw while building the experiments.
+MARGIN = 0.02
+
+
+def mean(metrics, *path):
+    value = metrics["results"]
+    for key in path:
+        value = value[key]
+    return value["mean"]
+
+
+def test_santurkar2018_noisy_bn_trains_like_bn_and_far_better_than_no_bn(santurkar_quick):
+    _, metrics, printed = santurkar_quick
+    assert metrics["settings"]["quick"] is True and metrics["settings"]["seeds"] == [0, 1]
+    bn, noisy = (
+        mean(metrics, "with BN", "test_accuracy"),
+        mean(metrics, "BN + noise", "test_accuracy"),
+    )
+    standard = mean(metrics, "standard", "test_accuracy")
+    # Figure 2: BN with injected covariate shift stays within 0.15 of BN ...
+    assert bn - noisy < 0.15
+    # ... and both are far above the network without BN (at 300 steps it is still early).
+    assert noisy > standard + 0.2 and bn > standard + 0.3
+    assert "BN + noise" in printed and "beta-smoothness" in printed
+
+
+def test_santurkar2018_landscape_is_measured_along_the_trajectory(santurkar_quick):
+    _, metrics, _ = santurkar_quick
+    for label in ("standard", "with BN"):
+        result = metrics["runs"]["0"][label]["probes"]["landscape"]
+        assert result["steps"] == list(range(0, 300, 25))
+        assert len(result["etas"]) == 4
+        assert all(len(row) == 4 for row in result["moved_losses"] + result["gradient_changes"])
+        assert min(result["beta_smoothness"]) > 0
+        assert mean(metrics, label, "loss_range") > 0
+    assert "landscape" not in metrics["runs"]["0"]["BN + noise"]["probes"]
+
+
+def test_renorm2017_bn_falls_with_micro_batches(renorm_quick):
+    _, metrics, _ = renorm_quick
+    large = metrics["results"]["large i.i.d."]["BN"]["test_accuracy"]
+    micro = metrics["results"]["micro-batches"]["BN"]["test_accuracy"]
+    # BN's eval accuracy with 4 samples per device is below the large-batch one, beyond the
+    # seed spread (the ranges do not overlap).
+    assert micro["max"] < large["min"]
+    assert micro["mean"] < large["mean"] - 2 * MARGIN
+
+
+def test_renorm2017_freezing_after_warm_up_recovers_micro_batches(renorm_quick):
+    _, metrics, _ = renorm_quick
+    micro = metrics["results"]["micro-batches"]
+    assert (
+        micro["frozen BN"]["test_accuracy"]["mean"] > micro["BN"]["test_accuracy"]["mean"] + MARGIN
+    )
+
+
+@pytest.mark.parametrize("variant", ["frozen BN", "GroupNorm"])
+def test_renorm2017_batch_independent_variants_have_no_train_eval_gap(renorm_quick, variant):
+    """Frozen BN and GroupNorm compute the same in train and eval mode: a zero gap checks the
+    measurement itself."""
+    _, metrics, _ = renorm_quick
+    for regime in ("large i.i.d.", "micro-batches", "non-i.i.d."):
+        gap = metrics["results"][regime][variant]["gap"]
+        assert max(abs(gap["min"]), abs(gap["max"])) < 1e-9, (regime, gap)
