@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchnorm import BatchRenorm1d, GhostBatchNorm1d, paper_dmax, paper_rmax, recalibrate
 from batchnorm.lab import plots_papers
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.fit import evaluate, fit
@@ -37,6 +36,9 @@ from batchnorm.lab.report import Section, Table
 from batchnorm.lab.reproduce import common
 from batchnorm.lab.reproduce.common import DEFAULT_OPTIONS, RunOptions
 from batchnorm.lab.variants import FreezeAt, PerDevice, few_class_order
+from batchnorm.nn import BatchRenorm1d, GhostBatchNorm1d
+from batchnorm.nn.renorm import paper_dmax, paper_rmax
+from batchnorm.tools.recalibrate import recalibrate
 
 LARGE, MICRO, NON_IID = "large i.i.d.", "micro-batches", "non-i.i.d."
 REGIMES = (LARGE, MICRO, NON_IID)
