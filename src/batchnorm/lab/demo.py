@@ -15,14 +15,7 @@ from typing import Any
 
 import torch
 
-from batchnorm.distributed import (
-    DistributedContext,
-    gather_on_main,
-    init_from_env,
-    local_slice,
-    shutdown,
-    wrap_model,
-)
+from batchnorm import distributed as torchrun  # the helpers; `distributed` is an argument here
 from batchnorm.lab import plots
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.fit import History, adam, fit
@@ -54,7 +47,7 @@ def train_pair(
     seed: int = 0,
     bn: str = "batchnorm",
     progress: bool | None = None,
-    context: DistributedContext | None = None,
+    context: torchrun.DistributedContext | None = None,
 ) -> dict[str, History]:
     """Train the article's model without and with BN (``bn``: "batchnorm" or "torch") on
     ``data`` (on its device) from the same initial weights and mini-batch order; return the
@@ -71,7 +64,7 @@ def train_pair(
     for label, model in models.items():
         model.to(data.x_train.device)
         if context is not None:
-            model = wrap_model(model, context)  # BN -> SyncBatchNorm, then DDP
+            model = torchrun.wrap_model(model, context)  # BN -> SyncBatchNorm, then DDP
         optimizer = adam(model.parameters(), lr)
         probes = {
             "activations": ActivationQuantiles(ACTIVATION_PROBES),
@@ -80,7 +73,7 @@ def train_pair(
         runs[label] = fit(
             model, optimizer, data, epochs=epochs, batch_size=batch_size, probes=probes,
             seed=seed, progress=progress, label=label,
-            shard=None if context is None else partial(local_slice, context=context),
+            shard=None if context is None else partial(torchrun.local_slice, context=context),
         )  # fmt: skip
         if context is not None:
             _average_training_curves(runs[label], batch_size, context)
@@ -92,10 +85,10 @@ def _average_training_curves(history: History, batch_size: int, context) -> None
     processes, weighted by their shares of each mini-batch (test metrics are the same on
     every process: the models are)."""
     keys = ("train_loss", "train_accuracy", "step_loss")
-    gathered = gather_on_main([getattr(history, key) for key in keys], context)
+    gathered = torchrun.gather_on_main([getattr(history, key) for key in keys], context)
     if gathered is None:
         return
-    shares = [len(range(batch_size)[local_slice(batch_size, _rank(context, r))])
+    shares = [len(range(batch_size)[torchrun.local_slice(batch_size, _rank(context, r))])
               for r in range(context.world_size)]  # fmt: skip
     for index, key in enumerate(keys):
         columns = zip(*(curves[index] for curves in gathered), strict=True)
@@ -134,12 +127,12 @@ def run_demo(
     ``distributed=True`` (under torchrun): DistributedDataParallel with SyncBatchNorm, each
     process training on its share of every mini-batch of ``batch_size``; the main process
     prints and writes the report, the others return an empty dict."""
-    context = init_from_env() if distributed else None
+    context = torchrun.init_from_env() if distributed else None
     try:
         return _run_demo(data, data_dir, epochs, batch_size, lr, bn, options, context)
     finally:
         if context is not None:
-            shutdown()
+            torchrun.shutdown()
 
 
 def _run_demo(data, data_dir, epochs, batch_size, lr, bn, options, context) -> dict[str, Any]:
