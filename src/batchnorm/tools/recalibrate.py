@@ -11,8 +11,9 @@ reached the layer.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,33 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm._progress import Progress
 from batchnorm.reference import batch_stats
+
+
+@contextlib.contextmanager
+def recording_inputs(
+    model: nn.Module, sinks: dict[nn.Module, Callable[[Tensor], object]]
+) -> Iterator[None]:
+    """The model as recalibration runs it: every batch-norm layer of ``sinks`` that has
+    running statistics in training mode (batch statistics, as in training), everything
+    else in eval mode (dropout off); each layer's input goes to its sink. On exit the hooks
+    are removed and every module's mode is restored (its running statistics are not: the
+    caller restores or replaces them)."""
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [
+        layer.register_forward_pre_hook(lambda _m, inputs, sink=sink: sink(inputs[0]))
+        for layer, sink in sinks.items()
+    ]
+    try:
+        model.eval()
+        for layer in sinks:
+            if isinstance(layer, _BatchNorm) and layer.running_mean is not None:
+                layer.train()
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes:
+            m.train(training)
 
 
 @dataclass
@@ -99,29 +127,17 @@ def recalibrate(
         )
         return model
     saved = {name: _snapshot(m) for name, m in layers.items()}
-    modes = [(m, m.training) for m in model.modules()]
     moments = {name: _Moments.empty(m.running_mean) for name, m in layers.items()}
-    handles = [
-        m.register_forward_pre_hook(lambda _m, inputs, s=moments[name]: s.add(inputs[0]))
-        for name, m in layers.items()
-    ]
     try:
-        model.eval()
-        for m in layers.values():
-            m.train()
-        device = next(iter(layers.values())).running_mean.device
-        with torch.no_grad():
-            _run(model, data, num_batches, device, progress)
+        with recording_inputs(model, {m: moments[name].add for name, m in layers.items()}):
+            device = next(iter(layers.values())).running_mean.device
+            with torch.no_grad():
+                _run(model, data, num_batches, device, progress)
         _merge_across_ranks(list(moments.values()))
     except BaseException:
         for name, m in layers.items():  # leave the model as it was
             _restore(m, saved[name])
         raise
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes:
-            m.train(training)
     empty = []
     for name, m in layers.items():
         s = moments[name]

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.reference import batch_stats
+from batchnorm.tools.recalibrate import recording_inputs
 
 # ------------------------------------------------------------------------- data
 
@@ -167,21 +168,10 @@ def _stats_pass(
         name: _LayerStats(getattr(m, "virtual_batch_size", None) if _is_ghost(m) else None)
         for name, m in layers.items()
     }
-    handles = [
-        m.register_forward_pre_hook(lambda _m, inputs, s=stats[name]: s.add(inputs[0]))
-        for name, m in layers.items()
-    ]
-    try:
-        model.eval()
-        for m in layers.values():
-            if isinstance(m, _BatchNorm) and m.running_mean is not None:
-                m.train()
+    with recording_inputs(model, {m: stats[name].add for name, m in layers.items()}):
         with torch.no_grad():
             for batch in batches:
                 _call(model, batch, device)
-    finally:
-        for h in handles:
-            h.remove()
     moved = {
         name: m.running_mean.detach().to("cpu", torch.float64).clone()
         for name, m in layers.items()
