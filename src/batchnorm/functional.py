@@ -180,14 +180,16 @@ def check_inputs(
             f"e.g. input.unsqueeze(0)."
         )
     channels, device, dtype = input.shape[1], input.device, input.dtype
-    # A loop over a constant tuple, device and dtype read once: this runs on every call.
+    shape, on_cpu = (channels,), input.is_cpu
+    # A loop over a constant tuple, device and dtype read once, the usual case decided by a
+    # few comparisons of C attributes: this runs on every call.
     for name, t in (
         ("weight", weight),
         ("bias", bias),
         ("running_mean", running_mean),
         ("running_var", running_var),
     ):
-        if t is None:
+        if t is None or (t.dtype is dtype and t.shape == shape and on_cpu and t.is_cpu):
             continue
         if t.dim() != 1 or t.shape[0] != channels:
             raise InputError(

@@ -181,7 +181,16 @@ class _BatchNormBase(GraphFriendly, _BatchNorm):
         return text
 
     def _check_input_dim(self, input: Tensor) -> None:
-        check_layer_input(self.layer_name, input, self._ranks, self._layout, self.num_features)
+        # The passing case in a few C calls (it runs on every call; small layers feel it);
+        # anything else goes to check_layer_input, which says what is wrong.
+        ranks = self._ranks
+        if (
+            isinstance(input, Tensor)
+            and (input.dim() >= 2 if ranks is None else input.dim() in ranks)
+            and input.shape[1] == self.num_features
+        ):
+            return
+        check_layer_input(self.layer_name, input, ranks, self._layout, self.num_features)
 
     def _momentum_factor(self) -> float:
         """The running-average factor for this step; counts the step, as torch.nn does."""

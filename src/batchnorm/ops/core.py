@@ -68,8 +68,11 @@ def _readable(t: Tensor) -> bool:
 def _kernels(x: Tensor, training: bool, activation: str, slope: float, *tensors: Tensor | None):
     """The kernel backend for a call, or the reference where a tensor is not _readable (its
     torch ops handle every tensor type: torch.func batches and differentiates them)."""
-    if not _readable(x) or not all(t is None or _readable(t) for t in tensors):
+    if not _readable(x):
         return _REFERENCE
+    for t in tensors:  # a loop, not all(genexpr): this runs twice per call
+        if t is not None and not _readable(t):
+            return _REFERENCE
     return select_kernels(x, training, activation, tensors[-1] is not None, slope)
 
 
@@ -429,6 +432,21 @@ def _differentiated(*tensors: Tensor | None) -> bool:
     return any(t is not None and _is_wrapped(t) for t in tensors)  # torch.func transforms
 
 
+def _apply(function: type[torch.autograd.Function], args: tuple) -> tuple[Tensor, ...]:
+    """``function.apply(*args)``, without the Python of ``Function.apply`` where it has
+    nothing to do: it binds the arguments to ``forward``'s signature (a no-op for
+    ``forward(*inputs)``, but an ``inspect.signature`` per call: a third of a small layer's
+    forward + backward), unwraps tensors left over from finished torch.func transforms (none
+    here when every tensor has storage) and hands calls under active transforms to
+    torch.func, which then go through ``function.apply``."""
+    if torch._C._are_functorch_transforms_active() or not all(
+        torch._C._has_storage(t) for t in args if isinstance(t, Tensor)
+    ):
+        return function.apply(*args)
+    # what Function.apply calls last: the C++ apply of torch._C._FunctionBase
+    return super(torch.autograd.Function, function).apply(*args)  # type: ignore[misc]
+
+
 def batch_norm(
     x: Tensor,
     weight: Tensor | None,
@@ -468,9 +486,9 @@ def batch_norm(
     if compiling:
         y, mean, _, var = _forward_op(*args)
     elif keep_output_only and _differentiated(x, weight, bias, residual):
-        y, mean, _, var = _KeepOutputFunction.apply(*args)
+        y, mean, _, var = _apply(_KeepOutputFunction, args)
     elif _differentiated(x, weight, bias, residual):
-        y, mean, _, var = _BatchNormFunction.apply(*args, reduction)
+        y, mean, _, var = _apply(_BatchNormFunction, (*args, reduction))
     else:
         y, mean, _, var = forward_impl(*args, reduction)
     if training and running_mean is not None and running_var is not None:

@@ -95,30 +95,40 @@ def safe_batch_norm(
       change under a shift, and the sums become accurate.
     """
     x = _dense(x)
-    weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
-    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     # Running statistics that are not contiguous: ATen is given contiguous copies, and the
     # update it makes to them in training is copied back.
     given_mean = _contiguous(running_mean)
     given_var = _contiguous(running_var)
     shift = None
-    if training and x.dtype == torch.float32 and x.numel() > 0 and _channels_last_kernel(x):
-        first = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
-        shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)  # keep inf/NaN as torch
-        x = x - reference.per_channel(shift, x)
-    # With a shift, ATen updates the running mean less the shift (a copy: ATen saves the
-    # tensor it is given for backward), which is then shifted back.
-    if shift is not None and running_mean is not None:
-        given_mean = running_mean - shift
-    y = torch.batch_norm(x, weight, bias, given_mean, given_var, training, momentum, eps, False)
-    if training and running_mean is not None and given_mean is not running_mean:
-        if shift is None:
-            running_mean.copy_(given_mean)
+    if training and x.dtype is torch.float32 and _channels_last_kernel(x) and x.numel():
+        if x.dim() == 2:  # (N, C): the first row, which broadcasts as it is
+            shift = torch.nan_to_num(x.detach()[0], 0.0, 0.0, 0.0)  # inf/NaN stay torch's
+            x = x - shift
         else:
-            torch.add(given_mean, shift, out=running_mean)
-    if training and running_var is not None and given_var is not running_var:
-        running_var.copy_(given_var)
-    if y.requires_grad and 1 in y.shape:  # only size-1 dimensions can carry odd strides
+            first = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
+            shift = torch.nan_to_num(first, 0.0, 0.0, 0.0)
+            x = x - reference.per_channel(shift, x)
+        if given_mean is running_mean is not None and torch.is_grad_enabled():
+            # ATen saves the running mean for backward: it is given a copy, as the shift's
+            # correction below changes the running mean in place.
+            given_mean = running_mean.clone()
+    y = torch.batch_norm(x, weight, bias, given_mean, given_var, training, momentum, eps, False)
+    if training and running_mean is not None:
+        # With a shift, ATen's update, (1 - momentum) * running + momentum * (mean - shift),
+        # lacks momentum * shift.
+        if shift is not None and given_mean is running_mean:
+            running_mean.add_(shift, alpha=momentum)
+        elif shift is not None:
+            torch.add(given_mean, shift, alpha=momentum, out=running_mean)
+        elif given_mean is not running_mean:
+            running_mean.copy_(given_mean)  # type: ignore[arg-type]
+    if training and given_var is not running_var:
+        running_var.copy_(given_var)  # type: ignore[union-attr, arg-type]
+    if 1 in x.shape and y.requires_grad:  # only size-1 dimensions can carry odd strides
         y.register_hook(_with_strides(y.stride()))
     return y
 
