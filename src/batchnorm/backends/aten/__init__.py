@@ -6,11 +6,12 @@ inputs made safe (see :func:`safe_batch_norm`).
 Dispatch rule (``preferred``), from ``make bench`` on 2 cores (benchmarks/results/
 cpu_kernels.json): on CPU, every bfloat16/float16 call (no kernel of ours takes them yet);
 for float32/float64, inputs below ATEN_BELOW_NUMEL values (epilogue included: a few C++
-ops beat a Python-called kernel there) and plain eval of any size (its elementwise loop
-streams faster than ours). Training on larger inputs stays on the Numba kernels, also for
-(N, C) and channels-last inputs where ATen is a little faster: ATen's float32 backward
-there loses accuracy on mean-shifted data (torch 2.13). Other devices keep the reference
-until measured (see batchnorm.backends.builtin_backends).
+ops beat a Python-called kernel there), NCHW inputs of small planes (ATEN_BELOW_PLANE)
+and plain eval of any size (its elementwise loop streams faster than ours). Training on
+larger inputs stays on the Numba kernels, also for (N, C) and channels-last inputs where
+ATen is a little faster: ATen's float32 backward there loses accuracy on mean-shifted data
+(torch 2.13). Other devices keep the reference until measured (see
+batchnorm.backends.builtin_backends).
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from batchnorm.backends import Call
 #: itself) costs more than ATen's whole operator: `make bench` measured the Numba path at
 #: 0.5-0.8x of ATen at (100, 128) forward + backward.
 ATEN_BELOW_NUMEL = 65_536
+#: NCHW-contiguous inputs with fewer values than this per (sample, channel) plane go to
+#: ATen at any size: the Numba channels-first kernel pays a fixed cost per plane, which
+#: the 3x3 planes of a model's last stages turn into most of its time. Measured on 2 shared
+#: cores, 1 thread, float32 training forward + SiLU (the late BN shapes of efficientnet_b0
+#: at batch 8, 96x96): (8, 1152, 3, 3) Numba 660 µs vs ATen + F.silu 146 µs; (8, 384, 6, 6)
+#: 110-195 µs vs 122 µs (even); ATen's NCHW kernel needs no shift (see safe_batch_norm).
+ATEN_BELOW_PLANE = 32
 
 
 class AtenBackend:
@@ -48,6 +56,9 @@ class AtenBackend:
         if x.dtype not in (torch.float32, torch.float64):
             return False
         if x.numel() < ATEN_BELOW_NUMEL:
+            return True
+        planes = x.shape[0] * x.shape[1]
+        if x.dim() > 2 and x.is_contiguous() and x.numel() < ATEN_BELOW_PLANE * planes:
             return True
         return not call.training and call.activation == "identity" and not call.has_residual
 
