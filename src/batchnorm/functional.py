@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import ops
+from batchnorm.backends import Call
 from batchnorm.reference import ACTIVATIONS, INVERTIBLE_ACTIVATIONS
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -105,11 +106,10 @@ def _batch_norm(
                 f"{where}: a residual cannot be added when only the output is kept for "
                 f"backward (the input could not be recovered). Hint: add it before the layer."
             )
-    return ops.batch_norm(
-        input, weight, bias, running_mean, running_var, residual, training,
-        0.0 if momentum is None else momentum, eps, activation, negative_slope,
-        unbiased_running_var, keep_output_only, reduction,
-    )  # fmt: skip
+    call = Call(input, training, activation, negative_slope, residual is not None,
+                keep_output_only, unbiased_running_var, weight, bias, running_mean, running_var,
+                residual, 0.0 if momentum is None else momentum, eps)  # fmt: skip
+    return ops.batch_norm(call, reduction)
 
 
 def check_activation(activation: str | None, where: str) -> str:

@@ -103,6 +103,16 @@ def full_signature(cls: _Layer) -> _Layer:
     return cls
 
 
+def bind_options(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A constructor's arguments (``self`` first in ``args``) bound to ``signature``, the
+    defaults filled in, ``self`` left out: for layers that take the parameters of
+    ``_BatchNormBase.__init__`` with a change (the lazy ones, SyncBatchNorm) without
+    restating them."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return {name: value for name, value in list(bound.arguments.items())[1:]}
+
+
 class _BatchNormBase(GraphFriendly, _BatchNorm):
     """Shared body of the trainable modules of this package.
 

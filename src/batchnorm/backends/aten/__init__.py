@@ -62,24 +62,12 @@ class AtenBackend:
             return True
         return not call.training and call.activation == "identity" and not call.has_residual
 
-    def batch_norm(
-        self,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        residual: Tensor | None,
-        training: bool,
-        momentum: float,
-        eps: float,
-        activation: str,
-        negative_slope: float,
-    ) -> Tensor:
-        y = safe_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
-        if residual is not None:
-            y = y + residual
-        return reference.activate(y, activation, negative_slope)
+    def batch_norm(self, call: Call) -> Tensor:
+        y = safe_batch_norm(call.x, call.weight, call.bias, call.running_mean, call.running_var,
+                            call.training, call.momentum, call.eps)  # fmt: skip
+        if call.residual is not None:
+            y = y + call.residual
+        return reference.activate(y, call.activation, call.negative_slope)
 
 
 def safe_batch_norm(
