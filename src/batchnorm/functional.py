@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import ops
+from batchnorm.backends import Call
 from batchnorm.reference import ACTIVATIONS, INVERTIBLE_ACTIVATIONS
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -105,11 +106,10 @@ def _batch_norm(
                 f"{where}: a residual cannot be added when only the output is kept for "
                 f"backward (the input could not be recovered). Hint: add it before the layer."
             )
-    return ops.batch_norm(
-        input, weight, bias, running_mean, running_var, residual, training,
-        0.0 if momentum is None else momentum, eps, activation, negative_slope,
-        unbiased_running_var, keep_output_only, reduction,
-    )  # fmt: skip
+    call = Call(input, training, activation, negative_slope, residual is not None,
+                keep_output_only, unbiased_running_var, weight, bias, running_mean, running_var,
+                residual, 0.0 if momentum is None else momentum, eps)  # fmt: skip
+    return ops.batch_norm(call, reduction)
 
 
 def check_activation(activation: str | None, where: str) -> str:
@@ -180,14 +180,16 @@ def check_inputs(
             f"e.g. input.unsqueeze(0)."
         )
     channels, device, dtype = input.shape[1], input.device, input.dtype
-    # A loop over a constant tuple, device and dtype read once: this runs on every call.
+    shape, on_cpu = (channels,), input.is_cpu
+    # A loop over a constant tuple, device and dtype read once, the usual case decided by a
+    # few comparisons of C attributes: this runs on every call.
     for name, t in (
         ("weight", weight),
         ("bias", bias),
         ("running_mean", running_mean),
         ("running_var", running_var),
     ):
-        if t is None:
+        if t is None or (t.dtype is dtype and t.shape == shape and on_cpu and t.is_cpu):
             continue
         if t.dim() != 1 or t.shape[0] != channels:
             raise InputError(

@@ -319,3 +319,19 @@ def test_import_works_when_the_cache_folders_are_read_only(tmp_path, temp_writab
     assert channels == "8"
     # the temp folder holds the cache when it is writable; else the kernels are not cached
     assert (str(temp) in cache_dir) if temp_writable else cache_dir == "''"
+
+
+@pytest.mark.auto_dispatch
+def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
+    """A model's late 3x3 planes go to ATen (see ATEN_BELOW_PLANE); large planes, and the
+    same values channels-last, stay on the Numba kernels in training."""
+    from batchnorm.backends import Call
+    from batchnorm.ops.dispatch import select
+
+    def chosen(x: torch.Tensor) -> str:
+        return select(Call(x, True, "silu", 0.01, False, False, True)).name
+
+    small = torch.zeros(8, 1152, 3, 3)
+    assert chosen(small) == "aten"
+    assert chosen(small.contiguous(memory_format=torch.channels_last)) == "numba"
+    assert chosen(torch.zeros(8, 96, 24, 24)) == "numba"

@@ -16,6 +16,7 @@ A new device is one folder here and one line in :func:`builtin_backends`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
@@ -23,7 +24,9 @@ from torch import Tensor
 
 
 class Call(NamedTuple):
-    """What a batch-norm call asks of a backend: everything a choice may depend on."""
+    """What a batch-norm call asks of a backend: everything a choice may depend on, and for
+    an operator backend the whole call (the tensors and options after the first seven are
+    given only then: a kernel backend gets them through its kernels' arguments)."""
 
     x: Tensor
     training: bool
@@ -31,9 +34,16 @@ class Call(NamedTuple):
     negative_slope: float
     has_residual: bool
     #: Keep only the output for backward (InPlace-ABN): ops recovers the input from it.
-    keep_output_only: bool
+    keep_output_only: bool = False
     #: Store the unbiased batch variance in running_var (torch.nn's convention).
-    unbiased_running_var: bool
+    unbiased_running_var: bool = True
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    running_mean: Tensor | None = None
+    running_var: Tensor | None = None
+    residual: Tensor | None = None
+    momentum: float = 0.1
+    eps: float = 1e-5
 
 
 class Backend(Protocol):
@@ -69,68 +79,28 @@ class KernelBackend(Backend, Protocol):
         """(y, mean, biased var, invstd) of a batch with at least one value per channel."""
         ...
 
-    def forward_eval(
-        self,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        residual: Tensor | None,
-        mean: Tensor,
-        invstd: Tensor,
-        activation: str,
-        negative_slope: float,
-    ) -> Tensor:
+    # forward_eval and backward take the same tensors in the same order (backward after dy).
+    def forward_eval(self, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     residual: Tensor | None, mean: Tensor, invstd: Tensor, activation: str,
+                     negative_slope: float) -> Tensor:  # fmt: skip
         """y normalized with the given statistics."""
         ...
 
-    def backward(
-        self,
-        dy: Tensor,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        residual: Tensor | None,
-        mean: Tensor,
-        invstd: Tensor,
-        training: bool,
-        activation: str,
-        negative_slope: float,
-        need_dpre: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def backward(self, dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 residual: Tensor | None, mean: Tensor, invstd: Tensor, training: bool,
+                 activation: str, negative_slope: float, need_dpre: bool,
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
         """(dx, dweight, dbias, dpre); dpre = dL/d(residual), None unless ``need_dpre``.
         dweight and dbias are Σdpre·x̂ and Σdpre, also in eval mode (SyncBatchNorm uses
         them as the local sums)."""
         ...
 
-    def update_running_stats(
-        self,
-        running_mean: Tensor,
-        running_var: Tensor,
-        mean: Tensor,
-        var: Tensor,
-        count: int,
-        momentum: float,
-        unbiased: bool = True,
-    ) -> None:
-        """reference.update_running_stats, in place."""
-        ...
+    #: reference.update_running_stats (its signature), in place.
+    update_running_stats: Callable[[Tensor, Tensor, Tensor, Tensor, int, float, bool], None]
 
 
 class OperatorBackend(Backend, Protocol):
-    def batch_norm(
-        self,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        residual: Tensor | None,
-        training: bool,
-        momentum: float,
-        eps: float,
-        activation: str,
-        negative_slope: float,
-    ) -> Tensor:
+    def batch_norm(self, call: Call) -> Tensor:
         """The whole call, autograd and the running update included."""
         ...
 

@@ -103,6 +103,16 @@ def full_signature(cls: _Layer) -> _Layer:
     return cls
 
 
+def bind_options(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A constructor's arguments (``self`` first in ``args``) bound to ``signature``, the
+    defaults filled in, ``self`` left out: for layers that take the parameters of
+    ``_BatchNormBase.__init__`` with a change (the lazy ones, SyncBatchNorm) without
+    restating them."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return {name: value for name, value in list(bound.arguments.items())[1:]}
+
+
 class _BatchNormBase(GraphFriendly, _BatchNorm):
     """Shared body of the trainable modules of this package.
 
@@ -181,7 +191,16 @@ class _BatchNormBase(GraphFriendly, _BatchNorm):
         return text
 
     def _check_input_dim(self, input: Tensor) -> None:
-        check_layer_input(self.layer_name, input, self._ranks, self._layout, self.num_features)
+        # The passing case in a few C calls (it runs on every call; small layers feel it);
+        # anything else goes to check_layer_input, which says what is wrong.
+        ranks = self._ranks
+        if (
+            isinstance(input, Tensor)
+            and (input.dim() >= 2 if ranks is None else input.dim() in ranks)
+            and input.shape[1] == self.num_features
+        ):
+            return
+        check_layer_input(self.layer_name, input, ranks, self._layout, self.num_features)
 
     def _momentum_factor(self) -> float:
         """The running-average factor for this step; counts the step, as torch.nn does."""

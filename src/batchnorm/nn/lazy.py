@@ -9,6 +9,7 @@ with the input's channel count, resets them, and turns the layer into its eager 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from batchnorm.nn.base import _BatchNormBase, full_signature
+from batchnorm.nn.base import _BatchNormBase, bind_options, full_signature
 from batchnorm.nn.batchnorm import (
     BatchNorm1d,
     BatchNorm2d,
@@ -27,6 +28,15 @@ from batchnorm.nn.batchnorm import (
     activation_options,
 )
 
+#: The eager class's constructor parameters without ``num_features``.
+_LAZY_INIT = inspect.signature(_BatchNormBase.__init__).replace(
+    parameters=[
+        p
+        for p in inspect.signature(_BatchNormBase.__init__).parameters.values()
+        if p.name != "num_features"
+    ]
+)
+
 
 class _LazyBatchNorm(LazyModuleMixin, _BatchNormBase):
     """The lazy shell: built with one channel and no tensors, then given uninitialized ones
@@ -34,22 +44,13 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNormBase):
 
     cls_to_become: type[_BatchNormBase]
 
-    def __init__(
-        self,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-        unbiased_running_var: bool = True,
-    ) -> None:
-        factory = {"device": device, "dtype": dtype}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        o = bind_options(_LAZY_INIT, (self, *args), kwargs)
+        factory = {"device": o["device"], "dtype": o["dtype"]}
+        affine, track_running_stats, bias = o["affine"], o["track_running_stats"], o["bias"]
         # affine and tracking off: no tensors are made that would be replaced at once
-        super().__init__(1, eps, momentum, False, False, device, dtype,
-                         unbiased_running_var=unbiased_running_var)  # fmt: skip
+        super().__init__(1, o["eps"], o["momentum"], False, False, o["device"], o["dtype"],
+                         unbiased_running_var=o["unbiased_running_var"])  # fmt: skip
         self.num_features = 0
         self.affine, self.track_running_stats = affine, track_running_stats
         if affine:
@@ -59,7 +60,9 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNormBase):
         if track_running_stats:
             self.running_mean = UninitializedBuffer(**factory)
             self.running_var = UninitializedBuffer(**factory)
-            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=o["device"])
+
+    __init__.__signature__ = _LAZY_INIT  # type: ignore[attr-defined]
 
     def reset_parameters(self) -> None:
         if not self.has_uninitialized_params() and self.num_features != 0:

@@ -39,6 +39,7 @@ handled by NCCL's watchdog, which aborts the process group.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from batchnorm import reference
-from batchnorm.nn.base import _BatchNormBase, full_signature
+from batchnorm.nn.base import _BatchNormBase, bind_options
 
 #: dtype of the forward message: float64 keeps Σ(x − s)² − M·(mean − s)² accurate when the
 #: shift is far from the mean (see the module docstring's error bound), for every input dtype.
@@ -205,7 +206,19 @@ class ProcessGroupReduction:
 # The module
 
 
-@full_signature
+def _sync_signature() -> inspect.Signature:
+    """torch.nn.SyncBatchNorm's constructor: the eager layers' with ``process_group`` before
+    ``device``."""
+    params = list(inspect.signature(_BatchNormBase.__init__).parameters.values())
+    at = [p.name for p in params].index("device")
+    group = inspect.Parameter("process_group", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                              default=None, annotation="Any")  # fmt: skip
+    return inspect.Signature([*params[:at], group, *params[at:]], return_annotation="None")
+
+
+_SYNC_INIT = _sync_signature()
+
+
 class SyncBatchNorm(_BatchNormBase):
     """Batch norm whose training statistics are those of the whole batch across the
     processes of ``process_group`` (default: the whole world), on CPU (gloo) or CUDA (NCCL).
@@ -225,27 +238,16 @@ class SyncBatchNorm(_BatchNormBase):
     _script_trains = False  # a scripted copy runs in eval mode
     _layout = "(N, C, *)"
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: Any = None,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        **options: Any,
-    ) -> None:
-        """``**options``: the keyword-only parameters of ``BatchNormNd``, passed on (``bias``,
-        ``unbiased_running_var``)."""
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, **options
-        )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        options = bind_options(_SYNC_INIT, (self, *args), kwargs)
+        process_group = options.pop("process_group")
+        super().__init__(**options)
         self.process_group = process_group
         self.original_class: type[nn.Module] | None = None
         self.last_input_rank: int | None = None  # revert's choice when original_class is None
         self._agreed_group: int | None = None  # id of the group that passed the agreement check
+
+    __init__.__signature__ = _SYNC_INIT  # type: ignore[attr-defined]
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:

@@ -16,7 +16,7 @@ mode, where the dispatch prefers it.
 
 from __future__ import annotations
 
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -68,8 +68,11 @@ def _readable(t: Tensor) -> bool:
 def _kernels(x: Tensor, training: bool, activation: str, slope: float, *tensors: Tensor | None):
     """The kernel backend for a call, or the reference where a tensor is not _readable (its
     torch ops handle every tensor type: torch.func batches and differentiates them)."""
-    if not _readable(x) or not all(t is None or _readable(t) for t in tensors):
+    if not _readable(x):
         return _REFERENCE
+    for t in tensors:  # a loop, not all(genexpr): this runs twice per call
+        if t is not None and not _readable(t):
+            return _REFERENCE
     return select_kernels(x, training, activation, tensors[-1] is not None, slope)
 
 
@@ -123,31 +126,17 @@ def forward_impl(
     return y, mean, invstd, var
 
 
-def backward_impl(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    mean: Tensor,
-    invstd: Tensor,
-    training: bool,
-    activation: str,
-    negative_slope: float,
-    need_dpre: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Return (dx, dweight, dbias, dpre); dpre (= dL/d residual) is None unless needed."""
+def backward_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Return (dx, dweight, dbias, dpre) for the arguments of KernelBackend.backward (dy, x,
+    weight, bias, residual, mean, invstd, training, activation, negative_slope, need_dpre);
+    dpre (= dL/d residual) is None unless needed."""
+    dy, x, weight, bias, residual, mean, invstd, training, activation, slope, _ = args
     if x.numel() == 0:
         zeros = mean.new_zeros(mean.shape)
         return torch.zeros_like(x), zeros, zeros.clone(), torch.zeros_like(x)
     dy = dy.to(x.dtype)
-    backend = _kernels(
-        x, training, activation, negative_slope, dy, weight, bias, mean, invstd, residual
-    )
-    return backend.backward(
-        dy, x, weight, bias, residual, mean, invstd, training, activation, negative_slope,
-        need_dpre,
-    )  # fmt: skip
+    backend = _kernels(x, training, activation, slope, dy, weight, bias, mean, invstd, residual)
+    return backend.backward(dy, *args[1:])
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,13 +260,19 @@ def _reduced_grads(
     return dx, dweight, dbias, dpre
 
 
-class _BatchNormFunction(torch.autograd.Function):
+class _Function(torch.autograd.Function):
+    """What the two Functions share: forward_impl as forward, jvp by _tangent."""
+
     generate_vmap_rule = True
 
     @staticmethod
     def forward(*inputs):
         return forward_impl(*inputs)
 
+    jvp = staticmethod(_tangent)
+
+
+class _BatchNormFunction(_Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _, mean, invstd, var = output
@@ -288,22 +283,14 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dinvstd, _dvar):
         return _grads(ctx, dy, backward_impl)
 
-    jvp = staticmethod(_tangent)
 
-
-class _KeepOutputFunction(torch.autograd.Function):
+class _KeepOutputFunction(_Function):
     """Batch norm + invertible activation that saves its output instead of its input.
 
     Backward recovers x from y (reference.recover_input) and then runs the ordinary
     backward, so no formula is restated. Channels whose scale is too small to divide by
     (see reference.weak_channels) keep their input instead.
     """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*inputs):
-        return forward_impl(*inputs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -316,8 +303,6 @@ class _KeepOutputFunction(torch.autograd.Function):
         ctx.save_for_forward(x, weight, bias, residual, mean, invstd)
         ctx.config = (training, eps, activation, slope)
         ctx.mark_non_differentiable(mean, invstd, var)
-
-    jvp = staticmethod(_tangent)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -340,29 +325,32 @@ class _KeepOutputFunction(torch.autograd.Function):
 # torch.library custom ops, used under torch.compile.
 
 
-@torch.library.custom_op("batchnorm::forward", mutates_args=())
-def _forward_op(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    residual: Tensor | None,
-    training: bool,
-    eps: float,
-    activation: str,
-    negative_slope: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, mean, invstd, var = forward_impl(
-        x, weight, bias, running_mean, running_var, residual, training, eps, activation,
-        negative_slope,
-    )  # fmt: skip
-    return _like(y, x), mean, invstd, var
+#: The custom ops' schemas: forward_impl's and backward_impl's arguments (a custom op
+#: returns tensors only: backward's missing dpre is an empty tensor).
+_FORWARD_SCHEMA = (
+    "(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+    "Tensor? residual, bool training, float eps, str activation, float negative_slope) -> "
+    "(Tensor, Tensor, Tensor, Tensor)"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor mean, "
+    "Tensor invstd, bool training, str activation, float negative_slope, bool need_dpre) -> "
+    "(Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _forward_op_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, mean, invstd, var = forward_impl(*args)
+    return _like(y, args[0]), mean, invstd, var
+
+
+_forward_op = torch.library.custom_op(
+    "batchnorm::forward", _forward_op_impl, mutates_args=(), schema=_FORWARD_SCHEMA
+)
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, running_mean, running_var, residual, training, eps, activation,
-      negative_slope):  # fmt: skip
+def _(x: Tensor, *_: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     stats = x.new_empty(x.shape[1], dtype=reference.compute_dtype(x.dtype))
     return torch.empty_like(x), stats, torch.empty_like(stats), torch.empty_like(stats)
 
@@ -377,37 +365,25 @@ def _forward_op_backward(ctx, dy, _dmean, _dinvstd, _dvar):
     return _grads(ctx, dy, _backward_op)
 
 
-torch.library.register_autograd(
-    "batchnorm::forward", _forward_op_backward, setup_context=_forward_setup
-)
+_forward_op.register_autograd(_forward_op_backward, setup_context=_forward_setup)
 
 
-@torch.library.custom_op("batchnorm::backward", mutates_args=())
-def _backward_op(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    mean: Tensor,
-    invstd: Tensor,
-    training: bool,
-    activation: str,
-    negative_slope: float,
-    need_dpre: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dw, db, dpre = backward_impl(
-        dy, x, weight, bias, residual, mean, invstd, training, activation, negative_slope,
-        need_dpre,
-    )  # fmt: skip
+def _backward_op_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dy, x = args[:2]
+    dx, dw, db, dpre = backward_impl(*args)
     if dpre is None:  # a custom op returns tensors only
         return _like(dx, x), dw, db, x.new_empty(0)
     return _like(dx, x), dw, db, _like(dpre, x).clone() if dpre is dy else _like(dpre, x)
 
 
+_backward_op = torch.library.custom_op(
+    "batchnorm::backward", _backward_op_impl, mutates_args=(), schema=_BACKWARD_SCHEMA
+)
+
+
 @_backward_op.register_fake
-def _(dy, x, weight, bias, residual, mean, invstd, training, activation, negative_slope,
-      need_dpre):  # fmt: skip
+def _(dy: Tensor, x: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    mean, need_dpre = args[3], args[-1]
     dpre = torch.empty_like(x) if need_dpre else x.new_empty(0)
     return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean), dpre
 
@@ -429,48 +405,45 @@ def _differentiated(*tensors: Tensor | None) -> bool:
     return any(t is not None and _is_wrapped(t) for t in tensors)  # torch.func transforms
 
 
-def batch_norm(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    residual: Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-    activation: str,
-    negative_slope: float,
-    unbiased_running_var: bool = True,
-    keep_output_only: bool = False,
-    reduction: Reduction | None = None,
-) -> Tensor:
-    """Run the operation with autograd and update the running statistics when training.
-    With a ``reduction`` (SyncBatchNorm in training) the statistics, the gradient and the
-    running update are those of the global batch.
+def _apply(function: type[torch.autograd.Function], args: tuple) -> tuple[Tensor, ...]:
+    """``function.apply(*args)``, without the Python of ``Function.apply`` where it has
+    nothing to do: it binds the arguments to ``forward``'s signature (a no-op for
+    ``forward(*inputs)``, but an ``inspect.signature`` per call: a third of a small layer's
+    forward + backward), unwraps tensors left over from finished torch.func transforms (none
+    here when every tensor has storage) and hands calls under active transforms to
+    torch.func, which then go through ``function.apply``."""
+    if torch._C._are_functorch_transforms_active() or not all(
+        torch._C._has_storage(t) for t in args if isinstance(t, Tensor)
+    ):
+        return function.apply(*args)
+    # what Function.apply calls last: the C++ apply of torch._C._FunctionBase
+    return super(torch.autograd.Function, function).apply(*args)  # type: ignore[misc]
+
+
+def batch_norm(call: Call, reduction: Reduction | None = None) -> Tensor:
+    """Run the operation ``call`` with autograd and update the running statistics when
+    training. With a ``reduction`` (SyncBatchNorm in training) the statistics, the gradient
+    and the running update are those of the global batch.
 
     Inputs must already be validated (see :mod:`batchnorm.functional`)."""
+    x, training, activation, negative_slope, _, keep_output_only, unbiased_running_var = call[:7]
+    weight, bias, running_mean, running_var, residual, momentum, eps = call[7:]
     reduction = reduction if training else None
     compiling = torch.compiler.is_compiling() and reduction is None
     if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tangents may flow
         _refuse_dual_statistics(x, training, running_mean, running_var)
     if not compiling and reduction is None:
-        call = Call(x, training, activation, negative_slope, residual is not None,
-                    keep_output_only, unbiased_running_var)  # fmt: skip
         backend = select(call)
         if backend.operator:
-            return cast(OperatorBackend, backend).batch_norm(
-                x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
-                activation, negative_slope,
-            )  # fmt: skip
+            return cast(OperatorBackend, backend).batch_norm(call)
     args = (x, weight, bias, running_mean, running_var, residual, training, float(eps),
             activation, float(negative_slope))  # fmt: skip
     if compiling:
         y, mean, _, var = _forward_op(*args)
     elif keep_output_only and _differentiated(x, weight, bias, residual):
-        y, mean, _, var = _KeepOutputFunction.apply(*args)
+        y, mean, _, var = _apply(_KeepOutputFunction, args)
     elif _differentiated(x, weight, bias, residual):
-        y, mean, _, var = _BatchNormFunction.apply(*args, reduction)
+        y, mean, _, var = _apply(_BatchNormFunction, (*args, reduction))
     else:
         y, mean, _, var = forward_impl(*args, reduction)
     if training and running_mean is not None and running_var is not None:

@@ -6,11 +6,12 @@ inputs made safe (see :func:`safe_batch_norm`).
 Dispatch rule (``preferred``), from ``make bench`` on 2 cores (benchmarks/results/
 cpu_kernels.json): on CPU, every bfloat16/float16 call (no kernel of ours takes them yet);
 for float32/float64, inputs below ATEN_BELOW_NUMEL values (epilogue included: a few C++
-ops beat a Python-called kernel there) and plain eval of any size (its elementwise loop
-streams faster than ours). Training on larger inputs stays on the Numba kernels, also for
-(N, C) and channels-last inputs where ATen is a little faster: ATen's float32 backward
-there loses accuracy on mean-shifted data (torch 2.13). Other devices keep the reference
-until measured (see batchnorm.backends.builtin_backends).
+ops beat a Python-called kernel there), NCHW inputs of small planes (ATEN_BELOW_PLANE)
+and plain eval of any size (its elementwise loop streams faster than ours). Training on
+larger inputs stays on the Numba kernels, also for (N, C) and channels-last inputs where
+ATen is a little faster: ATen's float32 backward there loses accuracy on mean-shifted data
+(torch 2.13). Other devices keep the reference until measured (see
+batchnorm.backends.builtin_backends).
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from batchnorm.backends import Call
 #: itself) costs more than ATen's whole operator: `make bench` measured the Numba path at
 #: 0.5-0.8x of ATen at (100, 128) forward + backward.
 ATEN_BELOW_NUMEL = 65_536
+#: NCHW-contiguous inputs with fewer values than this per (sample, channel) plane go to
+#: ATen at any size: the Numba channels-first kernel pays a fixed cost per plane, which
+#: the 3x3 planes of a model's last stages turn into most of its time. Measured on 2 shared
+#: cores, 1 thread, float32 training forward + SiLU (the late BN shapes of efficientnet_b0
+#: at batch 8, 96x96): (8, 1152, 3, 3) Numba 660 µs vs ATen + F.silu 146 µs; (8, 384, 6, 6)
+#: 110-195 µs vs 122 µs (even); ATen's NCHW kernel needs no shift (see safe_batch_norm).
+ATEN_BELOW_PLANE = 32
 
 
 class AtenBackend:
@@ -49,26 +57,17 @@ class AtenBackend:
             return False
         if x.numel() < ATEN_BELOW_NUMEL:
             return True
+        planes = x.shape[0] * x.shape[1]
+        if x.dim() > 2 and x.is_contiguous() and x.numel() < ATEN_BELOW_PLANE * planes:
+            return True
         return not call.training and call.activation == "identity" and not call.has_residual
 
-    def batch_norm(
-        self,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        residual: Tensor | None,
-        training: bool,
-        momentum: float,
-        eps: float,
-        activation: str,
-        negative_slope: float,
-    ) -> Tensor:
-        y = safe_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
-        if residual is not None:
-            y = y + residual
-        return reference.activate(y, activation, negative_slope)
+    def batch_norm(self, call: Call) -> Tensor:
+        y = safe_batch_norm(call.x, call.weight, call.bias, call.running_mean, call.running_var,
+                            call.training, call.momentum, call.eps)  # fmt: skip
+        if call.residual is not None:
+            y = y + call.residual
+        return reference.activate(y, call.activation, call.negative_slope)
 
 
 def safe_batch_norm(
@@ -95,30 +94,40 @@ def safe_batch_norm(
       change under a shift, and the sums become accurate.
     """
     x = _dense(x)
-    weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
-    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     # Running statistics that are not contiguous: ATen is given contiguous copies, and the
     # update it makes to them in training is copied back.
     given_mean = _contiguous(running_mean)
     given_var = _contiguous(running_var)
     shift = None
-    if training and x.dtype == torch.float32 and x.numel() > 0 and _channels_last_kernel(x):
-        first = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
-        shift = torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)  # keep inf/NaN as torch
-        x = x - reference.per_channel(shift, x)
-    # With a shift, ATen updates the running mean less the shift (a copy: ATen saves the
-    # tensor it is given for backward), which is then shifted back.
-    if shift is not None and running_mean is not None:
-        given_mean = running_mean - shift
-    y = torch.batch_norm(x, weight, bias, given_mean, given_var, training, momentum, eps, False)
-    if training and running_mean is not None and given_mean is not running_mean:
-        if shift is None:
-            running_mean.copy_(given_mean)
+    if training and x.dtype is torch.float32 and _channels_last_kernel(x) and x.numel():
+        if x.dim() == 2:  # (N, C): the first row, which broadcasts as it is
+            shift = torch.nan_to_num(x.detach()[0], 0.0, 0.0, 0.0)  # inf/NaN stay torch's
+            x = x - shift
         else:
-            torch.add(given_mean, shift, out=running_mean)
-    if training and running_var is not None and given_var is not running_var:
-        running_var.copy_(given_var)
-    if y.requires_grad and 1 in y.shape:  # only size-1 dimensions can carry odd strides
+            first = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
+            shift = torch.nan_to_num(first, 0.0, 0.0, 0.0)
+            x = x - reference.per_channel(shift, x)
+        if given_mean is running_mean is not None and torch.is_grad_enabled():
+            # ATen saves the running mean for backward: it is given a copy, as the shift's
+            # correction below changes the running mean in place.
+            given_mean = running_mean.clone()
+    y = torch.batch_norm(x, weight, bias, given_mean, given_var, training, momentum, eps, False)
+    if training and running_mean is not None:
+        # With a shift, ATen's update, (1 - momentum) * running + momentum * (mean - shift),
+        # lacks momentum * shift.
+        if shift is not None and given_mean is running_mean:
+            running_mean.add_(shift, alpha=momentum)
+        elif shift is not None:
+            torch.add(given_mean, shift, alpha=momentum, out=running_mean)
+        elif given_mean is not running_mean:
+            running_mean.copy_(given_mean)  # type: ignore[arg-type]
+    if training and given_var is not running_var:
+        running_var.copy_(given_var)  # type: ignore[union-attr, arg-type]
+    if 1 in x.shape and y.requires_grad:  # only size-1 dimensions can carry odd strides
         y.register_hook(_with_strides(y.stride()))
     return y
 
