@@ -18,15 +18,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from batchnorm.nn.base import _BatchNormBase, bind_options, full_signature
-from batchnorm.nn.batchnorm import (
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    BatchNormAct1d,
-    BatchNormAct2d,
-    BatchNormAct3d,
-    activation_options,
-)
+from batchnorm.nn import batchnorm as eager
 
 #: The eager class's constructor parameters without ``num_features``.
 _LAZY_INIT = inspect.signature(_BatchNormBase.__init__).replace(
@@ -81,22 +73,22 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNormBase):
         self.reset_parameters()
 
 
-class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):
+class LazyBatchNorm1d(_LazyBatchNorm, eager.BatchNorm1d):
     """``BatchNorm1d`` with ``num_features`` from the first input (torch.nn.LazyBatchNorm1d)."""
 
-    cls_to_become = BatchNorm1d
+    cls_to_become = eager.BatchNorm1d
 
 
-class LazyBatchNorm2d(_LazyBatchNorm, BatchNorm2d):
+class LazyBatchNorm2d(_LazyBatchNorm, eager.BatchNorm2d):
     """``BatchNorm2d`` with ``num_features`` from the first input (torch.nn.LazyBatchNorm2d)."""
 
-    cls_to_become = BatchNorm2d
+    cls_to_become = eager.BatchNorm2d
 
 
-class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
+class LazyBatchNorm3d(_LazyBatchNorm, eager.BatchNorm3d):
     """``BatchNorm3d`` with ``num_features`` from the first input (torch.nn.LazyBatchNorm3d)."""
 
-    cls_to_become = BatchNorm3d
+    cls_to_become = eager.BatchNorm3d
 
 
 @full_signature
@@ -110,24 +102,24 @@ class _LazyBatchNormAct(_LazyBatchNorm):
         negative_slope: float = 0.01,
         **kwargs: Any,
     ) -> None:
-        options = activation_options(type(self).__name__, activation, negative_slope)
+        options = eager.activation_options(type(self).__name__, activation, negative_slope)
         super().__init__(*args, **kwargs)
         self.activation, self.negative_slope = options
 
 
-class LazyBatchNormAct1d(_LazyBatchNormAct, BatchNormAct1d):
+class LazyBatchNormAct1d(_LazyBatchNormAct, eager.BatchNormAct1d):
     """``BatchNormAct1d`` with ``num_features`` from the first input."""
 
-    cls_to_become = BatchNormAct1d
+    cls_to_become = eager.BatchNormAct1d
 
 
-class LazyBatchNormAct2d(_LazyBatchNormAct, BatchNormAct2d):
+class LazyBatchNormAct2d(_LazyBatchNormAct, eager.BatchNormAct2d):
     """``BatchNormAct2d`` with ``num_features`` from the first input."""
 
-    cls_to_become = BatchNormAct2d
+    cls_to_become = eager.BatchNormAct2d
 
 
-class LazyBatchNormAct3d(_LazyBatchNormAct, BatchNormAct3d):
+class LazyBatchNormAct3d(_LazyBatchNormAct, eager.BatchNormAct3d):
     """``BatchNormAct3d`` with ``num_features`` from the first input."""
 
-    cls_to_become = BatchNormAct3d
+    cls_to_become = eager.BatchNormAct3d
