@@ -17,8 +17,8 @@ from torch import Tensor
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from batchnorm.nn.base import _BatchNormBase, bind_options, full_signature
 from batchnorm.nn import batchnorm as eager
+from batchnorm.nn.base import _BatchNormBase, bind_options, full_signature
 
 #: The eager class's constructor parameters without ``num_features``.
 _LAZY_INIT = inspect.signature(_BatchNormBase.__init__).replace(
