@@ -1,11 +1,13 @@
 """Griffe extension for the API reference (mkdocs.yml): the real constructor signature of the
-layers decorated with ``batchnorm.nn.base.full_signature``.
+layers decorated with ``batchnorm.nn.base.full_signature``, and of those whose ``__init__``
+is ``(self, *args, **kwargs)`` bound to a signature of their own (SyncBatchNorm, the lazy
+layers).
 
-Such a layer's ``__init__`` names only its own options and passes the others on to its
-parent through ``*args``/``**kwargs``; the decorator sets ``__init__.__signature__`` at
-import, which reading the sources (griffe's static analysis, used for the rest of the
-reference) cannot see. For those classes only, this extension imports the class and
-replaces the parameters of its ``__init__`` by the ones ``inspect.signature`` gives.
+Such a layer's ``__init__`` names only its own options (or none) and passes the others on
+through ``*args``/``**kwargs``; ``__init__.__signature__`` is set at import, which reading
+the sources (griffe's static analysis, used for the rest of the reference) cannot see. For
+those classes only, this extension imports the class and replaces the parameters of its
+``__init__`` by the ones ``inspect.signature`` gives.
 
 (mkdocstrings-python's ``force_inspection`` applies to a whole package: it would import
 every module of batchnorm, ``batchnorm.__main__`` included, which runs the CLI, and list
@@ -40,11 +42,12 @@ class FullSignature(griffe.Extension):
         self.decorator = decorator
 
     def on_class(self, *, cls: griffe.Class, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
-        if not any(d.callable_path == self.decorator for d in cls.decorators):
-            return
         init = cls.members.get("__init__")
-        if not isinstance(init, griffe.Function):
+        decorated = any(d.callable_path == self.decorator for d in cls.decorators)
+        if decorated and not isinstance(init, griffe.Function):
             raise ValueError(f"{cls.path}: decorated with {self.decorator}, has no __init__")
+        if not isinstance(init, griffe.Function) or not (decorated or _passes_all_on(init)):
+            return
         # The sources griffe reads (its search paths) come first: the code documented is the
         # code imported. (dynamic_import replaces sys.path by the paths given.)
         try:
@@ -58,6 +61,13 @@ class FullSignature(griffe.Extension):
         )
         for parameter in init.parameters:
             parameter.function = init
+
+
+def _passes_all_on(init: griffe.Function) -> bool:
+    """``__init__(self, *args, **kwargs)``: a constructor that binds its arguments to a
+    signature it sets itself (``__init__.__signature__``, e.g. SyncBatchNorm's)."""
+    kinds = [p.kind for p in init.parameters][1:]
+    return kinds == [griffe.ParameterKind.var_positional, griffe.ParameterKind.var_keyword]
 
 
 def _parameter(parameter: inspect.Parameter, cls: griffe.Class) -> griffe.Parameter:
