@@ -233,8 +233,10 @@ def findings(table: dict[str, Any], seeds: int) -> list[Section]:
         "differently the model behaves with its batch's statistics and with the running ones. "
         f"Micro-batches: {gaps(MICRO)}. Non-i.i.d.: {gaps(NON_IID)}. A negative gap: with "
         "the statistics of a small or skewed batch the trained model does worse than with "
-        "population statistics; BatchRenorm and frozen BN bring train mode close to eval mode "
-        "(frozen BN and GroupNorm are the same in both, a gap of exactly 0).",
+        "population statistics; with non-i.i.d. batches BatchRenorm brings train mode close to "
+        "eval mode (frozen BN and GroupNorm are the same in both, a gap of exactly 0). With "
+        "micro-batches every gap is small for the BN variants because they train badly in "
+        "either mode: BN's failure there is training, not only inference.",
         f"Against BN with micro-batches (BN {test(MICRO, BN)['mean']:.3f}): {versus_bn(MICRO)}.",
         f"Against BN with non-i.i.d. batches (BN {test(NON_IID, BN)['mean']:.3f}): "
         f"{versus_bn(NON_IID)}.",
