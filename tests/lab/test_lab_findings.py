@@ -52,18 +52,20 @@ def test_renorm2017_bn_falls_with_micro_batches(renorm_quick):
     _, metrics, _ = renorm_quick
     large = metrics["results"]["large i.i.d."]["BN"]["test_accuracy"]
     micro = metrics["results"]["micro-batches"]["BN"]["test_accuracy"]
-    # BN's eval accuracy with 4 samples per device is below the large-batch one, beyond the
-    # seed spread (the ranges do not overlap).
+    # BN's eval accuracy with 2 samples per device is far below the large-batch one, beyond
+    # the seed spread (the ranges do not overlap): the head's BN over 2 values gives +-1.
     assert micro["max"] < large["min"]
-    assert micro["mean"] < large["mean"] - 2 * MARGIN
+    assert micro["mean"] < large["mean"] - 0.3
 
 
-def test_renorm2017_freezing_after_warm_up_recovers_micro_batches(renorm_quick):
+@pytest.mark.parametrize("variant", ["BatchRenorm", "frozen BN", "GroupNorm"])
+def test_renorm2017_variants_recover_part_of_micro_batches(renorm_quick, variant):
+    """BatchRenorm, BN frozen after warm-up and GroupNorm are each above BN with
+    micro-batches, beyond the seed spread and by a margin."""
     _, metrics, _ = renorm_quick
     micro = metrics["results"]["micro-batches"]
-    assert (
-        micro["frozen BN"]["test_accuracy"]["mean"] > micro["BN"]["test_accuracy"]["mean"] + MARGIN
-    )
+    ours, bn = micro[variant]["test_accuracy"], micro["BN"]["test_accuracy"]
+    assert ours["min"] > bn["max"] and ours["mean"] > bn["mean"] + 2 * MARGIN, (ours, bn)
 
 
 @pytest.mark.parametrize("variant", ["frozen BN", "GroupNorm"])
