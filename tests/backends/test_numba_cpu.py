@@ -226,9 +226,10 @@ def test_threads_follow_torch():
 
 
 @pytest.mark.auto_dispatch
-def test_dispatch_numba_for_cpu_float32_float64_only():
+def test_dispatch_numba_for_cpu_floats_of_every_width():
     for dtype, name in [(torch.float32, "numba"), (torch.float64, "numba"),
-                        (torch.float16, "reference"), (torch.bfloat16, "reference")]:  # fmt: skip
+                        (torch.float16, "numba"), (torch.bfloat16, "numba"),
+                        (torch.int32, "reference")]:  # fmt: skip
         assert ops.select_backend(torch.zeros(2, 3, dtype=dtype)).name == name
     assert ops.select_backend(torch.zeros(2, 3, device="meta")).name == "reference"
 

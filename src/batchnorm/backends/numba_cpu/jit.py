@@ -13,7 +13,7 @@ import types
 import numba
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 from numba.core import types as nbtypes
 from numba.extending import intrinsic, overload
 
@@ -27,18 +27,14 @@ FASTMATH = {"reassoc"}
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 _IDENTITY, _SILU = 0, 3
 
-#: cf: values of one row summed as one piece (16 KiB of float32: both passes hit L1).
+#: cf: values of one row summed as one piece, in the compute dtype, before the float64 merge.
 CHUNK = 4096
-#: cl: values in one block of rows (256 KiB of float32: both passes hit L2) ...
-BLOCK = 65536
-#: ... and at most this many rows per block, so that the per-channel sums, sequential over
-#: the rows of a block, add few terms in x's dtype before the float64 merge.
+#: cl: rows in one block, whose per-channel sums add this many terms in the compute dtype
+#: before the float64 merge (each pass reads a block once: it need not fit a cache).
 MAX_BLOCK_ROWS = 256
 #: Inputs with fewer values run serially (see _Kernel). Measured on 2 cores: around this
 #: size the parallel kernels' thread wake-ups cost about as much as the second core saves.
 SERIAL_BELOW = 1 << 16
-#: Pieces per thread in cl reductions: spare pieces balance threads that the OS slows down.
-PIECES_PER_THREAD = 4
 
 
 class _Kernel:
@@ -118,9 +114,14 @@ INLINE = {"fastmath": FASTMATH, "error_model": "numpy"}
 _HELPER = {**INLINE, "cache": _enable_cache()}
 
 #: Numba keys a cached function by the content of its own source file only; the kernels
-#: compile in the helpers of this file, so their cache names carry this file's hash too.
-with open(__file__, "rb") as _source:
-    HELPERS_STAMP = hashlib.sha256(_source.read()).hexdigest()[:12]
+#: compile in the helpers of this file and of halves.py, so their cache names carry the
+#: hash of both.
+_STAMPED = (__file__, os.path.join(os.path.dirname(__file__), "halves.py"))
+_digest = hashlib.sha256()
+for _path in _STAMPED:
+    with open(_path, "rb") as _source:
+        _digest.update(_source.read())
+HELPERS_STAMP = _digest.hexdigest()[:12]
 
 
 @intrinsic
@@ -141,6 +142,17 @@ def _view(address, like, shape):
     The kernels take tensors as addresses (``Tensor.data_ptr()``): converting a tensor to a
     NumPy array costs about 1 µs, ten times more, and a small layer passes ten tensors."""
     return numba.carray(_pointer(address, like), shape)
+
+
+@njit(inline="always", **_HELPER)
+def _vectors(stats, channels, mean_at, invstd_at, weight_at, bias_at, has_weight, has_bias):
+    """The per-channel vectors of a kernel: mean, invstd, weight and bias (the latter two
+    views of mean when absent, never read then), all of the statistics' dtype."""
+    vector = (channels,)
+    mean, invstd = _view(mean_at, stats, vector), _view(invstd_at, stats, vector)
+    weight = _view(weight_at if has_weight else mean_at, stats, vector)
+    bias = _view(bias_at if has_bias else mean_at, stats, vector)
+    return mean, invstd, weight, bias
 
 
 # Activations. identity, relu and leaky_relu are one piecewise-linear map with slope `neg`
@@ -249,6 +261,50 @@ def _silu_grad(dy, pre):
     return grad if pre > -np.inf else pre - pre
 
 
+# The per-element math of both layouts, with pre = (x - mean) * scale + shift [+ z] and
+# xc = x - mean. The tests on act, has_z and training are the same for every element of a
+# loop: LLVM moves them out of it (loop unswitching), and each variant vectorizes as if
+# written out on its own (measured: as fast as the hand-written variants).
+
+
+@njit(inline="always", **_HELPER)
+def _pre(xc, scale, shift, z, has_z):
+    pre = xc * scale + shift
+    return pre + z if has_z else pre
+
+
+@njit(inline="always", **_HELPER)
+def _act(pre, act, neg):
+    """The activation of code ``act`` (see ACTIVATION_CODES) at ``pre``."""
+    if act == _IDENTITY:  # plain batch norm, the common case: nothing but the affine map
+        return pre
+    return _silu(pre) if act == _SILU else _linear_act(pre, neg)
+
+
+@njit(inline="always", **_HELPER)
+def _dpre(dy, pre, act, neg):
+    """dL/dpre from dL/dy for the activation of code ``act``."""
+    if act == _IDENTITY:
+        return dy
+    return _silu_grad(dy, pre) if act == _SILU else _linear_grad(dy, pre, neg)
+
+
+@njit(inline="always", **_HELPER)
+def _dx(dpre, xc, scale, k0, k2, training):
+    """dx = scale * dpre + k0 + k2 * (x - mean) (see _grad_coefficients); in eval mode
+    scale * dpre alone, where x does not enter (an infinite x keeps dx finite)."""
+    return scale * dpre + k0 + k2 * xc if training else scale * dpre
+
+
+@njit(inline="always", **_HELPER)
+def _share(part, parts, items):
+    """(start, stop) of the part-th of ``parts`` near-equal contiguous shares of ``items``.
+
+    The second pass of each kernel runs a thread over its own share, newest first: the
+    first pass has just read the same share in order, so its end is still in the caches."""
+    return part * items // parts, (part + 1) * items // parts
+
+
 @njit(**_HELPER)
 def _coefficients(mean, invstd, weight, bias, has_weight, has_bias):
     """Per-channel (scale, shift) of pre = (x - mean) * scale + shift, in x's dtype."""
@@ -262,12 +318,56 @@ def _coefficients(mean, invstd, weight, bias, has_weight, has_bias):
     return scale, shift
 
 
-@njit(**_HELPER)
-def _finish_stats(mean64, m2_64, count, eps, mean, var, invstd):
-    for c in range(mean.shape[0]):
-        mean[c] = mean64[c]
-        var[c] = m2_64[c] / count
-        invstd[c] = 1.0 / np.sqrt(var[c] + eps)  # of the var rounded to x's dtype
+@njit(inline="always", **_HELPER)
+def _merge_stats(piece_mean, piece_m2, lengths, count, eps, mean, var, invstd):
+    """Per channel, the merge of the pieces' (count, mean, M2) in float64: the count-weighted
+    mean, then M2 = sum(M2_p + n_p (mean_p - mean)^2); then mean, var and invstd in the
+    statistics' dtype. The pieces of channel c are piece_*[a, c, b], of lengths[a, b]
+    values. Summing means (rather than Chan's running update) keeps an infinite piece's
+    mean infinite, as torch's is. Inlined into the kernels, whose prange it is."""
+    outer, channels, inner = piece_mean.shape
+    for c in prange(channels):
+        total = 0.0
+        for a in range(outer):
+            for b in range(inner):
+                total += piece_mean[a, c, b] * lengths[a, b]
+        m = total / count
+        m2 = 0.0
+        for a in range(outer):
+            for b in range(inner):
+                delta = piece_mean[a, c, b] - m
+                m2 += piece_m2[a, c, b] + lengths[a, b] * delta * delta
+        mean[c] = m
+        var[c] = m2 / count
+        invstd[c] = 1.0 / np.sqrt(var[c] + eps)  # of the var rounded to the stats' dtype
+
+
+@njit(inline="always", **_HELPER)
+def _merge_grad_sums(piece_g, piece_gx, invstd, dweight, dbias):
+    """dbias = sum of the pieces' sum(dpre), dweight = invstd * sum(dpre * (x - mean)), each
+    summed in float64 (pieces laid out as in _merge_stats)."""
+    outer, channels, inner = piece_g.shape
+    for c in prange(channels):
+        g, gx = 0.0, 0.0
+        for a in range(outer):
+            for b in range(inner):
+                g += piece_g[a, c, b]
+                gx += piece_gx[a, c, b]
+        dbias[c] = g
+        dweight[c] = gx * invstd[c]
+
+
+@njit(inline="always", **_HELPER)
+def _piece_stats(s, d1, d2, count):
+    """(mean, M2) in float64 of a piece of ``count`` values from its sums d1 = sum(x - s)
+    and d2 = sum((x - s)^2) around one of its values s. One pass reads the piece; the sums
+    around a value of the piece (not 0) keep the digits of a channel with a large mean
+    (mean 1e4, std 1 in float32), and M2 loses at most a factor ``count`` of precision
+    whatever s is (s's own deviation is part of M2). NaN when s or d1 is not finite: the
+    caller then takes the mean from the plain sum, as torch does."""
+    if not (np.isfinite(s) and np.isfinite(d1)):
+        return np.nan, np.nan
+    return s + np.float64(d1) / count, d2 - np.float64(d1) * d1 / count
 
 
 @njit(**_HELPER)
