@@ -88,6 +88,7 @@ def cf_forward(like, stats, n_batch, channels, size, x_at, z_at, y_at, weight_at
     shape = (n_batch, channels, size)
     x, y = jit._view(x_at, like, shape), jit._view(y_at, like, shape)
     z = jit._view(z_at if has_z else x_at, like, shape)
+    var = jit._view(var_at, stats, (channels,))
     mean, invstd, weight, bias = jit._vectors(stats, channels, mean_at, invstd_at, weight_at,
                                               bias_at, has_weight, has_bias)  # fmt: skip
     neg = stats.dtype.type(neg)
@@ -102,8 +103,9 @@ def cf_forward(like, stats, n_batch, channels, size, x_at, z_at, y_at, weight_at
         lengths = np.empty((n_batch, chunks), np.float64)
         for k in range(chunks):
             lengths[:, k] = min(CHUNK, size - k * CHUNK)
-        var = jit._view(var_at, stats, (channels,))
-        jit._merge_stats(piece_mean, piece_m2, lengths, n_batch * size, eps, mean, var, invstd)
+        for c in prange(channels):
+            mean64, var64 = jit._merge_stats(piece_mean, piece_m2, lengths, c, n_batch * size)
+            jit._finish_stats(c, mean64, var64, eps, mean, var, invstd)
     scale, shift = jit._coefficients(mean, invstd, weight, bias, has_weight, has_bias)
     for t in prange(threads):
         first, stop = jit._share(t, threads, n_batch * channels)
@@ -142,7 +144,9 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
             dy[n, c, part], x[n, c, part], z[n, c, part], dpre[n, c, part], stats, mean[c],
             scale[c], shift[c], act, neg, has_z, write_dpre,
         )  # fmt: skip
-    jit._merge_grad_sums(piece_g, piece_gx, invstd, dweight, dbias)
+    for c in prange(channels):
+        sum_g, sum_gx = jit._grad_sums(piece_g, piece_gx, c)
+        dbias[c], dweight[c] = sum_g, sum_gx * invstd[c]
     k0, k2 = jit._grad_coefficients(scale, invstd, dweight, dbias, n_batch * size, training)
     reread = write_dpre and x.itemsize > 2  # see the docstring
     g_rows = dpre if reread else dy

@@ -102,6 +102,7 @@ def cl_forward(like, stats, rows, channels, x_at, z_at, y_at, weight_at, bias_at
     """cf_forward for x of shape (M, C)."""
     x, y = jit._view(x_at, like, (rows, channels)), jit._view(y_at, like, (rows, channels))
     z = jit._view(z_at if has_z else x_at, like, (rows, channels))
+    var = jit._view(var_at, stats, (channels,))
     mean, invstd, weight, bias = jit._vectors(stats, channels, mean_at, invstd_at, weight_at,
                                               bias_at, has_weight, has_bias)  # fmt: skip
     neg = stats.dtype.type(neg)
@@ -115,8 +116,9 @@ def cl_forward(like, stats, rows, channels, x_at, z_at, y_at, weight_at, bias_at
         lengths = np.empty((blocks, 1), np.float64)
         for k in range(blocks):
             lengths[k, 0] = min(rows, k * per + per) - k * per
-        var = jit._view(var_at, stats, (channels,))
-        jit._merge_stats(block_mean, block_m2, lengths, rows, eps, mean, var, invstd)
+        for c in prange(channels):
+            mean64, var64 = jit._merge_stats(block_mean, block_m2, lengths, c, rows)
+            jit._finish_stats(c, mean64, var64, eps, mean, var, invstd)
     scale, shift = jit._coefficients(mean, invstd, weight, bias, has_weight, has_bias)
     for t in prange(threads):
         first, stop = jit._share(t, threads, blocks)
@@ -151,7 +153,9 @@ def cl_backward(like, stats, rows, channels, dy_at, x_at, z_at, dx_at, dpre_at, 
                       act, neg, has_z, write_dpre)  # fmt: skip
         block_g[k, :, 0] = g
         block_gx[k, :, 0] = gx
-    jit._merge_grad_sums(block_g, block_gx, invstd, dweight, dbias)
+    for c in prange(channels):
+        sum_g, sum_gx = jit._grad_sums(block_g, block_gx, c)
+        dbias[c], dweight[c] = sum_g, sum_gx * invstd[c]
     k0, k2 = jit._grad_coefficients(scale, invstd, dweight, dbias, rows, training)
     reread = write_dpre and x.itemsize > 2  # see cf_backward's docstring
     g_rows = dpre if reread else dy

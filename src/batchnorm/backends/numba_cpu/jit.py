@@ -13,7 +13,7 @@ import types
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 from numba.core import types as nbtypes
 from numba.extending import intrinsic, overload
 
@@ -319,42 +319,49 @@ def _coefficients(mean, invstd, weight, bias, has_weight, has_bias):
 
 
 @njit(inline="always", **_HELPER)
-def _merge_stats(piece_mean, piece_m2, lengths, count, eps, mean, var, invstd):
-    """Per channel, the merge of the pieces' (count, mean, M2) in float64: the count-weighted
-    mean, then M2 = sum(M2_p + n_p (mean_p - mean)^2); then mean, var and invstd in the
-    statistics' dtype. The pieces of channel c are piece_*[a, c, b], of lengths[a, b]
-    values. Summing means (rather than Chan's running update) keeps an infinite piece's
-    mean infinite, as torch's is. Inlined into the kernels, whose prange it is."""
-    outer, channels, inner = piece_mean.shape
-    for c in prange(channels):
-        total = 0.0
-        for a in range(outer):
-            for b in range(inner):
-                total += piece_mean[a, c, b] * lengths[a, b]
-        m = total / count
-        m2 = 0.0
-        for a in range(outer):
-            for b in range(inner):
-                delta = piece_mean[a, c, b] - m
-                m2 += piece_m2[a, c, b] + lengths[a, b] * delta * delta
-        mean[c] = m
-        var[c] = m2 / count
-        invstd[c] = 1.0 / np.sqrt(var[c] + eps)  # of the var rounded to the stats' dtype
+def _merge_stats(piece_mean, piece_m2, lengths, c, count):
+    """(mean, var, invstd) of channel c in float64 from its pieces' (count, mean, M2):
+    piece_*[a, c, b], of lengths[a, b] values. The count-weighted mean, then
+    M2 = sum(M2_p + n_p (mean_p - mean)^2). Summing means (rather than Chan's running
+    update) keeps an infinite piece's mean infinite, as torch's is. (The kernels call it in
+    their own prange over the channels.)"""
+    outer, _, inner = piece_mean.shape
+    total = 0.0
+    for a in range(outer):
+        for b in range(inner):
+            total += piece_mean[a, c, b] * lengths[a, b]
+    mean = total / count
+    m2 = 0.0
+    for a in range(outer):
+        for b in range(inner):
+            delta = piece_mean[a, c, b] - mean
+            m2 += piece_m2[a, c, b] + lengths[a, b] * delta * delta
+    return mean, m2 / count
+
+
+@njit(**_HELPER)
+def _finish_stats(c, mean64, var64, eps, mean, var, invstd):
+    """Channel c's mean, var and invstd in the statistics' dtype (invstd of the rounded var).
+
+    Not inlined on purpose: numba's parallel pass drops stores, in a prange, to an array that
+    the kernel does not read afterwards (var: its stores vanished, measured with numba
+    0.68); a call it cannot see into keeps them."""
+    mean[c] = mean64
+    var[c] = var64
+    invstd[c] = 1.0 / np.sqrt(var[c] + eps)
 
 
 @njit(inline="always", **_HELPER)
-def _merge_grad_sums(piece_g, piece_gx, invstd, dweight, dbias):
-    """dbias = sum of the pieces' sum(dpre), dweight = invstd * sum(dpre * (x - mean)), each
-    summed in float64 (pieces laid out as in _merge_stats)."""
-    outer, channels, inner = piece_g.shape
-    for c in prange(channels):
-        g, gx = 0.0, 0.0
-        for a in range(outer):
-            for b in range(inner):
-                g += piece_g[a, c, b]
-                gx += piece_gx[a, c, b]
-        dbias[c] = g
-        dweight[c] = gx * invstd[c]
+def _grad_sums(piece_g, piece_gx, c):
+    """Channel c's sum of dpre and of dpre * (x - mean) over its pieces, in float64 (pieces
+    laid out as in _merge_stats)."""
+    outer, _, inner = piece_g.shape
+    g, gx = 0.0, 0.0
+    for a in range(outer):
+        for b in range(inner):
+            g += piece_g[a, c, b]
+            gx += piece_gx[a, c, b]
+    return g, gx
 
 
 @njit(inline="always", **_HELPER)
