@@ -42,13 +42,6 @@ def _cf_piece_stats(xr, stats):
     return mean, m2
 
 
-@njit(inline="always", **INLINE)
-def _cf_dpre(gr, xr, zr, i, m, a, b, act, neg, has_z):
-    """(x - m, dL/dpre) at i, dL/dpre from dL/dy = gr with pre recomputed."""
-    xc = _ld(xr[i]) - m
-    return xc, jit._dpre(_ld(gr[i]), jit._pre(xc, a, b, _ld(zr[i]), has_z), act, neg)
-
-
 @njit(**INLINE)
 def _cf_epilogue(xr, zr, yr, m, a, b, act, neg, has_z):
     """yr = act((xr - m) * a + b [+ zr])."""
@@ -58,23 +51,25 @@ def _cf_epilogue(xr, zr, yr, m, a, b, act, neg, has_z):
 
 @njit(**INLINE)
 def _cf_grad_sums(gr, xr, zr, pr, stats, m, a, b, act, neg, has_z, write_dpre):
-    """(sum dpre, sum dpre * (x - m)) over a piece; dpre is written to pr if write_dpre."""
+    """(sum dpre, sum dpre * (x - m)) over a piece; dpre is written to pr if write_dpre, in
+    a pass of its own over the piece, which is in L1 (see channels_last._cl_grad_sums)."""
+    if write_dpre:
+        _cf_dx(gr, xr, zr, pr, m, a, b, a - a, a - a, act, neg, has_z, False, True)
     g, gx = stats.dtype.type(0), stats.dtype.type(0)
     for i in range(xr.shape[0]):
-        xc, d = _cf_dpre(gr, xr, zr, i, m, a, b, act, neg, has_z)
-        if write_dpre:
-            pr[i] = _st(d, pr)
+        xc, d = jit._centred_dpre(_ld(gr[i]), _ld(xr[i]), _ld(zr[i]), m, a, b, act, neg, has_z)
         g += d
         gx += d * xc
     return g, gx
 
 
 @njit(**INLINE)
-def _cf_dx(gr, xr, zr, dxr, m, a, b, k0, k2, act, neg, has_z, training):
-    """dxr from dL/dy = gr (dpre recomputed) or from dpre itself (act = identity)."""
+def _cf_dx(gr, xr, zr, dxr, m, a, b, k0, k2, act, neg, has_z, training, dpre_only=False):
+    """dxr from dL/dy = gr (dpre recomputed) or from dpre itself (act = identity); with
+    dpre_only, dL/dpre itself."""
     for i in range(xr.shape[0]):
-        xc, d = _cf_dpre(gr, xr, zr, i, m, a, b, act, neg, has_z)
-        dxr[i] = _st(jit._dx(d, xc, a, k0, k2, training), dxr)
+        xc, d = jit._centred_dpre(_ld(gr[i]), _ld(xr[i]), _ld(zr[i]), m, a, b, act, neg, has_z)
+        dxr[i] = _st(d if dpre_only else jit._dx(d, xc, a, k0, k2, training), dxr)
 
 
 @jit._Kernel

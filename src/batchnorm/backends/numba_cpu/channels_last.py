@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from batchnorm.backends.numba_cpu import jit
 from batchnorm.backends.numba_cpu.halves import _ld, _st
-from batchnorm.backends.numba_cpu.jit import INLINE, _dpre, _pre
+from batchnorm.backends.numba_cpu.jit import INLINE, _pre
 
 #: Blocks per thread at the least, so that a block's float64 results are few against its
 #: values but every thread has work (also when the OS slows one down).
@@ -54,13 +54,6 @@ def _cl_block_stats(xb, stats, block_mean, block_m2):
             block_mean[c, 0] = total / rows
 
 
-@njit(inline="always", **INLINE)
-def _cl_dpre(gb, xb, zb, r, c, mean, scale, shift, act, neg, has_z):
-    """(x - mean, dL/dpre) at [r, c], dL/dpre from dL/dy = gb with pre recomputed."""
-    xc = _ld(xb[r, c]) - mean[c]
-    return xc, _dpre(_ld(gb[r, c]), _pre(xc, scale[c], shift[c], _ld(zb[r, c]), has_z), act, neg)
-
-
 @njit(**INLINE)
 def _cl_epilogue(xb, zb, yb, mean, scale, shift, act, neg, has_z):
     """yb = act((xb - mean) * scale + shift [+ zb])."""
@@ -72,15 +65,26 @@ def _cl_epilogue(xb, zb, yb, mean, scale, shift, act, neg, has_z):
 
 
 @njit(**INLINE)
+def _cl_dpre_row(gr, xr, zr, pr, mean, scale, shift, act, neg, has_z):
+    """pr = dL/dpre of one row, from dL/dy = gr with pre recomputed."""
+    for c in range(xr.shape[0]):
+        _, d = jit._centred_dpre(_ld(gr[c]), _ld(xr[c]), _ld(zr[c]), mean[c], scale[c],
+                                 shift[c], act, neg, has_z)  # fmt: skip
+        pr[c] = _st(d, pr)
+
+
+@njit(**INLINE)
 def _cl_grad_sums(gb, xb, zb, pb, g, gx, mean, scale, shift, act, neg, has_z, write_dpre):
     """Add dpre = dL/dpre and dpre * (x - mean) of a block to the per-channel sums g and gx;
-    write dpre to pb if write_dpre."""
+    write dpre to pb if write_dpre (a loop of its own over the row, which is in L1: a store
+    under a test keeps the summing loop from vectorizing)."""
     rows, channels = xb.shape
     for r in range(rows):
+        if write_dpre:
+            _cl_dpre_row(gb[r], xb[r], zb[r], pb[r], mean, scale, shift, act, neg, has_z)
         for c in range(channels):
-            xc, d = _cl_dpre(gb, xb, zb, r, c, mean, scale, shift, act, neg, has_z)
-            if write_dpre:
-                pb[r, c] = _st(d, pb)
+            xc, d = jit._centred_dpre(_ld(gb[r, c]), _ld(xb[r, c]), _ld(zb[r, c]), mean[c],
+                                      scale[c], shift[c], act, neg, has_z)  # fmt: skip
             g[c] += d
             gx[c] += d * xc
 
@@ -91,7 +95,8 @@ def _cl_dx(gb, xb, zb, dxb, mean, scale, shift, k0, k2, act, neg, has_z, trainin
     rows, channels = xb.shape
     for r in range(rows):
         for c in range(channels):
-            xc, d = _cl_dpre(gb, xb, zb, r, c, mean, scale, shift, act, neg, has_z)
+            xc, d = jit._centred_dpre(_ld(gb[r, c]), _ld(xb[r, c]), _ld(zb[r, c]), mean[c],
+                                      scale[c], shift[c], act, neg, has_z)  # fmt: skip
             dxb[r, c] = _st(jit._dx(d, xc, scale[c], k0[c], k2[c], training), dxb)
 
 

@@ -290,10 +290,22 @@ def _dpre(dy, pre, act, neg):
 
 
 @njit(inline="always", **_HELPER)
+def _centred_dpre(dy, x, z, mean, scale, shift, act, neg, has_z):
+    """(x - mean, dL/dpre) of one value, dL/dpre from dL/dy with pre recomputed. Values in,
+    not arrays and indices: an index passed into a helper loses numba's knowledge that it
+    is not negative, and the test it then adds keeps the loop from vectorizing."""
+    xc = x - mean
+    return xc, _dpre(dy, _pre(xc, scale, shift, z, has_z), act, neg)
+
+
+@njit(inline="always", **_HELPER)
 def _dx(dpre, xc, scale, k0, k2, training):
-    """dx = scale * dpre + k0 + k2 * (x - mean) (see _grad_coefficients); in eval mode
-    scale * dpre alone, where x does not enter (an infinite x keeps dx finite)."""
-    return scale * dpre + k0 + k2 * xc if training else scale * dpre
+    """dx = scale * dpre + k0 + k2 * (x - mean) (see _grad_coefficients); in eval mode, where
+    k0 = k2 = 0, x does not enter (an infinite x keeps dx finite). Written as a choice of
+    one operand, not of two formulas: LLVM then selects instead of splitting the loop, which
+    it does for a few invariant tests only (measured: a loop that also tests act and has_z
+    stayed scalar, 5x slower)."""
+    return scale * dpre + k0 + k2 * (xc if training else k2)
 
 
 @njit(inline="always", **_HELPER)
