@@ -145,10 +145,11 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
     k0, k2 = jit._grad_coefficients(scale, invstd, dweight, dbias, n_batch * size, training)
     reread = write_dpre and x.itemsize > 2  # see the docstring
     g_rows = dpre if reread else dy
-    act2 = jit._IDENTITY if reread else act
+    # identity is the linear activation of slope 1 (see jit._act)
+    act2, neg2 = (jit._IDENTITY, stats.dtype.type(1)) if reread else (act, neg)
     for t in prange(threads):
         first, stop = jit._share(t, threads, n_batch * channels)
         for row in range(stop - 1, first - 1, -1):
             n, c = row // channels, row % channels
             _cf_dx(g_rows[n, c], x[n, c], z[n, c], dx[n, c], mean[c], scale[c], shift[c], k0[c],
-                   k2[c], act2, neg, has_z, training)  # fmt: skip
+                   k2[c], act2, neg2, has_z, training)  # fmt: skip

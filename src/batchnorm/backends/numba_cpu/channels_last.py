@@ -164,10 +164,11 @@ def cl_backward(like, stats, rows, channels, dy_at, x_at, z_at, dx_at, dpre_at, 
     k0, k2 = jit._grad_coefficients(scale, invstd, dweight, dbias, rows, training)
     reread = write_dpre and x.itemsize > 2  # see cf_backward's docstring
     g_rows = dpre if reread else dy
-    act2 = jit._IDENTITY if reread else act
+    # identity is the linear activation of slope 1 (see jit._act)
+    act2, neg2 = (jit._IDENTITY, stats.dtype.type(1)) if reread else (act, neg)
     for t in prange(threads):
         first, stop = jit._share(t, threads, blocks)
         for k in range(stop - 1, first - 1, -1):
             r0, r1 = k * per, min(rows, k * per + per)
             _cl_dx(g_rows[r0:r1], x[r0:r1], z[r0:r1], dx[r0:r1], mean, scale, shift, k0, k2,
-                   act2, neg, has_z, training)  # fmt: skip
+                   act2, neg2, has_z, training)  # fmt: skip

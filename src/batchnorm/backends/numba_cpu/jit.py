@@ -171,9 +171,8 @@ def _linear_act(v, neg):
 def _linear_grad(dy, pre, neg):
     """dL/dpre of _linear_act, as torch: relu gives exactly 0 where pre <= 0 and dy
     elsewhere (a NaN pre included); leaky_relu gives dy where pre > 0, else dy * neg."""
-    if neg == 0:
-        return neg if pre <= 0 else dy
-    return dy if pre > 0 else dy * neg
+    below = pre <= 0 if neg == 0 else not pre > 0  # the two tests differ at a NaN pre
+    return (dy * neg if neg != 0 else neg) if below else dy
 
 
 # exp, vectorizable. np.exp compiles to a call of libm's scalar exp (numba vectorizes it
@@ -267,25 +266,28 @@ def _silu_grad(dy, pre):
 # written out on its own (measured: as fast as the hand-written variants).
 
 
+# Identity is the linear activation of slope 1 (the backend passes neg = 1), and the
+# residual is added as a chosen operand: only silu is a test between formulas. LLVM
+# splits a loop on a test that is the same for all its elements (loop unswitching) only
+# while the loop is small, so each further test risked a scalar loop (measured: the
+# bfloat16 epilogue, whose conversions make the loop larger, ran 10x slower so).
+
+
 @njit(inline="always", **_HELPER)
 def _pre(xc, scale, shift, z, has_z):
-    pre = xc * scale + shift
-    return pre + z if has_z else pre
+    # -0.0 is the exact identity of addition (+0.0 would turn a -0.0 into +0.0)
+    return xc * scale + shift + (z if has_z else np.float32(-0.0))
 
 
 @njit(inline="always", **_HELPER)
 def _act(pre, act, neg):
     """The activation of code ``act`` (see ACTIVATION_CODES) at ``pre``."""
-    if act == _IDENTITY:  # plain batch norm, the common case: nothing but the affine map
-        return pre
     return _silu(pre) if act == _SILU else _linear_act(pre, neg)
 
 
 @njit(inline="always", **_HELPER)
 def _dpre(dy, pre, act, neg):
     """dL/dpre from dL/dy for the activation of code ``act``."""
-    if act == _IDENTITY:
-        return dy
     return _silu_grad(dy, pre) if act == _SILU else _linear_grad(dy, pre, neg)
 
 
