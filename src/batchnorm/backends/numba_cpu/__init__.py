@@ -21,9 +21,6 @@ square), and the pieces' (count, mean, M2) are merged in float64 (the count-weig
 then M2 = Σ M2_p + n_p (mean_p − mean)²). A channel with mean 1e4 and std 1 keeps its
 digits in float32; an infinite value gives an infinite mean, as torch.
 
-Each kernel's second pass (the normalization, dx) runs every thread over the part of the
-tensor it read in the first pass, last-read first, so that part of its reads hit the caches.
-
 Layout: ``jit`` (what both layouts share), ``halves`` (loads and stores of each dtype),
 ``channels_first`` and ``channels_last`` (the kernels), and this module (the torch adapter,
 the backend's rules).

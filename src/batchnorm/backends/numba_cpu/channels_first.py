@@ -102,12 +102,10 @@ def cf_forward(like, stats, n_batch, channels, size, x_at, z_at, y_at, weight_at
             mean64, var64 = jit._merge_stats(piece_mean, piece_m2, lengths, c, n_batch * size)
             jit._finish_stats(c, mean64, var64, eps, mean, var, invstd)
     scale, shift = jit._coefficients(mean, invstd, weight, bias, has_weight, has_bias)
-    for t in prange(threads):
-        first, stop = jit._share(t, threads, n_batch * channels)
-        for row in range(stop - 1, first - 1, -1):
-            n, c = row // channels, row % channels
-            _cf_epilogue(x[n, c], z[n, c], y[n, c], mean[c], scale[c], shift[c], act, neg,
-                         has_z)  # fmt: skip
+    for row in prange(n_batch * channels):
+        n, c = row // channels, row % channels
+        _cf_epilogue(x[n, c], z[n, c], y[n, c], mean[c], scale[c], shift[c], act, neg,
+                     has_z)  # fmt: skip
 
 
 @jit._Kernel
@@ -147,9 +145,7 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
     g_rows = dpre if reread else dy
     # identity is the linear activation of slope 1 (see jit._act)
     act2, neg2 = (jit._IDENTITY, stats.dtype.type(1)) if reread else (act, neg)
-    for t in prange(threads):
-        first, stop = jit._share(t, threads, n_batch * channels)
-        for row in range(stop - 1, first - 1, -1):
-            n, c = row // channels, row % channels
-            _cf_dx(g_rows[n, c], x[n, c], z[n, c], dx[n, c], mean[c], scale[c], shift[c], k0[c],
-                   k2[c], act2, neg2, has_z, training)  # fmt: skip
+    for row in prange(n_batch * channels):
+        n, c = row // channels, row % channels
+        _cf_dx(g_rows[n, c], x[n, c], z[n, c], dx[n, c], mean[c], scale[c], shift[c], k0[c],
+               k2[c], act2, neg2, has_z, training)  # fmt: skip

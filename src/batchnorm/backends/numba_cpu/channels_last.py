@@ -125,11 +125,9 @@ def cl_forward(like, stats, rows, channels, x_at, z_at, y_at, weight_at, bias_at
             mean64, var64 = jit._merge_stats(block_mean, block_m2, lengths, c, rows)
             jit._finish_stats(c, mean64, var64, eps, mean, var, invstd)
     scale, shift = jit._coefficients(mean, invstd, weight, bias, has_weight, has_bias)
-    for t in prange(threads):
-        first, stop = jit._share(t, threads, blocks)
-        for k in range(stop - 1, first - 1, -1):
-            r0, r1 = k * per, min(rows, k * per + per)
-            _cl_epilogue(x[r0:r1], z[r0:r1], y[r0:r1], mean, scale, shift, act, neg, has_z)
+    for k in prange(blocks):
+        r0, r1 = k * per, min(rows, k * per + per)
+        _cl_epilogue(x[r0:r1], z[r0:r1], y[r0:r1], mean, scale, shift, act, neg, has_z)
 
 
 @jit._Kernel
@@ -166,9 +164,7 @@ def cl_backward(like, stats, rows, channels, dy_at, x_at, z_at, dx_at, dpre_at, 
     g_rows = dpre if reread else dy
     # identity is the linear activation of slope 1 (see jit._act)
     act2, neg2 = (jit._IDENTITY, stats.dtype.type(1)) if reread else (act, neg)
-    for t in prange(threads):
-        first, stop = jit._share(t, threads, blocks)
-        for k in range(stop - 1, first - 1, -1):
-            r0, r1 = k * per, min(rows, k * per + per)
-            _cl_dx(g_rows[r0:r1], x[r0:r1], z[r0:r1], dx[r0:r1], mean, scale, shift, k0, k2,
-                   act2, neg2, has_z, training)  # fmt: skip
+    for k in prange(blocks):
+        r0, r1 = k * per, min(rows, k * per + per)
+        _cl_dx(g_rows[r0:r1], x[r0:r1], z[r0:r1], dx[r0:r1], mean, scale, shift, k0, k2,
+               act2, neg2, has_z, training)  # fmt: skip

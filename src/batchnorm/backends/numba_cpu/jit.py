@@ -310,15 +310,6 @@ def _dx(dpre, xc, scale, k0, k2, training):
     return scale * dpre + k0 + k2 * (xc if training else k2)
 
 
-@njit(inline="always", **_HELPER)
-def _share(part, parts, items):
-    """(start, stop) of the part-th of ``parts`` near-equal contiguous shares of ``items``.
-
-    The second pass of each kernel runs a thread over its own share, newest first: the
-    first pass has just read the same share in order, so its end is still in the caches."""
-    return part * items // parts, (part + 1) * items // parts
-
-
 @njit(**_HELPER)
 def _coefficients(mean, invstd, weight, bias, has_weight, has_bias):
     """Per-channel (scale, shift) of pre = (x - mean) * scale + shift, in x's dtype."""
