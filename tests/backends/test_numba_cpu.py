@@ -109,6 +109,28 @@ def test_layouts_match_torch(shape, channels_last, training, dtype):
         assert y.is_contiguous(memory_format=CHANNELS_LAST[len(shape)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [((4, 6, 5, 7), False), ((4, 6, 5, 7), True), (PARALLEL_SHAPE, False),
+     (PARALLEL_SHAPE, True), ((20000, 6), False)],
+    ids=["NCHW", "NHWC", "NCHW-parallel", "NHWC-parallel", "NC-parallel"],
+)  # fmt: skip
+def test_training_statistics_of_every_variant(shape, channels_last, dtype):
+    """The batch mean, biased variance and invstd that training writes (the running update
+    and backward use them), serial and parallel, against float64."""
+    x = random_input(shape, torch.float32, channels_last, seed=11, mean=2.0).to(dtype)
+    channels = shape[1]
+    _, mean, var, invstd = cpu.NumbaBackend().forward_train(
+        x, torch.ones(channels), torch.zeros(channels), None, 1e-5, "identity", 0.01
+    )
+    exact_mean, exact_var = reference.batch_stats(x.double())
+    assert mean.dtype == var.dtype == invstd.dtype == torch.float32
+    assert_close(mean, exact_mean, torch.float32)
+    assert_close(var, exact_var, torch.float32)
+    assert_close(invstd, reference.invstd_of(exact_var, 1e-5), torch.float32)
+
+
 def test_transposed_ncl_input_runs_channels_last():
     x = random_input((4, 6, 9)).transpose(1, 2).contiguous().transpose(1, 2)  # (N, C, L), C last
     assert cpu.layout_of(x) == "cl"
@@ -226,9 +248,10 @@ def test_threads_follow_torch():
 
 
 @pytest.mark.auto_dispatch
-def test_dispatch_numba_for_cpu_float32_float64_only():
+def test_dispatch_numba_for_cpu_floats_of_every_width():
     for dtype, name in [(torch.float32, "numba"), (torch.float64, "numba"),
-                        (torch.float16, "reference"), (torch.bfloat16, "reference")]:  # fmt: skip
+                        (torch.float16, "numba"), (torch.bfloat16, "numba"),
+                        (torch.int32, "reference")]:  # fmt: skip
         assert ops.select_backend(torch.zeros(2, 3, dtype=dtype)).name == name
     assert ops.select_backend(torch.zeros(2, 3, device="meta")).name == "reference"
 

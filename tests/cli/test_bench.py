@@ -30,6 +30,19 @@ def test_bench_checks_every_contender_and_reports_each_case():
     assert "median ms" in bench.table(results)
 
 
+def test_bfloat16_cases_report_their_dtype_and_bytes():
+    case = [("(6,3,4,4) bfloat16", (6, 3, 4, 4), False, "bfloat16")]
+    results = bench.run(shapes=case, modes=("forward_backward",), quick=True,
+                        compile_reference=False, log=lambda _: None)  # fmt: skip
+    rows = results["results"]
+    assert rows and all(r["dtype"] == "bfloat16" for r in rows)
+    for r in rows:
+        # within two bfloat16 ulps of ATen's result, and bandwidth counted in 2-byte values
+        assert r["max_rel_error_vs_baseline"] < bench.CHECK_TOLERANCE_BY_DTYPE["bfloat16"], r
+        gbps = bench.TRAFFIC[r["mode"]] * 2 * 6 * 3 * 4 * 4 / r["median_ms"] / 1e6
+        assert abs(r["effective_gbps"] - gbps) < 1e-9 * gbps
+
+
 def test_compiled_reference_contender_agrees_with_aten():
     results = bench.run(shapes=TINY[:1], modes=("forward_backward",), quick=True,
                         compile_reference=True, log=lambda _: None)  # fmt: skip

@@ -1,10 +1,12 @@
 """``batchnorm bench``: batch norm on CPU — ours (Numba kernels) against torch.nn (ATen) and
 against torch.compile of the reference, in one run.
 
-What is measured, in float32 with torch's thread count (Numba follows it):
+What is measured, with torch's thread count (Numba follows it):
 
 * shapes (100, 128), (4096, 1024), (32, 128, 32, 32) contiguous and channels_last,
-  (64, 256, 28, 28) and (8, 64, 16, 56, 56);
+  (64, 256, 28, 28) and (8, 64, 16, 56, 56) in float32, and (4096, 1024) and
+  (32, 128, 32, 32) contiguous and channels_last in bfloat16 with float32 parameters (what
+  ``torch.autocast("cpu")`` gives a batch norm after a convolution);
 * modes ``forward_train`` (training-mode forward without autograd, running statistics
   updated), ``eval`` (inference), ``forward_backward`` (training forward, then backward with
   a fixed output gradient) and ``bn_relu_forward_backward`` (the same with a ReLU after the
@@ -61,17 +63,22 @@ from batchnorm import ops, reference
 from batchnorm.lab.timing import time_interleaved
 from batchnorm.nn import dims_of_input, flavour
 
-#: (label, shape, channels_last): the shapes of the project's CPU performance targets.
-SHAPES: list[tuple[str, tuple[int, ...], bool]] = [
+#: (label, shape, channels_last[, input dtype name, float32 by default]): the cases of the
+#: project's CPU performance targets. The parameters are float32 whatever the input's dtype.
+Case = tuple[str, tuple[int, ...], bool] | tuple[str, tuple[int, ...], bool, str]
+SHAPES: list[Case] = [
     ("(100,128)", (100, 128), False),
     ("(4096,1024)", (4096, 1024), False),
     ("(32,128,32,32)", (32, 128, 32, 32), False),
     ("(32,128,32,32) channels_last", (32, 128, 32, 32), True),
     ("(64,256,28,28)", (64, 256, 28, 28), False),
     ("(8,64,16,56,56)", (8, 64, 16, 56, 56), False),
+    ("(4096,1024) bfloat16", (4096, 1024), False, "bfloat16"),
+    ("(32,128,32,32) bfloat16", (32, 128, 32, 32), False, "bfloat16"),
+    ("(32,128,32,32) channels_last bfloat16", (32, 128, 32, 32), True, "bfloat16"),
 ]
 #: --quick: a small shape of each layout, enough to exercise every code path in seconds.
-QUICK_SHAPES: list[tuple[str, tuple[int, ...], bool]] = [
+QUICK_SHAPES: list[Case] = [
     ("(100,128)", (100, 128), False),
     ("(16,32,16,16)", (16, 32, 16, 16), False),
     ("(16,32,16,16) channels_last", (16, 32, 16, 16), True),
@@ -89,9 +96,16 @@ REPS_BOUNDS = {"full": (15, 400), "quick": (3, 20)}
 WARMUP = 3
 #: Outputs must agree with ATen's to this (float32, relative to the largest magnitude).
 CHECK_TOLERANCE = 1e-3
-#: Shapes whose output is at least this large (bytes) are "large" for the 60 %-of-copy
-#: target: smaller ones run from the caches, where the copy baseline is not the limit.
+#: ... and bfloat16 outputs to two of its ulps (2^-7 of a magnitude each): ATen and we both
+#: round a float32 result, which may land on neighbouring values.
+CHECK_TOLERANCE_BY_DTYPE = {"float32": CHECK_TOLERANCE, "bfloat16": 2 * 2.0**-7}
+#: Shapes whose output is at least this large (bytes, in float32) are "large" for the
+#: targets of COPY_SHARE and "no slower than ATen": smaller ones run from the caches,
+#: where the copy baseline is not the limit.
 LARGE_BYTES = 16 << 20
+#: The share of the same run's copy bandwidth every large case reaches (issue P13; it was
+#: 60 % before the kernels' second round).
+COPY_SHARE = 0.85
 #: The repository's folder of committed results: `make bench` passes it as --out.
 RESULTS_DIR = Path("benchmarks") / "results"
 #: A 1-minute load average above this share of the cores means other processes compete
@@ -224,7 +238,7 @@ def _check(fn: Callable[[Tensor], Tensor], expected: tuple[Tensor, ...], x: Tens
 
 
 def run(
-    shapes: list[tuple[str, tuple[int, ...], bool]] | None = None,
+    shapes: list[Case] | None = None,
     modes: tuple[str, ...] = MODES,
     quick: bool = False,
     compile_reference: bool = True,
@@ -234,10 +248,12 @@ def run(
     shapes = shapes if shapes is not None else (QUICK_SHAPES if quick else SHAPES)
     level = "quick" if quick else "full"
     rows = []
-    for label, shape, channels_last in shapes:
+    for label, shape, channels_last, *rest in shapes:
+        dtype_name = rest[0] if rest else "float32"
+        dtype = getattr(torch, dtype_name)
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=g) * 2 + 1
-        dy = torch.randn(shape, generator=g)
+        x = (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
+        dy = torch.randn(shape, generator=g).to(dtype)
         if channels_last:
             memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
             x, dy = (t.contiguous(memory_format=memory_format) for t in (x, dy))
@@ -257,7 +273,7 @@ def run(
                 expected += (expected_x.grad,)
             errors = {name: _check(fn, expected, x, dy, backward) for name, fn in fns.items()}
             for name, error in errors.items():
-                if error > CHECK_TOLERANCE:
+                if error > CHECK_TOLERANCE_BY_DTYPE[dtype_name]:
                     log(f"  WARNING: {name} differs from {baseline} by {error:.2e} ({mode})")
             start = time.perf_counter()
             runs = {name: _runner(fn, x, dy, backward) for name, fn in fns.items()}
@@ -278,7 +294,7 @@ def run(
                     "shape": list(shape),
                     "label": label,
                     "layout": "channels_last" if channels_last else "contiguous",
-                    "dtype": "float32",
+                    "dtype": dtype_name,
                     "mode": mode,
                     "contender": name,
                     "median_ms": medians[name],
@@ -369,8 +385,10 @@ def targets(rows: list[dict]) -> list[dict]:
     for row in rows:
         large = 4 * torch.Size(row["shape"]).numel() >= LARGE_BYTES
         if large and row["contender"] in ("ours", "ours_fused"):
-            add(f"{row['mode']} {row['label']} ({row['contender']}) >= 60% of copy bandwidth",
-                row, "fraction_of_copy", 0.6)  # fmt: skip
+            case = f"{row['mode']} {row['label']} ({row['contender']})"
+            add(f"{case} >= {COPY_SHARE:.0%} of copy bandwidth", row, "fraction_of_copy",
+                COPY_SHARE)  # fmt: skip
+            add(f"{case} no slower than {row['baseline']}", row, "speedup_vs_baseline", 1.0)
     return checks
 
 

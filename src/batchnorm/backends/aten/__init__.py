@@ -4,14 +4,13 @@ separate (C++) ops. It computes torch's running-variance convention only, and is
 inputs made safe (see :func:`safe_batch_norm`).
 
 Dispatch rule (``preferred``), from ``make bench`` on 2 cores (benchmarks/results/
-cpu_kernels.json): on CPU, every bfloat16/float16 call (no kernel of ours takes them yet);
-for float32/float64, inputs below ATEN_BELOW_NUMEL values (epilogue included: a few C++
-ops beat a Python-called kernel there), NCHW inputs of small planes (ATEN_BELOW_PLANE)
-and plain eval of any size (its elementwise loop streams faster than ours). Training on
-larger inputs stays on the Numba kernels, also for (N, C) and channels-last inputs where
-ATen is a little faster: ATen's float32 backward there loses accuracy on mean-shifted data
-(torch 2.13). Other devices keep the reference until measured (see
-batchnorm.backends.builtin_backends).
+cpu_kernels.json), the same for float32/float64 and bfloat16/float16 inputs: inputs below
+ATEN_BELOW_NUMEL values (epilogue included: a few C++ ops beat a Python-called kernel
+there), NCHW inputs of small planes (ATEN_BELOW_PLANE) and plain eval of any size (its
+elementwise loop streams as fast as ours). Training on larger inputs stays on the Numba
+kernels, also for (N, C) and channels-last inputs: ATen's float32 backward there loses
+accuracy on mean-shifted data (torch 2.13). Other devices keep the reference until
+measured (see batchnorm.backends.builtin_backends).
 """
 
 from __future__ import annotations
@@ -33,6 +32,8 @@ ATEN_BELOW_NUMEL = 65_536
 #: at batch 8, 96x96): (8, 1152, 3, 3) Numba 660 µs vs ATen + F.silu 146 µs; (8, 384, 6, 6)
 #: 110-195 µs vs 122 µs (even); ATen's NCHW kernel needs no shift (see safe_batch_norm).
 ATEN_BELOW_PLANE = 32
+#: The CPU dtypes the Numba kernels take (half precision: as torch.autocast("cpu") gives).
+_NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 class AtenBackend:
@@ -49,11 +50,7 @@ class AtenBackend:
         x = call.x
         if not x.is_cpu:
             return False
-        if x.dtype in (torch.bfloat16, torch.float16):
-            # No kernel of ours takes half precision on CPU yet, and the reference is 10-100x
-            # slower than ATen there (torch.autocast("cpu") gives BN bfloat16 inputs).
-            return True
-        if x.dtype not in (torch.float32, torch.float64):
+        if x.dtype not in _NUMBA_DTYPES:
             return False
         if x.numel() < ATEN_BELOW_NUMEL:
             return True

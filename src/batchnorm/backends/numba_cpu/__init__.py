@@ -1,4 +1,5 @@
-"""The Numba backend: batch norm on CPU, float32/float64, NCHW-contiguous and channels-last.
+"""The Numba backend: batch norm on CPU, float32/float64 and bfloat16/float16 (statistics
+and parameters in float32, as under torch.autocast), NCHW-contiguous and channels-last.
 
 Two memory layouts, each seen as a 3-D or 2-D array without copying:
 
@@ -15,13 +16,14 @@ fused BN+activation reads and writes as much memory as BN alone.
 
 Statistics are stable and use every thread whatever C is: the reduction is split into
 pieces of at most a few thousand values (a chunk of a row in ``cf``, a block of rows in
-``cl``); each piece is summed twice while it sits in L1/L2 (its own mean first, then the
-values centred on that mean), and the pieces' (count, mean, M2) are merged in float64 (the
-count-weighted mean, then M2 = Σ M2_p + n_p (mean_p − mean)²). A channel with mean 1e4
-and std 1 keeps its digits in float32; an infinite value gives an infinite mean, as torch.
+``cl``); each piece is read once, summed around one of its own values (x - x_0 and its
+square), and the pieces' (count, mean, M2) are merged in float64 (the count-weighted mean,
+then M2 = Σ M2_p + n_p (mean_p − mean)²). A channel with mean 1e4 and std 1 keeps its
+digits in float32; an infinite value gives an infinite mean, as torch.
 
-Layout: ``jit`` (what both layouts share), ``channels_first`` and ``channels_last`` (the
-kernels), and this module (the torch adapter, the backend's rules).
+Layout: ``jit`` (what both layouts share), ``halves`` (loads and stores of each dtype),
+``channels_first`` and ``channels_last`` (the kernels), and this module (the torch adapter,
+the backend's rules).
 
 The math is that of :mod:`batchnorm.reference`; the tests hold the two together.
 """
@@ -38,12 +40,13 @@ from batchnorm.backends.layout import in_layout, layout_of
 from batchnorm.backends.numba_cpu.channels_first import cf_backward, cf_forward
 from batchnorm.backends.numba_cpu.channels_last import cl_backward, cl_forward
 from batchnorm.backends.numba_cpu.compilation import NOTICE as _COMPILE_NOTICE  # noqa: F401
+from batchnorm.backends.numba_cpu.halves import COMPUTE, STORAGE
 from batchnorm.backends.numba_cpu.jit import ACTIVATION_CODES, running_update
 
 # The backend: torch tensors in, torch tensors out (see batchnorm.backends.KernelBackend).
 # Small layers spend more time here than in the kernels, hence few torch calls.
 
-#: Per dtype, an empty array whose type tells the kernels the dtype of the addresses.
+#: Per dtype, an empty array whose type tells the running update the dtype of the addresses.
 _LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
@@ -85,11 +88,13 @@ def _negative_slope(activation: str, negative_slope: float) -> float:
 
 
 class NumbaBackend:
-    """The Numba kernels for CPU float32/float64 tensors and the activations they have an
-    epilogue for (ACTIVATION_CODES; elu goes to the reference). The default dispatch gives
-    them every such call that ATen does not take (see batchnorm.backends.aten). Every
-    tensor handed to a kernel is contiguous in the kernel's layout and stays referenced
-    here until the kernel returns."""
+    """The Numba kernels for CPU float32/float64/bfloat16/float16 tensors and the
+    activations they have an epilogue for (ACTIVATION_CODES; elu goes to the reference).
+    The default dispatch gives them every such call that ATen does not take (see
+    batchnorm.backends.aten). Half-precision inputs are read and written as they are;
+    their statistics, parameters and parameter gradients are float32. Every tensor handed
+    to a kernel is contiguous in the kernel's layout and stays referenced here until the
+    kernel returns."""
 
     name = "numba"
     operator = False
@@ -97,7 +102,7 @@ class NumbaBackend:
 
     def supports(self, call: Call) -> bool:
         x = call.x
-        if not (x.is_cpu and x.dtype in _LIKE and call.activation in ACTIVATION_CODES):
+        if not (x.is_cpu and x.dtype in STORAGE and call.activation in ACTIVATION_CODES):
             return False
         # the kernels' relu is leaky_relu of slope 0 but for relu(-inf) = 0 (torch: NaN)
         return not (call.activation == "leaky_relu" and call.negative_slope == 0)
@@ -112,10 +117,10 @@ class NumbaBackend:
         y = torch.empty_like(x)
         # Every tensor whose address a kernel reads is held by a local until it returns.
         z = None if residual is None else _in_layout(residual, layout, x.dtype)
-        weight, bias = _vector(weight, x.dtype), _vector(bias, x.dtype)
+        weight, bias = _vector(weight, mean.dtype), _vector(bias, mean.dtype)
         shape = _shape(x, layout)
         kernel, threads = (cl_forward if layout == "cl" else cf_forward).pick(x.numel())
-        kernel(_LIKE[x.dtype], *shape, x.data_ptr(), _address(z), y.data_ptr(),
+        kernel(STORAGE[x.dtype], COMPUTE[x.dtype], *shape, x.data_ptr(), _address(z), y.data_ptr(),
                _address(weight), _address(bias), mean.data_ptr(), var.data_ptr(),
                invstd.data_ptr(), _negative_slope(activation, slope), eps,
                ACTIVATION_CODES[activation], z is not None, weight is not None,
@@ -123,13 +128,15 @@ class NumbaBackend:
         return y
 
     def forward_train(self, x, weight, bias, residual, eps, activation, negative_slope):
-        mean, var, invstd = (torch.empty(x.shape[1], dtype=x.dtype) for _ in range(3))
+        stats = reference.compute_dtype(x.dtype)
+        mean, var, invstd = (torch.empty(x.shape[1], dtype=stats) for _ in range(3))
         y = self._forward(x, weight, bias, residual, mean, var, invstd, eps, activation,
                           negative_slope, True)  # fmt: skip
         return y, mean, var, invstd
 
     def forward_eval(self, x, weight, bias, residual, mean, invstd, activation, negative_slope):
-        mean, invstd = _vector(mean, x.dtype), _vector(invstd, x.dtype)
+        stats = reference.compute_dtype(x.dtype)
+        mean, invstd = _vector(mean, stats), _vector(invstd, stats)
         return self._forward(x, weight, bias, residual, mean, mean, invstd, 0.0, activation,
                              negative_slope, False)  # fmt: skip
 
@@ -140,17 +147,18 @@ class NumbaBackend:
         dy = _in_layout(dy, layout, x.dtype)
         # Every tensor whose address a kernel reads is held by a local until it returns.
         z = None if residual is None else _in_layout(residual, layout, x.dtype)
-        weight, bias = _vector(weight, x.dtype), _vector(bias, x.dtype)
-        mean, invstd = _vector(mean, x.dtype), _vector(invstd, x.dtype)
+        stats = reference.compute_dtype(x.dtype)
+        weight, bias = _vector(weight, stats), _vector(bias, stats)
+        mean, invstd = _vector(mean, stats), _vector(invstd, stats)
         dx = torch.empty_like(x)
         # dL/dresidual is dL/dpre: dy itself without activation, else a tensor of its own.
         write_dpre = need_dpre and activation != "identity"
         dpre = torch.empty_like(x) if write_dpre else (dy if need_dpre else None)
-        dweight = torch.empty(x.shape[1], dtype=x.dtype)
-        dbias = torch.empty(x.shape[1], dtype=x.dtype)
+        dweight = torch.empty(x.shape[1], dtype=stats)
+        dbias = torch.empty(x.shape[1], dtype=stats)
         shape = _shape(x, layout)
         kernel, threads = (cl_backward if layout == "cl" else cf_backward).pick(x.numel())
-        kernel(_LIKE[x.dtype], *shape, dy.data_ptr(), x.data_ptr(), _address(z),
+        kernel(STORAGE[x.dtype], COMPUTE[x.dtype], *shape, dy.data_ptr(), x.data_ptr(), _address(z),
                dx.data_ptr(), _address(dpre) if write_dpre else 0, _address(weight),
                _address(bias), mean.data_ptr(), invstd.data_ptr(), dweight.data_ptr(),
                dbias.data_ptr(), _negative_slope(activation, negative_slope),

@@ -2,10 +2,10 @@
 
 Numba compiles a kernel the first time it is called with a new signature, here one per
 kernel, dtype and variant: 4 kernels (forward and backward of each layout) x float32 /
-float64 x serial / parallel (see ``jit._Kernel``), 16 specializations, plus the small
-running-statistics update per dtype. Nothing compiles at import: a call compiles only the
-specializations it runs, each saved to the disk cache, from which later processes load it
-in well under a second.
+float64 / bfloat16 / float16 x serial / parallel (see ``jit._Kernel``), 32 specializations,
+plus the small running-statistics update per statistics dtype (float32 serves the
+halves). Nothing compiles at import: a call compiles only the specializations it runs, each
+saved to the disk cache, from which later processes load it in well under a second.
 
 A compile takes seconds (a minute for all of them on a slow machine), so the first one of
 a process says so, once, on stderr: the notice listens to Numba's ``numba:compile`` event,
@@ -24,6 +24,7 @@ from functools import partial
 import torch
 from numba.core import event
 
+from batchnorm import reference
 from batchnorm.backends.numba_cpu.channels_first import cf_backward, cf_forward
 from batchnorm.backends.numba_cpu.channels_last import cl_backward, cl_forward
 from batchnorm.backends.numba_cpu.jit import _HELPER, SERIAL_BELOW, running_update
@@ -34,7 +35,8 @@ KERNELS = {
     "channels_last": {"forward": cl_forward, "backward": cl_backward},
 }
 LAYOUTS = tuple(KERNELS)
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}  # fmt: skip
 VARIANTS = ("serial", "parallel")
 #: Where the functions of the notice live: compiles of other Numba code are not ours.
 _PACKAGE = __name__.rpartition(".")[0] + "."
@@ -120,7 +122,9 @@ def _run_kernel(step: str, layout: str, dtype: torch.dtype, variant: str) -> Non
         shape = (2, channels, values // (2 * channels))  # contiguous (N, C, L) runs as cf
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g, dtype=dtype)
-    weight, bias = torch.ones(channels, dtype=dtype), torch.zeros(channels, dtype=dtype)
+    # float32 parameters for half inputs, as under torch.autocast (the kernels' signature)
+    stats = reference.compute_dtype(dtype)
+    weight, bias = torch.ones(channels, dtype=stats), torch.zeros(channels, dtype=stats)
     backend = NumbaBackend()
     _, mean, var, invstd = backend.forward_train(x, weight, bias, None, 1e-5, "identity", 0.01)
     if step == "backward":
@@ -166,11 +170,12 @@ def precompile(
     layouts: Iterable[str] = LAYOUTS,
     log: Callable[[Specialization], None] | None = None,
 ) -> list[Specialization]:
-    """Compile (or load from the disk cache) every kernel specialization of ``dtypes``
-    (``"float32"``, ``"float64"``) and ``layouts`` (``"channels_first"``,
-    ``"channels_last"``), serial and parallel, plus the running-statistics update of each
-    dtype, so that no later call of these compiles; return what was done, in order. ``log``
-    is called after each one. The first-compile notice stays silent meanwhile."""
+    """Compile (or load from the disk cache) every kernel specialization of ``dtypes`` (keys
+    of DTYPES: ``"float32"``, ``"float64"``, ``"bfloat16"``, ``"float16"``) and ``layouts``
+    (``"channels_first"``, ``"channels_last"``), serial and parallel, plus the
+    running-statistics update of each dtype, so that no later call of these compiles;
+    return what was done, in order. ``log`` is called after each one. The first-compile
+    notice stays silent meanwhile."""
     done = []
     NOTICE.muted += 1
     try:

@@ -27,18 +27,14 @@ FASTMATH = {"reassoc"}
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 _IDENTITY, _SILU = 0, 3
 
-#: cf: values of one row summed as one piece (16 KiB of float32: both passes hit L1).
+#: cf: values of one row summed as one piece, in the compute dtype, before the float64 merge.
 CHUNK = 4096
-#: cl: values in one block of rows (256 KiB of float32: both passes hit L2) ...
-BLOCK = 65536
-#: ... and at most this many rows per block, so that the per-channel sums, sequential over
-#: the rows of a block, add few terms in x's dtype before the float64 merge.
+#: cl: rows in one block, whose per-channel sums add this many terms in the compute dtype
+#: before the float64 merge (each pass reads a block once: it need not fit a cache).
 MAX_BLOCK_ROWS = 256
 #: Inputs with fewer values run serially (see _Kernel). Measured on 2 cores: around this
 #: size the parallel kernels' thread wake-ups cost about as much as the second core saves.
 SERIAL_BELOW = 1 << 16
-#: Pieces per thread in cl reductions: spare pieces balance threads that the OS slows down.
-PIECES_PER_THREAD = 4
 
 
 class _Kernel:
@@ -118,9 +114,14 @@ INLINE = {"fastmath": FASTMATH, "error_model": "numpy"}
 _HELPER = {**INLINE, "cache": _enable_cache()}
 
 #: Numba keys a cached function by the content of its own source file only; the kernels
-#: compile in the helpers of this file, so their cache names carry this file's hash too.
-with open(__file__, "rb") as _source:
-    HELPERS_STAMP = hashlib.sha256(_source.read()).hexdigest()[:12]
+#: compile in the helpers of this file and of halves.py, so their cache names carry the
+#: hash of both.
+_STAMPED = (__file__, os.path.join(os.path.dirname(__file__), "halves.py"))
+_digest = hashlib.sha256()
+for _path in _STAMPED:
+    with open(_path, "rb") as _source:
+        _digest.update(_source.read())
+HELPERS_STAMP = _digest.hexdigest()[:12]
 
 
 @intrinsic
@@ -143,6 +144,17 @@ def _view(address, like, shape):
     return numba.carray(_pointer(address, like), shape)
 
 
+@njit(inline="always", **_HELPER)
+def _vectors(stats, channels, mean_at, invstd_at, weight_at, bias_at, has_weight, has_bias):
+    """The per-channel vectors of a kernel: mean, invstd, weight and bias (the latter two
+    views of mean when absent, never read then), all of the statistics' dtype."""
+    vector = (channels,)
+    mean, invstd = _view(mean_at, stats, vector), _view(invstd_at, stats, vector)
+    weight = _view(weight_at if has_weight else mean_at, stats, vector)
+    bias = _view(bias_at if has_bias else mean_at, stats, vector)
+    return mean, invstd, weight, bias
+
+
 # Activations. identity, relu and leaky_relu are one piecewise-linear map with slope `neg`
 # below zero (1, 0 and negative_slope): no branch on the activation inside the loops, so
 # they vectorize. silu has loops of its own.
@@ -159,9 +171,8 @@ def _linear_act(v, neg):
 def _linear_grad(dy, pre, neg):
     """dL/dpre of _linear_act, as torch: relu gives exactly 0 where pre <= 0 and dy
     elsewhere (a NaN pre included); leaky_relu gives dy where pre > 0, else dy * neg."""
-    if neg == 0:
-        return neg if pre <= 0 else dy
-    return dy if pre > 0 else dy * neg
+    below = pre <= 0 if neg == 0 else not pre > 0  # the two tests differ at a NaN pre
+    return (dy * neg if neg != 0 else neg) if below else dy
 
 
 # exp, vectorizable. np.exp compiles to a call of libm's scalar exp (numba vectorizes it
@@ -249,6 +260,56 @@ def _silu_grad(dy, pre):
     return grad if pre > -np.inf else pre - pre
 
 
+# The per-element math of both layouts, with pre = (x - mean) * scale + shift [+ z] and
+# xc = x - mean. The tests on act, has_z and training are the same for every element of a
+# loop: LLVM moves them out of it (loop unswitching), and each variant vectorizes as if
+# written out on its own (measured: as fast as the hand-written variants).
+
+
+# Identity is the linear activation of slope 1 (the backend passes neg = 1), and the
+# residual is added as a chosen operand: only silu is a test between formulas. LLVM
+# splits a loop on a test that is the same for all its elements (loop unswitching) only
+# while the loop is small, so each further test risked a scalar loop (measured: the
+# bfloat16 epilogue, whose conversions make the loop larger, ran 10x slower so).
+
+
+@njit(inline="always", **_HELPER)
+def _pre(xc, scale, shift, z, has_z):
+    # -0.0 is the exact identity of addition (+0.0 would turn a -0.0 into +0.0)
+    return xc * scale + shift + (z if has_z else np.float32(-0.0))
+
+
+@njit(inline="always", **_HELPER)
+def _act(pre, act, neg):
+    """The activation of code ``act`` (see ACTIVATION_CODES) at ``pre``."""
+    return _silu(pre) if act == _SILU else _linear_act(pre, neg)
+
+
+@njit(inline="always", **_HELPER)
+def _dpre(dy, pre, act, neg):
+    """dL/dpre from dL/dy for the activation of code ``act``."""
+    return _silu_grad(dy, pre) if act == _SILU else _linear_grad(dy, pre, neg)
+
+
+@njit(inline="always", **_HELPER)
+def _centred_dpre(dy, x, z, mean, scale, shift, act, neg, has_z):
+    """(x - mean, dL/dpre) of one value, dL/dpre from dL/dy with pre recomputed. Values in,
+    not arrays and indices: an index passed into a helper loses numba's knowledge that it
+    is not negative, and the test it then adds keeps the loop from vectorizing."""
+    xc = x - mean
+    return xc, _dpre(dy, _pre(xc, scale, shift, z, has_z), act, neg)
+
+
+@njit(inline="always", **_HELPER)
+def _dx(dpre, xc, scale, k0, k2, training):
+    """dx = scale * dpre + k0 + k2 * (x - mean) (see _grad_coefficients); in eval mode, where
+    k0 = k2 = 0, x does not enter (an infinite x keeps dx finite). Written as a choice of
+    one operand, not of two formulas: LLVM then selects instead of splitting the loop, which
+    it does for a few invariant tests only (measured: a loop that also tests act and has_z
+    stayed scalar, 5x slower)."""
+    return scale * dpre + k0 + k2 * (xc if training else k2)
+
+
 @njit(**_HELPER)
 def _coefficients(mean, invstd, weight, bias, has_weight, has_bias):
     """Per-channel (scale, shift) of pre = (x - mean) * scale + shift, in x's dtype."""
@@ -262,12 +323,63 @@ def _coefficients(mean, invstd, weight, bias, has_weight, has_bias):
     return scale, shift
 
 
+@njit(inline="always", **_HELPER)
+def _merge_stats(piece_mean, piece_m2, lengths, c, count):
+    """(mean, var, invstd) of channel c in float64 from its pieces' (count, mean, M2):
+    piece_*[a, c, b], of lengths[a, b] values. The count-weighted mean, then
+    M2 = sum(M2_p + n_p (mean_p - mean)^2). Summing means (rather than Chan's running
+    update) keeps an infinite piece's mean infinite, as torch's is. (The kernels call it in
+    their own prange over the channels.)"""
+    outer, _, inner = piece_mean.shape
+    total = 0.0
+    for a in range(outer):
+        for b in range(inner):
+            total += piece_mean[a, c, b] * lengths[a, b]
+    mean = total / count
+    m2 = 0.0
+    for a in range(outer):
+        for b in range(inner):
+            delta = piece_mean[a, c, b] - mean
+            m2 += piece_m2[a, c, b] + lengths[a, b] * delta * delta
+    return mean, m2 / count
+
+
 @njit(**_HELPER)
-def _finish_stats(mean64, m2_64, count, eps, mean, var, invstd):
-    for c in range(mean.shape[0]):
-        mean[c] = mean64[c]
-        var[c] = m2_64[c] / count
-        invstd[c] = 1.0 / np.sqrt(var[c] + eps)  # of the var rounded to x's dtype
+def _finish_stats(c, mean64, var64, eps, mean, var, invstd):
+    """Channel c's mean, var and invstd in the statistics' dtype (invstd of the rounded var).
+
+    Not inlined on purpose: numba's parallel pass drops stores, in a prange, to an array that
+    the kernel does not read afterwards (var: its stores vanished, measured with numba
+    0.68); a call it cannot see into keeps them."""
+    mean[c] = mean64
+    var[c] = var64
+    invstd[c] = 1.0 / np.sqrt(var[c] + eps)
+
+
+@njit(inline="always", **_HELPER)
+def _grad_sums(piece_g, piece_gx, c):
+    """Channel c's sum of dpre and of dpre * (x - mean) over its pieces, in float64 (pieces
+    laid out as in _merge_stats)."""
+    outer, _, inner = piece_g.shape
+    g, gx = 0.0, 0.0
+    for a in range(outer):
+        for b in range(inner):
+            g += piece_g[a, c, b]
+            gx += piece_gx[a, c, b]
+    return g, gx
+
+
+@njit(inline="always", **_HELPER)
+def _piece_stats(s, d1, d2, count):
+    """(mean, M2) in float64 of a piece of ``count`` values from its sums d1 = sum(x - s)
+    and d2 = sum((x - s)^2) around one of its values s. One pass reads the piece; the sums
+    around a value of the piece (not 0) keep the digits of a channel with a large mean
+    (mean 1e4, std 1 in float32), and M2 loses at most a factor ``count`` of precision
+    whatever s is (s's own deviation is part of M2). NaN when s or d1 is not finite: the
+    caller then takes the mean from the plain sum, as torch does."""
+    if not (np.isfinite(s) and np.isfinite(d1)):
+        return np.nan, np.nan
+    return s + np.float64(d1) / count, d2 - np.float64(d1) * d1 / count
 
 
 @njit(**_HELPER)

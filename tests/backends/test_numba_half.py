@@ -1,0 +1,156 @@
+"""The Numba kernels on bfloat16 and float16 inputs with float32 parameters (torch.autocast's
+convention): the conversions bit for bit against torch's, the kernels against the float64
+oracle (no worse than twice the rounding of the exact result to the input's dtype)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from numba import njit
+
+import batchnorm.functional as BF
+from batchnorm import ops
+from batchnorm.backends import Call
+from batchnorm.backends.numba_cpu import halves
+from conftest import assert_close, random_input
+
+HALF = {"bf16": torch.bfloat16, "f16": torch.float16}
+_STORAGE = {torch.bfloat16: np.uint16, torch.float16: np.int16}
+
+
+@njit
+def _load_all(bits, out):
+    for i in range(bits.shape[0]):
+        out[i] = halves._ld(bits[i])
+
+
+@njit
+def _store_all(values, out):
+    for i in range(values.shape[0]):
+        out[i] = halves._st(values[i], out)
+
+
+@njit
+def _f16_by_integers(bits, values, loaded, stored):
+    """The integer-only float16 conversions (those of CPUs without F16C)."""
+    for i in range(bits.shape[0]):
+        loaded[i] = halves._f16_load(bits[i])
+    for i in range(values.shape[0]):
+        stored[i] = halves._f16_store(values[i])
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Equal as values, NaN matching NaN."""
+    return (a == b) | (np.isnan(a) & np.isnan(b))
+
+
+def _as_float(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    return torch.from_numpy(bits.view(np.int16).copy()).view(dtype).float().numpy()
+
+
+def _floats_to_store(dtype: torch.dtype) -> np.ndarray:
+    """Random float32 bit patterns (every exponent), every half value, the midpoints
+    between neighbouring half values (ties) and the floats next to them, and edge cases."""
+    every = _as_float(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16), dtype)
+    finite = np.unique(every[np.isfinite(every)].astype(np.float64))
+    mids = ((finite[1:] + finite[:-1]) / 2).astype(np.float32)
+    rng = np.random.default_rng(0)
+    random = rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
+    edges = [np.inf, -np.inf, np.nan, 0.0, -0.0, 65504, 65520, 2.0**-25, 1e-45, 3e38, -3e38]
+    parts = [random.view(np.float32), every, mids, np.nextafter(mids, np.float32(np.inf)),
+             np.nextafter(mids, np.float32(-np.inf)), np.array(edges, np.float32)]  # fmt: skip
+    return np.concatenate(parts).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", HALF.values(), ids=HALF.keys())
+def test_loads_and_stores_are_torchs_conversions(dtype):
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(_STORAGE[dtype])
+    loaded = np.empty(bits.shape, np.float32)
+    _load_all(bits, loaded)
+    assert _same(loaded, _as_float(bits, dtype)).all()
+    values = _floats_to_store(dtype)
+    stored = np.empty(values.shape, _STORAGE[dtype])
+    _store_all(values, stored)
+    expected = torch.from_numpy(values).to(dtype).view(torch.int16).numpy()
+    assert _same(_as_float(stored, dtype), _as_float(expected, dtype)).all()
+
+
+def test_float16_by_integers_matches_torch():
+    """The fallback where the CPU has no float16 instructions, whichever this one has."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.int16)
+    values = _floats_to_store(torch.float16)
+    loaded, stored = np.empty(bits.shape, np.float32), np.empty(values.shape, np.int16)
+    _f16_by_integers(bits, values, loaded, stored)
+    assert _same(loaded, _as_float(bits, torch.float16)).all()
+    expected = torch.from_numpy(values).to(torch.float16).view(torch.int16).numpy()
+    assert _same(_as_float(stored, torch.float16), _as_float(expected, torch.float16)).all()
+
+
+def _exact(x, w, b, z, training, activation, rm, rv, dy):
+    """Output and gradients (x, weight, bias, residual) in float64 through torch.nn's ops."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b, z)]
+    x64, w64, b64, z64 = leaves
+    stats = (rm.double(), rv.double()) if rm is not None else (None, None)
+    y = F.batch_norm(x64, *stats, w64, b64, training=training)
+    y = y + z64 if z64 is not None else y
+    y = {"relu": torch.relu, "silu": F.silu, None: lambda v: v}[activation](y)
+    inputs = [t for t in leaves if t is not None]
+    return y.detach(), torch.autograd.grad(y, inputs, dy.double())
+
+
+def _within_rounding(got, exact, dtype):
+    """|got - exact| <= 2 * (the rounding of exact to dtype) + a float32 ulp of its scale."""
+    rounding = (exact.to(dtype).double() - exact).abs().max()
+    error = (got.double() - exact).abs().max()
+    assert error <= 2 * rounding + 1e-6 * exact.abs().max().clamp(min=1), (error, rounding)
+
+
+@pytest.mark.parametrize("dtype", HALF.values(), ids=HALF.keys())
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [((300, 24), False), ((6, 16, 9, 7), False), ((6, 16, 9, 7), True), ((8, 4, 48, 48), True),
+     ((8, 4, 48, 48), False)],
+    ids=["NC", "NCHW", "NHWC", "NHWC-parallel", "NCHW-parallel"],
+)  # fmt: skip
+def test_half_kernels_are_within_rounding_of_float64(shape, channels_last, activation, training,
+                                                     dtype):  # fmt: skip
+    x = random_input(shape, torch.float32, channels_last, seed=1, mean=3.0).to(dtype)
+    channels = shape[1]
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+    z = random_input(shape, torch.float32, channels_last, seed=3).to(dtype)
+    # a gradient of mean 0 per channel (one with a large mean makes dweight depend on the
+    # rounding of the saved float32 mean, in torch's kernels as in ours)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    rm = rv = None
+    if not training:
+        rm, rv = torch.randn(channels, generator=g), torch.rand(channels, generator=g) + 0.5
+    for residual in (None, z):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None
+                  for t in (x, w, b, residual)]  # fmt: skip
+        with ops.use_backend("numba"):
+            y = BF.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training,
+                              activation=activation, residual=leaves[3])  # fmt: skip
+            y.backward(dy)
+        assert y.dtype == dtype and leaves[1].grad.dtype == torch.float32
+        exact_y, exact_grads = _exact(x, w, b, residual, training, activation, rm, rv, dy)
+        _within_rounding(y, exact_y, dtype)
+        got = [t.grad for t in leaves if t is not None]
+        for i, (grad, exact) in enumerate(zip(got, exact_grads, strict=True)):
+            if i in (1, 2):  # weight and bias: float32, as the project's float32 results
+                assert_close(grad, exact, torch.float32)
+            else:
+                _within_rounding(grad, exact, dtype)
+
+
+@pytest.mark.auto_dispatch
+def test_large_half_inputs_dispatch_to_the_kernels():
+    """Training on a large enough bfloat16/float16 input (as torch.autocast("cpu") gives a
+    BatchNorm after a convolution) goes to the Numba kernels, not to ATen."""
+    for dtype in HALF.values():
+        x = torch.randn(16, 8, 32, 32, dtype=dtype)
+        assert (
+            ops.dispatch.select(Call(x, True, "identity", 0.01, False, False, True)).name == "numba"
+        )
