@@ -43,6 +43,7 @@ def browser():
         message = "Chromium is not installed (Debian: apt-get install chromium)"
         if on_ci():
             pytest.fail(f"{message}; CI must run the browser test (.ci/run installs it).")
+        # A developer's machine without Chromium may skip; CI fails above instead.
         pytest.skip(message)
     with Browser() as b:
         yield b

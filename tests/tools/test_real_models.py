@@ -90,6 +90,20 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return x
 
 
+def _load_without_batch_count(self, state_dict, prefix, *args):
+    """The frozen layers' state_dict loading: a BN's num_batches_tracked is dropped."""
+    state_dict.pop(prefix + "num_batches_tracked", None)
+    nn.Module._load_from_state_dict(self, state_dict, prefix, *args)
+
+
+def _frozen_affine(m, x):
+    """What timm's and torchvision's frozen BN compute: x * scale + bias, per channel, from
+    the buffers."""
+    scale = m.weight * (m.running_var + m.eps).rsqrt()
+    bias = m.bias - m.running_mean * scale
+    return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
 class FrozenBatchNormAct2d(nn.Module):
     """timm.layers.norm_act.FrozenBatchNormAct2d (timm 1.0.31)."""
 
@@ -115,18 +129,10 @@ class FrozenBatchNormAct2d(nn.Module):
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         self.act = _create_act(act_layer, act_kwargs, inplace, apply_act)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, *args)
+    _load_from_state_dict = _load_without_batch_count
 
     def forward(self, x):
-        w = self.weight.reshape(1, -1, 1, 1)
-        b = self.bias.reshape(1, -1, 1, 1)
-        rv = self.running_var.reshape(1, -1, 1, 1)
-        rm = self.running_mean.reshape(1, -1, 1, 1)
-        scale = w * (rv + self.eps).rsqrt()
-        bias = b - rm * scale
-        return self.act(self.drop(x * scale + bias))
+        return self.act(self.drop(_frozen_affine(self, x)))
 
 
 class TorchvisionFrozenBatchNorm2d(nn.Module):
@@ -140,18 +146,10 @@ class TorchvisionFrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, *args)
+    _load_from_state_dict = _load_without_batch_count
 
     def forward(self, x):
-        w = self.weight.reshape(1, -1, 1, 1)
-        b = self.bias.reshape(1, -1, 1, 1)
-        rv = self.running_var.reshape(1, -1, 1, 1)
-        rm = self.running_mean.reshape(1, -1, 1, 1)
-        scale = w * (rv + self.eps).rsqrt()
-        bias = b - rm * scale
-        return x * scale + bias
+        return _frozen_affine(self, x)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.weight.shape[0]}, eps={self.eps})"

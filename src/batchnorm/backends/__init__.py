@@ -24,9 +24,9 @@ from torch import Tensor
 
 
 class Call(NamedTuple):
-    """What a batch-norm call asks of a backend: everything a choice may depend on, and for
-    an operator backend the whole call (the tensors and options after the first seven are
-    given only then: a kernel backend gets them through its kernels' arguments)."""
+    """What a batch-norm call asks of a backend. The first seven fields are what a dispatch
+    rule may depend on; the rest complete the call for an operator backend (a kernel backend
+    gets them as its kernels' arguments; ``select_kernels`` leaves them at the defaults)."""
 
     x: Tensor
     training: bool

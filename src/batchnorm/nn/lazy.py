@@ -20,13 +20,10 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from batchnorm.nn import batchnorm as eager
 from batchnorm.nn.base import _BatchNormBase, bind_options, full_signature
 
+_EAGER_INIT = inspect.signature(_BatchNormBase.__init__)
 #: The eager class's constructor parameters without ``num_features``.
-_LAZY_INIT = inspect.signature(_BatchNormBase.__init__).replace(
-    parameters=[
-        p
-        for p in inspect.signature(_BatchNormBase.__init__).parameters.values()
-        if p.name != "num_features"
-    ]
+_LAZY_INIT = _EAGER_INIT.replace(
+    parameters=[p for p in _EAGER_INIT.parameters.values() if p.name != "num_features"]
 )
 
 
@@ -37,22 +34,22 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNormBase):
     cls_to_become: type[_BatchNormBase]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        o = bind_options(_LAZY_INIT, (self, *args), kwargs)
-        factory = {"device": o["device"], "dtype": o["dtype"]}
-        affine, track_running_stats, bias = o["affine"], o["track_running_stats"], o["bias"]
+        options = bind_options(_LAZY_INIT, (self, *args), kwargs)
+        affine, track_running_stats = options.pop("affine"), options.pop("track_running_stats")
+        has_bias = options.pop("bias")
+        factory = {"device": options["device"], "dtype": options["dtype"]}
         # affine and tracking off: no tensors are made that would be replaced at once
-        super().__init__(1, o["eps"], o["momentum"], False, False, o["device"], o["dtype"],
-                         unbiased_running_var=o["unbiased_running_var"])  # fmt: skip
+        super().__init__(1, affine=False, track_running_stats=False, **options)
         self.num_features = 0
         self.affine, self.track_running_stats = affine, track_running_stats
         if affine:
             self.weight = UninitializedParameter(**factory)
-            if bias:
+            if has_bias:
                 self.bias = UninitializedParameter(**factory)
         if track_running_stats:
             self.running_mean = UninitializedBuffer(**factory)
             self.running_var = UninitializedBuffer(**factory)
-            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=o["device"])
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=factory["device"])
 
     __init__.__signature__ = _LAZY_INIT  # type: ignore[attr-defined]
 

@@ -426,8 +426,8 @@ def batch_norm(call: Call, reduction: Reduction | None = None) -> Tensor:
     and the running update are those of the global batch.
 
     Inputs must already be validated (see :mod:`batchnorm.functional`)."""
-    x, training, activation, negative_slope, _, keep_output_only, unbiased_running_var = call[:7]
-    weight, bias, running_mean, running_var, residual, momentum, eps = call[7:]
+    (x, training, activation, negative_slope, _, keep_output_only, unbiased_running_var,
+     weight, bias, running_mean, running_var, residual, momentum, eps) = call  # fmt: skip
     reduction = reduction if training else None
     compiling = torch.compiler.is_compiling() and reduction is None
     if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tangents may flow

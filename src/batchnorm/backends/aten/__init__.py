@@ -101,13 +101,9 @@ def safe_batch_norm(
     given_var = _contiguous(running_var)
     shift = None
     if training and x.dtype is torch.float32 and _channels_last_kernel(x) and x.numel():
-        if x.dim() == 2:  # (N, C): the first row, which broadcasts as it is
-            shift = torch.nan_to_num(x.detach()[0], 0.0, 0.0, 0.0)  # inf/NaN stay torch's
-            x = x - shift
-        else:
-            first = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
-            shift = torch.nan_to_num(first, 0.0, 0.0, 0.0)
-            x = x - reference.per_channel(shift, x)
+        first = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
+        shift = torch.nan_to_num(first, 0.0, 0.0, 0.0)  # inf/NaN: no shift, torch's results
+        x = x - (shift if x.dim() == 2 else reference.per_channel(shift, x))  # (N, C): as is
         if given_mean is running_mean is not None and torch.is_grad_enabled():
             # ATen saves the running mean for backward: it is given a copy, as the shift's
             # correction below changes the running mean in place.
