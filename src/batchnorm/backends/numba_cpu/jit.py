@@ -160,19 +160,36 @@ def _vectors(stats, channels, mean_at, invstd_at, weight_at, bias_at, has_weight
 # they vectorize. silu has loops of its own.
 
 
+@intrinsic
+def _select(typingctx, condition, if_true, if_false):
+    """``if_true if condition else if_false`` as one LLVM select, without a branch. Written
+    as an if-expression, the gradient of relu took branches that LLVM did not turn back
+    into selects inside the backward loops, which then did not vectorize (measured: the
+    fused BN+ReLU backward 1.5x slower than plain batch norm's)."""
+    if if_true != if_false:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.select(args[0], args[1], args[2])
+
+    return if_true(condition, if_true, if_false), codegen
+
+
 @njit(inline="always", **_HELPER)
 def _linear_act(v, neg):
     """v if v > 0 (or NaN, as torch.relu keeps it), else v * neg; relu(-inf) is 0. (A
     leaky_relu of slope 0, whose -inf gives NaN in torch, is not given to these kernels.)"""
-    return v if not v <= 0 else (v * neg if neg != 0 else neg)
+    slope = neg != 0
+    return _select(not v <= 0, v, _select(slope, v * neg, neg))
 
 
 @njit(inline="always", **_HELPER)
 def _linear_grad(dy, pre, neg):
     """dL/dpre of _linear_act, as torch: relu gives exactly 0 where pre <= 0 and dy
     elsewhere (a NaN pre included); leaky_relu gives dy where pre > 0, else dy * neg."""
-    below = pre <= 0 if neg == 0 else not pre > 0  # the two tests differ at a NaN pre
-    return (dy * neg if neg != 0 else neg) if below else dy
+    slope = neg != 0
+    below = _select(slope, not pre > 0, pre <= 0)  # the two tests differ at a NaN pre
+    return _select(below, _select(slope, dy * neg, neg), dy)
 
 
 # exp, vectorizable. np.exp compiles to a call of libm's scalar exp (numba vectorizes it
@@ -249,7 +266,7 @@ def _exp_overload(v):
 def _silu(v):
     """v * sigmoid(v); at v = -inf torch's product is -inf * 0 = NaN, and so is v - v."""
     # np.float32(1) keeps v's dtype, where a bare 1 would promote float32 to float64
-    return v / (np.float32(1) + _exp(-v)) if v > -np.inf else v - v
+    return _select(v > -np.inf, v / (np.float32(1) + _exp(-v)), v - v)
 
 
 @njit(inline="always", **_HELPER)
@@ -257,7 +274,7 @@ def _silu_grad(dy, pre):
     """dy * s * (1 + pre * (1 - s)) with s = sigmoid(pre); NaN at pre = -inf, as torch."""
     s = np.float32(1) / (np.float32(1) + _exp(-pre))
     grad = dy * s * (np.float32(1) + pre * (np.float32(1) - s))
-    return grad if pre > -np.inf else pre - pre
+    return _select(pre > -np.inf, grad, pre - pre)
 
 
 # The per-element math of both layouts, with pre = (x - mean) * scale + shift [+ z] and
