@@ -247,6 +247,29 @@ def test_threads_follow_torch():
     assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
 
 
+_ONE_THREAD = """
+import torch
+torch.set_num_threads(1)
+import batchnorm
+x = torch.randn(8, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+with batchnorm.ops.use_backend("numba"):
+    batchnorm.BatchNorm2d(64)(x)
+print(torch.get_num_threads())
+"""
+
+
+def test_first_parallel_kernel_keeps_torch_thread_count():
+    """Launching Numba's OpenMP threads (once per process, hence a fresh one) sets the
+    OpenMP runtime it shares with torch to all cores; torch.set_num_threads(1) must hold."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _ONE_THREAD], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "1"
+
+
 @pytest.mark.auto_dispatch
 def test_dispatch_numba_for_cpu_floats_of_every_width():
     for dtype, name in [(torch.float32, "numba"), (torch.float64, "numba"),

@@ -25,7 +25,7 @@ PIECES_PER_THREAD = 4
 @njit(**INLINE)
 def _cl_blocks(rows, threads):
     """(rows per block, number of blocks) of an (M, C) pass."""
-    wanted = PIECES_PER_THREAD * threads
+    wanted = PIECES_PER_THREAD * threads if threads > 1 else 1  # serial: the largest blocks
     per = max(1, min(jit.MAX_BLOCK_ROWS, (rows + wanted - 1) // wanted))
     return per, (rows + per - 1) // per
 
@@ -45,13 +45,20 @@ def _cl_block_stats(xb, stats, block_mean, block_m2):
             d = _ld(xb[r, c]) - s[c]
             d1[c] += d
             d2[c] += d * d
+    # jit._piece_stats for all channels in a loop without branches (it vectorizes: a call
+    # per channel cost as much as the sums themselves on blocks of few wide rows), then
+    # the rare channels with an inf or NaN
+    inverse = 1.0 / rows
     for c in range(channels):
-        block_mean[c, 0], block_m2[c, 0] = jit._piece_stats(s[c], d1[c], d2[c], rows)
-        if np.isnan(block_mean[c, 0]):
+        sum1 = np.float64(d1[c])
+        block_mean[c, 0] = s[c] + sum1 * inverse
+        block_m2[c, 0] = d2[c] - sum1 * sum1 * inverse
+    for c in range(channels):
+        if not (np.isfinite(s[c]) and np.isfinite(d1[c])):
             total = stats.dtype.type(0)
             for r in range(rows):
                 total += _ld(xb[r, c])
-            block_mean[c, 0] = total / rows
+            block_mean[c, 0], block_m2[c, 0] = total / rows, np.nan
 
 
 @njit(**INLINE)

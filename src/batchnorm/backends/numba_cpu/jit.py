@@ -57,9 +57,8 @@ class _Kernel:
 
     def pick(self, numel: int):
         """(compiled variant, threads) for an input of ``numel`` values."""
-        if numel < SERIAL_BELOW or _forked_child:
-            return self.serial, 1
-        return self.parallel, _sync_threads()
+        threads = 1 if numel < SERIAL_BELOW or _forked_child else _sync_threads()
+        return (self.serial, 1) if threads == 1 else (self.parallel, threads)
 
 
 def _writable(folder: str) -> bool:
@@ -413,10 +412,18 @@ def _grad_coefficients(scale, invstd, dweight, dbias, count, training):
 
 
 def _sync_threads() -> int:
-    """Numba's thread count follows torch.get_num_threads(); returns it."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    """Numba's thread count follows torch.get_num_threads(); returns it.
+
+    Numba's OpenMP threading layer shares torch's OpenMP runtime, and launching it (the
+    first call of numba.get_num_threads) sets that runtime's thread count to Numba's
+    default, all cores: torch's own count, which the user may have set
+    (torch.set_num_threads(1)), is put back."""
+    wanted = torch.get_num_threads()
+    threads = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
     if threads != numba.get_num_threads():
         numba.set_num_threads(threads)
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
     return threads
 
 
