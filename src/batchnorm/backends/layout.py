@@ -10,7 +10,11 @@ A tensor dense in one of them is used as it is; any other is copied into the nea
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+#: The memory format whose contiguity is the cl layout, by input rank.
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def channels_last_order(x: Tensor) -> tuple[int, ...]:
@@ -40,3 +44,23 @@ def in_layout(t: Tensor, layout: str) -> Tensor:
         return t
     inverse = [order.index(i) for i in range(t.dim())]
     return moved.detach().contiguous().permute(inverse)
+
+
+def dense_in_layout(x: Tensor) -> tuple[str, Tensor]:
+    """(layout of x, x dense in it): ``layout_of`` and ``in_layout`` in one, with the usual
+    cases (contiguous, channels_last) decided by one C call each (this runs for every
+    tensor of every kernel call)."""
+    if x.is_contiguous():
+        spatial = x.dim() > 2 and x.numel() != x.shape[0] * x.shape[1]
+        return ("cf" if spatial else "cl"), x
+    memory_format = _CHANNELS_LAST.get(x.dim())
+    if memory_format is not None and x.is_contiguous(memory_format=memory_format):
+        return "cl", x
+    layout = layout_of(x)
+    return layout, in_layout(x, layout)
+
+
+def like(t: Tensor, x: Tensor, layout: str) -> Tensor:
+    """t (of x's shape) dense in ``layout``, x being dense in it: t itself if it has x's
+    strides."""
+    return t if t.stride() == x.stride() else in_layout(t, layout)

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from batchnorm import reference
-from batchnorm.backends import Call, OperatorBackend
+from batchnorm.backends import Call, KernelBackend, OperatorBackend
 from batchnorm.backends.reference import ReferenceBackend
 from batchnorm.ops.dispatch import select, select_kernels
 
@@ -65,14 +65,18 @@ def _readable(t: Tensor) -> bool:
     return type(t) in _PLAIN_TENSORS and torch._C._has_storage(t) and not t.is_neg()
 
 
-def _kernels(x: Tensor, training: bool, activation: str, slope: float, *tensors: Tensor | None):
-    """The kernel backend for a call, or the reference where a tensor is not _readable (its
-    torch ops handle every tensor type: torch.func batches and differentiates them)."""
+def _kernels(x: Tensor, training: bool, activation: str, slope: float, *tensors: Tensor | None,
+             chosen: KernelBackend | None = None):  # fmt: skip
+    """The kernel backend for a call (``chosen``: the one the dispatch picked for it already),
+    or the reference where a tensor is not _readable (its torch ops handle every tensor
+    type: torch.func batches and differentiates them)."""
     if not _readable(x):
         return _REFERENCE
-    for t in tensors:  # a loop, not all(genexpr): this runs twice per call
+    for t in tensors:  # a loop, not all(genexpr): this runs three times per call
         if t is not None and not _readable(t):
             return _REFERENCE
+    if chosen is not None:
+        return chosen
     return select_kernels(x, training, activation, tensors[-1] is not None, slope)
 
 
@@ -88,17 +92,18 @@ def forward_impl(
     activation: str,
     negative_slope: float,
     reduction: Reduction | None = None,
+    chosen: KernelBackend | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Return (y, mean, invstd, var): the statistics that normalized x (mean and invstd are
     saved for backward; var, the biased batch variance, feeds the running update). With a
-    ``reduction`` (training only), those of the global batch.
+    ``reduction`` (training only), those of the global batch. ``chosen``: the kernel backend
+    the dispatch picked for the call (else it is picked here).
 
     Nothing is mutated here, so the function can back a functional custom op."""
     channels = x.shape[1]
     stats_dtype = reference.compute_dtype(x.dtype)
-    backend = _kernels(
-        x, training, activation, negative_slope, weight, bias, running_mean, running_var, residual
-    )
+    backend = _kernels(x, training, activation, negative_slope, weight, bias, running_mean,
+                       running_var, residual, chosen=chosen)  # fmt: skip
     if not training:
         mean = running_mean.to(stats_dtype, copy=True)  # type: ignore[union-attr]
         var = running_var.to(stats_dtype, copy=True)  # type: ignore[union-attr]
@@ -126,16 +131,20 @@ def forward_impl(
     return y, mean, invstd, var
 
 
-def backward_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def backward_impl(
+    *args: Any, chosen: KernelBackend | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Return (dx, dweight, dbias, dpre) for the arguments of KernelBackend.backward (dy, x,
     weight, bias, residual, mean, invstd, training, activation, negative_slope, need_dpre);
-    dpre (= dL/d residual) is None unless needed."""
+    dpre (= dL/d residual) is None unless needed. ``chosen``: the forward's kernel backend."""
     dy, x, weight, bias, residual, mean, invstd, training, activation, slope, _ = args
     if x.numel() == 0:
         zeros = mean.new_zeros(mean.shape)
         return torch.zeros_like(x), zeros, zeros.clone(), torch.zeros_like(x)
-    dy = dy.to(x.dtype)
-    backend = _kernels(x, training, activation, slope, dy, weight, bias, mean, invstd, residual)
+    if dy.dtype != x.dtype:
+        dy = dy.to(x.dtype)
+    backend = _kernels(x, training, activation, slope, dy, weight, bias, mean, invstd, residual,
+                       chosen=chosen)  # fmt: skip
     return backend.backward(dy, *args[1:])
 
 
@@ -151,11 +160,12 @@ def backward_impl(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
 
 
 def _save(ctx, inputs: tuple, mean: Tensor, invstd: Tensor) -> None:
-    x, weight, bias, _, _, residual, training, eps, activation, slope, *reduction = inputs
+    x, weight, bias, _, _, residual, training, eps, activation, slope, *rest = inputs
     ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
     ctx.save_for_forward(x, weight, bias, residual, mean, invstd)
     ctx.config = (training, eps, activation, slope)
-    ctx.reduction = reduction[0] if reduction else None
+    # the eager Function's trailing arguments: the reduction and the chosen kernel backend
+    ctx.reduction, ctx.kernels = (*rest, None, None)[:2]
     ctx.n_inputs = len(inputs)
 
 
@@ -221,8 +231,10 @@ def _grads(ctx, dy: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
         dx, dw, db, dr = backward_fn(
             dy, x, weight, bias, residual, mean, invstd, training, activation, slope, need_r
         )
-    dw = dw.to(weight.dtype) if weight is not None else dw
-    db = db.to(bias.dtype) if bias is not None else db
+    if weight is not None and dw.dtype != weight.dtype:
+        dw = dw.to(weight.dtype)
+    if bias is not None and db.dtype != bias.dtype:
+        db = db.to(bias.dtype)
     keep = (need_x, need_w, need_b, False, False, need_r)
     grads = (dx, dw, db, None, None, dr)
     trailing = (None,) * (ctx.n_inputs - len(grads))  # the non-tensor arguments
@@ -281,7 +293,10 @@ class _BatchNormFunction(_Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd, _dvar):
-        return _grads(ctx, dy, backward_impl)
+        kernels = ctx.kernels
+        if kernels is None:
+            return _grads(ctx, dy, backward_impl)
+        return _grads(ctx, dy, lambda *args: backward_impl(*args, chosen=kernels))
 
 
 class _KeepOutputFunction(_Function):
@@ -412,10 +427,11 @@ def _apply(function: type[torch.autograd.Function], args: tuple) -> tuple[Tensor
     forward + backward), unwraps tensors left over from finished torch.func transforms (none
     here when every tensor has storage) and hands calls under active transforms to
     torch.func, which then go through ``function.apply``."""
-    if torch._C._are_functorch_transforms_active() or not all(
-        torch._C._has_storage(t) for t in args if isinstance(t, Tensor)
-    ):
+    if torch._C._are_functorch_transforms_active():
         return function.apply(*args)
+    for t in args:  # a loop, not all(genexpr): this runs on every call
+        if isinstance(t, Tensor) and not torch._C._has_storage(t):
+            return function.apply(*args)
     # what Function.apply calls last: the C++ apply of torch._C._FunctionBase
     return super(torch.autograd.Function, function).apply(*args)  # type: ignore[misc]
 
@@ -432,10 +448,12 @@ def batch_norm(call: Call, reduction: Reduction | None = None) -> Tensor:
     compiling = torch.compiler.is_compiling() and reduction is None
     if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tangents may flow
         _refuse_dual_statistics(x, training, running_mean, running_var)
+    chosen = None  # the kernel backend the dispatch picks (under torch.compile: forward_impl)
     if not compiling and reduction is None:
         backend = select(call)
         if backend.operator:
             return cast(OperatorBackend, backend).batch_norm(call)
+        chosen = cast(KernelBackend, backend)
     args = (x, weight, bias, running_mean, running_var, residual, training, float(eps),
             activation, float(negative_slope))  # fmt: skip
     if compiling:
@@ -443,15 +461,16 @@ def batch_norm(call: Call, reduction: Reduction | None = None) -> Tensor:
     elif keep_output_only and _differentiated(x, weight, bias, residual):
         y, mean, _, var = _apply(_KeepOutputFunction, args)
     elif _differentiated(x, weight, bias, residual):
-        y, mean, _, var = _apply(_BatchNormFunction, (*args, reduction))
+        y, mean, _, var = _apply(_BatchNormFunction, (*args, reduction, chosen))
     else:
-        y, mean, _, var = forward_impl(*args, reduction)
+        y, mean, _, var = forward_impl(*args, reduction, chosen)
     if training and running_mean is not None and running_var is not None:
         count = x.numel() // max(x.shape[1], 1) if reduction is None else reduction.count
         if compiling:  # plain torch ops, which the compiler traces
             update = reference.update_running_stats
         else:
-            kernels = _kernels(x, training, activation, negative_slope, running_mean, running_var)
+            kernels = _kernels(x, training, activation, negative_slope, running_mean, running_var,
+                               chosen=chosen)  # fmt: skip
             update = kernels.update_running_stats
         update(running_mean, running_var, mean, var, count, momentum, unbiased_running_var)
     return y

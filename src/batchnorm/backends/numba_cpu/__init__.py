@@ -36,7 +36,7 @@ from torch import Tensor
 
 from batchnorm import reference
 from batchnorm.backends import Call
-from batchnorm.backends.layout import in_layout, layout_of
+from batchnorm.backends.layout import dense_in_layout, like
 from batchnorm.backends.numba_cpu.channels_first import cf_backward, cf_forward
 from batchnorm.backends.numba_cpu.channels_last import cl_backward, cl_forward
 from batchnorm.backends.numba_cpu.compilation import NOTICE as _COMPILE_NOTICE  # noqa: F401
@@ -50,9 +50,9 @@ from batchnorm.backends.numba_cpu.jit import ACTIVATION_CODES, running_update
 _LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
-def _in_layout(t: Tensor, layout: str, dtype: torch.dtype) -> Tensor:
-    """t with x's dtype and the memory layout ``layout`` (a copy only if it is not so)."""
-    return in_layout(t if t.dtype == dtype else t.detach().to(dtype), layout)
+def _like(t: Tensor, x: Tensor, layout: str) -> Tensor:
+    """t with x's dtype, dense in x's layout (a copy only if it is not so)."""
+    return like(t if t.dtype == x.dtype else t.detach().to(x.dtype), x, layout)
 
 
 def _shape(x: Tensor, layout: str) -> tuple[int, ...]:
@@ -112,11 +112,10 @@ class NumbaBackend:
 
     def _forward(self, x, weight, bias, residual, mean, var, invstd, eps, activation, slope,
                  training):  # fmt: skip
-        layout = layout_of(x)
-        x = _in_layout(x, layout, x.dtype)
+        layout, x = dense_in_layout(x)
         y = torch.empty_like(x)
         # Every tensor whose address a kernel reads is held by a local until it returns.
-        z = None if residual is None else _in_layout(residual, layout, x.dtype)
+        z = None if residual is None else _like(residual, x, layout)
         weight, bias = _vector(weight, mean.dtype), _vector(bias, mean.dtype)
         shape = _shape(x, layout)
         kernel, threads = (cl_forward if layout == "cl" else cf_forward).pick(x.numel())
@@ -142,11 +141,10 @@ class NumbaBackend:
 
     def backward(self, dy, x, weight, bias, residual, mean, invstd, training, activation,
                  negative_slope, need_dpre):  # fmt: skip
-        layout = layout_of(x)
-        x = _in_layout(x, layout, x.dtype)
-        dy = _in_layout(dy, layout, x.dtype)
+        layout, x = dense_in_layout(x)
+        dy = _like(dy, x, layout)
         # Every tensor whose address a kernel reads is held by a local until it returns.
-        z = None if residual is None else _in_layout(residual, layout, x.dtype)
+        z = None if residual is None else _like(residual, x, layout)
         stats = reference.compute_dtype(x.dtype)
         weight, bias = _vector(weight, stats), _vector(bias, stats)
         mean, invstd = _vector(mean, stats), _vector(invstd, stats)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from batchnorm import reference
 from batchnorm.backends import Call
-from batchnorm.backends.layout import in_layout, layout_of
+from batchnorm.backends.layout import dense_in_layout, like
 from batchnorm.backends.triton import kernels_backward, kernels_forward
 
 #: Whether the kernels run in Triton's interpreter (on CPU, with NumPy) rather than compiled
@@ -236,8 +236,7 @@ class TritonBackend:
     def forward_train(self, x, weight, bias, residual, eps, activation, negative_slope):
         """(y, mean, biased var, invstd) of a batch with at least one value per channel."""
         _check_activation(activation)
-        layout = layout_of(x)
-        x = in_layout(x.detach(), layout)
+        layout, x = dense_in_layout(x.detach())
         plan = self._plan(x, layout)
         stats_dtype = reference.compute_dtype(x.dtype)
         acc = _ACC.get(x.dtype, tl.float32)
@@ -259,8 +258,7 @@ class TritonBackend:
     def forward_eval(self, x, weight, bias, residual, mean, invstd, activation, negative_slope):
         """y = act((x - mean) * invstd * weight + bias [+ residual]) with given statistics."""
         _check_activation(activation)
-        layout = layout_of(x)
-        x = in_layout(x.detach(), layout)
+        layout, x = dense_in_layout(x.detach())
         if x.numel() == 0:
             return torch.empty_like(x)
         plan = self._plan(x, layout)
@@ -270,7 +268,7 @@ class TritonBackend:
     def _normalize(self, x, layout, plan, weight, bias, residual, mean, invstd, activation,
                    negative_slope):  # fmt: skip
         y = torch.empty_like(x)
-        z = None if residual is None else in_layout(residual.detach(), layout)
+        z = None if residual is None else like(residual.detach(), x, layout)
         with _device_guard(x):
             kernels_forward.normalize_kernel[plan.grid](
                 x, x if z is None else z, y, _vector(mean, x), _vector(invstd, x),
@@ -289,10 +287,9 @@ class TritonBackend:
         Training: the gradient flows through the batch mean and variance; eval: it does not
         (dx = weight * invstd * dpre). dweight and dbias are computed in both."""
         _check_activation(activation)
-        layout = layout_of(x)
-        x = in_layout(x.detach(), layout)
-        dy = in_layout(dy.detach(), layout)
-        z = None if residual is None else in_layout(residual.detach(), layout)
+        layout, x = dense_in_layout(x.detach())
+        dy = like(dy.detach(), x, layout)
+        z = None if residual is None else like(residual.detach(), x, layout)
         plan = self._plan(x, layout)
         stats_dtype = reference.compute_dtype(x.dtype)
         acc = _ACC.get(x.dtype, tl.float32)
