@@ -8,6 +8,7 @@ import hashlib
 import math
 import os
 import tempfile
+import threading
 import types
 
 import numba
@@ -420,11 +421,18 @@ def _sync_threads() -> int:
     (torch.set_num_threads(1)), is put back."""
     wanted = torch.get_num_threads()
     threads = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
-    if threads != numba.get_num_threads():
-        numba.set_num_threads(threads)
-    if torch.get_num_threads() != wanted:
-        torch.set_num_threads(wanted)
+    # numba's count is per calling thread; asking numba for it costs a µs, hence this copy
+    if getattr(_numba_threads, "count", None) != threads:
+        if threads != numba.get_num_threads():
+            numba.set_num_threads(threads)
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+        _numba_threads.count = threads
     return threads
+
+
+#: Per calling thread: the count _sync_threads last gave numba.
+_numba_threads = threading.local()
 
 
 @njit(**_HELPER)
