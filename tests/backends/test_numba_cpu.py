@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import batchnorm.functional as BF
 from batchnorm import ops, reference
 from batchnorm.backends import numba_cpu as cpu
+from batchnorm.backends.layout import dense_in_layout, in_layout, layout_of
 from batchnorm.backends.numba_cpu import jit
 from conftest import assert_close, random_input
 
@@ -133,8 +134,33 @@ def test_training_statistics_of_every_variant(shape, channels_last, dtype):
 
 def test_transposed_ncl_input_runs_channels_last():
     x = random_input((4, 6, 9)).transpose(1, 2).contiguous().transpose(1, 2)  # (N, C, L), C last
-    assert cpu.layout_of(x) == "cl"
+    assert dense_in_layout(x)[0] == "cl"
+    assert dense_in_layout(x)[1] is x  # dense already: no copy
     check(x)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(4, 6, 5, 5),
+        lambda: torch.randn(4, 6, 5, 5).contiguous(memory_format=torch.channels_last),
+        lambda: torch.randn(2, 6, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d),
+        lambda: torch.randn(4, 6),
+        lambda: torch.randn(6, 4).t(),
+        lambda: torch.randn(4, 6, 1, 1),
+        lambda: torch.randn(1, 6, 1, 5).contiguous(memory_format=torch.channels_last),
+        lambda: torch.randn(4, 6, 9).transpose(1, 2).contiguous().transpose(1, 2),
+        lambda: torch.randn(4, 6, 10, 10)[:, :, ::2, 1:6],
+        lambda: torch.randn(4, 12, 5, 5)[:, ::2],
+    ],
+)
+def test_dense_in_layout_is_layout_of_then_in_layout(make):
+    """The fast path of dense_in_layout decides as layout_of and in_layout do."""
+    x = make()
+    layout, dense = dense_in_layout(x)
+    assert layout == layout_of(x)
+    expected = in_layout(x, layout)
+    assert torch.equal(dense, expected) and dense.stride() == expected.stride()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
