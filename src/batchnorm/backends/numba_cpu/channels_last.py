@@ -31,15 +31,16 @@ def _cl_blocks(rows, threads):
 
 
 @njit(**INLINE)
-def _cl_block_stats(xb, stats, block_mean, block_m2):
+def _cl_block_stats(xb, stats, block_mean, block_m2, scratch):
     """Per-channel (mean, M2) of a block of rows in one pass (see jit._piece_stats), with
-    sums in the dtype of ``stats``; a channel with an inf or NaN takes the plain sum's."""
+    sums in the dtype of ``stats`` (in ``scratch``, 3 x C); a channel with an inf or NaN
+    takes the plain sum's."""
     rows, channels = xb.shape
-    s = np.empty(channels, stats.dtype)
+    s, d1, d2 = scratch[0], scratch[1], scratch[2]
     for c in range(channels):
         s[c] = _ld(xb[0, c])
-    d1 = np.zeros(channels, stats.dtype)
-    d2 = np.zeros(channels, stats.dtype)
+        d1[c] = 0
+        d2[c] = 0
     for r in range(rows):
         for c in range(channels):
             d = _ld(xb[r, c]) - s[c]
@@ -86,6 +87,13 @@ def _cl_grad_sums(gb, xb, zb, pb, g, gx, mean, scale, shift, act, neg, has_z, wr
     write dpre to pb if write_dpre (a loop of its own over the row, which is in L1: a store
     under a test keeps the summing loop from vectorizing)."""
     rows, channels = xb.shape
+    if act == jit._IDENTITY:  # dpre is dy: a loop without the pre-activation (8% faster)
+        for r in range(rows):
+            for c in range(channels):
+                d = _ld(gb[r, c])
+                g[c] += d
+                gx[c] += d * (_ld(xb[r, c]) - mean[c])
+        return
     for r in range(rows):
         if write_dpre:
             _cl_dpre_row(gb[r], xb[r], zb[r], pb[r], mean, scale, shift, act, neg, has_z)
@@ -100,6 +108,12 @@ def _cl_grad_sums(gb, xb, zb, pb, g, gx, mean, scale, shift, act, neg, has_z, wr
 def _cl_dx(gb, xb, zb, dxb, mean, scale, shift, k0, k2, act, neg, has_z, training):
     """dxb from dL/dy = gb (dpre recomputed) or from dpre itself (act = identity)."""
     rows, channels = xb.shape
+    if act == jit._IDENTITY:  # as in _cl_grad_sums
+        for r in range(rows):
+            for c in range(channels):
+                xc = _ld(xb[r, c]) - mean[c]
+                dxb[r, c] = _st(jit._dx(_ld(gb[r, c]), xc, scale[c], k0[c], k2[c], training), dxb)
+        return
     for r in range(rows):
         for c in range(channels):
             xc, d = jit._centred_dpre(_ld(gb[r, c]), _ld(xb[r, c]), _ld(zb[r, c]), mean[c],
@@ -122,9 +136,11 @@ def cl_forward(like, stats, rows, channels, x_at, z_at, y_at, weight_at, bias_at
     if training:
         block_mean = np.empty((blocks, channels, 1), np.float64)
         block_m2 = np.empty((blocks, channels, 1), np.float64)
+        # the blocks' sums, allocated once: an allocation per block cost ~5% of the pass
+        scratch = np.empty((blocks, 3, channels), stats.dtype)
         for k in prange(blocks):
             _cl_block_stats(x[k * per : min(rows, k * per + per)], stats, block_mean[k],
-                            block_m2[k])  # fmt: skip
+                            block_m2[k], scratch[k])  # fmt: skip
         lengths = np.empty((blocks, 1), np.float64)
         for k in range(blocks):
             lengths[k, 0] = min(rows, k * per + per) - k * per
@@ -155,10 +171,10 @@ def cl_backward(like, stats, rows, channels, dy_at, x_at, z_at, dx_at, dpre_at, 
     scale, shift = jit._coefficients(mean, invstd, weight, bias, has_weight, has_bias)
     block_g = np.empty((blocks, channels, 1), np.float64)
     block_gx = np.empty((blocks, channels, 1), np.float64)
+    sums = np.zeros((blocks, 2, channels), stats.dtype)  # allocated once, as in cl_forward
     for k in prange(blocks):
         r0, r1 = k * per, min(rows, k * per + per)
-        g = np.zeros(channels, stats.dtype)
-        gx = np.zeros(channels, stats.dtype)
+        g, gx = sums[k, 0], sums[k, 1]
         _cl_grad_sums(dy[r0:r1], x[r0:r1], z[r0:r1], dpre[r0:r1], g, gx, mean, scale, shift,
                       act, neg, has_z, write_dpre)  # fmt: skip
         block_g[k, :, 0] = g
