@@ -156,8 +156,9 @@ def _vectors(stats, channels, mean_at, invstd_at, weight_at, bias_at, has_weight
 
 
 # Activations. identity, relu and leaky_relu are one piecewise-linear map with slope `neg`
-# below zero (1, 0 and negative_slope): no branch on the activation inside the loops, so
-# they vectorize. silu has loops of its own.
+# below zero (1, 0 and negative_slope), its pieces chosen by selects: no branch inside the
+# loops, so they vectorize. silu is the other side of a test on the activation's code,
+# the same for every element, which LLVM moves out of the loops (see _act).
 
 
 @intrinsic
@@ -200,10 +201,9 @@ def _linear_grad(dy, pre, neg):
 # is one subtraction, v - k ln2, in float64, and in float32 two fused multiply-adds with ln2
 # in two parts (float32 throughout: twice the lanes of float64 per vector; measured: within
 # an ulp in float32, within 1e-13 relative in float64, where |k| <= 1023 scales ln2's
-# rounding). v is clamped
-# where exp would overflow or become subnormal: silu and its gradient there differ from
-# exact by less than 1e-36 (float32) or 1e-300 (float64), and a NaN still propagates
-# through silu's other factors.
+# rounding). v is clamped where exp would overflow or become subnormal: silu and its
+# gradient there differ from exact by less than 1e-36 (float32) or 1e-300 (float64), and a
+# NaN still propagates through silu's other factors.
 
 #: 1/n! for n = 13 .. 0: Taylor coefficients of exp, in Horner's order.
 _TAYLOR = tuple(1.0 / math.factorial(n) for n in range(13, -1, -1))
