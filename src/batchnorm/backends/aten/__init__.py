@@ -99,11 +99,17 @@ def safe_batch_norm(
     # update it makes to them in training is copied back.
     given_mean = _contiguous(running_mean)
     given_var = _contiguous(running_var)
-    shift = None
+    shift = None  # per channel
     if training and x.dtype is torch.float32 and _channels_last_kernel(x) and x.numel():
-        first = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
-        shift = torch.nan_to_num(first, 0.0, 0.0, 0.0)  # inf/NaN: no shift, torch's results
-        x = x - (shift if x.dim() == 2 else reference.per_channel(shift, x))  # (N, C): as is
+        # inf/NaN: no shift, torch's results
+        if x.dim() == 2:
+            offset = shift = torch.nan_to_num(x.detach()[0], 0.0, 0.0, 0.0)  # (C,)
+        else:  # x[0, :, 0, ...] as (1, C, 1, ...) in one C call (indexing and a reshape
+            # cost 2-3 µs more, on calls of 20-60 µs)
+            first = x.detach().as_strided((1, x.shape[1]) + (1,) * (x.dim() - 2), x.stride())
+            offset = torch.nan_to_num(first, 0.0, 0.0, 0.0)
+            shift = offset.view(-1)
+        x = x - offset
         if given_mean is running_mean is not None and torch.is_grad_enabled():
             # ATen saves the running mean for backward: it is given a copy, as the shift's
             # correction below changes the running mean in place.
