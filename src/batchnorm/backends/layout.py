@@ -28,7 +28,7 @@ def layout_of(x: Tensor) -> str:
         return "cl"
     if x.is_contiguous():
         return "cl" if x.numel() == x.shape[0] * x.shape[1] else "cf"
-    if x.permute(channels_last_order(x)).is_contiguous():
+    if _channels_last_dense(x) or x.permute(channels_last_order(x)).is_contiguous():
         return "cl"
     return "cl" if x.stride(1) < min(x.stride()[2:]) else "cf"
 
@@ -50,14 +50,17 @@ def dense_in_layout(x: Tensor) -> tuple[str, Tensor]:
     """(layout of x, x dense in it): ``layout_of`` and ``in_layout`` in one, with the usual
     cases (contiguous, channels_last) decided by one C call each (this runs for every
     tensor of every kernel call)."""
-    if x.is_contiguous():
-        spatial = x.dim() > 2 and x.numel() != x.shape[0] * x.shape[1]
-        return ("cf" if spatial else "cl"), x
-    memory_format = _CHANNELS_LAST.get(x.dim())
-    if memory_format is not None and x.is_contiguous(memory_format=memory_format):
-        return "cl", x
+    if x.is_contiguous() or _channels_last_dense(x):
+        return layout_of(x), x
     layout = layout_of(x)
     return layout, in_layout(x, layout)
+
+
+def _channels_last_dense(x: Tensor) -> bool:
+    """Whether x is channels_last (4-D) or channels_last_3d (5-D) contiguous: one C call,
+    where permuting and testing costs about 1 µs."""
+    memory_format = _CHANNELS_LAST.get(x.dim())
+    return memory_format is not None and x.is_contiguous(memory_format=memory_format)
 
 
 def like(t: Tensor, x: Tensor, layout: str) -> Tensor:

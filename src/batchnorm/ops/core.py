@@ -16,6 +16,7 @@ mode, where the dispatch prefers it.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Protocol, cast
 
 import torch
@@ -293,10 +294,7 @@ class _BatchNormFunction(_Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd, _dvar):
-        kernels = ctx.kernels
-        if kernels is None:
-            return _grads(ctx, dy, backward_impl)
-        return _grads(ctx, dy, lambda *args: backward_impl(*args, chosen=kernels))
+        return _grads(ctx, dy, partial(backward_impl, chosen=ctx.kernels))
 
 
 class _KeepOutputFunction(_Function):

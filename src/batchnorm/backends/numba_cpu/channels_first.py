@@ -34,11 +34,11 @@ def _cf_piece_stats(xr, stats):
         d1 += d
         d2 += d * d
     mean, m2 = jit._piece_stats(s, d1, d2, xr.shape[0])
-    if np.isnan(mean):
+    if not (np.isfinite(s) and np.isfinite(d1)):
         total = zero
         for i in range(xr.shape[0]):
             total += _ld(xr[i])
-        mean = total / xr.shape[0]
+        mean, m2 = total / xr.shape[0], np.nan
     return mean, m2
 
 

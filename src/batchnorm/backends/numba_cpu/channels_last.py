@@ -46,14 +46,11 @@ def _cl_block_stats(xb, stats, block_mean, block_m2, scratch):
             d = _ld(xb[r, c]) - s[c]
             d1[c] += d
             d2[c] += d * d
-    # jit._piece_stats for all channels in a loop without branches (it vectorizes: a call
-    # per channel cost as much as the sums themselves on blocks of few wide rows), then
-    # the rare channels with an inf or NaN
-    inverse = 1.0 / rows
+    # all channels in a loop without branches (it vectorizes: a branch per channel cost as
+    # much as the sums themselves on blocks of few wide rows), then the rare channels with
+    # an inf or NaN
     for c in range(channels):
-        sum1 = np.float64(d1[c])
-        block_mean[c, 0] = s[c] + sum1 * inverse
-        block_m2[c, 0] = d2[c] - sum1 * sum1 * inverse
+        block_mean[c, 0], block_m2[c, 0] = jit._piece_stats(s[c], d1[c], d2[c], rows)
     for c in range(channels):
         if not (np.isfinite(s[c]) and np.isfinite(d1[c])):
             total = stats.dtype.type(0)

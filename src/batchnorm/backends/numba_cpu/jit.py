@@ -414,10 +414,9 @@ def _piece_stats(s, d1, d2, count):
     and d2 = sum((x - s)^2) around one of its values s. One pass reads the piece; the sums
     around a value of the piece (not 0) keep the digits of a channel with a large mean
     (mean 1e4, std 1 in float32), and M2 loses at most a factor ``count`` of precision
-    whatever s is (s's own deviation is part of M2). NaN when s or d1 is not finite: the
-    caller then takes the mean from the plain sum, as torch does."""
-    if not (np.isfinite(s) and np.isfinite(d1)):
-        return np.nan, np.nan
+    whatever s is (s's own deviation is part of M2). No branch, so that a loop over
+    channels vectorizes: where s or d1 is not finite the callers take the mean from the
+    plain sum instead, as torch does, and M2 is NaN."""
     return s + np.float64(d1) / count, d2 - np.float64(d1) * d1 / count
 
 
