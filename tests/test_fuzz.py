@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+import batchnorm
 import batchnorm.functional as BF
 from batchnorm import ops
 from batchnorm.backends.aten import ATEN_BELOW_NUMEL
@@ -709,6 +710,32 @@ def test_small_float32_input_with_a_large_mean_is_normalized_stably(shape, mean,
     invstd = x.double().var(0, correction=0).rsqrt().max().item()
     bound = FLOAT32_EPS * (MEAN_ULPS[torch.float32] * mean * invstd + 16 * 5)
     assert (y.double() - expected).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 1.0, 0.0, None])
+@pytest.mark.parametrize("shape", [(64, 8), (8, 8, 3, 3)], ids=["NC", "channels_last"])
+def test_shifted_aten_path_keeps_the_running_mean_and_backward(momentum, shape):
+    """The ATen path shifts float32 (N, C) and channels-last inputs, and gives the running
+    mean the shift's share of the update before ATen's call (after it for momentum 1): the
+    running statistics of two training steps equal torch's in float64, and backward passes
+    ATen's version check of the saved running mean."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64) * 0.5 + 300
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours = (batchnorm.BatchNorm1d if x.dim() == 2 else batchnorm.BatchNorm2d)(8, momentum=momentum)
+    torch_layer = (torch.nn.BatchNorm1d if x.dim() == 2 else torch.nn.BatchNorm2d)(
+        8, momentum=momentum, dtype=torch.float64
+    )
+    for step in range(2):
+        xs = (x + step).float().requires_grad_()
+        ours(xs).square().sum().backward()
+        torch_layer(x + step)
+        assert xs.grad is not None and torch.isfinite(xs.grad).all()
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(
+            getattr(ours, name).double(), getattr(torch_layer, name), rtol=1e-6, atol=1e-5
+        )
 
 
 BACKEND_NAMES = [None, *ops.available_backends()]

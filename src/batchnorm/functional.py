@@ -95,10 +95,14 @@ def _batch_norm(
     message, see nn.base.check_layer_input), which are then not checked again."""
     if isinstance(input, Tensor) and input.dim() < 2 and input.numel() == 0:
         return input.clone()  # torch returns an empty input as it is, whatever its rank
-    check_eps(eps, training, where)  # first, as torch does
+    # the passing cases of check_eps and check_activation without their calls (this runs
+    # on every call of every layer)
+    if not (eps > 0 if training else eps >= 0):
+        check_eps(eps, training, where)  # first, as torch does
     check_inputs(input, running_mean, running_var, weight, bias, residual, training, where,
                  check_count=reduction is None, check_rank=not layer_checked)  # fmt: skip
-    activation = check_activation(activation, where)
+    if activation is None or activation not in ACTIVATIONS:
+        activation = check_activation(activation, where)
     if keep_output_only:
         check_invertible(activation, negative_slope, where)
         if residual is not None:

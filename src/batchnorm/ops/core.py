@@ -17,14 +17,14 @@ mode, where the dispatch prefers it.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
 from batchnorm import reference
-from batchnorm.backends import Call, KernelBackend, OperatorBackend
+from batchnorm.backends import Call, KernelBackend
 from batchnorm.backends.reference import ReferenceBackend
 from batchnorm.ops.dispatch import select, select_kernels
 
@@ -68,17 +68,22 @@ def _readable(t: Tensor) -> bool:
 
 def _kernels(x: Tensor, training: bool, activation: str, slope: float, *tensors: Tensor | None,
              chosen: KernelBackend | None = None):  # fmt: skip
-    """The kernel backend for a call (``chosen``: the one the dispatch picked for it already),
-    or the reference where a tensor is not _readable (its torch ops handle every tensor
-    type: torch.func batches and differentiates them)."""
-    if not _readable(x):
-        return _REFERENCE
-    for t in tensors:  # a loop, not all(genexpr): this runs three times per call
-        if t is not None and not _readable(t):
-            return _REFERENCE
+    """The kernel backend for a call: ``chosen``, the one the dispatch picked for it after
+    checking that its tensors are _readable (see batch_norm), else the dispatch's pick or
+    the reference where a tensor is not _readable (its torch ops handle every tensor type:
+    torch.func batches and differentiates them)."""
     if chosen is not None:
         return chosen
+    if not _all_readable(x, *tensors):
+        return _REFERENCE
     return select_kernels(x, training, activation, tensors[-1] is not None, slope)
+
+
+def _all_readable(*tensors: Tensor | None) -> bool:
+    for t in tensors:  # a loop, not all(genexpr): this runs on every call
+        if t is not None and not _readable(t):
+            return False
+    return True
 
 
 def forward_impl(
@@ -144,6 +149,8 @@ def backward_impl(
         return torch.zeros_like(x), zeros, zeros.clone(), torch.zeros_like(x)
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)
+    if chosen is not None and not _readable(dy):  # the forward checked the other tensors
+        chosen = None
     backend = _kernels(x, training, activation, slope, dy, weight, bias, mean, invstd, residual,
                        chosen=chosen)  # fmt: skip
     return backend.backward(dy, *args[1:])
@@ -163,7 +170,10 @@ def backward_impl(
 def _save(ctx, inputs: tuple, mean: Tensor, invstd: Tensor) -> None:
     x, weight, bias, _, _, residual, training, eps, activation, slope, *rest = inputs
     ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
-    ctx.save_for_forward(x, weight, bias, residual, mean, invstd)
+    if forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        # forward-mode AD may ask for the jvp (tangents flow only inside a dual level or a
+        # torch.func transform, during this call)
+        ctx.save_for_forward(x, weight, bias, residual, mean, invstd)
     ctx.config = (training, eps, activation, slope)
     # the eager Function's trailing arguments: the reduction and the chosen kernel backend
     ctx.reduction, ctx.kernels = (*rest, None, None)[:2]
@@ -418,18 +428,21 @@ def _differentiated(*tensors: Tensor | None) -> bool:
     return any(t is not None and _is_wrapped(t) for t in tensors)  # torch.func transforms
 
 
-def _apply(function: type[torch.autograd.Function], args: tuple) -> tuple[Tensor, ...]:
+def _apply(function: type[torch.autograd.Function], args: tuple, stored: bool = False
+           ) -> tuple[Tensor, ...]:  # fmt: skip
     """``function.apply(*args)``, without the Python of ``Function.apply`` where it has
     nothing to do: it binds the arguments to ``forward``'s signature (a no-op for
     ``forward(*inputs)``, but an ``inspect.signature`` per call: a third of a small layer's
     forward + backward), unwraps tensors left over from finished torch.func transforms (none
-    here when every tensor has storage) and hands calls under active transforms to
-    torch.func, which then go through ``function.apply``."""
+    here when every tensor has storage: ``stored``, if the caller checked it already) and
+    hands calls under active transforms to torch.func, which then go through
+    ``function.apply``."""
     if torch._C._are_functorch_transforms_active():
         return function.apply(*args)
-    for t in args:  # a loop, not all(genexpr): this runs on every call
-        if isinstance(t, Tensor) and not torch._C._has_storage(t):
-            return function.apply(*args)
+    if not stored:
+        for t in args:  # a loop, not all(genexpr): this runs on every call
+            if isinstance(t, Tensor) and not torch._C._has_storage(t):
+                return function.apply(*args)
     # what Function.apply calls last: the C++ apply of torch._C._FunctionBase
     return super(torch.autograd.Function, function).apply(*args)  # type: ignore[misc]
 
@@ -450,8 +463,11 @@ def batch_norm(call: Call, reduction: Reduction | None = None) -> Tensor:
     if not compiling and reduction is None:
         backend = select(call)
         if backend.operator:
-            return cast(OperatorBackend, backend).batch_norm(call)
-        chosen = cast(KernelBackend, backend)
+            return backend.batch_norm(call)  # type: ignore[attr-defined]
+        # the kernels read memory: torch.func's wrappers and other tensor types go to the
+        # reference (see _kernels), decided here once for forward, backward and update
+        if _all_readable(x, weight, bias, running_mean, running_var, residual):
+            chosen = backend  # type: ignore[assignment]
     args = (x, weight, bias, running_mean, running_var, residual, training, float(eps),
             activation, float(negative_slope))  # fmt: skip
     if compiling:
@@ -459,7 +475,8 @@ def batch_norm(call: Call, reduction: Reduction | None = None) -> Tensor:
     elif keep_output_only and _differentiated(x, weight, bias, residual):
         y, mean, _, var = _apply(_KeepOutputFunction, args)
     elif _differentiated(x, weight, bias, residual):
-        y, mean, _, var = _apply(_BatchNormFunction, (*args, reduction, chosen))
+        # the dispatch's kernels came with a check of every tensor's storage (see above)
+        y, mean, _, var = _apply(_BatchNormFunction, (*args, reduction, chosen), chosen is not None)
     else:
         y, mean, _, var = forward_impl(*args, reduction, chosen)
     if training and running_mean is not None and running_var is not None:
