@@ -12,7 +12,20 @@ One training step is forward + cross-entropy + backward (no optimizer step: it i
 for every contender) at batch 8, 3x96x96, on ONE torch thread, in NCHW and channels_last.
 The contenders alternate call by call (:func:`batchnorm.lab.timing.time_interleaved`), so
 they see the same background load; the figures are medians of wall-clock and of the thread's
-CPU time. The machine's load average is recorded before and after.
+CPU time, with the page faults per step. The machine's load average is recorded before and
+after.
+
+Two allocator settings, one after the other in the same process:
+
+* ``glibc default``: what a plain ``python`` gives. glibc hands freed memory back to the
+  system when the top of its heap grows past a threshold, and the next large allocation
+  (a conv's reordered weights, an activation) faults its pages in again: thousands of page
+  faults in some steps and none in others, depending on the order of every allocation of
+  the process (measured: 0-13,000 per resnet18 step, ±20 % of a step's time, on any
+  contender). Its medians carry that noise.
+* ``glibc, memory kept``: ``mallopt`` keeps freed memory in the process (trim threshold 1
+  GiB, mmap threshold 32 MiB), as jemalloc or tcmalloc do, which PyTorch's CPU performance
+  guide recommends; steps then fault no pages and the medians compare the computations.
 
     python benchmarks/models.py [OUT.json] [--reps N] [--warmup N] [--models a,b]
 
@@ -22,9 +35,12 @@ writes OUT.json (default benchmarks/results/models.json).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -200,8 +216,75 @@ def training_step(model: nn.Module, x: Tensor, target: Tensor) -> None:
     F.cross_entropy(model(x), target).backward()
 
 
-def _median_ms(samples: list[tuple[float, float]], which: int) -> float:
+def _median_ms(samples: list[tuple[float, float, int]], which: int) -> float:
     return round(1e3 * statistics.median(s[which] for s in samples), 2)
+
+
+def _timed_with_faults(run: Callable[[], object]) -> tuple[float, float, int]:
+    """(wall seconds, thread CPU seconds, minor page faults) of one call of ``run``."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    wall, cpu = wall_and_cpu_seconds(run)
+    return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process (see the module's docstring); False where
+    the C library is not glibc."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    kept = libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    return bool(kept and libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20))  # 32 MiB: glibc's most
+
+
+ALLOCATORS = ("glibc default", "glibc, memory kept")
+
+
+def _measure(models: list[str], allocator: str, reps: int, warmup: int) -> list[dict]:
+    """The rows of every (model, layout) under the current allocator setting."""
+    rows = []
+    for name in models:
+        nets = contenders(name)
+        bn_layers = sum(isinstance(m, nn.BatchNorm2d) for m in nets["torch.nn"].modules())
+        for layout, memory_format in LAYOUTS.items():
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
+            x = x.contiguous(memory_format=memory_format)
+            target = torch.randint(0, CLASSES, (BATCH,), generator=g)
+            for net in nets.values():
+                net.to(memory_format=memory_format).train()
+            with torch.no_grad():  # same function: eval-mode outputs agree
+                outputs = [net.eval()(x) for net in nets.values()]
+                difference = max((o - outputs[0]).abs().max().item() for o in outputs)
+            for net in nets.values():
+                net.train()
+            runs = {k: partial(training_step, net, x, target) for k, net in nets.items()}
+            times = time_interleaved(runs, reps=reps, warmup=warmup, measure=_timed_with_faults)
+            row = {"model": name, "layout": layout, "allocator": allocator,
+                   "bn_layers": bn_layers, "max_output_difference": difference}  # fmt: skip
+            for contender, samples in times.items():
+                row[f"{contender} wall_ms"] = _median_ms(samples, 0)
+                row[f"{contender} cpu_ms"] = _median_ms(samples, 1)
+                row[f"{contender} page_faults"] = round(statistics.mean(s[2] for s in samples))
+            base = row["torch.nn cpu_ms"]
+            row["batchnorm / torch.nn (cpu)"] = round(row["batchnorm cpu_ms"] / base, 3)
+            row["fused / torch.nn (cpu)"] = round(row["batchnorm fused cpu_ms"] / base, 3)
+            print(
+                f"{allocator:19s} {name:16s} {layout:13s} cpu ms: torch.nn {base:8.1f}  batchnorm "
+                f"{row['batchnorm cpu_ms']:8.1f} ({row['batchnorm / torch.nn (cpu)']:.2f}x)  "
+                f"fused {row['batchnorm fused cpu_ms']:8.1f} "
+                f"({row['fused / torch.nn (cpu)']:.2f}x)",
+                flush=True,
+            )
+            rows.append(row)
+    return rows
 
 
 def run(out: Path | None = RESULTS, reps: int = REPS, warmup: int = WARMUP,
@@ -214,43 +297,14 @@ def run(out: Path | None = RESULTS, reps: int = REPS, warmup: int = WARMUP,
     started = time.time()
     rows = []
     try:
-        for name in models or list(MODELS):
-            nets = contenders(name)
-            bn_layers = sum(isinstance(m, nn.BatchNorm2d) for m in nets["torch.nn"].modules())
-            for layout, memory_format in LAYOUTS.items():
-                g = torch.Generator().manual_seed(1)
-                x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
-                x = x.contiguous(memory_format=memory_format)
-                target = torch.randint(0, CLASSES, (BATCH,), generator=g)
-                for net in nets.values():
-                    net.to(memory_format=memory_format).train()
-                with torch.no_grad():  # same function: eval-mode outputs agree
-                    outputs = [net.eval()(x) for net in nets.values()]
-                    difference = max((o - outputs[0]).abs().max().item() for o in outputs)
-                for net in nets.values():
-                    net.train()
-                runs = {k: partial(training_step, net, x, target) for k, net in nets.items()}
-                times = time_interleaved(
-                    runs, reps=reps, warmup=warmup, measure=wall_and_cpu_seconds
-                )
-                row = {"model": name, "layout": layout, "bn_layers": bn_layers,
-                       "max_output_difference": difference}  # fmt: skip
-                for contender, samples in times.items():
-                    row[f"{contender} wall_ms"] = _median_ms(samples, 0)
-                    row[f"{contender} cpu_ms"] = _median_ms(samples, 1)
-                base = row["torch.nn cpu_ms"]
-                row["batchnorm / torch.nn (cpu)"] = round(row["batchnorm cpu_ms"] / base, 3)
-                row["fused / torch.nn (cpu)"] = round(row["batchnorm fused cpu_ms"] / base, 3)
-                print(
-                    f"{name:16s} {layout:13s} cpu ms: torch.nn {base:8.1f}  batchnorm "
-                    f"{row['batchnorm cpu_ms']:8.1f} ({row['batchnorm / torch.nn (cpu)']:.2f}x)  "
-                    f"fused {row['batchnorm fused cpu_ms']:8.1f} "
-                    f"({row['fused / torch.nn (cpu)']:.2f}x)",
-                    flush=True,
-                )
-                rows.append(row)
+        for allocator in ALLOCATORS:
+            if allocator != ALLOCATORS[0] and not _keep_freed_memory():
+                print(f"skipped {allocator!r}: no glibc mallopt here")
+                continue
+            rows += _measure(models or list(MODELS), allocator, reps, warmup)
     finally:
         torch.set_num_threads(previous_threads)
+
     result = {
         "benchmark": "training step (forward + cross-entropy + backward), medians of "
         "interleaved calls",
