@@ -23,9 +23,10 @@ Two allocator settings, one after the other in the same process:
   faults in some steps and none in others, depending on the order of every allocation of
   the process (measured: 0-13,000 per resnet18 step, ±20 % of a step's time, on any
   contender). Its medians carry that noise.
-* ``glibc, memory kept``: ``mallopt`` keeps freed memory in the process (trim threshold 1
-  GiB, mmap threshold 32 MiB), as jemalloc or tcmalloc do, which PyTorch's CPU performance
-  guide recommends; steps then fault no pages and the medians compare the computations.
+* ``glibc, memory kept``: ``mallopt`` keeps freed memory in the process, as jemalloc or
+  tcmalloc do, which PyTorch's CPU performance guide recommends (the setting of
+  ``batchnorm bench``, see :func:`batchnorm.cli.bench.keep_freed_memory`); steps then
+  fault almost no pages and the medians compare the computations.
 
     python benchmarks/models.py [OUT.json] [--reps N] [--warmup N] [--models a,b]
 
@@ -35,8 +36,6 @@ writes OUT.json (default benchmarks/results/models.json).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import os
 import platform
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import batchnorm
+from batchnorm.cli.bench import keep_freed_memory
 from batchnorm.lab.timing import time_interleaved, wall_and_cpu_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results" / "models.json"
@@ -227,23 +227,6 @@ def _timed_with_faults(run: Callable[[], object]) -> tuple[float, float, int]:
     return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
-#: glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def _keep_freed_memory() -> bool:
-    """Make glibc keep freed memory in the process (see the module's docstring); False where
-    the C library is not glibc."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name)
-    if not hasattr(libc, "mallopt"):
-        return False
-    kept = libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    return bool(kept and libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20))  # 32 MiB: glibc's most
-
-
 ALLOCATORS = ("glibc default", "glibc, memory kept")
 
 
@@ -298,7 +281,7 @@ def run(out: Path | None = RESULTS, reps: int = REPS, warmup: int = WARMUP,
     rows = []
     try:
         for allocator in ALLOCATORS:
-            if allocator != ALLOCATORS[0] and not _keep_freed_memory():
+            if allocator != ALLOCATORS[0] and not keep_freed_memory():
                 print(f"skipped {allocator!r}: no glibc mallopt here")
                 continue
             rows += _measure(models or list(MODELS), allocator, reps, warmup)

@@ -395,8 +395,9 @@ def test_import_works_when_the_cache_folders_are_read_only(tmp_path, temp_writab
 
 @pytest.mark.auto_dispatch
 def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
-    """A model's late 3x3 planes go to ATen (see ATEN_BELOW_PLANE); large planes, and the
-    same values channels-last, stay on the Numba kernels in training."""
+    """A model's late small planes go to ATen (see ATEN_BELOW_PLANE, which depends on the
+    thread count); large planes, and the same values channels-last, stay on the Numba
+    kernels in training."""
     from batchnorm.backends import Call
     from batchnorm.ops.dispatch import select
 
@@ -407,3 +408,14 @@ def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
     assert chosen(small) == "aten"
     assert chosen(small.contiguous(memory_format=torch.channels_last)) == "numba"
     assert chosen(torch.zeros(8, 96, 24, 24)) == "numba"
+    # 7x7 planes (a resnet's last stage at 224x224): ours on one thread, ATen's on more
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert chosen(torch.zeros(8, 512, 7, 7)) == "numba"
+        assert chosen(torch.zeros(8, 672, 6, 6)) == "aten"
+        torch.set_num_threads(2)
+        assert chosen(torch.zeros(8, 512, 7, 7)) == "aten"
+        assert chosen(torch.zeros(8, 256, 9, 9)) == "numba"
+    finally:
+        torch.set_num_threads(threads)

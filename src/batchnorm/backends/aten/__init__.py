@@ -26,12 +26,16 @@ from batchnorm.backends import Call
 #: 0.5-0.8x of ATen at (100, 128) forward + backward.
 ATEN_BELOW_NUMEL = 65_536
 #: NCHW-contiguous inputs with fewer values than this per (sample, channel) plane go to
-#: ATen at any size: the Numba channels-first kernel pays a fixed cost per plane, which
-#: the 3x3 planes of a model's last stages turn into most of its time. Measured on 2 shared
-#: cores, 1 thread, float32 training forward + SiLU (the late BN shapes of efficientnet_b0
-#: at batch 8, 96x96): (8, 1152, 3, 3) Numba 660 µs vs ATen + F.silu 146 µs; (8, 384, 6, 6)
-#: 110-195 µs vs 122 µs (even); ATen's NCHW kernel needs no shift (see safe_batch_norm).
-ATEN_BELOW_PLANE = 32
+#: ATen at any size: the Numba channels-first kernel pays a fixed cost per plane (short
+#: rows end in scalar loop tails), which the small planes of a model's last stages turn
+#: into most of its time, while ATen's NCHW backward is fast there (and, unlike its
+#: channels-last kernel, accurate: no shift). Measured on 2 shared cores, module forward +
+#: backward, identity and relu, Numba's time / ATen's: with 1 thread, 6x6 planes
+#: (8, 256|672, 6, 6) 1.10-1.33 and 7x7 (8, 512, 7, 7), (32, 128, 7, 7) 0.81-0.98; with 2
+#: threads, where our kernel's three parallel passes scale less on short rows, 8x8
+#: (8, 128, 8, 8) 1.16-1.37, 9x9 0.89-1.17 and 10x10 0.90-1.03.
+ATEN_BELOW_PLANE = 48
+ATEN_BELOW_PLANE_THREADED = 81  # with more than one torch thread
 #: The CPU dtypes the Numba kernels take (half precision: as torch.autocast("cpu") gives).
 _NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -54,9 +58,10 @@ class AtenBackend:
             return False
         if x.numel() < ATEN_BELOW_NUMEL:
             return True
-        planes = x.shape[0] * x.shape[1]
-        if x.dim() > 2 and x.is_contiguous() and x.numel() < ATEN_BELOW_PLANE * planes:
-            return True
+        if x.dim() > 2 and x.is_contiguous():
+            below = ATEN_BELOW_PLANE if torch.get_num_threads() == 1 else ATEN_BELOW_PLANE_THREADED
+            if x.numel() < below * x.shape[0] * x.shape[1]:
+                return True
         return not call.training and call.activation == "identity" and not call.has_residual
 
     def batch_norm(self, call: Call) -> Tensor:
