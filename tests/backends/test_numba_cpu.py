@@ -201,6 +201,18 @@ def test_small_channel_count_splits_the_batch(channels_last):
     check(x)
 
 
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_nchw_rows_longer_than_a_piece_and_rows_of_a_few_values(activation):
+    """cf rows longer than jit.CHUNK are summed in several pieces, shorter ones as one piece
+    each (without slicing): both against the float64 reference, serial and parallel."""
+    long_rows = random_input((2, 3, 70, 70), torch.float32, seed=12, mean=3.0)
+    assert long_rows.shape[2] * long_rows.shape[3] > jit.CHUNK
+    short_rows = random_input((8, 256, 6, 6), torch.float32, seed=13, mean=3.0)
+    assert short_rows.numel() >= jit.SERIAL_BELOW
+    for x in (long_rows, short_rows, short_rows[:2]):
+        check(x, activation=activation, residual=activation is not None)
+
+
 def test_serial_and_parallel_variants_agree(monkeypatch):
     x = random_input((6, 5, 12, 12), torch.float32, seed=11)
     assert cpu.cf_forward.pick(10)[0] is cpu.cf_forward.serial
@@ -408,14 +420,13 @@ def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
     assert chosen(small) == "aten"
     assert chosen(small.contiguous(memory_format=torch.channels_last)) == "numba"
     assert chosen(torch.zeros(8, 96, 24, 24)) == "numba"
-    # 7x7 planes (a resnet's last stage at 224x224): ours on one thread, ATen's on more
+    # 6x6 planes: ours on one thread, ATen's on more (see ATEN_BELOW_PLANE_THREADED)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert chosen(torch.zeros(8, 512, 7, 7)) == "numba"
-        assert chosen(torch.zeros(8, 672, 6, 6)) == "aten"
+        assert chosen(torch.zeros(8, 672, 6, 6)) == "numba"
         torch.set_num_threads(2)
-        assert chosen(torch.zeros(8, 512, 7, 7)) == "aten"
+        assert chosen(torch.zeros(8, 672, 6, 6)) == "aten"
         assert chosen(torch.zeros(8, 256, 9, 9)) == "numba"
     finally:
         torch.set_num_threads(threads)

@@ -26,15 +26,15 @@ from batchnorm.backends import Call
 #: 0.5-0.8x of ATen at (100, 128) forward + backward.
 ATEN_BELOW_NUMEL = 65_536
 #: NCHW-contiguous inputs with fewer values than this per (sample, channel) plane go to
-#: ATen at any size: the Numba channels-first kernel pays a fixed cost per plane (short
-#: rows end in scalar loop tails), which the small planes of a model's last stages turn
-#: into most of its time, while ATen's NCHW backward is fast there (and, unlike its
-#: channels-last kernel, accurate: no shift). Measured on 2 shared cores, module forward +
-#: backward, identity and relu, Numba's time / ATen's: with 1 thread, 6x6 planes
-#: (8, 256|672, 6, 6) 1.10-1.33 and 7x7 (8, 512, 7, 7), (32, 128, 7, 7) 0.81-0.98; with 2
-#: threads, where our kernel's three parallel passes scale less on short rows, 8x8
-#: (8, 128, 8, 8) 1.16-1.37, 9x9 0.89-1.17 and 10x10 0.90-1.03.
-ATEN_BELOW_PLANE = 48
+#: ATen at any size: the Numba channels-first kernel pays a cost per plane, which the small
+#: planes of a model's last stages turn into much of its time, while ATen's NCHW backward
+#: is fast there (and, unlike its channels-last kernel, accurate: no shift). With more than
+#: one thread our three parallel passes scale less on short rows than ATen's one. Measured
+#: on 2 shared cores, module forward + backward, identity and relu, Numba's time / ATen's:
+#: 1 thread, 3x3 (8, 1152, 3, 3) 1.34-1.68, 4x4 1.11-1.17, 5x5 0.87-1.12, 6x6 0.73-0.99;
+#: 2 threads, 6x6 (8, 256|672, 6, 6) 1.11-1.35, 7x7 (8, 512, 7, 7) 1.00-1.05, 8x8 1.11-1.20,
+#: 9x9 (8, 256, 9, 9) 0.89-0.90.
+ATEN_BELOW_PLANE = 32
 ATEN_BELOW_PLANE_THREADED = 81  # with more than one torch thread
 #: The CPU dtypes the Numba kernels take (half precision: as torch.autocast("cpu") gives).
 _NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

@@ -23,7 +23,15 @@ def _cf_piece(p, channels, chunks, size):
     return row // channels, row % channels, k * CHUNK, min(size, k * CHUNK + CHUNK)
 
 
-@njit(**INLINE)
+@njit(inline="always", **INLINE)
+def _cf_row(a, n, c, start, stop, chunks):
+    """The piece [start, stop) of row (n, c) of a: the whole row, without a slice, when the
+    rows are single pieces (a slice per row cost more than the work of rows of a few dozen
+    values)."""
+    return a[n, c] if chunks == 1 else a[n, c, start:stop]
+
+
+@njit(inline="always", **INLINE)
 def _cf_piece_stats(xr, stats):
     """(mean, M2) of a piece in one pass (see jit._piece_stats), with sums in the dtype of
     ``stats``; with an inf or NaN, the plain sum's mean."""
@@ -42,20 +50,26 @@ def _cf_piece_stats(xr, stats):
     return mean, m2
 
 
-@njit(**INLINE)
+@njit(inline="always", **INLINE)
 def _cf_epilogue(xr, zr, yr, m, a, b, act, neg, has_z):
     """yr = act((xr - m) * a + b [+ zr])."""
     for i in range(xr.shape[0]):
         yr[i] = _st(jit._act(jit._pre(_ld(xr[i]) - m, a, b, _ld(zr[i]), has_z), act, neg), yr)
 
 
-@njit(**INLINE)
+@njit(inline="always", **INLINE)
 def _cf_grad_sums(gr, xr, zr, pr, stats, m, a, b, act, neg, has_z, write_dpre):
     """(sum dpre, sum dpre * (x - m)) over a piece; dpre is written to pr if write_dpre, in
     a pass of its own over the piece, which is in L1 (see channels_last._cl_grad_sums)."""
+    g, gx = stats.dtype.type(0), stats.dtype.type(0)
+    if act == jit._IDENTITY:  # dpre is dy (never written: dL/dresidual is dy itself)
+        for i in range(xr.shape[0]):
+            d = _ld(gr[i])
+            g += d
+            gx += d * (_ld(xr[i]) - m)
+        return g, gx
     if write_dpre:
         _cf_dx(gr, xr, zr, pr, m, a, b, a - a, a - a, act, neg, has_z, False, True)
-    g, gx = stats.dtype.type(0), stats.dtype.type(0)
     for i in range(xr.shape[0]):
         xc, d = jit._centred_dpre(_ld(gr[i]), _ld(xr[i]), _ld(zr[i]), m, a, b, act, neg, has_z)
         g += d
@@ -63,10 +77,14 @@ def _cf_grad_sums(gr, xr, zr, pr, stats, m, a, b, act, neg, has_z, write_dpre):
     return g, gx
 
 
-@njit(**INLINE)
+@njit(inline="always", **INLINE)
 def _cf_dx(gr, xr, zr, dxr, m, a, b, k0, k2, act, neg, has_z, training, dpre_only=False):
     """dxr from dL/dy = gr (dpre recomputed) or from dpre itself (act = identity); with
     dpre_only, dL/dpre itself."""
+    if act == jit._IDENTITY and not dpre_only:  # as in _cf_grad_sums
+        for i in range(xr.shape[0]):
+            dxr[i] = _st(jit._dx(_ld(gr[i]), _ld(xr[i]) - m, a, k0, k2, training), dxr)
+        return
     for i in range(xr.shape[0]):
         xc, d = jit._centred_dpre(_ld(gr[i]), _ld(xr[i]), _ld(zr[i]), m, a, b, act, neg, has_z)
         dxr[i] = _st(d if dpre_only else jit._dx(d, xc, a, k0, k2, training), dxr)
@@ -94,7 +112,9 @@ def cf_forward(like, stats, n_batch, channels, size, x_at, z_at, y_at, weight_at
         for p in prange(n_batch * channels * chunks):
             n, c, start, stop = _cf_piece(p, channels, chunks, size)
             k = p % chunks
-            piece_mean[n, c, k], piece_m2[n, c, k] = _cf_piece_stats(x[n, c, start:stop], stats)
+            piece_mean[n, c, k], piece_m2[n, c, k] = _cf_piece_stats(
+                _cf_row(x, n, c, start, stop, chunks), stats
+            )
         lengths = np.empty((n_batch, chunks), np.float64)
         for k in range(chunks):
             lengths[:, k] = min(CHUNK, size - k * CHUNK)
@@ -132,10 +152,11 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
     piece_gx = np.empty((n_batch, channels, chunks), np.float64)
     for p in prange(n_batch * channels * chunks):
         n, c, start, stop = _cf_piece(p, channels, chunks, size)
-        part = slice(start, stop)
-        piece_g[n, c, p % chunks], piece_gx[n, c, p % chunks] = _cf_grad_sums(
-            dy[n, c, part], x[n, c, part], z[n, c, part], dpre[n, c, part], stats, mean[c],
-            scale[c], shift[c], act, neg, has_z, write_dpre,
+        k = p % chunks
+        piece_g[n, c, k], piece_gx[n, c, k] = _cf_grad_sums(
+            _cf_row(dy, n, c, start, stop, chunks), _cf_row(x, n, c, start, stop, chunks),
+            _cf_row(z, n, c, start, stop, chunks), _cf_row(dpre, n, c, start, stop, chunks),
+            stats, mean[c], scale[c], shift[c], act, neg, has_z, write_dpre,
         )  # fmt: skip
     for c in prange(channels):
         sum_g, sum_gx = jit._grad_sums(piece_g, piece_gx, c)
