@@ -738,6 +738,23 @@ def test_shifted_aten_path_keeps_the_running_mean_and_backward(momentum, shape):
         )
 
 
+def test_shifted_aten_path_leaves_the_running_mean_alone_when_aten_fails(monkeypatch):
+    """The running mean takes its share of the shift before ATen's call: an error in that
+    call takes it back (up to the rounding of adding and subtracting it: 1e-5 here, where
+    the share is about 33), so that a failed step leaves the statistics as they were."""
+    x = torch.randn(64, 8) + 300
+    running_mean, running_var = torch.randn(8), torch.rand(8) + 0.5
+    before = running_mean.clone()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("ATen failed")
+
+    monkeypatch.setattr(torch, "batch_norm", failing)
+    with pytest.raises(RuntimeError, match="ATen failed"):
+        BF.batch_norm(x, running_mean, running_var, training=True)
+    torch.testing.assert_close(running_mean, before, rtol=0, atol=1e-5)
+
+
 BACKEND_NAMES = [None, *ops.available_backends()]
 
 

@@ -106,6 +106,7 @@ def safe_batch_norm(
     given_var = _contiguous(running_var)
     shift = None  # per channel
     correct_after = False  # whether the running mean's shift correction follows ATen's update
+    pre_added = 0.0  # the factor of the shift added to the running mean before ATen's call
     if training and x.dtype is torch.float32 and _channels_last_kernel(x) and x.numel():
         # inf/NaN: no shift, torch's results
         if x.dim() == 2:
@@ -123,12 +124,19 @@ def safe_batch_norm(
             # before the call, as ATen saves the running mean for backward (a change after
             # it would fail backward's version check). momentum 1 has no such factor.
             if momentum != 1:
-                given_mean.add_(shift, alpha=momentum / (1 - momentum))
+                pre_added = momentum / (1 - momentum)
+                given_mean.add_(shift, alpha=pre_added)
             else:
                 correct_after = True
                 if given_mean is running_mean and torch.is_grad_enabled():
                     given_mean = running_mean.clone()  # ATen's saved copy
-    y = torch.batch_norm(x, weight, bias, given_mean, given_var, training, momentum, eps, False)
+    try:
+        y = torch.batch_norm(x, weight, bias, given_mean, given_var, training, momentum, eps,
+                             False)  # fmt: skip
+    except BaseException:
+        if pre_added:  # an error leaves the running mean as it was (up to rounding)
+            given_mean.sub_(shift, alpha=pre_added)  # type: ignore[union-attr, arg-type]
+        raise
     if training and running_mean is not None:
         if correct_after and given_mean is running_mean:
             running_mean.add_(shift, alpha=momentum)  # type: ignore[arg-type]
