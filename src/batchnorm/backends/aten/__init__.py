@@ -105,8 +105,6 @@ def safe_batch_norm(
     given_mean = _contiguous(running_mean)
     given_var = _contiguous(running_var)
     shift = None  # per channel
-    correct_after = False  # whether the running mean's shift correction follows ATen's update
-    pre_added = 0.0  # the factor of the shift added to the running mean before ATen's call
     if training and x.dtype is torch.float32 and _channels_last_kernel(x) and x.numel():
         # inf/NaN: no shift, torch's results
         if x.dim() == 2:
@@ -117,31 +115,18 @@ def safe_batch_norm(
             offset = torch.nan_to_num(first, 0.0, 0.0, 0.0)
             shift = offset.view(-1)
         x = x - offset
-        if given_mean is not None and momentum != 0:
-            # ATen's update, (1 - momentum) * running + momentum * (mean - shift), lacks
-            # momentum * shift: the running mean gets momentum / (1 - momentum) * shift
-            # first, which ATen's factor (1 - momentum) turns into that term. In place and
-            # before the call, as ATen saves the running mean for backward (a change after
-            # it would fail backward's version check). momentum 1 has no such factor.
-            if momentum != 1:
-                pre_added = momentum / (1 - momentum)
-                given_mean.add_(shift, alpha=pre_added)
-            else:
-                correct_after = True
-                if given_mean is running_mean and torch.is_grad_enabled():
-                    given_mean = running_mean.clone()  # ATen's saved copy
-    try:
-        y = torch.batch_norm(x, weight, bias, given_mean, given_var, training, momentum, eps,
-                             False)  # fmt: skip
-    except BaseException:
-        if pre_added:  # an error leaves the running mean as it was (up to rounding)
-            given_mean.sub_(shift, alpha=pre_added)  # type: ignore[union-attr, arg-type]
-        raise
+        if given_mean is running_mean is not None and torch.is_grad_enabled():
+            # ATen saves the running mean for backward: it is given a copy, as the shift's
+            # correction below changes the running mean in place.
+            given_mean = running_mean.clone()
+    y = torch.batch_norm(x, weight, bias, given_mean, given_var, training, momentum, eps, False)
     if training and running_mean is not None:
-        if correct_after and given_mean is running_mean:
-            running_mean.add_(shift, alpha=momentum)  # type: ignore[arg-type]
-        elif correct_after:
-            torch.add(given_mean, shift, alpha=momentum, out=running_mean)  # type: ignore[arg-type]
+        # With a shift, ATen's update, (1 - momentum) * running + momentum * (mean - shift),
+        # lacks momentum * shift.
+        if shift is not None and given_mean is running_mean:
+            running_mean.add_(shift, alpha=momentum)
+        elif shift is not None:
+            torch.add(given_mean, shift, alpha=momentum, out=running_mean)
         elif given_mean is not running_mean:
             running_mean.copy_(given_mean)  # type: ignore[arg-type]
     if training and given_var is not running_var:
