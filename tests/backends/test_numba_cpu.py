@@ -18,7 +18,7 @@ import batchnorm.functional as BF
 from batchnorm import ops, reference
 from batchnorm.backends import numba_cpu as cpu
 from batchnorm.backends.layout import dense_in_layout, in_layout, layout_of
-from batchnorm.backends.numba_cpu import jit
+from batchnorm.backends.numba_cpu import channels_first, jit
 from conftest import assert_close, random_input
 
 TORCH_ACTIVATIONS = {
@@ -211,6 +211,18 @@ def test_nchw_rows_longer_than_a_piece_and_rows_of_a_few_values(activation):
     assert short_rows.numel() >= jit.SERIAL_BELOW
     for x in (long_rows, short_rows, short_rows[:2]):
         check(x, activation=activation, residual=activation is not None)
+
+
+def test_nchw_channel_by_channel_beyond_the_cache(monkeypatch):
+    """Tensors over channels_first.BEYOND_CACHE bytes run channel by channel, forward and
+    backward (relu and a residual: dpre written and reread), serial and parallel, training
+    and eval, against the float64 reference."""
+    x = random_input((1, 8, 1600, 512), torch.float32, seed=14, mean=3.0)
+    assert x.numel() * x.element_size() > channels_first.BEYOND_CACHE
+    for threshold in (0, 1 << 40):  # everything parallel, then everything serial
+        monkeypatch.setattr(jit, "SERIAL_BELOW", threshold)
+        check(x, activation="relu", residual=True)
+    check(x, training=False, activation="relu")  # eval's backward: x does not enter dx
 
 
 def test_serial_and_parallel_variants_agree(monkeypatch):

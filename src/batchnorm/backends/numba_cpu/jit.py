@@ -349,16 +349,21 @@ def _dx(dpre, xc, scale, k0, k2, training):
     return scale * dpre + k0 + k2 * (xc if training else k2)
 
 
+@njit(inline="always", **_HELPER)
+def _channel_coefficients(c, invstd, weight, bias, has_weight, has_bias):
+    """Channel c's (scale, shift) of pre = (x - mean) * scale + shift."""
+    scale = invstd[c] * weight[c] if has_weight else invstd[c]
+    shift = bias[c] if has_bias else invstd.dtype.type(0)
+    return scale, shift
+
+
 @njit(**_HELPER)
 def _coefficients(mean, invstd, weight, bias, has_weight, has_bias):
     """Per-channel (scale, shift) of pre = (x - mean) * scale + shift, in x's dtype."""
-    scale = invstd.copy()
-    shift = np.zeros_like(invstd)
+    scale = np.empty_like(invstd)
+    shift = np.empty_like(invstd)
     for c in range(scale.shape[0]):
-        if has_weight:
-            scale[c] = invstd[c] * weight[c]
-        if has_bias:
-            shift[c] = bias[c]
+        scale[c], shift[c] = _channel_coefficients(c, invstd, weight, bias, has_weight, has_bias)
     return scale, shift
 
 
@@ -395,6 +400,15 @@ def _finish_stats(c, mean64, var64, eps, mean, var, invstd):
     invstd[c] = 1.0 / np.sqrt(var[c] + eps)
 
 
+@njit(**_HELPER)
+def _finish_grad_sums(c, sum_g, sum_gx, invstd, dweight, dbias):
+    """Channel c's dbias = sum dpre and dweight = sum dpre * xhat. Not inlined, for the
+    reason of _finish_stats (a kernel that reads them only in the same iteration of its
+    prange lost these stores)."""
+    dbias[c] = sum_g
+    dweight[c] = sum_gx * invstd[c]
+
+
 @njit(inline="always", **_HELPER)
 def _grad_sums(piece_g, piece_gx, c):
     """Channel c's sum of dpre and of dpre * (x - mean) over its pieces, in float64 (pieces
@@ -428,9 +442,15 @@ def _grad_coefficients(scale, invstd, dweight, dbias, count, training):
     k2 = np.zeros_like(scale)
     if training:
         for c in range(scale.shape[0]):
-            k0[c] = -scale[c] * (dbias[c] / count)
-            k2[c] = -scale[c] * invstd[c] * (dweight[c] / count)
+            k0[c], k2[c] = _channel_grad_coefficients(scale[c], invstd[c], dweight[c],
+                                                      dbias[c], count)  # fmt: skip
     return k0, k2
+
+
+@njit(inline="always", **_HELPER)
+def _channel_grad_coefficients(scale, invstd, dweight, dbias, count):
+    """One channel's (k0, k2) of _grad_coefficients in training."""
+    return -scale * (dbias / count), -scale * invstd * (dweight / count)
 
 
 def _sync_threads() -> int:
