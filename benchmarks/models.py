@@ -287,7 +287,6 @@ def run(out: Path | None = RESULTS, reps: int = REPS, warmup: int = WARMUP,
             rows += _measure(models or list(MODELS), allocator, reps, warmup)
     finally:
         torch.set_num_threads(previous_threads)
-
     result = {
         "benchmark": "training step (forward + cross-entropy + backward), medians of "
         "interleaved calls",

@@ -21,10 +21,11 @@ from batchnorm.backends.numba_cpu.jit import CHUNK, INLINE
 #: our machines' last-level cache: below it the second pass of the row-by-row kernel reads
 #: from that cache, and it runs faster, its memory order being sequential); the forward
 #: also for rows under SHORT_ROW values. Same-process A/B against row by row, 2 threads:
-#: (64, 256, 28, 28) and (8, 64, 16, 56, 56) forward 0.76-0.77x the time, backward 0.71x;
-#: 1 thread 0.80-0.85x and 0.81-0.97x; (32, 128, 32, 32), 16 MiB, 1 thread: forward 1.3x
-#: (hence the size rule); short rows, forward (8, 256, 6, 6) 0.71x and (8, 240, 12, 12)
-#: 0.80x but backward 1.09x (1.26x on 1 thread).
+#: (64, 256, 28, 28) and (8, 64, 16, 56, 56) forward 0.76-0.90x the time, backward
+#: 0.68-1.03x (the gain is smaller when the host's memory is fast); 1 thread 0.80-0.85x and
+#: 0.81-0.97x; (32, 128, 32, 32), 16 MiB, 1 thread: forward 1.3x (hence the size rule);
+#: short rows, forward (8, 256, 6, 6) 0.70x and (8, 240, 12, 12) 0.75-0.84x but backward
+#: 1.09x (1.26x on 1 thread).
 CHANNELS_PER_THREAD = 4
 SHORT_ROW = 256
 BEYOND_CACHE = 24 << 20
@@ -137,37 +138,34 @@ def cf_forward(like, stats, n_batch, channels, size, x_at, z_at, y_at, weight_at
     mean, invstd, weight, bias = jit._vectors(stats, channels, mean_at, invstd_at, weight_at,
                                               bias_at, has_weight, has_bias)  # fmt: skip
     neg = stats.dtype.type(neg)
-    if training and _channel_major(n_batch, channels, size, x.itemsize, threads, True):
-        # channel by channel: its statistics, then its rows' epilogue while they are still
-        # in a cache (see CHANNELS_PER_THREAD)
-        chunks = (size + CHUNK - 1) // CHUNK
-        piece_mean = np.empty((n_batch, channels, chunks), np.float64)
-        piece_m2 = np.empty((n_batch, channels, chunks), np.float64)
-        lengths = _cf_lengths(n_batch, size, chunks)
-        for c in prange(channels):
-            for n in range(n_batch):
-                for k in range(chunks):
-                    start, stop = k * CHUNK, min(size, k * CHUNK + CHUNK)
-                    piece_mean[n, c, k], piece_m2[n, c, k] = _cf_piece_stats(
-                        _cf_row(x, n, c, start, stop, chunks), stats
-                    )
-            mean64, var64 = jit._merge_stats(piece_mean, piece_m2, lengths, c, n_batch * size)
-            jit._finish_stats(c, mean64, var64, eps, mean, var, invstd)
-            a, b = jit._channel_coefficients(c, invstd, weight, bias, has_weight, has_bias)
-            for n in range(n_batch):
-                _cf_epilogue(x[n, c], z[n, c], y[n, c], mean[c], a, b, act, neg, has_z)
-        return
     if training:
         chunks = (size + CHUNK - 1) // CHUNK
         piece_mean = np.empty((n_batch, channels, chunks), np.float64)
         piece_m2 = np.empty((n_batch, channels, chunks), np.float64)
+        lengths = _cf_lengths(n_batch, size, chunks)
+        if _channel_major(n_batch, channels, size, x.itemsize, threads, True):
+            # channel by channel: its statistics, then its rows' epilogue while they are
+            # still in a cache (see CHANNELS_PER_THREAD)
+            for c in prange(channels):
+                for n in range(n_batch):
+                    for k in range(chunks):
+                        start, stop = k * CHUNK, min(size, k * CHUNK + CHUNK)
+                        piece_mean[n, c, k], piece_m2[n, c, k] = _cf_piece_stats(
+                            _cf_row(x, n, c, start, stop, chunks), stats
+                        )
+                mean64, var64 = jit._merge_stats(piece_mean, piece_m2, lengths, c,
+                                                 n_batch * size)  # fmt: skip
+                jit._finish_stats(c, mean64, var64, eps, mean, var, invstd)
+                a, b = jit._channel_coefficients(c, invstd, weight, bias, has_weight, has_bias)
+                for n in range(n_batch):
+                    _cf_epilogue(x[n, c], z[n, c], y[n, c], mean[c], a, b, act, neg, has_z)
+            return
         for p in prange(n_batch * channels * chunks):
             n, c, start, stop = _cf_piece(p, channels, chunks, size)
             k = p % chunks
             piece_mean[n, c, k], piece_m2[n, c, k] = _cf_piece_stats(
                 _cf_row(x, n, c, start, stop, chunks), stats
             )
-        lengths = _cf_lengths(n_batch, size, chunks)
         for c in prange(channels):
             mean64, var64 = jit._merge_stats(piece_mean, piece_m2, lengths, c, n_batch * size)
             jit._finish_stats(c, mean64, var64, eps, mean, var, invstd)
