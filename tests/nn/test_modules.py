@@ -162,3 +162,31 @@ def test_half_precision_matches_torch():
         x = random_input((16, 4, 3, 3), dtype, seed=1)
         assert_close(ours(x).float(), theirs(x).float(), rtol=1e-2, atol=1e-2)
         assert_close(ours.running_var.float(), theirs.running_var.float(), rtol=1e-2, atol=1e-2)
+
+
+class _Doubled(nn.Module):
+    def forward(self, t):
+        return 2 * t
+
+
+@pytest.mark.parametrize("shape", [(16, 6), (4, 6, 17, 17)], ids=["aten", "kernels"])
+def test_parametrized_parameters_and_buffers_are_used(shape):
+    """torch.nn.utils.parametrize moves a parameter (or buffer) out of the module's dicts
+    and puts a property in its place: the layer must compute with the parametrized value,
+    as torch.nn's does."""
+    from torch.nn.utils import parametrize
+
+    theirs, ours = make_pair(shape, torch.float32, momentum=None)
+    for m in (theirs, ours):
+        parametrize.register_parametrization(m, "weight", _Doubled())
+        parametrize.register_parametrization(m, "running_var", _Doubled())
+    x = random_input(shape, torch.float32, seed=3)
+    dy = random_input(shape, torch.float32, seed=4)
+    (y_theirs, g_theirs), (y_ours, g_ours) = run_step(theirs, x, dy), run_step(ours, x, dy)
+    assert_close(y_ours, y_theirs, torch.float32)
+    for ours_grad, theirs_grad in zip(g_ours, g_theirs, strict=True):
+        assert_close(ours_grad, theirs_grad, torch.float32)
+    for m in (theirs, ours):
+        m.eval()
+    assert_close(ours(x), theirs(x), torch.float32)
+    assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)

@@ -58,7 +58,7 @@ class _GhostBatchNorm(_BatchNormBase):
         momentum = self._momentum_factor()
         size, n = self.virtual_batch_size, input.shape[0]
         if not self.training or n <= size:
-            return self._normalize(input, residual, momentum, self.weight, self.bias)
+            return self._normalize(input, residual, momentum)
         full = n - n % size
         pieces = [(0, full, size)] + ([(full, n, n - full)] if full < n else [])
         outputs, running = [], []

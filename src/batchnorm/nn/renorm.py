@@ -134,7 +134,7 @@ class _BatchRenorm(_BatchNormBase):
         self._check_input_dim(input)
         momentum = self._momentum_factor()
         if not self.training or input.numel() == 0:
-            return self._normalize(input, residual, momentum, self.weight, self.bias)
+            return self._normalize(input, residual, momentum)
         check_inputs(input, None, None, None, None, residual, True, self.layer_name)
         scheduled = any(callable(bound) for bound in (self.rmax, self.dmax, self.rmin))
         # Reading the step costs a host sync (a graph break under torch.compile): only

@@ -280,6 +280,4 @@ class SyncBatchNorm(_BatchNormBase):
         if self.track_running_stats and self.running_mean is not None:
             shift.copy_(self.running_mean)
         reduction = ProcessGroupReduction(group, shift, self.layer_name)
-        return self._normalize(
-            input, residual, self._momentum_factor(), self.weight, self.bias, reduction=reduction
-        )
+        return self._normalize(input, residual, self._momentum_factor(), reduction=reduction)
