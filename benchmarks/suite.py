@@ -1,8 +1,9 @@
 """The rest of ``make bench`` (after ``batchnorm bench``, the CPU kernels): the demo's epoch
-time per BN implementation, in-place BN+activation memory, folding latency and SyncBatchNorm
-traffic and overhead. Each part writes its JSON under benchmarks/results/.
+time per BN implementation, in-place BN+activation memory, folding latency, SyncBatchNorm
+traffic and overhead, and float32 training accuracy against float64. Each part writes its
+JSON under benchmarks/results/.
 
-    python benchmarks/suite.py [--quick] [--only epoch memory fold sync]
+    python benchmarks/suite.py [--quick] [--only epoch memory fold sync accuracy]
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def fold(quick: bool) -> dict:
     return fold_bench.run(quick=quick, out_dir=None)
 
 
+def accuracy(quick: bool) -> dict:
+    import accuracy
+
+    return accuracy.run(quick)
+
+
 def sync(quick: bool) -> dict:
     import sync_batchnorm
 
@@ -78,7 +85,8 @@ def sync(quick: bool) -> dict:
     return sync_batchnorm.run(quick)
 
 
-PARTS = {"epoch": epoch_time, "memory": inplace_memory, "fold": fold, "sync": sync}
+PARTS = {"epoch": epoch_time, "memory": inplace_memory, "fold": fold, "sync": sync,
+         "accuracy": accuracy}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         result["environment"] = {"torch": torch.__version__, "machine": platform.machine(),
                                  "threads": torch.get_num_threads()}  # fmt: skip
         files = {"epoch": "epoch_time", "memory": "inplace_memory", "fold": "fold",
-                 "sync": "sync_batchnorm"}  # fmt: skip
+                 "sync": "sync_batchnorm", "accuracy": "accuracy"}  # fmt: skip
         path = RESULTS / f"{files[name] if not args.quick else name + '_quick'}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         summary = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}

@@ -123,10 +123,13 @@ def test_property_float32_matches_float64_torch(n, c, spatial, channels_last, sc
             assert_close(x.grad, x64.grad, rtol=tol, atol=tol * invstd * dy64.abs().max().item())
 
 
-def test_large_nc_gradient_is_accurate_by_default():
-    """The default dispatch on a large (N, C) batch followed by a ReLU: ATen's float32
-    backward (torch 2.13 CPU) is off by ~12 % of the gradient's scale on this data; ours
-    must match the float64 oracle to float32 accuracy."""
+def test_large_nc_training_is_accurate_at_large_means_by_default():
+    """The default dispatch on a large (N, C) batch of mean 100 and std 1: ATen's float32
+    kernel alone (torch 2.13 CPU) gives an output off by ~1e-4 and a weight gradient off by
+    ~4e-4 of their scales there (benchmarks/accuracy.py); ours must match the float64
+    oracle to float32 rounding. (No ReLU after it: a float32 forward may flip a ReLU's mask
+    at a pre-activation within its rounding of zero, which changes that gradient by its
+    whole size, whatever the backward's accuracy.)"""
     import batchnorm
 
     torch.manual_seed(0)
@@ -134,13 +137,21 @@ def test_large_nc_gradient_is_accurate_by_default():
     with torch.no_grad():
         theirs.weight.uniform_(0.5, 1.5)
         theirs.bias.normal_()
-    x = torch.randn(32, 128, 32, 32).permute(0, 2, 3, 1).reshape(-1, 128).contiguous()
-    dy = torch.randn(32, 128, 32, 32).permute(0, 2, 3, 1).reshape(-1, 128).contiguous()
+    x = (torch.randn(32768, 128, dtype=torch.float64) + 100).float()
+    dy = torch.randn(32768, 128)
     ours = batchnorm.BatchNorm1d(128)
     ours.load_state_dict(theirs.state_dict())
     oracle = torch.nn.BatchNorm1d(128).double()
     oracle.load_state_dict(theirs.state_dict())
     x32, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
-    torch.relu(ours(x32)).backward(dy)
-    torch.relu(oracle(x64)).backward(dy.double())
-    assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    y32, y64 = ours(x32), oracle(x64)
+    y32.backward(dy)
+    y64.backward(dy.double())
+
+    def scaled_error(value, expected):
+        return ((value.double() - expected).abs().max() / expected.abs().max()).item()
+
+    assert scaled_error(y32.detach(), y64.detach()) < 1e-5
+    assert scaled_error(x32.grad, x64.grad) < 1e-5
+    assert scaled_error(ours.weight.grad, oracle.weight.grad) < 2e-5
+    assert scaled_error(ours.running_mean, oracle.running_mean) < 1e-6

@@ -8,8 +8,9 @@ cpu_kernels.json), the same for float32/float64 and bfloat16/float16 inputs: inp
 ATEN_BELOW_NUMEL values (epilogue included: a few C++ ops beat a Python-called kernel
 there), NCHW inputs of small planes (ATEN_BELOW_PLANE) and plain eval of any size (its
 elementwise loop streams as fast as ours). Training on larger inputs stays on the Numba
-kernels, also for (N, C) and channels-last inputs: ATen's float32 backward there loses
-accuracy on mean-shifted data (torch 2.13). Other devices keep the reference until
+kernels, also for (N, C) and channels-last inputs: ATen's float32 sums there lose digits as
+the mean grows, and with the shift that keeps them (an extra pass) it is slower than ours
+(docs/performance.md, "ATen's own accuracy"). Other devices keep the reference until
 measured (see batchnorm.backends.builtin_backends).
 """
 
@@ -28,8 +29,9 @@ ATEN_BELOW_NUMEL = 65_536
 #: NCHW-contiguous inputs with fewer values than this per (sample, channel) plane go to
 #: ATen at any size: the Numba channels-first kernel pays a cost per plane, which the small
 #: planes of a model's last stages turn into much of its time, while ATen's NCHW backward
-#: is fast there (and, unlike its channels-last kernel, accurate: no shift). With more than
-#: one thread our three parallel passes scale less on short rows than ATen's one. Measured
+#: is fast there (and needs no shift: its sums stay within a float32 mean's rounding at
+#: large means). With more than one thread our three parallel passes scale less on short
+#: rows than ATen's one. Measured
 #: on 2 shared cores, module forward + backward, identity and relu, Numba's time / ATen's:
 #: 1 thread, 3x3 (8, 1152, 3, 3) 1.34-1.68, 4x4 1.11-1.17, 5x5 0.87-1.12, 6x6 0.73-0.99;
 #: 2 threads, 6x6 (8, 256|672, 6, 6) 1.11-1.35, 7x7 (8, 512, 7, 7) 1.00-1.05, 8x8 1.11-1.20,

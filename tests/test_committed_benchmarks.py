@@ -1,0 +1,37 @@
+"""The accuracy figures the performance page quotes come from the committed
+benchmarks/results/accuracy.json (``make bench``), not from memory: the table regenerated
+from that file appears verbatim in docs/performance.md, and the file shows what the page
+says of it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _accuracy_module():
+    spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_performance_page_quotes_the_committed_accuracy_run():
+    accuracy = _accuracy_module()
+    result = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
+    assert result["relu_flips"], "a full run, not a quick one"
+    assert accuracy.table(result) in (ROOT / "docs" / "performance.md").read_text()
+
+
+def test_relu_flips_explain_the_gradient_errors_through_a_relu():
+    """What the page's correction says: through a ReLU, ATen's large dx errors come with
+    flipped masks, and without the flipped channels its dx is right to float32 rounding."""
+    result = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
+    for row in result["relu_flips"]:
+        if row["contender"] == "aten":
+            assert row["flips"] > 0 and row["dx"] > 1e-2
+            assert row["largest_flipped_pre_activation"] < 1e-5
+        assert row["dx_without_flipped_channels"] < 1e-5
