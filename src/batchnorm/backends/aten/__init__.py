@@ -31,8 +31,8 @@ ATEN_BELOW_NUMEL = 65_536
 #: planes of a model's last stages turn into much of its time, while ATen's NCHW backward
 #: is fast there (and needs no shift: its sums stay within a float32 mean's rounding at
 #: large means). With more than one thread our three parallel passes scale less on short
-#: rows than ATen's one. Measured
-#: on 2 shared cores, module forward + backward, identity and relu, Numba's time / ATen's:
+#: rows than ATen's one. Measured on 2 shared cores, module forward + backward, identity
+#: and relu, Numba's time / ATen's:
 #: 1 thread, 3x3 (8, 1152, 3, 3) 1.34-1.68, 4x4 1.11-1.17, 5x5 0.87-1.12, 6x6 0.73-0.99;
 #: 2 threads, 6x6 (8, 256|672, 6, 6) 1.11-1.35, 7x7 (8, 512, 7, 7) 1.00-1.05, 8x8 1.11-1.20,
 #: 9x9 (8, 256, 9, 9) 0.89-0.90.
