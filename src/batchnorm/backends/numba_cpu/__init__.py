@@ -69,9 +69,7 @@ class _Launch(NamedTuple):
     """What a kernel call needs to know of its input besides its address."""
 
     layout: str
-    shape: tuple[int, ...]  # the kernel's (see _shape)
-    numel: int
-    channels: int
+    shape: tuple[int, ...]  # the kernel's (see _shape): channels at index 1 in both layouts
     storage: object  # the kernels' type arguments, see halves.py
     compute: object
     stats: torch.dtype  # the statistics' and parameters' dtype
@@ -93,8 +91,8 @@ def _dense_launch(x: Tensor) -> tuple[Tensor, _Launch]:
         return x, launch
     layout, dense = dense_in_layout(x)
     shape = _shape(dense, layout)
-    launch = _Launch(layout, shape, dense.numel(), x.shape[1], STORAGE[x.dtype],
-                     COMPUTE[x.dtype], reference.compute_dtype(x.dtype))  # fmt: skip
+    launch = _Launch(layout, shape, STORAGE[x.dtype], COMPUTE[x.dtype],
+                     reference.compute_dtype(x.dtype))  # fmt: skip
     if dense is x:  # strides that need a copy are not kept: they are rare
         if len(_LAUNCHES) >= 256:
             _LAUNCHES.clear()
@@ -157,7 +155,7 @@ class NumbaBackend:
         z = None if residual is None else _like(residual, x, launch.layout)
         weight, bias = _vector(weight, launch.stats), _vector(bias, launch.stats)
         kernels = cl_forward if launch.layout == "cl" else cf_forward
-        kernel, threads = kernels.pick(launch.numel)
+        kernel, threads = kernels.pick(x.numel())
         kernel(launch.storage, launch.compute, *launch.shape, x.data_ptr(), _address(z),
                y.data_ptr(), _address(weight), _address(bias), mean.data_ptr(), var.data_ptr(),
                invstd.data_ptr(), _negative_slope(activation, slope), eps,
@@ -167,9 +165,10 @@ class NumbaBackend:
 
     def forward_train(self, x, weight, bias, residual, eps, activation, negative_slope):
         x, launch = _dense_launch(x)
-        mean = torch.empty(launch.channels, dtype=launch.stats)
-        var = torch.empty(launch.channels, dtype=launch.stats)
-        invstd = torch.empty(launch.channels, dtype=launch.stats)
+        channels = launch.shape[1]
+        mean = torch.empty(channels, dtype=launch.stats)
+        var = torch.empty(channels, dtype=launch.stats)
+        invstd = torch.empty(channels, dtype=launch.stats)
         y = self._forward(x, launch, weight, bias, residual, mean, var, invstd, eps, activation,
                           negative_slope, True)  # fmt: skip
         return y, mean, var, invstd
@@ -193,9 +192,9 @@ class NumbaBackend:
         # dL/dresidual is dL/dpre: dy itself without activation, else a tensor of its own.
         write_dpre = need_dpre and activation != "identity"
         dpre = torch.empty_like(x) if write_dpre else (dy if need_dpre else None)
-        dweight = torch.empty(launch.channels, dtype=stats)
-        dbias = torch.empty(launch.channels, dtype=stats)
-        kernel, threads = (cl_backward if layout == "cl" else cf_backward).pick(launch.numel)
+        dweight = torch.empty(launch.shape[1], dtype=stats)
+        dbias = torch.empty(launch.shape[1], dtype=stats)
+        kernel, threads = (cl_backward if layout == "cl" else cf_backward).pick(x.numel())
         kernel(launch.storage, launch.compute, *launch.shape, dy.data_ptr(), x.data_ptr(),
                _address(z), dx.data_ptr(), _address(dpre) if write_dpre else 0, _address(weight),
                _address(bias), mean.data_ptr(), invstd.data_ptr(), dweight.data_ptr(),

@@ -236,7 +236,7 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
         )  # fmt: skip
     for c in prange(channels):
         sum_g, sum_gx = jit._grad_sums(piece_g, piece_gx, c)
-        dbias[c], dweight[c] = sum_g, sum_gx * invstd[c]
+        jit._finish_grad_sums(c, sum_g, sum_gx, invstd, dweight, dbias)
     k0, k2 = jit._grad_coefficients(scale, invstd, dweight, dbias, n_batch * size, training)
     for row in prange(n_batch * channels):
         n, c = row // channels, row % channels

@@ -178,7 +178,7 @@ def cl_backward(like, stats, rows, channels, dy_at, x_at, z_at, dx_at, dpre_at, 
         block_gx[k, :, 0] = gx
     for c in prange(channels):
         sum_g, sum_gx = jit._grad_sums(block_g, block_gx, c)
-        dbias[c], dweight[c] = sum_g, sum_gx * invstd[c]
+        jit._finish_grad_sums(c, sum_g, sum_gx, invstd, dweight, dbias)
     k0, k2 = jit._grad_coefficients(scale, invstd, dweight, dbias, rows, training)
     reread = write_dpre and x.itemsize > 2  # see cf_backward's docstring
     g_rows = dpre if reread else dy
