@@ -72,13 +72,14 @@ def test_batchnorm_compile_fills_the_cache_then_loads_from_it(tmp_path):
     first = _run(args, tmp_path, module=True).stdout
     rows = [line.split() for line in first.splitlines() if line.startswith("  ")]
     kernels = {(r[0], r[1], r[2]) for r in rows}
-    assert kernels == {
-        (k, "float64", v) for k in ("cf_forward", "cf_backward") for v in ("serial", "parallel")
-    } | {("running_update", "float64", "serial")}
+    kernel_names = [f"cf_{step}{r}" for step in ("forward", "backward") for r in ("", "+residual")]
+    assert kernels == {(k, "float64", v) for k in kernel_names for v in ("serial", "parallel")} | {
+        ("running_update", "float64", "serial")
+    }
     assert all(r[3] == "compiled" for r in rows), first
-    assert str(tmp_path) in first and "5 specializations: 5 compiled" in first
+    assert str(tmp_path) in first and "9 specializations: 9 compiled" in first
     second = _run(args, tmp_path, module=True).stdout
-    assert "5 specializations: 5 loaded from the cache" in second, second
+    assert "9 specializations: 9 loaded from the cache" in second, second
 
 
 def test_without_a_cache_folder_the_notice_and_the_command_say_so(monkeypatch, capsys):

@@ -1,13 +1,13 @@
 """``batchnorm compile``: compile the Numba CPU kernels into their disk cache ahead of time.
 
-The first call of a kernel specialization (kernel x dtype x serial/parallel) compiles it,
-which takes seconds each; this command does all of them now, e.g. in a Docker image's
-build, so that no training run waits for the compiler. Kernels already in the cache are
-only loaded. The cache is next to the installed package, or in the folder NUMBA_CACHE_DIR
-names. Numba uses a cache folder only where it can write, so the user who later runs the
-model must be able to write this one: for an image run as another user than the build's,
-e.g. ``ENV NUMBA_CACHE_DIR=/opt/numba-cache`` and ``RUN batchnorm compile && chmod -R
-a+rwX /opt/numba-cache``.
+The first call of a kernel specialization (kernel x dtype x serial/parallel x without/with
+a residual) compiles it, which takes seconds each; this command does all of them now, e.g.
+in a Docker image's build, so that no training run waits for the compiler. Kernels already
+in the cache are only loaded. The cache is next to the installed package, or in the folder
+NUMBA_CACHE_DIR names. Numba uses a cache folder only where it can write, so the user who
+later runs the model must be able to write this one: for an image run as another user than
+the build's, e.g. ``ENV NUMBA_CACHE_DIR=/opt/numba-cache`` and ``RUN batchnorm compile &&
+chmod -R a+rwX /opt/numba-cache``.
 """
 
 from __future__ import annotations

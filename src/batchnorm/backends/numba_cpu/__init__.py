@@ -117,6 +117,12 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _optional(t: Tensor | None) -> int | None:
+    """The address of the residual, kept alive by the caller, or None: a kernel compiles
+    with or without one (see jit._given)."""
+    return None if t is None else t.data_ptr()
+
+
 def _negative_slope(activation: str, negative_slope: float) -> float:
     """The slope below zero of identity, relu and leaky_relu (silu ignores it)."""
     if activation == "leaky_relu":
@@ -156,11 +162,11 @@ class NumbaBackend:
         weight, bias = _vector(weight, launch.stats), _vector(bias, launch.stats)
         kernels = cl_forward if launch.layout == "cl" else cf_forward
         kernel, threads = kernels.pick(x.numel())
-        kernel(launch.storage, launch.compute, *launch.shape, x.data_ptr(), _address(z),
+        kernel(launch.storage, launch.compute, *launch.shape, x.data_ptr(), _optional(z),
                y.data_ptr(), _address(weight), _address(bias), mean.data_ptr(), var.data_ptr(),
                invstd.data_ptr(), _negative_slope(activation, slope), eps,
-               ACTIVATION_CODES[activation], z is not None, weight is not None,
-               bias is not None, training, threads)  # fmt: skip
+               ACTIVATION_CODES[activation], weight is not None, bias is not None, training,
+               threads)  # fmt: skip
         return y
 
     def forward_train(self, x, weight, bias, residual, eps, activation, negative_slope):
@@ -196,11 +202,11 @@ class NumbaBackend:
         dbias = torch.empty(launch.shape[1], dtype=stats)
         kernel, threads = (cl_backward if layout == "cl" else cf_backward).pick(x.numel())
         kernel(launch.storage, launch.compute, *launch.shape, dy.data_ptr(), x.data_ptr(),
-               _address(z), dx.data_ptr(), _address(dpre) if write_dpre else 0, _address(weight),
-               _address(bias), mean.data_ptr(), invstd.data_ptr(), dweight.data_ptr(),
-               dbias.data_ptr(), _negative_slope(activation, negative_slope),
-               ACTIVATION_CODES[activation], z is not None, weight is not None,
-               bias is not None, training, write_dpre, threads)  # fmt: skip
+               _optional(z), dx.data_ptr(), _address(dpre) if write_dpre else 0,
+               _address(weight), _address(bias), mean.data_ptr(), invstd.data_ptr(),
+               dweight.data_ptr(), dbias.data_ptr(), _negative_slope(activation, negative_slope),
+               ACTIVATION_CODES[activation], weight is not None, bias is not None, training,
+               write_dpre, threads)  # fmt: skip
         return dx, dweight, dbias, dpre
 
     def update_running_stats(self, running_mean, running_var, mean, var, count, momentum,

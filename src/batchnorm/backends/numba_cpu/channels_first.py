@@ -125,15 +125,17 @@ def _cf_dx(gr, xr, zr, dxr, m, a, b, k0, k2, act, neg, has_z, training, dpre_onl
 
 @jit._Kernel
 def cf_forward(like, stats, n_batch, channels, size, x_at, z_at, y_at, weight_at, bias_at,
-               mean_at, var_at, invstd_at, neg, eps, act, has_z, has_weight, has_bias,
+               mean_at, var_at, invstd_at, neg, eps, act, has_weight, has_bias,
                training, threads):  # fmt: skip
     """y = act(BN(x) [+ z]) for x of shape (N, C, S). Training: first write the batch mean,
-    biased var and invstd; eval: read mean and invstd. z is read only if has_z, weight and
-    bias only if has_weight and has_bias. Tensors are addresses (see _view): ``like`` gives
-    the dtype of x, y and z, ``stats`` that of the per-channel vectors."""
+    biased var and invstd; eval: read mean and invstd. weight and bias are read only if
+    has_weight and has_bias. Tensors are addresses (see _view), the residual z's None when
+    there is none (see jit._given): ``like`` gives the dtype of x, y and z, ``stats`` that
+    of the per-channel vectors."""
     shape = (n_batch, channels, size)
     x, y = jit._view(x_at, like, shape), jit._view(y_at, like, shape)
-    z = jit._view(z_at if has_z else x_at, like, shape)
+    has_z = jit._given(z_at)
+    z = jit._view(jit._given_or(z_at, x_at), like, shape)
     var = jit._view(var_at, stats, (channels,))
     mean, invstd, weight, bias = jit._vectors(stats, channels, mean_at, invstd_at, weight_at,
                                               bias_at, has_weight, has_bias)  # fmt: skip
@@ -178,8 +180,8 @@ def cf_forward(like, stats, n_batch, channels, size, x_at, z_at, y_at, weight_at
 
 @jit._Kernel
 def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, dpre_at,
-                weight_at, bias_at, mean_at, invstd_at, dweight_at, dbias_at, neg, act, has_z,
-                has_weight, has_bias, training, write_dpre, threads):  # fmt: skip
+                weight_at, bias_at, mean_at, invstd_at, dweight_at, dbias_at, neg, act, has_weight,
+                has_bias, training, write_dpre, threads):  # fmt: skip
     """dx, dweight, dbias for x of shape (N, C, S), and dpre = dL/d(pre) if write_dpre.
 
     Two passes over dy and x: per-channel sums of dpre and dpre * (x - mean), then dx. With
@@ -188,7 +190,8 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
     float32 and float64; half precision recomputes it rather than read it rounded)."""
     shape, vector = (n_batch, channels, size), (channels,)
     dy, x = jit._view(dy_at, like, shape), jit._view(x_at, like, shape)
-    dx, z = jit._view(dx_at, like, shape), jit._view(z_at if has_z else x_at, like, shape)
+    has_z = jit._given(z_at)
+    dx, z = jit._view(dx_at, like, shape), jit._view(jit._given_or(z_at, x_at), like, shape)
     dpre = jit._view(dpre_at if write_dpre else dx_at, like, shape)
     mean, invstd, weight, bias = jit._vectors(stats, channels, mean_at, invstd_at, weight_at,
                                               bias_at, has_weight, has_bias)  # fmt: skip

@@ -120,11 +120,12 @@ def _cl_dx(gb, xb, zb, dxb, mean, scale, shift, k0, k2, act, neg, has_z, trainin
 
 @jit._Kernel
 def cl_forward(like, stats, rows, channels, x_at, z_at, y_at, weight_at, bias_at, mean_at,
-               var_at, invstd_at, neg, eps, act, has_z, has_weight, has_bias, training,
+               var_at, invstd_at, neg, eps, act, has_weight, has_bias, training,
                threads):  # fmt: skip
     """cf_forward for x of shape (M, C)."""
     x, y = jit._view(x_at, like, (rows, channels)), jit._view(y_at, like, (rows, channels))
-    z = jit._view(z_at if has_z else x_at, like, (rows, channels))
+    has_z = jit._given(z_at)
+    z = jit._view(jit._given_or(z_at, x_at), like, (rows, channels))
     var = jit._view(var_at, stats, (channels,))
     mean, invstd, weight, bias = jit._vectors(stats, channels, mean_at, invstd_at, weight_at,
                                               bias_at, has_weight, has_bias)  # fmt: skip
@@ -152,12 +153,13 @@ def cl_forward(like, stats, rows, channels, x_at, z_at, y_at, weight_at, bias_at
 
 @jit._Kernel
 def cl_backward(like, stats, rows, channels, dy_at, x_at, z_at, dx_at, dpre_at, weight_at,
-                bias_at, mean_at, invstd_at, dweight_at, dbias_at, neg, act, has_z, has_weight,
+                bias_at, mean_at, invstd_at, dweight_at, dbias_at, neg, act, has_weight,
                 has_bias, training, write_dpre, threads):  # fmt: skip
     """cf_backward for x of shape (M, C)."""
     shape = (rows, channels)
     dy, x = jit._view(dy_at, like, shape), jit._view(x_at, like, shape)
-    dx, z = jit._view(dx_at, like, shape), jit._view(z_at if has_z else x_at, like, shape)
+    has_z = jit._given(z_at)
+    dx, z = jit._view(dx_at, like, shape), jit._view(jit._given_or(z_at, x_at), like, shape)
     dpre = jit._view(dpre_at if write_dpre else dx_at, like, shape)
     mean, invstd, weight, bias = jit._vectors(stats, channels, mean_at, invstd_at, weight_at,
                                               bias_at, has_weight, has_bias)  # fmt: skip

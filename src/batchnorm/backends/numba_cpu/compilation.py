@@ -2,10 +2,11 @@
 
 Numba compiles a kernel the first time it is called with a new signature, here one per
 kernel, dtype and variant: 4 kernels (forward and backward of each layout) x float32 /
-float64 / bfloat16 / float16 x serial / parallel (see ``jit._Kernel``), 32 specializations,
-plus the small running-statistics update per statistics dtype (float32 serves the
-halves). Nothing compiles at import: a call compiles only the specializations it runs, each
-saved to the disk cache, from which later processes load it in well under a second.
+float64 / bfloat16 / float16 x serial / parallel (see ``jit._Kernel``) x without / with a
+residual (see ``jit._given``), 64 specializations, plus the small running-statistics update
+per statistics dtype (float32 serves the halves). Nothing compiles at import: a call
+compiles only the specializations it runs, each saved to the disk cache, from which later
+processes load it in well under a second.
 
 A compile takes seconds (a minute for all of them on a slow machine), so the first one of
 a process says so, once, on stderr: the notice listens to Numba's ``numba:compile`` event,
@@ -109,7 +110,7 @@ def _dispatcher_stats(dispatcher) -> tuple[int, int]:
     return sum(stats.cache_misses.values()), sum(stats.cache_hits.values())
 
 
-def _run_kernel(step: str, layout: str, dtype: torch.dtype, variant: str) -> None:
+def _run_kernel(step: str, layout: str, dtype: torch.dtype, variant: str, residual: bool) -> None:
     """Runs one kernel through the backend on a small input: the exact argument types of a
     real call, so the signature compiled is the one a layer uses."""
     from batchnorm.backends.numba_cpu import NumbaBackend
@@ -125,11 +126,12 @@ def _run_kernel(step: str, layout: str, dtype: torch.dtype, variant: str) -> Non
     # float32 parameters for half inputs, as under torch.autocast (the kernels' signature)
     stats = reference.compute_dtype(dtype)
     weight, bias = torch.ones(channels, dtype=stats), torch.zeros(channels, dtype=stats)
+    z = torch.zeros_like(x) if residual else None
     backend = NumbaBackend()
-    _, mean, var, invstd = backend.forward_train(x, weight, bias, None, 1e-5, "identity", 0.01)
+    _, mean, var, invstd = backend.forward_train(x, weight, bias, z, 1e-5, "identity", 0.01)
     if step == "backward":
         dy = torch.ones_like(x)
-        backend.backward(dy, x, weight, bias, None, mean, invstd, True, "identity", 0.01, False)
+        backend.backward(dy, x, weight, bias, z, mean, invstd, True, "identity", 0.01, residual)
     elif step == "running_update":
         running_mean, running_var = torch.zeros_like(mean), torch.ones_like(var)
         backend.update_running_stats(running_mean, running_var, mean, var, len(x), 0.1)
@@ -157,11 +159,13 @@ def _jobs(dtypes: Iterable[str], layouts: Iterable[str]):
         for layout in layouts:
             prefix = "cf" if layout == "channels_first" else "cl"
             for variant in VARIANTS:
-                for step, kernel in KERNELS[layout].items():
-                    run = partial(_run_kernel, step, layout, dtype, variant)
-                    yield f"{prefix}_{step}", dtype_name, variant, getattr(kernel, variant), run
+                for residual in (False, True):
+                    for step, kernel in KERNELS[layout].items():
+                        run = partial(_run_kernel, step, layout, dtype, variant, residual)
+                        name = f"{prefix}_{step}" + ("+residual" if residual else "")
+                        yield name, dtype_name, variant, getattr(kernel, variant), run
         layout = layouts[0] if layouts else LAYOUTS[0]
-        run = partial(_run_kernel, "running_update", layout, dtype, "serial")
+        run = partial(_run_kernel, "running_update", layout, dtype, "serial", False)
         yield "running_update", dtype_name, "serial", running_update, run
 
 
@@ -172,7 +176,8 @@ def precompile(
 ) -> list[Specialization]:
     """Compile (or load from the disk cache) every kernel specialization of ``dtypes`` (keys
     of DTYPES: ``"float32"``, ``"float64"``, ``"bfloat16"``, ``"float16"``) and ``layouts``
-    (``"channels_first"``, ``"channels_last"``), serial and parallel, plus the
+    (``"channels_first"``, ``"channels_last"``), serial and parallel, without and with a
+    residual, plus the
     running-statistics update of each dtype, so that no later call of these compiles;
     return what was done, in order. ``log`` is called after each one. The first-compile
     notice stays silent meanwhile."""

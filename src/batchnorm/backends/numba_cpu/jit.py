@@ -155,6 +155,34 @@ def _vectors(stats, channels, mean_at, invstd_at, weight_at, bias_at, has_weight
     return mean, invstd, weight, bias
 
 
+def _given(address):
+    """Whether an optional tensor (the residual) was given: its address, or None."""
+    return address is not None
+
+
+@overload(_given, inline="always")
+def _given_overload(address):
+    # A constant of the compiled kernel, not a value tested at run time: a kernel called
+    # without a residual (None) compiles without its loads and additions, and with one
+    # (an address) as a specialization of its own. As a run-time flag it cost the loops
+    # 10-15% in bfloat16 and up to a third of a float32 relu backward in cache, measured
+    # same-process on 2 threads.
+    given = not isinstance(address, nbtypes.NoneType)
+    return lambda address: given
+
+
+def _given_or(address, default):
+    """``address`` if it was given (see _given), else ``default``."""
+    return default if address is None else address
+
+
+@overload(_given_or, inline="always")
+def _given_or_overload(address, default):
+    if isinstance(address, nbtypes.NoneType):
+        return lambda address, default: default
+    return lambda address, default: address
+
+
 # Activations. identity, relu and leaky_relu are one piecewise-linear map with slope `neg`
 # below zero (1, 0 and negative_slope), its pieces chosen by selects: no branch inside the
 # loops, so they vectorize. silu is the other side of a test on the activation's code,
@@ -300,16 +328,17 @@ def _silu_grad(dy, pre):
 
 
 # The per-element math of both layouts, with pre = (x - mean) * scale + shift [+ z] and
-# xc = x - mean. The tests on act, has_z and training are the same for every element of a
-# loop: LLVM moves them out of it (loop unswitching), and each variant vectorizes as if
-# written out on its own (measured: as fast as the hand-written variants).
+# xc = x - mean. The tests on act and training are the same for every element of a loop:
+# LLVM moves them out of it (loop unswitching), and each variant vectorizes as if written
+# out on its own (measured: as fast as the hand-written variants). has_z is a constant of
+# the compiled kernel (see _given).
 
 
-# Identity is the linear activation of slope 1 (the backend passes neg = 1), and the
-# residual is added as a chosen operand: only silu is a test between formulas. LLVM
-# splits a loop on a test that is the same for all its elements (loop unswitching) only
-# while the loop is small, so each further test risked a scalar loop (measured: the
-# bfloat16 epilogue, whose conversions make the loop larger, ran 10x slower so).
+# Identity is the linear activation of slope 1 (the backend passes neg = 1): only silu is
+# a test between formulas. LLVM splits a loop on a test that is the same for all its
+# elements (loop unswitching) only while the loop is small, so each further test risked a
+# scalar loop (measured: the bfloat16 epilogue, whose conversions make the loop larger, ran
+# 10x slower so).
 
 
 @njit(inline="always", **_HELPER)
@@ -344,8 +373,8 @@ def _dx(dpre, xc, scale, k0, k2, training):
     """dx = scale * dpre + k0 + k2 * (x - mean) (see _grad_coefficients); in eval mode, where
     k0 = k2 = 0, x does not enter (an infinite x keeps dx finite). Written as a choice of
     one operand, not of two formulas: LLVM then selects instead of splitting the loop, which
-    it does for a few invariant tests only (measured: a loop that also tests act and has_z
-    stayed scalar, 5x slower)."""
+    it does for a few invariant tests only (measured: a loop that also tested act and a
+    run-time has_z stayed scalar, 5x slower)."""
     return scale * dpre + k0 + k2 * (xc if training else k2)
 
 
