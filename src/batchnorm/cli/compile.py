@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     def log(spec) -> None:
         print(
-            f"  {spec.kernel:<15} {spec.dtype:<8} {spec.variant:<9} {spec.source:<22} "
+            f"  {spec.kernel:<20} {spec.dtype:<8} {spec.variant:<9} {spec.source:<22} "
             f"{spec.seconds:6.2f} s",
             flush=True,
         )

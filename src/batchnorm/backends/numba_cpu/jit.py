@@ -156,17 +156,15 @@ def _vectors(stats, channels, mean_at, invstd_at, weight_at, bias_at, has_weight
 
 
 def _given(address):
-    """Whether an optional tensor (the residual) was given: its address, or None."""
+    """Whether an optional tensor (the residual) was given: its address, or None. A constant
+    of the compiled kernel: called without a residual, a kernel compiles without its loads
+    (as a run-time flag it cost the loops 10-15% in bfloat16 and up to a third of a float32
+    relu backward in cache, same-process A/B on 2 threads)."""
     return address is not None
 
 
 @overload(_given, inline="always")
 def _given_overload(address):
-    # A constant of the compiled kernel, not a value tested at run time: a kernel called
-    # without a residual (None) compiles without its loads and additions, and with one
-    # (an address) as a specialization of its own. As a run-time flag it cost the loops
-    # 10-15% in bfloat16 and up to a third of a float32 relu backward in cache, measured
-    # same-process on 2 threads.
     given = not isinstance(address, nbtypes.NoneType)
     return lambda address: given
 
@@ -204,7 +202,7 @@ def _select(typingctx, condition, if_true, if_false):
     return if_true(condition, if_true, if_false), codegen
 
 
-@njit(inline="always", **_HELPER)
+@njit(**_HELPER)
 def _linear_act(v, neg):
     """v if v > 0 (or NaN, as torch.relu keeps it), else v * neg; relu(-inf) is 0. (A
     leaky_relu of slope 0, whose -inf gives NaN in torch, is not given to these kernels.)"""
@@ -212,7 +210,7 @@ def _linear_act(v, neg):
     return _select(not v <= 0, v, _select(slope, v * neg, neg))
 
 
-@njit(inline="always", **_HELPER)
+@njit(**_HELPER)
 def _linear_grad(dy, pre, neg):
     """dL/dpre of _linear_act, as torch: relu gives exactly 0 where pre <= 0 and dy
     elsewhere (a NaN pre included); leaky_relu gives dy where pre > 0, else dy * neg."""
@@ -224,8 +222,8 @@ def _linear_grad(dy, pre, neg):
 # exp, vectorizable. np.exp compiles to a call of libm's scalar exp (numba vectorizes it
 # only with Intel's SVML), which made a fused SiLU 4-5x slower than BN + torch's SiLU. This
 # one is a range reduction, exp(v) = 2^k exp(r) with |r| <= ln2 / 2, a Taylor polynomial of
-# exp(r) accurate to an ulp, and 2^k built from its bits. It is inlined into the loops
-# (else they would not vectorize), so it inherits their re-association flag: the reduction
+# exp(r) accurate to an ulp, and 2^k built from its bits. LLVM inlines it into the loops
+# (else they would not vectorize); it is compiled with their flags (re-association): the reduction
 # is one subtraction, v - k ln2, in float64, and in float32 two fused multiply-adds with ln2
 # in two parts (float32 throughout: twice the lanes of float64 per vector; measured: within
 # an ulp in float32, within 1e-13 relative in float64, where |k| <= 1023 scales ln2's
@@ -273,7 +271,7 @@ def _fma(typingctx, a, b, c):
     return a(a, b, c), codegen
 
 
-@njit(inline="always", **_HELPER)
+@njit(**_HELPER)
 def _exp32(v):
     v = min(max(v, np.float32(-87.0)), np.float32(88.0))
     k = np.floor(v * _INV_LN2_32 + np.float32(0.5))
@@ -286,7 +284,7 @@ def _exp32(v):
     return p * _float_from_bits(np.int32((np.int64(k) + 127) << 23))
 
 
-@njit(inline="always", **_HELPER)
+@njit(**_HELPER)
 def _exp64(v):
     v = min(max(v, -708.0), 709.0)
     k = np.floor(v * (1.0 / _LN2) + 0.5)
@@ -312,14 +310,14 @@ def _exp_overload(v):
     return None
 
 
-@njit(inline="always", **_HELPER)
+@njit(**_HELPER)
 def _silu(v):
     """v * sigmoid(v); at v = -inf torch's product is -inf * 0 = NaN, and so is v - v."""
     # np.float32(1) keeps v's dtype, where a bare 1 would promote float32 to float64
     return _select(v > -np.inf, v / (np.float32(1) + _exp(-v)), v - v)
 
 
-@njit(inline="always", **_HELPER)
+@njit(**_HELPER)
 def _silu_grad(dy, pre):
     """dy * s * (1 + pre * (1 - s)) with s = sigmoid(pre); NaN at pre = -inf, as torch."""
     s = np.float32(1) / (np.float32(1) + _exp(-pre))
@@ -332,6 +330,10 @@ def _silu_grad(dy, pre):
 # LLVM moves them out of it (loop unswitching), and each variant vectorizes as if written
 # out on its own (measured: as fast as the hand-written variants). has_z is a constant of
 # the compiled kernel (see _given).
+# These scalar helpers are functions that LLVM inlines into the loops before vectorizing:
+# numba's inline="always" copied their IR into every call site, and the channels-first
+# kernels compiled 1.4-1.9x longer so (cf_backward float32: 11.7 s against 7.8 s parallel,
+# 4.9 against 2.6 serial) into loops as fast (same-process A/B, 2 threads).
 
 
 # Identity is the linear activation of slope 1 (the backend passes neg = 1): only silu is
@@ -341,25 +343,25 @@ def _silu_grad(dy, pre):
 # 10x slower so).
 
 
-@njit(inline="always", **_HELPER)
+@njit(**_HELPER)
 def _pre(xc, scale, shift, z, has_z):
     # -0.0 is the exact identity of addition (+0.0 would turn a -0.0 into +0.0)
     return xc * scale + shift + (z if has_z else np.float32(-0.0))
 
 
-@njit(inline="always", **_HELPER)
+@njit(**_HELPER)
 def _act(pre, act, neg):
     """The activation of code ``act`` (see ACTIVATION_CODES) at ``pre``."""
     return _silu(pre) if act == _SILU else _linear_act(pre, neg)
 
 
-@njit(inline="always", **_HELPER)
+@njit(**_HELPER)
 def _dpre(dy, pre, act, neg):
     """dL/dpre from dL/dy for the activation of code ``act``."""
     return _silu_grad(dy, pre) if act == _SILU else _linear_grad(dy, pre, neg)
 
 
-@njit(inline="always", **_HELPER)
+@njit(**_HELPER)
 def _centred_dpre(dy, x, z, mean, scale, shift, act, neg, has_z):
     """(x - mean, dL/dpre) of one value, dL/dpre from dL/dy with pre recomputed. Values in,
     not arrays and indices: an index passed into a helper loses numba's knowledge that it
@@ -368,7 +370,7 @@ def _centred_dpre(dy, x, z, mean, scale, shift, act, neg, has_z):
     return xc, _dpre(dy, _pre(xc, scale, shift, z, has_z), act, neg)
 
 
-@njit(inline="always", **_HELPER)
+@njit(**_HELPER)
 def _dx(dpre, xc, scale, k0, k2, training):
     """dx = scale * dpre + k0 + k2 * (x - mean) (see _grad_coefficients); in eval mode, where
     k0 = k2 = 0, x does not enter (an infinite x keeps dx finite). Written as a choice of
