@@ -177,10 +177,9 @@ def precompile(
     """Compile (or load from the disk cache) every kernel specialization of ``dtypes`` (keys
     of DTYPES: ``"float32"``, ``"float64"``, ``"bfloat16"``, ``"float16"``) and ``layouts``
     (``"channels_first"``, ``"channels_last"``), serial and parallel, without and with a
-    residual, plus the
-    running-statistics update of each dtype, so that no later call of these compiles;
-    return what was done, in order. ``log`` is called after each one. The first-compile
-    notice stays silent meanwhile."""
+    residual, plus the running-statistics update of each dtype, so that no later call of
+    these compiles; return what was done, in order. ``log`` is called after each one. The
+    first-compile notice stays silent meanwhile."""
     done = []
     NOTICE.muted += 1
     try:
