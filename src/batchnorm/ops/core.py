@@ -80,8 +80,11 @@ def _kernels(x: Tensor, training: bool, activation: str, slope: float, *tensors:
 
 
 def _all_readable(*tensors: Tensor | None) -> bool:
-    for t in tensors:  # a loop, not all(genexpr): this runs on every call
-        if t is not None and not _readable(t):
+    """_readable of every tensor given, None aside."""
+    for t in tensors:  # _readable's test written out in a loop: this runs on every call
+        if t is not None and not (
+            type(t) in _PLAIN_TENSORS and torch._C._has_storage(t) and not t.is_neg()
+        ):
             return False
     return True
 
@@ -106,10 +109,14 @@ def forward_impl(
     the dispatch picked for the call (else it is picked here).
 
     Nothing is mutated here, so the function can back a functional custom op."""
-    channels = x.shape[1]
-    stats_dtype = reference.compute_dtype(x.dtype)
     backend = _kernels(x, training, activation, negative_slope, weight, bias, running_mean,
                        running_var, residual, chosen=chosen)  # fmt: skip
+    if training and reduction is None and x.numel():  # the usual training call
+        y, mean, var, invstd = backend.forward_train(
+            x, weight, bias, residual, eps, activation, negative_slope
+        )
+        return y, mean, invstd, var
+    stats_dtype = reference.compute_dtype(x.dtype)
     if not training:
         mean = running_mean.to(stats_dtype, copy=True)  # type: ignore[union-attr]
         var = running_var.to(stats_dtype, copy=True)  # type: ignore[union-attr]
@@ -118,16 +125,9 @@ def forward_impl(
             x, weight, bias, residual, mean, invstd, activation, negative_slope
         )
         return y, mean, invstd, var
-    stats = None
-    if reduction is not None:
-        stats = reduction.statistics(x.detach())
-    elif x.numel():
-        y, mean, var, invstd = backend.forward_train(
-            x, weight, bias, residual, eps, activation, negative_slope
-        )
-        return y, mean, invstd, var
+    stats = None if reduction is None else reduction.statistics(x.detach())
     if stats is None:  # empty batch: empty output (the caller leaves the statistics alone)
-        zeros = x.new_zeros(channels, dtype=stats_dtype)
+        zeros = x.new_zeros(x.shape[1], dtype=stats_dtype)
         return torch.empty_like(x), zeros, zeros.clone(), zeros.clone()
     mean, var = stats  # normalize this process's batch with the global statistics
     invstd = reference.invstd_of(var, eps)
@@ -246,10 +246,9 @@ def _grads(ctx, dy: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
         dw = dw.to(weight.dtype)
     if bias is not None and db.dtype != bias.dtype:
         db = db.to(bias.dtype)
-    keep = (need_x, need_w, need_b, False, False, need_r)
-    grads = (dx, dw, db, None, None, dr)
-    trailing = (None,) * (ctx.n_inputs - len(grads))  # the non-tensor arguments
-    return tuple(g if k else None for g, k in zip(grads, keep, strict=True)) + trailing
+    grads = (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None,
+             dr if need_r else None)  # fmt: skip
+    return grads + (None,) * (ctx.n_inputs - len(grads))  # the non-tensor arguments
 
 
 def _reduced_grads(
@@ -301,9 +300,13 @@ class _BatchNormFunction(_Function):
         _, mean, invstd, var = output
         _save(ctx, inputs, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd, var)
+        # the statistics' gradients are None, not three tensors of zeros made for each call
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dinvstd, _dvar):
+        if dy is None:  # without materialized gradients: y's gradient is undefined
+            return (None,) * ctx.n_inputs
         return _grads(ctx, dy, partial(backward_impl, chosen=ctx.kernels))
 
 
@@ -418,14 +421,21 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x, dtype=t.dtype).copy_(t)
 
 
-def _differentiated(*tensors: Tensor | None) -> bool:
+def _differentiated(*tensors: Tensor | None, stored: bool = False) -> bool:
     """Whether autograd (backward or forward mode, torch.func included) may ask for a
-    derivative of this call: then it runs through an autograd.Function."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return True
+    derivative of this call: then it runs through an autograd.Function. ``stored``: the
+    caller has checked that every tensor has storage (none is a torch.func wrapper)."""
+    if torch.is_grad_enabled():
+        for t in tensors:  # loops, not any(genexpr): this runs on every call
+            if t is not None and t.requires_grad:
+                return True
     if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tangents may flow
         return True
-    return any(t is not None and _is_wrapped(t) for t in tensors)  # torch.func transforms
+    if not stored:
+        for t in tensors:
+            if t is not None and _is_wrapped(t):  # torch.func transforms
+                return True
+    return False
 
 
 def _apply(function: type[torch.autograd.Function], args: tuple, stored: bool = False
@@ -470,22 +480,24 @@ def batch_norm(call: Call, reduction: Reduction | None = None) -> Tensor:
             chosen = backend  # type: ignore[assignment]
     args = (x, weight, bias, running_mean, running_var, residual, training, float(eps),
             activation, float(negative_slope))  # fmt: skip
+    # the dispatch's kernels came with a check of every tensor's storage (see above)
+    stored = chosen is not None
     if compiling:
         y, mean, _, var = _forward_op(*args)
-    elif keep_output_only and _differentiated(x, weight, bias, residual):
-        y, mean, _, var = _apply(_KeepOutputFunction, args)
-    elif _differentiated(x, weight, bias, residual):
-        # the dispatch's kernels came with a check of every tensor's storage (see above)
-        y, mean, _, var = _apply(_BatchNormFunction, (*args, reduction, chosen), chosen is not None)
+    elif keep_output_only and _differentiated(x, weight, bias, residual, stored=stored):
+        y, mean, _, var = _apply(_KeepOutputFunction, args, stored)
+    elif _differentiated(x, weight, bias, residual, stored=stored):
+        y, mean, _, var = _apply(_BatchNormFunction, (*args, reduction, chosen), stored)
     else:
         y, mean, _, var = forward_impl(*args, reduction, chosen)
     if training and running_mean is not None and running_var is not None:
         count = x.numel() // max(x.shape[1], 1) if reduction is None else reduction.count
         if compiling:  # plain torch ops, which the compiler traces
             update = reference.update_running_stats
+        elif chosen is not None:
+            update = chosen.update_running_stats
         else:
-            kernels = _kernels(x, training, activation, negative_slope, running_mean, running_var,
-                               chosen=chosen)  # fmt: skip
+            kernels = _kernels(x, training, activation, negative_slope, running_mean, running_var)
             update = kernels.update_running_stats
         update(running_mean, running_var, mean, var, count, momentum, unbiased_running_var)
     return y
