@@ -52,3 +52,15 @@ def test_test_installs_the_dev_extra_with_or_without_demo_first(clone):
     _stamp(clone, ".installed")  # after make test: nothing installs again
     _stamp(clone, ".installed-lab")
     assert _dry_run(clone, "test") == [] and _dry_run(clone, "demo") == []
+
+
+def test_test_runs_the_suite_in_two_worker_processes_unless_told_otherwise(clone):
+    def pytest_line(*args: str) -> str:
+        done = subprocess.run(["make", "-n", "test", *args], cwd=clone, capture_output=True,
+                              text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        (line,) = [line for line in done.stdout.splitlines() if "-m pytest" in line]
+        return line
+
+    assert pytest_line().endswith("-m pytest -q -n 2")
+    assert pytest_line("TEST_WORKERS=0").endswith("-m pytest -q -n 0")
