@@ -190,3 +190,39 @@ def test_parametrized_parameters_and_buffers_are_used(shape):
         m.eval()
     assert_close(ours(x), theirs(x), torch.float32)
     assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
+
+
+class _NoGradient(torch.autograd.Function):
+    """y -> y whose backward gives no gradient (None): the layer before it gets none."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        return None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_an_output_without_gradient_leaves_the_parameters_without_one(backend, channels_last):
+    """As torch.nn's: when the layer's output gets no gradient, its parameters' .grad stay
+    None (not zeros) and the input's gradient is only what reaches it otherwise."""
+    shape = (4, 6, 5, 7)
+    grads = []
+    for layer in make_pair(shape, torch.float32):
+        x = random_input(shape, channels_last=channels_last).requires_grad_()
+        (_NoGradient.apply(layer(x)).sum() + x.sum()).backward()
+        grads.append((x.grad, layer.weight.grad, layer.bias.grad))
+    (x_theirs, w_theirs, b_theirs), (x_ours, w_ours, b_ours) = grads
+    assert w_theirs is None and b_theirs is None
+    assert w_ours is None and b_ours is None
+    assert_close(x_ours, x_theirs)
+
+
+def test_inplace_abn_output_without_gradient_leaves_the_parameters_without_one(backend):
+    layer = batchnorm.InPlaceBatchNormAct2d(6, activation="leaky_relu")
+    x = random_input((4, 6, 5, 7)).requires_grad_()
+    (_NoGradient.apply(layer(x)).sum() + x.sum()).backward()
+    assert layer.weight.grad is None and layer.bias.grad is None
+    assert torch.equal(x.grad, torch.ones_like(x))

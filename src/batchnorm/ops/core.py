@@ -300,7 +300,9 @@ class _BatchNormFunction(_Function):
         _, mean, invstd, var = output
         _save(ctx, inputs, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd, var)
-        # the statistics' gradients are None, not three tensors of zeros made for each call
+        # Gradients that are not defined come as None, as in torch.nn's layer: for the
+        # statistics (not three tensors of zeros made for each call), and for y when the
+        # layers after it give none (the parameters' .grad then stays None).
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -329,10 +331,13 @@ class _KeepOutputFunction(_Function):
         ctx.save_for_forward(x, weight, bias, residual, mean, invstd)
         ctx.config = (training, eps, activation, slope)
         ctx.mark_non_differentiable(mean, invstd, var)
+        ctx.set_materialize_grads(False)  # as _BatchNormFunction's
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dmean, _dinvstd, _dvar):
+        if dy is None:
+            return (None,) * 10
         y, weight, bias, mean, invstd, weak, kept = ctx.saved_tensors
         training, _, activation, slope = ctx.config
         x = reference.recover_input(y, mean, invstd, weight, bias, activation, slope)
