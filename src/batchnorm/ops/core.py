@@ -331,13 +331,13 @@ class _KeepOutputFunction(_Function):
         ctx.save_for_forward(x, weight, bias, residual, mean, invstd)
         ctx.config = (training, eps, activation, slope)
         ctx.mark_non_differentiable(mean, invstd, var)
-        ctx.set_materialize_grads(False)  # as _BatchNormFunction's
+        ctx.set_materialize_grads(False)  # see _BatchNormFunction
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dmean, _dinvstd, _dvar):
-        if dy is None:
-            return (None,) * 10
+        if dy is None:  # as in _BatchNormFunction
+            return (None,) * 10  # one per argument of forward
         y, weight, bias, mean, invstd, weak, kept = ctx.saved_tensors
         training, _, activation, slope = ctx.config
         x = reference.recover_input(y, mean, invstd, weight, bias, activation, slope)
