@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from batchnorm import ops
 from batchnorm.backends import Call
@@ -114,6 +115,45 @@ def _batch_norm(
                 keep_output_only, unbiased_running_var, weight, bias, running_mean, running_var,
                 residual, 0.0 if momentum is None else momentum, eps)  # fmt: skip
     return ops.batch_norm(call, reduction)
+
+
+def _plain_eval(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+) -> Tensor | None:
+    """Eval-mode batch norm without activation or residual, of an input that a layer has
+    checked (type, rank, channels), done the way ``_batch_norm`` would end up doing it when
+    that is ATen's operator with nothing to repair: ``torch.batch_norm`` called directly,
+    without the Python of the layers between (about a quarter of a (100, 128) eval call).
+    None when the call is not such a one, or when a check of ``check_inputs`` would fail:
+    the caller then takes ``_batch_norm``, which raises the errors.
+
+    It is such a call when every tensor is a CPU tensor of the input's dtype, the parameters
+    are (C,)-shaped and contiguous, both running statistics are given, no dimension has
+    size 1 (see backends.aten.safe_batch_norm, which has nothing to repair then), eps is
+    valid, neither torch.compile nor forward-mode AD is at work (ops.batch_norm treats
+    those apart) and the dispatch (the forced backend, or the default rule) picks ATen."""
+    dtype, channels = input.dtype, input.shape[1]
+    if not (input.is_cpu and eps >= 0 and 1 not in input.shape and type(input) is Tensor):
+        return None
+    if running_mean is None or running_var is None:
+        return None
+    for t in (weight, bias, running_mean, running_var):  # a loop: this runs on every call
+        if t is not None and not (
+            t.dtype is dtype and t.shape == (channels,) and t.is_cpu and t.is_contiguous()
+        ):
+            return None
+    if forward_ad._current_level >= 0 or torch.compiler.is_compiling():
+        return None
+    if ops.select(Call(input, False, "identity", 0.0, False)).name != "aten":
+        return None
+    return torch.batch_norm(input, weight, bias, running_mean, running_var, False, momentum,
+                            eps, False)  # fmt: skip
 
 
 def check_activation(activation: str | None, where: str) -> str:

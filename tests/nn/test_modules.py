@@ -226,3 +226,102 @@ def test_inplace_abn_output_without_gradient_leaves_the_parameters_without_one(b
     (_NoGradient.apply(layer(x)).sum() + x.sum()).backward()
     assert layer.weight.grad is None and layer.bias.grad is None
     assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.fixture
+def general_path_calls(monkeypatch):
+    """Counts the calls that take the general path (functional._batch_norm) from a layer."""
+    import batchnorm.nn.base as base
+
+    calls = []
+    general = base._batch_norm
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return general(*args, **kwargs)
+
+    monkeypatch.setattr(base, "_batch_norm", counted)
+    return calls
+
+
+@pytest.mark.auto_dispatch
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((100, 128), False), ((4, 6, 5, 7), False), ((4, 6, 5, 7), True), ((2, 6, 3, 4, 5), True)],
+)
+def test_plain_eval_calls_aten_directly_and_matches_torch_to_the_bit(
+    shape, channels_last, general_path_calls
+):
+    """A plain layer in eval mode whose call the dispatch gives ATen skips the general path
+    (its Python is a quarter of a small call) and gives torch.nn's output exactly."""
+    theirs, ours = make_pair(shape, torch.float32)
+    theirs(random_input(shape, seed=1))  # running statistics of its own, then the same in ours
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval(), ours.eval()
+    x = random_input(shape, channels_last=channels_last).requires_grad_()
+    general_path_calls.clear()
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert general_path_calls == []
+    assert torch.equal(y_ours, y_theirs)
+    assert y_ours.stride() == y_theirs.stride()
+    dy = torch.randn_like(y_ours)
+    grads = torch.autograd.grad(y_ours, (x, ours.weight), dy)
+    expected = torch.autograd.grad(y_theirs, (x, theirs.weight), dy)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected, strict=True))
+
+
+@pytest.mark.auto_dispatch
+def test_eval_calls_the_plain_path_cannot_take_go_the_general_way(general_path_calls):
+    """Every eval call that is not plain ATen with nothing to repair takes the general path
+    (which checks and dispatches it), with its result; the plain one does not."""
+    shape = (8, 6, 4, 4)
+    x = random_input(shape)
+
+    def evaluated(layer, input=x, **kwargs):
+        layer.eval()
+        general_path_calls.clear()
+        y = layer(input, **kwargs)
+        assert y.shape == input.shape
+        return len(general_path_calls), y
+
+    plain = batchnorm.BatchNorm2d(6)
+    assert evaluated(plain)[0] == 0
+    cases = {
+        "residual": lambda: evaluated(batchnorm.BatchNorm2d(6), residual=x),
+        "activation": lambda: evaluated(batchnorm.BatchNormAct2d(6, activation="relu")),
+        "biased running var": lambda: evaluated(
+            batchnorm.BatchNorm2d(6, unbiased_running_var=False)
+        ),
+        "no running statistics": lambda: evaluated(
+            batchnorm.BatchNorm2d(6, track_running_stats=False)
+        ),
+        "size-1 dimension": lambda: evaluated(plain, random_input((1, 6, 4, 4))),
+        "half input, float32 parameters": lambda: evaluated(plain, x.bfloat16()),
+        "a weight that is not contiguous": lambda: evaluated(_strided_weight(plain)),
+        "forced backend": lambda: _forced("numba", evaluated, plain),
+        "forward-mode AD": lambda: _dual(evaluated, plain),
+    }
+    for name, case in cases.items():
+        assert case()[0] == 1, name
+
+
+def _strided_weight(layer):
+    copy = batchnorm.BatchNorm2d(6)
+    copy.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        copy.weight = nn.Parameter(torch.ones(12)[::2])
+    return copy
+
+
+def _forced(name, evaluated, layer):
+    with batchnorm.ops.use_backend(name):
+        return evaluated(layer)
+
+
+def _dual(evaluated, layer):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        x = random_input((8, 6, 4, 4))
+        calls, y = evaluated(layer, fwAD.make_dual(x, torch.ones_like(x)))
+        return calls, fwAD.unpack_dual(y).primal

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.functional import ArgumentTypeError, InputError, _batch_norm
+from batchnorm.functional import ArgumentTypeError, InputError, _batch_norm, _plain_eval
 from batchnorm.nn.tracing import GraphFriendly, script_batch_norm, script_check_rank
 
 #: The N of the ``BatchNormNd`` flavour that takes inputs of each rank.
@@ -226,6 +226,18 @@ class _BatchNormBase(GraphFriendly, _BatchNorm):
     def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
         """The eager path of ``forward``: what variants override."""
         self._check_input_dim(input)
+        if (
+            not self.training
+            and residual is None
+            and self.activation is None
+            and self.unbiased_running_var
+            and not self._keep_output_only
+        ):  # plain eval: ATen's operator directly where the general path would call it
+            y = _plain_eval(input, _own(self, "running_mean"), _own(self, "running_var"),
+                           _own(self, "weight"), _own(self, "bias"), self._momentum_factor(),
+                           self.eps)  # fmt: skip
+            if y is not None:
+                return y
         return self._normalize(input, residual, self._momentum_factor())
 
     def _forward_script(self, input: Tensor, residual: Tensor | None) -> Tensor:
