@@ -325,3 +325,36 @@ def _dual(evaluated, layer):
         x = random_input((8, 6, 4, 4))
         calls, y = evaluated(layer, fwAD.make_dual(x, torch.ones_like(x)))
         return calls, fwAD.unpack_dual(y).primal
+
+
+@pytest.mark.auto_dispatch
+@pytest.mark.parametrize("shape, channels_last", [((100, 128), False), ((4, 6, 5, 7), True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("config", ["default", "no_affine", "no_bias", "momentum_0.3"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_plain_eval_gives_what_the_general_path_gives(
+    shape, channels_last, dtype, config, grad, general_path_calls, monkeypatch
+):
+    """The plain eval call and the general path's, on the same layer and input: the same
+    output and gradients, to the bit, in every configuration that takes it."""
+    import batchnorm.nn.base as base
+
+    _, layer = make_pair(shape, dtype, **CONFIGS[config])
+    layer(random_input(shape, dtype, seed=1, mean=3.0))  # running statistics of its own
+    layer.eval()
+    x = random_input(shape, dtype, channels_last=channels_last).requires_grad_(grad)
+    params = [p for p in (x, layer.weight, layer.bias) if p is not None and grad]
+
+    def results():
+        y = layer(x)
+        dy = torch.ones_like(y)
+        return [y.detach(), *(torch.autograd.grad(y, params, dy) if grad else ())]
+
+    general_path_calls.clear()
+    plain = results()
+    assert general_path_calls == []
+    monkeypatch.setattr(base, "_plain_eval", lambda *args: None)
+    general = results()
+    assert len(general_path_calls) == 1
+    for got, expected in zip(plain, general, strict=True):
+        assert torch.equal(got, expected) and got.stride() == expected.stride()
