@@ -44,6 +44,7 @@ bench: $(LAB)
 	$(PY) -m batchnorm bench --out benchmarks/results/cpu_kernels.json
 	$(PY) benchmarks/suite.py
 	$(PY) benchmarks/models.py benchmarks/results/models.json
+	$(PY) benchmarks/small_layers.py benchmarks/results/small_layers.json
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site

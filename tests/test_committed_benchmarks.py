@@ -1,7 +1,7 @@
-"""The accuracy figures the performance page quotes come from the committed
-benchmarks/results/accuracy.json (``make bench``), not from memory: the table regenerated
-from that file appears verbatim in docs/performance.md, and the file shows what the page
-says of it."""
+"""The accuracy and small-layer figures the performance page quotes come from the committed
+benchmarks/results/accuracy.json and small_layers.json (``make bench``), not from memory:
+the tables regenerated from those files appear verbatim in docs/performance.md, and the
+files show what the page says of them."""
 
 from __future__ import annotations
 
@@ -35,3 +35,14 @@ def test_relu_flips_explain_the_gradient_errors_through_a_relu():
             assert row["flips"] > 0 and row["dx"] > 1e-2
             assert row["largest_flipped_pre_activation"] < 1e-5
         assert row["dx_without_flipped_channels"] < 1e-5
+
+
+def test_performance_page_quotes_the_committed_small_layer_run():
+    spec = importlib.util.spec_from_file_location(
+        "small_layers", ROOT / "benchmarks" / "small_layers.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = json.loads((ROOT / "benchmarks" / "results" / "small_layers.json").read_text())
+    assert result["reps"] >= 41, "a full run"
+    assert module.table(result) in (ROOT / "docs" / "performance.md").read_text()

@@ -1,0 +1,171 @@
+"""Per-call time of small batch-norm layers: torch.nn's against this package's, where the
+Python around a call is most of its cost (the kernels take a few µs).
+
+Layers of a model's late stages and of MLPs, module calls (``layer(x)``): eval and training
+forward without autograd, and forward + backward. Besides ``torch.nn`` and ``batchnorm``,
+``batchnorm, general path`` is this package's layer with its plain-eval shortcut switched
+off (``functional._plain_eval``, see docs/functional.md#dispatch): what an eval call cost
+before it. The contenders alternate batch by batch
+(:func:`batchnorm.lab.timing.time_interleaved`, each measure a batch of CALLS calls), so the
+ratios hold while the machine's speed drifts; the µs do not.
+
+    python benchmarks/small_layers.py [OUT.json] [--reps N]
+
+writes OUT.json (default benchmarks/results/small_layers.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import batchnorm
+import batchnorm.nn.base as layer_base
+from batchnorm.cli.bench import keep_freed_memory
+from batchnorm.lab.timing import time_interleaved
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: (label, shape, channels_last): an MLP's (N, C), late 6x6 and 3x3 stages.
+CASES = [
+    ("(100,128)", (100, 128), False),
+    ("(8,64,6,6) channels_last", (8, 64, 6, 6), True),
+    ("(8,256,6,6)", (8, 256, 6, 6), False),
+    ("(8,512,3,3) channels_last", (8, 512, 3, 3), True),
+]
+MODES = ("eval", "forward_train", "forward_backward")
+THREADS = (1, 2)
+#: Calls per measure (a call takes 10-100 µs: a batch keeps the timer's own cost out).
+CALLS = 50
+CONTENDERS = ("torch.nn", "batchnorm", "batchnorm, general path")
+
+
+def _layers(shape: tuple[int, ...]) -> dict[str, nn.Module]:
+    flavour = "BatchNorm1d" if len(shape) == 2 else "BatchNorm2d"
+    theirs = getattr(nn, flavour)(shape[1])
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.normal_()
+        theirs.running_mean.normal_()
+        theirs.running_var.uniform_(0.5, 1.5)
+    ours = getattr(batchnorm, flavour)(shape[1])
+    ours.load_state_dict(theirs.state_dict())
+    return {"torch.nn": theirs, "batchnorm": ours}
+
+
+def _runner(layer: nn.Module, mode: str, x: torch.Tensor, dy: torch.Tensor, general: bool):
+    """CALLS calls of ``layer`` in ``mode``; ``general``: with the plain-eval shortcut off."""
+    layer.train(mode != "eval")
+    x_grad = x.detach().clone().requires_grad_()
+
+    def call() -> None:
+        if mode == "forward_backward":
+            layer(x_grad).backward(dy)
+            x_grad.grad = None
+        else:
+            with torch.no_grad():
+                layer(x)
+
+    def run() -> None:
+        shortcut = layer_base._plain_eval
+        if general:
+            layer_base._plain_eval = lambda *args: None
+        try:
+            for _ in range(CALLS):
+                call()
+        finally:
+            layer_base._plain_eval = shortcut
+
+    return run
+
+
+def run(reps: int) -> list[dict]:
+    rows = []
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        for label, shape, channels_last in CASES:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(shape, generator=g) * 2 + 1
+            dy = torch.randn(shape, generator=g)
+            if channels_last:
+                x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+            for mode in MODES:
+                layers = _layers(shape)
+                runs: dict[str, Callable[[], None]] = {
+                    "torch.nn": _runner(layers["torch.nn"], mode, x, dy, False),
+                    "batchnorm": _runner(layers["batchnorm"], mode, x, dy, False),
+                }
+                if mode == "eval":
+                    runs["batchnorm, general path"] = _runner(
+                        layers["batchnorm"], mode, x, dy, True
+                    )
+                times = time_interleaved(runs, reps=reps, warmup=3)
+                us = {name: statistics.median(ts) / CALLS * 1e6 for name, ts in times.items()}
+                row = {"threads": threads, "label": label, "mode": mode}
+                row |= {f"{name} us": round(value, 2) for name, value in us.items()}
+                row["torch.nn / batchnorm"] = round(us["torch.nn"] / us["batchnorm"], 3)
+                if "batchnorm, general path" in us:
+                    row["torch.nn / general path"] = round(
+                        us["torch.nn"] / us["batchnorm, general path"], 3
+                    )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(result: dict) -> str:
+    """The Markdown table the performance page quotes."""
+    lines = [
+        "| threads | layer | mode | torch.nn (µs) | batchnorm (µs) | torch.nn / batchnorm "
+        "| torch.nn / general path |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        general = r.get("torch.nn / general path")
+        lines.append(
+            f"| {r['threads']} | {r['label']} | {r['mode']} | {r['torch.nn us']:.1f} "
+            f"| {r['batchnorm us']:.1f} | {r['torch.nn / batchnorm']:.2f} "
+            f"| {'' if general is None else f'{general:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default=str(RESULTS / "small_layers.json"))
+    parser.add_argument("--reps", type=int, default=41, help="measures per contender")
+    args = parser.parse_args()
+    allocator = "freed memory reused (mallopt)" if keep_freed_memory() else "glibc defaults"
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    rows = run(args.reps)
+    result = {
+        "benchmark": "small batch-norm layers, µs per module call (medians)",
+        "calls_per_measure": CALLS,
+        "reps": args.reps,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs (shared)",
+        "allocator": allocator,
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "seconds": round(time.perf_counter() - start, 1),
+        "notes": "Ratios above 1: faster than torch.nn. 'general path': this package's "
+        "layer with the plain-eval shortcut off (eval only).",
+        "results": rows,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
