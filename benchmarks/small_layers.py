@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import batchnorm
 import batchnorm.nn.base as layer_base
+from batchnorm.cli.bench import _layers as bench_layers
 from batchnorm.cli.bench import keep_freed_memory
 from batchnorm.lab.timing import time_interleaved
 
@@ -45,20 +45,6 @@ MODES = ("eval", "forward_train", "forward_backward")
 THREADS = (1, 2)
 #: Calls per measure (a call takes 10-100 µs: a batch keeps the timer's own cost out).
 CALLS = 50
-CONTENDERS = ("torch.nn", "batchnorm", "batchnorm, general path")
-
-
-def _layers(shape: tuple[int, ...]) -> dict[str, nn.Module]:
-    flavour = "BatchNorm1d" if len(shape) == 2 else "BatchNorm2d"
-    theirs = getattr(nn, flavour)(shape[1])
-    with torch.no_grad():
-        theirs.weight.uniform_(0.5, 1.5)
-        theirs.bias.normal_()
-        theirs.running_mean.normal_()
-        theirs.running_var.uniform_(0.5, 1.5)
-    ours = getattr(batchnorm, flavour)(shape[1])
-    ours.load_state_dict(theirs.state_dict())
-    return {"torch.nn": theirs, "batchnorm": ours}
 
 
 def _runner(layer: nn.Module, mode: str, x: torch.Tensor, dy: torch.Tensor, general: bool):
@@ -98,15 +84,13 @@ def run(reps: int) -> list[dict]:
             if channels_last:
                 x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
             for mode in MODES:
-                layers = _layers(shape)
+                layers = bench_layers(shape)  # batchnorm bench's: torch.nn's and ours, one state
                 runs: dict[str, Callable[[], None]] = {
-                    "torch.nn": _runner(layers["torch.nn"], mode, x, dy, False),
-                    "batchnorm": _runner(layers["batchnorm"], mode, x, dy, False),
+                    "torch.nn": _runner(layers["aten"], mode, x, dy, False),
+                    "batchnorm": _runner(layers["ours"], mode, x, dy, False),
                 }
                 if mode == "eval":
-                    runs["batchnorm, general path"] = _runner(
-                        layers["batchnorm"], mode, x, dy, True
-                    )
+                    runs["batchnorm, general path"] = _runner(layers["ours"], mode, x, dy, True)
                 times = time_interleaved(runs, reps=reps, warmup=3)
                 us = {name: statistics.median(ts) / CALLS * 1e6 for name, ts in times.items()}
                 row = {"threads": threads, "label": label, "mode": mode}

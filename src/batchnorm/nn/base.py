@@ -226,6 +226,7 @@ class _BatchNormBase(GraphFriendly, _BatchNorm):
     def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
         """The eager path of ``forward``: what variants override."""
         self._check_input_dim(input)
+        momentum = self._momentum_factor()
         if (
             not self.training
             and residual is None
@@ -234,11 +235,11 @@ class _BatchNormBase(GraphFriendly, _BatchNorm):
             and not self._keep_output_only
         ):  # plain eval: ATen's operator directly where the general path would call it
             y = _plain_eval(input, _own(self, "running_mean"), _own(self, "running_var"),
-                           _own(self, "weight"), _own(self, "bias"), self._momentum_factor(),
-                           self.eps)  # fmt: skip
+                            _own(self, "weight"), _own(self, "bias"), momentum,
+                            self.eps)  # fmt: skip
             if y is not None:
                 return y
-        return self._normalize(input, residual, self._momentum_factor())
+        return self._normalize(input, residual, momentum)
 
     def _forward_script(self, input: Tensor, residual: Tensor | None) -> Tensor:
         """The TorchScript path of ``forward``: the plain layer's function in torch ops."""

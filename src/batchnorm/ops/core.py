@@ -59,34 +59,29 @@ class Reduction(Protocol):
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
-def _readable(t: Tensor) -> bool:
-    """Whether a kernel can read t's memory as its values: a plain tensor with storage and no
-    lazy negation. Not: torch.func's wrappers, fake tensors (tracing, torch.export), other
-    tensor subclasses, torch._neg_view tensors."""
-    return type(t) in _PLAIN_TENSORS and torch._C._has_storage(t) and not t.is_neg()
-
-
-def _kernels(x: Tensor, training: bool, activation: str, slope: float, *tensors: Tensor | None,
-             chosen: KernelBackend | None = None):  # fmt: skip
-    """The kernel backend for a call: ``chosen``, the one the dispatch picked for it after
-    checking that its tensors are _readable (see batch_norm), else the dispatch's pick or
-    the reference where a tensor is not _readable (its torch ops handle every tensor type:
-    torch.func batches and differentiates them)."""
-    if chosen is not None:
-        return chosen
-    if not _all_readable(x, *tensors):
-        return _REFERENCE
-    return select_kernels(x, training, activation, tensors[-1] is not None, slope)
-
-
 def _all_readable(*tensors: Tensor | None) -> bool:
-    """_readable of every tensor given, None aside."""
-    for t in tensors:  # _readable's test written out in a loop: this runs on every call
+    """Whether a kernel can read the memory of every tensor given (None aside) as its values:
+    plain tensors with storage and no lazy negation. Not: torch.func's wrappers, fake tensors
+    (tracing, torch.export), other tensor subclasses, torch._neg_view tensors."""
+    for t in tensors:  # a loop with the test written out: this runs on every call
         if t is not None and not (
             type(t) in _PLAIN_TENSORS and torch._C._has_storage(t) and not t.is_neg()
         ):
             return False
     return True
+
+
+def _kernels(x: Tensor, training: bool, activation: str, slope: float, *tensors: Tensor | None,
+             chosen: KernelBackend | None = None):  # fmt: skip
+    """The kernel backend for a call: ``chosen``, the one the dispatch picked for it after
+    checking that its tensors are readable (_all_readable, see batch_norm), else the
+    dispatch's pick, or the reference where a tensor is not readable (its torch ops handle
+    every tensor type: torch.func batches and differentiates them)."""
+    if chosen is not None:
+        return chosen
+    if not _all_readable(x, *tensors):
+        return _REFERENCE
+    return select_kernels(x, training, activation, tensors[-1] is not None, slope)
 
 
 def forward_impl(
@@ -149,7 +144,7 @@ def backward_impl(
         return torch.zeros_like(x), zeros, zeros.clone(), torch.zeros_like(x)
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)
-    if chosen is not None and not _readable(dy):  # the forward checked the other tensors
+    if chosen is not None and not _all_readable(dy):  # the forward checked the others
         chosen = None
     backend = _kernels(x, training, activation, slope, dy, weight, bias, mean, invstd, residual,
                        chosen=chosen)  # fmt: skip
