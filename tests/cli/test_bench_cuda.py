@@ -7,13 +7,17 @@ from batchnorm.cli import bench_cuda
 
 
 def test_quick_run_on_cpu_has_every_case_and_agrees_with_torch():
-    results = bench_cuda.run("cpu", quick=True)
+    parts = []
+    results = bench_cuda.run("cpu", quick=True, on_part=lambda *part: parts.append(part))
     json.dumps(results)  # serializable as the committed JSON
+    # every part is reported as it is measured (a run cut short keeps what it measured)
+    assert [value for key, value in parts if key == "cases"] == results["cases"]
+    assert {key for key, _ in parts} == set(results)
     modes = {row["mode"] for row in results["cases"]}
     assert modes == set(bench_cuda.MODES)
     assert {row["dtype"] for row in results["cases"]} == {str(d) for d in bench_cuda.DTYPES}
     for row in results["cases"]:
-        assert {"torch", "ours", "copy"} <= set(row["median_s"])
+        assert {"torch", "ours", "ours_aten", "copy"} <= set(row["median_s"])
         # outputs and input gradients of magnitude ~1: float32 rounding, or half's (bf16: 2^-8)
         tolerance = 5e-3 if row["dtype"] == "torch.float32" else 5e-2
         for name, error in row["max_error_vs_torch"].items():

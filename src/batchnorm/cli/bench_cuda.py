@@ -10,15 +10,20 @@ interleaved (:func:`batchnorm.lab.timing.time_interleaved`):
 * modes ``forward_train``, ``eval``, ``forward_backward`` and ``bn_relu_residual`` (forward +
   backward of act(BN(x) + z): our fused BatchNormAct against torch.nn's BN, add and ReLU);
 * contenders ``torch`` (torch.nn's layer), ``ours`` (the default dispatch) and ``ours_<name>``
-  for every other backend that computes on CUDA, forced (``triton`` where it is installed);
+  for every other backend that computes on CUDA, forced (``aten``: torch.batch_norm behind
+  our layer's Python; ``triton`` where it is installed);
 * the copy ``dst.copy_(x)`` of the same tensor, for the fraction of copy bandwidth under the
   traffic model of ``batchnorm bench`` (eval 2N, forward 3N, forward + backward 8N elements;
   12N with the residual, which is read in both passes and whose gradient is written);
 * an end-to-end training step (forward, backward, SGD) of ResNet-50-like
   (:func:`batchnorm.example_models.resnet50_like`) at batch 64, 224x224, channels_last,
-  bf16 autocast: torch.nn, ours converted, ours with BatchNormAct fused;
+  bf16 autocast: torch.nn, ours converted, ours with BatchNormAct fused, each of ours also
+  with the Triton backend forced;
 * peak activation memory of 8 Conv -> BN -> LeakyReLU blocks: torch.nn against
-  InPlaceBatchNormAct2d (``torch.cuda.max_memory_allocated``).
+  InPlaceBatchNormAct2d (``torch.cuda.max_memory_allocated``);
+* the accuracy of every contender's float32 training forward + backward against float64 on
+  inputs of mean 3 and 1e4 (on CPU, ATen's channels-last and (N, C) sums lose digits
+  there: a dispatch rule must know whether the GPU's do).
 
 Every contender's output is first checked against torch's (largest error recorded).
 ``quick`` runs small shapes on any device, so that the script itself is tested on CPU.
@@ -26,6 +31,7 @@ Every contender's output is first checked against torch's (largest error recorde
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -47,8 +53,8 @@ MODES = ("forward_train", "eval", "forward_backward", "bn_relu_residual")
 TRAFFIC = {"eval": 2, "forward_train": 3, "forward_backward": 8, "bn_relu_residual": 12}
 #: Seconds of timed calls per contender and case: CUDA events time each call exactly, and
 #: the whole full run must fit a lent GPU session (about 300 cases).
-BUDGET = {"full": 0.1, "quick": 0.02}
-REPS = {"full": (20, 500), "quick": (2, 5)}
+BUDGET = {"full": 0.05, "quick": 0.02}
+REPS = {"full": (10, 300), "quick": (2, 5)}
 
 
 def _shapes(quick: bool) -> list[tuple[str, tuple[int, ...]]]:
@@ -130,7 +136,7 @@ def _case(mode: str, shape, dtype, channels_last: bool, device, budget, reps) ->
     runs |= {
         f"ours_{b}": runner("ours", b)
         for b in backends
-        if b != "aten" and ops.backend_named(b).supports(call)  # forced where it computes
+        if ops.backend_named(b).supports(call)  # forced where it computes
     }
     expected = runs["torch"]().float()
     errors = {name: (run().float() - expected).abs().max().item() for name, run in runs.items()}
@@ -167,16 +173,23 @@ def _training_step(quick: bool, device, budget, reps) -> dict:
         memory_format=torch.channels_last
     )
     labels = torch.randint(0, 10 if quick else 1000, (batch,), device=device)
+    forced = {name: None for name in models}
+    if "triton" in ops.available_backends(device.type):
+        forced |= {"ours_triton": "triton", "ours_fused_triton": "triton"}
     runs = {}
-    for name, model in models.items():
+    for name, backend in forced.items():
+        model = models[name.removesuffix("_triton")]
         model.to(device, memory_format=torch.channels_last).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
-        def step(model=model, optimizer=optimizer) -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+        def step(model=model, optimizer=optimizer, backend=backend) -> None:
+            with (
+                torch.autocast(device.type, dtype=torch.bfloat16),
+                ops.use_backend(backend, lenient=True) if backend else contextlib.nullcontext(),
+            ):
                 loss = nn.functional.cross_entropy(model(x), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
 
         runs[name] = step
@@ -223,26 +236,80 @@ def _inplace_memory(quick: bool, device) -> dict:
     }
 
 
-def run(device: str = "cuda", quick: bool = False) -> dict:
-    """Every case on ``device``; a dict ready for JSON."""
+def _accuracy(quick: bool, device) -> list[dict]:
+    """Largest error of y and dx, relative to the exact tensor's largest magnitude, of each
+    contender's float32 training forward + backward, against torch.nn in float64."""
+    shapes = (
+        [((256, 16), False), ((4, 8, 6, 6), True)]
+        if quick
+        else [((32768, 128), False), ((32, 128, 32, 32), True), ((32, 128, 32, 32), False)]
+    )
+    rows = []
+    for shape, channels_last in shapes:
+        for mean in (3.0, 1e4):
+            g = torch.Generator().manual_seed(0)
+            x64 = (torch.randn(shape, generator=g, dtype=torch.float64) + mean).to(device)
+            dy64 = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+            if channels_last:
+                x64 = x64.contiguous(memory_format=torch.channels_last)
+            x64 = x64.float().double()  # both sides see the same float32 values
+            exact = _train_grad(_layers(shape[1], x64.dim(), None, device, None)["torch"].double(),
+                                x64, dy64)  # fmt: skip
+            contenders = {"torch": None, "ours": None}
+            contenders |= {f"ours_{b}": b for b in ops.available_backends(device.type)}
+            errors = {}
+            for name, backend in contenders.items():
+                layer = _layers(shape[1], x64.dim(), None, device, None)[name[:5].strip("_")]
+                with ops.use_backend(backend) if backend else contextlib.nullcontext():
+                    got = _train_grad(layer, x64.float(), dy64.float())
+                errors[name] = [((a.double() - b).abs().max() / b.abs().max()).item()
+                                for a, b in zip(got, exact, strict=True)]  # fmt: skip
+            rows.append({"shape": list(shape), "channels_last": channels_last, "mean": mean,
+                         "relative_error_y_dx": errors})  # fmt: skip
+    return rows
+
+
+def _train_grad(layer: nn.Module, x: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    x = x.detach().requires_grad_()
+    y = layer.train()(x)
+    y.backward(dy)
+    return y.detach(), x.grad
+
+
+def run(
+    device: str = "cuda", quick: bool = False, on_part: Callable[[str, Any], None] | None = None
+) -> dict:
+    """Every case on ``device``; a dict ready for JSON. ``on_part(key, value)`` is called
+    with each part as soon as it is measured (each case row under "cases"), so that a run
+    cut short by a time limit still leaves what it measured."""
     dev = torch.device(device)
     level = "quick" if quick else "full"
     budget, reps = BUDGET[level], REPS[level]
-    rows = []
-    for label, shape in _shapes(quick):
-        for dtype in DTYPES:
-            for channels_last in (False, True) if len(shape) == 4 else (False,):
-                for mode in MODES:
-                    row = _case(mode, shape, dtype, channels_last, dev, budget, reps)
-                    layout = "channels_last" if channels_last else "contiguous"
-                    rows.append({"shape": label, "dtype": str(dtype), "layout": layout,
-                                 "mode": mode, **row})  # fmt: skip
-    return {
+    report = on_part or (lambda key, value: None)
+    results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else device,
         "torch": torch.__version__,
         "backends": ops.available_backends(dev.type),
         "level": level,
-        "cases": rows,
-        "training_step": _training_step(quick, dev, budget, reps),
-        "inplace_memory": _inplace_memory(quick, dev),
     }
+    for key, value in results.items():
+        report(key, value)
+    # the headline parts first, then the cases, float16 last
+    results["accuracy"] = _accuracy(quick, dev)
+    report("accuracy", results["accuracy"])
+    results["training_step"] = _training_step(quick, dev, budget, reps)
+    report("training_step", results["training_step"])
+    results["inplace_memory"] = _inplace_memory(quick, dev)
+    report("inplace_memory", results["inplace_memory"])
+    results["cases"] = []
+    for dtype in DTYPES:
+        for label, shape in _shapes(quick):
+            for channels_last in (False, True) if len(shape) == 4 else (False,):
+                for mode in MODES:
+                    row = _case(mode, shape, dtype, channels_last, dev, budget, reps)
+                    layout = "channels_last" if channels_last else "contiguous"
+                    row = {"shape": label, "dtype": str(dtype), "layout": layout, "mode": mode,
+                           **row}  # fmt: skip
+                    results["cases"].append(row)
+                    report("cases", row)
+    return results
