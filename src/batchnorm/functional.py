@@ -133,20 +133,23 @@ def _plain_eval(
     None when the call is not such a one, or when a check of ``check_inputs`` would fail:
     the caller then takes ``_batch_norm``, which raises the errors.
 
-    It is such a call when every tensor is a CPU tensor of the input's dtype, the parameters
-    are (C,)-shaped and contiguous, both running statistics are given, no dimension has
-    size 1 (see backends.aten.safe_batch_norm, which has nothing to repair then), eps is
-    valid, neither torch.compile nor forward-mode AD is at work (ops.batch_norm treats
-    those apart) and the dispatch (the forced backend, or the default rule) picks ATen."""
-    dtype, channels = input.dtype, input.shape[1]
-    if not (input.is_cpu and eps >= 0 and 1 not in input.shape and type(input) is Tensor):
+    It is such a call when every tensor is on the input's device (CPU or CUDA) and of its
+    dtype, the parameters are (C,)-shaped and contiguous, both running statistics are
+    given, no dimension has size 1 (see backends.aten.safe_batch_norm, which has nothing to
+    repair then), eps is valid, neither torch.compile nor forward-mode AD is at work
+    (ops.batch_norm treats those apart) and the dispatch (the forced backend, or the
+    default rule) picks ATen."""
+    dtype, channels, on_cpu = input.dtype, input.shape[1], input.is_cpu
+    if not ((on_cpu or input.is_cuda) and eps >= 0 and 1 not in input.shape):
         return None
-    if running_mean is None or running_var is None:
+    if running_mean is None or running_var is None or type(input) is not Tensor:
         return None
+    device = None if on_cpu else input.device
     for t in (weight, bias, running_mean, running_var):  # a loop: this runs on every call
         if t is not None and not (
-            t.dtype is dtype and t.shape == (channels,) and t.is_cpu and t.is_contiguous()
-        ):
+            t.dtype is dtype and t.shape == (channels,) and t.is_contiguous()
+            and (t.is_cpu if on_cpu else t.device == device)
+        ):  # fmt: skip
             return None
     if forward_ad._current_level >= 0 or torch.compiler.is_compiling():
         return None

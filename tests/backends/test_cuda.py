@@ -11,6 +11,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import ops
+from batchnorm.backends import Call
 from conftest import assert_close, random_input
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -37,6 +38,50 @@ def _train_steps(module, dtype, channels_last, device, compute_dtype=None):
     return [r.detach().double() for r in results]
 
 
+def test_default_dispatch_on_cuda():
+    """cuDNN (ATen) for every call it takes, fused epilogues included, but training on
+    large NCHW planes; the Triton kernels for those and for what ATen cannot compute
+    (backends.aten.cuda_kernels_faster has the measurements)."""
+    if "triton" not in ops.available_backends("cuda"):
+        pytest.skip("triton is not installed: every CUDA call goes to ATen or the reference")
+
+    def chosen(x, training=True, **options):
+        return ops.select(Call(x, training, options.pop("activation", "identity"), 0.01,
+                               options.pop("residual", False), **options)).name  # fmt: skip
+
+    small = torch.empty(8, 16, 4, 4, device="cuda")
+    assert chosen(small) == chosen(small, False) == "aten"
+    assert chosen(small, activation="relu", residual=True) == "aten"
+    assert chosen(small, keep_output_only=True) == "triton"  # InPlace-ABN
+    assert chosen(small, unbiased_running_var=False) == "triton"
+    assert ops.select_kernels(small).name == "triton"  # SyncBatchNorm, variants
+    stem = torch.empty(128, 64, 112, 112, device="cuda", dtype=torch.bfloat16)
+    assert chosen(stem) == chosen(stem, activation="relu", residual=True) == "triton"
+    assert chosen(stem, False) == "aten"
+    assert chosen(stem.view(128, 64, -1)) == "triton"  # (N, C, L), L of a large plane
+    assert chosen(torch.empty_like(stem, memory_format=torch.channels_last)) == "aten"
+
+
+def test_plain_eval_on_cuda_skips_the_general_path(monkeypatch):
+    """An eval call of a plain layer on CUDA goes straight to torch.batch_norm, as on CPU:
+    torch.nn's output to the bit, without the general path's Python."""
+    import batchnorm.nn.base as base
+
+    calls = []
+    general = base._batch_norm
+    monkeypatch.setattr(base, "_batch_norm", lambda *a, **k: calls.append(1) or general(*a, **k))
+    theirs = nn.BatchNorm2d(8, device="cuda")
+    ours = batchnorm.BatchNorm2d(8, device="cuda")
+    with torch.no_grad():
+        theirs.running_mean.normal_(), theirs.weight.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = random_input((16, 8, 6, 5), seed=3).cuda()
+    assert torch.equal(ours.eval()(x), theirs.eval()(x))
+    assert not calls
+    ours.train()(x)  # training takes the general path
+    assert calls
+
+
 @pytest.mark.parametrize("backend", [None, *ops.available_backends("cuda")])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -53,7 +98,6 @@ def test_cuda_matches_torch(dtype, channels_last, backend):
     ours.load_state_dict(theirs.state_dict())
     oracle = nn.BatchNorm2d(8, device=device, dtype=torch.float64)
     oracle.load_state_dict(theirs.state_dict())
-    assert ops.select_backend(torch.empty(1, 8, device=device, dtype=dtype)).name == "reference"
 
     if backend is None:
         ours_results = _train_steps(ours, dtype, channels_last, device)

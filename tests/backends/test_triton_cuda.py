@@ -18,7 +18,7 @@ from torch import nn
 import batchnorm
 from backends.triton_parity import HALF, SLOPE, check, f64, make, params, run_and_compare
 from batchnorm import distributed, ops, reference
-from conftest import assert_close, random_input
+from conftest import random_input
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 if torch.cuda.is_available():
@@ -130,18 +130,19 @@ LAYERS = {
 }
 
 
-def _steps(layer, residual, channels_last):
+def _steps(layer, residual, channels_last, dtype):
     """Outputs, input gradients and parameter gradients of 2 training steps and one eval
-    step on CUDA, then the running statistics."""
+    step on CUDA in ``dtype``, then the running statistics."""
     results = []
     for step in range(3):
         layer.train(step < 2)
-        x = random_input((32, 24, 20, 20), seed=step, mean=step + 1, channels_last=channels_last)
-        x = x.cuda().requires_grad_()
-        z = random_input((32, 24, 20, 20), seed=20 + step).cuda() if residual else None
+        shape = (32, 24, 20, 20)
+        x = random_input(shape, seed=step, mean=step + 1, channels_last=channels_last)
+        x = x.to("cuda", dtype).requires_grad_()
+        z = random_input(shape, seed=20 + step).to("cuda", dtype) if residual else None
         y = layer(x.clone() if isinstance(layer, batchnorm.InPlaceBatchNormAct2d) else x,
                   *([z] if residual else []))  # fmt: skip
-        y.backward(random_input(tuple(y.shape), seed=40 + step).cuda())
+        y.backward(random_input(shape, seed=40 + step).to("cuda", dtype))
         results += [y.detach(), x.grad]
         results += [p.grad.clone() for p in layer.parameters() if p.grad is not None]
         layer.zero_grad()
@@ -151,20 +152,27 @@ def _steps(layer, residual, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("name", LAYERS)
 def test_layers_on_triton_match_the_reference(name, channels_last):
-    """Each layer with the Triton backend forced against the same layer on the reference
-    backend (the output-only backward of InPlaceBatchNormAct, ghost, renorm, frozen)."""
+    """Each layer with the Triton backend forced (the output-only backward of
+    InPlaceBatchNormAct, ghost, renorm, frozen), against the same layer in float64 on the
+    reference backend: no less accurate than the reference backend in float32 (their
+    float32 sums of 12,800 values differ by about 1e-5 of the largest)."""
     residual = "residual" in name
     results = {}
-    for backend in ("triton", "reference"):
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float32),
+                           ("reference", torch.float64)):  # fmt: skip
         torch.manual_seed(0)
-        layer = LAYERS[name]().cuda()
+        layer = LAYERS[name]().to("cuda", dtype)
         with torch.no_grad():
             for p in layer.parameters():
                 p.uniform_(0.5, 1.5)
         with ops.use_backend(backend):
-            results[backend] = _steps(layer, residual, channels_last)
-    for a, b in zip(results["triton"], results["reference"], strict=True):
-        assert_close(a, b, torch.float32)
+            results[backend, dtype] = _steps(layer, residual, channels_last, dtype)
+    triton, reference32, exact = results.values()
+    for i, (ours, theirs, truth) in enumerate(zip(triton, reference32, exact, strict=True)):
+        ours_error = (ours.double() - truth).abs().max().item()
+        theirs_error = (theirs.double() - truth).abs().max().item()
+        scale = truth.abs().max().item()
+        assert ours_error <= 2 * theirs_error + 2e-6 * scale, (i, ours_error, theirs_error)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -192,7 +200,8 @@ def test_autocast_on_triton(dtype):
 
 def _sync_worker(backend_name: str, sizes: tuple[int, ...]) -> float:
     """One rank: SyncBatchNorm on CUDA with the Triton kernels against torch.nn's layer on
-    the whole batch; returns the largest error of outputs, input and weight gradients."""
+    the whole batch; returns the largest error of the output, the input and weight
+    gradients and the running variance, relative to the largest value of each."""
     ctx = distributed.init_from_env(backend=backend_name)
     torch.cuda.set_device(0)  # one GPU: every rank on it (gloo copies through the host)
     start, count = sum(sizes[: ctx.rank]), sizes[ctx.rank]
@@ -210,14 +219,11 @@ def _sync_worker(backend_name: str, sizes: tuple[int, ...]) -> float:
         y.backward(dy_full[start : start + count])
     grad = layer.weight.grad.clone()
     dist.all_reduce(grad)
-    errors = [
-        (y - y_ref[start : start + count]).abs().max(),
-        (x.grad - x_ref.grad[start : start + count]).abs().max(),
-        (grad - oracle.weight.grad).abs().max(),
-        (layer.running_var - oracle.running_var).abs().max(),
-    ]
+    rows = slice(start, start + count)
+    pairs = [(y, y_ref[rows]), (x.grad, x_ref.grad[rows]), (grad, oracle.weight.grad),
+             (layer.running_var, oracle.running_var)]  # fmt: skip
     assert ctx.device.type == ("cuda" if backend_name == "nccl" else "cpu")
-    return max(e.item() for e in errors)
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in pairs)
 
 
 @pytest.mark.parametrize(("backend_name", "sizes"), [("nccl", (12,)), ("gloo", (5, 11))])
@@ -227,4 +233,4 @@ def test_sync_batchnorm_on_cuda(backend_name, sizes):
     if backend_name == "nccl" and not dist.is_nccl_available():
         pytest.skip("this torch build has no NCCL")
     errors = distributed.launch(_sync_worker, len(sizes), (backend_name, sizes), timeout_s=120)
-    assert max(errors) < 1e-4, errors
+    assert max(errors) < 2e-5, errors

@@ -18,6 +18,7 @@ def test_quick_run_on_cpu_has_every_case_and_agrees_with_torch():
     assert {row["dtype"] for row in results["cases"]} == {str(d) for d in bench_cuda.DTYPES}
     for row in results["cases"]:
         assert {"torch", "ours", "ours_aten", "copy"} <= set(row["median_s"])
+        assert row["dispatch"] in results["backends"]
         # outputs and input gradients of magnitude ~1: float32 rounding, or half's (bf16: 2^-8)
         tolerance = 5e-3 if row["dtype"] == "torch.float32" else 5e-2
         for name, error in row["max_error_vs_torch"].items():

@@ -112,7 +112,7 @@ def builtin_backends() -> list[Backend]:
     from batchnorm.backends.aten import AtenBackend
     from batchnorm.backends.reference import ReferenceBackend
 
-    backends: list[Backend] = [AtenBackend()]
+    backends: list[Backend] = []
     # triton takes ~0.2 s to import: only where it can run (a GPU, or its interpreter)
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         try:
@@ -121,6 +121,7 @@ def builtin_backends() -> list[Backend]:
             pass
         else:
             backends.append(TritonBackend())
+    backends.insert(0, AtenBackend(gpu_kernels=bool(backends)))
     try:
         from batchnorm.backends.numba_cpu import NumbaBackend
     except ImportError:

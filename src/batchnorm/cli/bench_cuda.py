@@ -12,6 +12,8 @@ interleaved (:func:`batchnorm.lab.timing.time_interleaved`):
 * contenders ``torch`` (torch.nn's layer), ``ours`` (the default dispatch) and ``ours_<name>``
   for every other backend that computes on CUDA, forced (``aten``: torch.batch_norm behind
   our layer's Python; ``triton`` where it is installed);
+* on CUDA also ``queued_s``: the time per call when calls follow one another without
+  waiting (as in a training loop), where ``median_s`` waits for each call's end;
 * the copy ``dst.copy_(x)`` of the same tensor, for the fraction of copy bandwidth under the
   traffic model of ``batchnorm bench`` (eval 2N, forward 3N, forward + backward 8N elements;
   12N with the residual, which is read in both passes and whose gradient is written);
@@ -144,19 +146,50 @@ def _case(mode: str, shape, dtype, channels_last: bool, device, budget, reps) ->
     grad = torch.no_grad() if not backward else torch.enable_grad()
     with grad:
         times = time_interleaved(runs, budget=budget, bounds=reps, measure=_seconds(device))
+        queued = _queued(runs, device)
     medians = {name: statistics.median(t) for name, t in times.items()}
     bytes_moved = TRAFFIC[mode] * x.numel() * x.element_size()
     copy_bytes = 2 * x.numel() * x.element_size()
-    return {
+    row = {
+        "dispatch": ops.select(call).name,
         "median_s": medians,
         "max_error_vs_torch": errors,
-        "speedup_vs_torch": {n: medians["torch"] / m for n, m in medians.items() if n != "copy"},
+        "speedup_vs_torch": _speedups(medians),
         "fraction_of_copy": {
             n: (bytes_moved / m) / (copy_bytes / medians["copy"])
             for n, m in medians.items()
             if n != "copy"
         },
     }
+    if queued:
+        row |= {"queued_s": queued, "queued_speedup_vs_torch": _speedups(queued)}
+    return row
+
+
+def _speedups(seconds: dict[str, float]) -> dict[str, float]:
+    return {n: seconds["torch"] / t for n, t in seconds.items() if n != "copy"}
+
+
+def _queued(runs: dict[str, Callable[[], Any]], device) -> dict[str, float]:
+    """Seconds per call of each run when calls follow one another without waiting for the
+    GPU (as in a training loop: the GPU's time when the CPU keeps ahead of it, the CPU's
+    when it does not); median of 5 rounds of 10 calls (CUDA events). Empty off CUDA, where
+    each call waits anyway."""
+    if device.type != "cuda":
+        return {}
+    medians = {}
+    for name, run in runs.items():
+        rounds = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                run()
+            end.record()
+            end.synchronize()
+            rounds.append(start.elapsed_time(end) / 1e4)  # ms over 10 calls -> s per call
+        medians[name] = statistics.median(rounds)
+    return medians
 
 
 def _training_step(quick: bool, device, budget, reps) -> dict:
@@ -198,7 +231,7 @@ def _training_step(quick: bool, device, budget, reps) -> dict:
     return {
         "shape": [batch, 3, size, size],
         "median_s": medians,
-        "speedup_vs_torch": {n: medians["torch"] / m for n, m in medians.items()},
+        "speedup_vs_torch": _speedups(medians),
     }
 
 

@@ -10,8 +10,12 @@ there), NCHW inputs of small planes (ATEN_BELOW_PLANE) and plain eval of any siz
 elementwise loop streams as fast as ours). Training on larger inputs stays on the Numba
 kernels, also for (N, C) and channels-last inputs: ATen's float32 sums there lose digits as
 the mean grows, and with the shift that keeps them (an extra pass) it is slower than ours
-(docs/performance.md, "ATen's own accuracy"). Other devices keep the reference until
-measured (see batchnorm.backends.builtin_backends).
+(docs/performance.md, "ATen's own accuracy").
+
+On CUDA (cuDNN or ATen's CUDA kernels) every call it takes goes to it, fused epilogues
+included, except training on the large NCHW inputs of :func:`cuda_kernels_faster`, which the
+Triton kernels compute faster when they are installed (``gpu_kernels``). Other devices keep
+the reference until measured (see batchnorm.backends.builtin_backends).
 """
 
 from __future__ import annotations
@@ -40,12 +44,39 @@ ATEN_BELOW_PLANE = 32
 ATEN_BELOW_PLANE_THREADED = 81  # with more than one torch thread
 #: The CPU dtypes the Numba kernels take (half precision: as torch.autocast("cpu") gives).
 _NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: NCHW planes (H x W) and inputs from which the Triton kernels train faster than cuDNN.
+#: benchmarks/results/cuda_bench.json (H200, one call at a time, torch.nn time / Triton's):
+#: (128, 64, 112, 112) training forward 1.18 / 1.90 / 2.47 (float32 / bfloat16 / float16),
+#: forward + backward 1.50 / 1.90 / 1.69, with ReLU + residual 1.65 / 1.96 / 2.09; but
+#: (32, 64, 112, 112) 0.54-1.07, (128, 256, 56, 56) 0.48-0.89, every channels-last input
+#: 0.36-1.02 and eval 0.57-0.89: cuDNN's NCHW kernels are slow only on large planes.
+CUDA_KERNELS_FROM_PLANE = 112 * 112
+CUDA_KERNELS_FROM_NUMEL = 1 << 26
+
+
+def cuda_kernels_faster(call: Call) -> bool:
+    """Whether the Triton kernels compute ``call`` faster than cuDNN on a GPU (measured on an
+    H200: training on large NCHW-contiguous inputs of large planes)."""
+    x = call.x
+    return (
+        call.training
+        and x.dim() > 2
+        and x.numel() >= CUDA_KERNELS_FROM_NUMEL
+        and x.numel() >= CUDA_KERNELS_FROM_PLANE * x.shape[0] * x.shape[1]
+        and x.is_contiguous()
+    )
 
 
 class AtenBackend:
+    """``gpu_kernels``: a kernel backend for CUDA is registered after this one, so that the
+    calls of :func:`cuda_kernels_faster` are left to it."""
+
     name = "aten"
     operator = True
     devices = None
+
+    def __init__(self, gpu_kernels: bool = False) -> None:
+        self.gpu_kernels = gpu_kernels
 
     def supports(self, call: Call) -> bool:
         """Any device and dtype torch takes, in torch's convention (unbiased running
@@ -54,6 +85,8 @@ class AtenBackend:
 
     def preferred(self, call: Call) -> bool:
         x = call.x
+        if x.is_cuda:
+            return not (self.gpu_kernels and cuda_kernels_faster(call))
         if not x.is_cpu:
             return False
         if x.dtype not in _NUMBA_DTYPES:
@@ -140,8 +173,12 @@ def safe_batch_norm(
 
 def _channels_last_kernel(x: Tensor) -> bool:
     """Whether ATen's CPU batch norm takes x through its channels-last kernel (or may: any
-    layout other than NCHW-contiguous with spatial dimensions)."""
-    return x.dim() == 2 or not x.is_contiguous() or x.numel() == x.shape[0] * x.shape[1]
+    layout other than NCHW-contiguous with spatial dimensions). Not on CUDA, whose float32
+    results stay within 1.6e-7 of the output's scale at mean 3 and 5e-4 at mean 1e4 (the
+    accuracy probe of benchmarks/results/cuda_bench.json): no shift there."""
+    return x.is_cpu and (
+        x.dim() == 2 or not x.is_contiguous() or x.numel() == x.shape[0] * x.shape[1]
+    )
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:

@@ -312,7 +312,8 @@ def running_update_kernel(
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = c < C
     momentum = tl.cast(momentum_hi, tl.float64) + tl.cast(momentum_lo, tl.float64)
-    bessel = bessel_num.to(tl.float64) / bessel_den.to(tl.float64)
+    # tl.cast, not .to(): compiled Triton passes an int argument equal to 1 as a constant
+    bessel = tl.cast(bessel_num, tl.float64) / tl.cast(bessel_den, tl.float64)
     old_mean = tl.load(running_mean_ptr + c, mask=valid, other=0.0).to(tl.float64)
     old_var = tl.load(running_var_ptr + c, mask=valid, other=0.0).to(tl.float64)
     mean = tl.load(mean_ptr + c, mask=valid, other=0.0).to(tl.float64)
