@@ -134,20 +134,23 @@ def _plain_eval(
     the caller then takes ``_batch_norm``, which raises the errors.
 
     It is such a call when every tensor is on the input's device (CPU or CUDA) and of its
-    dtype, the parameters are (C,)-shaped and contiguous, both running statistics are
-    given, no dimension has size 1 (see backends.aten.safe_batch_norm, which has nothing to
-    repair then), eps is valid, neither torch.compile nor forward-mode AD is at work
-    (ops.batch_norm treats those apart) and the dispatch (the forced backend, or the
-    default rule) picks ATen."""
+    dtype (float32 for a half input, as under torch.autocast), the parameters are
+    (C,)-shaped and contiguous, both running statistics are given, no dimension has size 1
+    (see backends.aten.safe_batch_norm, which has nothing to repair then), eps is valid,
+    neither torch.compile nor forward-mode AD is at work (ops.batch_norm treats those
+    apart) and the dispatch (the forced backend, or the default rule) picks ATen."""
     dtype, channels, on_cpu = input.dtype, input.shape[1], input.is_cpu
     if not ((on_cpu or input.is_cuda) and eps >= 0 and 1 not in input.shape):
         return None
     if running_mean is None or running_var is None or type(input) is not Tensor:
         return None
     device = None if on_cpu else input.device
+    pdtype = running_mean.dtype
+    if not (pdtype is dtype or (pdtype is torch.float32 and dtype in _HALF_DTYPES)):
+        return None
     for t in (weight, bias, running_mean, running_var):  # a loop: this runs on every call
         if t is not None and not (
-            t.dtype is dtype and t.shape == (channels,) and t.is_contiguous()
+            t.dtype is pdtype and t.shape == (channels,) and t.is_contiguous()
             and (t.is_cpu if on_cpu else t.device == device)
         ):  # fmt: skip
             return None

@@ -296,13 +296,18 @@ def test_eval_calls_the_plain_path_cannot_take_go_the_general_way(general_path_c
             batchnorm.BatchNorm2d(6, track_running_stats=False)
         ),
         "size-1 dimension": lambda: evaluated(plain, random_input((1, 6, 4, 4))),
-        "half input, float32 parameters": lambda: evaluated(plain, x.bfloat16()),
         "a weight that is not contiguous": lambda: evaluated(_strided_weight(plain)),
         "forced backend": lambda: _forced("numba", evaluated, plain),
         "forward-mode AD": lambda: _dual(evaluated, plain),
     }
     for name, case in cases.items():
         assert case()[0] == 1, name
+    # a half input with float32 parameters is plain (torch.autocast's case), one with
+    # parameters of mixed dtypes is not
+    assert evaluated(plain, x.bfloat16())[0] == 0
+    half_stats = torch.zeros(6, dtype=torch.bfloat16), torch.ones(6, dtype=torch.bfloat16)
+    assert batchnorm.functional._plain_eval(x.bfloat16(), *half_stats, torch.ones(6), None, 0.1,
+                                            1e-5) is None  # fmt: skip
 
 
 def _strided_weight(layer):
@@ -329,11 +334,15 @@ def _dual(evaluated, layer):
 
 @pytest.mark.auto_dispatch
 @pytest.mark.parametrize("shape, channels_last", [((100, 128), False), ((4, 6, 5, 7), True)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "dtype, x_dtype",
+    [(torch.float32,) * 2, (torch.float64,) * 2, (torch.float32, torch.bfloat16),
+     (torch.float32, torch.float16)],  # half inputs: float32 parameters, as under autocast
+)  # fmt: skip
 @pytest.mark.parametrize("config", ["default", "no_affine", "no_bias", "momentum_0.3"])
 @pytest.mark.parametrize("grad", [False, True])
 def test_plain_eval_gives_what_the_general_path_gives(
-    shape, channels_last, dtype, config, grad, general_path_calls, monkeypatch
+    shape, channels_last, dtype, x_dtype, config, grad, general_path_calls, monkeypatch
 ):
     """The plain eval call and the general path's, on the same layer and input: the same
     output and gradients, to the bit, in every configuration that takes it."""
@@ -342,7 +351,7 @@ def test_plain_eval_gives_what_the_general_path_gives(
     _, layer = make_pair(shape, dtype, **CONFIGS[config])
     layer(random_input(shape, dtype, seed=1, mean=3.0))  # running statistics of its own
     layer.eval()
-    x = random_input(shape, dtype, channels_last=channels_last).requires_grad_(grad)
+    x = random_input(shape, x_dtype, channels_last=channels_last).requires_grad_(grad)
     params = [p for p in (x, layer.weight, layer.bias) if p is not None and grad]
 
     def results():
