@@ -5,6 +5,8 @@ These run where a GPU is present (the project's GPU check runs them on an H100/H
 on CPU-only machines they are skipped — there is nothing to compare with there.
 """
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -134,10 +136,12 @@ def test_cuda_variants_and_compile():
     assert eager.device.type == "cuda" and torch.isfinite(eager).all()
 
 
+@pytest.mark.parametrize("backend", [None, "triton"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("activation", [None, "relu", "silu"])
-def test_cuda_autocast_matches_torch(dtype, activation):
-    """Under torch.autocast a conv gives BN a half input with float32 parameters."""
+def test_cuda_autocast_matches_torch(dtype, activation, backend):
+    """Under torch.autocast a conv gives BN a half input with float32 parameters: the
+    default dispatch (cuDNN) and the Triton kernels match torch.nn to half's rounding."""
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 16, 3, padding=1).cuda()
     theirs, ours = (
@@ -147,8 +151,9 @@ def test_cuda_autocast_matches_torch(dtype, activation):
     act = {None: nn.Identity(), "relu": nn.ReLU(), "silu": nn.SiLU()}[activation]
     x = torch.randn(32, 3, 28, 28, device="cuda").to(memory_format=torch.channels_last)
     outputs = []
+    forced = ops.use_backend(backend, lenient=True) if backend else contextlib.nullcontext()
     for layer in (nn.Sequential(conv, ours), nn.Sequential(conv, theirs, act)):
-        with torch.autocast("cuda", dtype=dtype):
+        with forced, torch.autocast("cuda", dtype=dtype):
             y = layer(x)
         y.float().square().mean().backward()
         outputs.append(y)

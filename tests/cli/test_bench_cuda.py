@@ -24,3 +24,29 @@ def test_quick_run_on_cpu_has_every_case_and_agrees_with_torch():
         for name, error in row["max_error_vs_torch"].items():
             assert error < tolerance, (row["shape"], row["mode"], name, error)
     assert set(results["training_step"]["median_s"]) == {"torch", "ours", "ours_fused"}
+
+
+def test_bench_device_needs_an_available_gpu(capsys):
+    """`batchnorm bench --device ...` runs this benchmark on a GPU; elsewhere it says why
+    it cannot, and a device name torch does not know is named in the error."""
+    import pytest
+    import torch
+
+    from batchnorm.cli import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the run itself is the GPU check's")
+    with pytest.raises(SystemExit, match="expected cpu or an available CUDA device"):
+        bench.main(["--device", "cuda", "--quick"])
+    with pytest.raises(SystemExit, match="--device 'nonsense'"):
+        bench.main(["--device", "nonsense"])
+
+
+def test_summary_has_a_row_per_dtype_layout_and_mode():
+    results = bench_cuda.run("cpu", quick=True)
+    text = bench_cuda.summary(results)
+    groups = {(r["dtype"], r["layout"], r["mode"]) for r in results["cases"]}
+    rows = [line for line in text.splitlines() if line.startswith("| float") or
+            line.startswith("| bfloat")]  # fmt: skip
+    assert len(rows) == len(groups)
+    assert "| ours_fused |" in text and "| (256, 16) contiguous | 3 |" in text

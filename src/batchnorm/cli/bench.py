@@ -435,10 +435,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch (and Numba) threads; default: torch's default")  # fmt: skip
     parser.add_argument("--system-allocator", action="store_true",
                         help="keep glibc's malloc defaults (see the module docstring)")  # fmt: skip
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (the CPU kernels against ATen), or a GPU such as cuda: "
+                        "batchnorm.cli.bench_cuda's cases against torch.nn (cuDNN)")  # fmt: skip
     default = default_out_folder() / "cpu_kernels[_quick].json"
     parser.add_argument(
-        "--out", default=None, help=f"JSON file to write (default {default}; make bench "
-        f"writes {RESULTS_DIR / 'cpu_kernels.json'})",
+        "--out", default=None, help=f"JSON file to write (default {default}, or "
+        f"cuda_bench[_quick].json beside it for a GPU; make bench writes "
+        f"{RESULTS_DIR / 'cpu_kernels.json'})",
     )  # fmt: skip
 
 
@@ -453,6 +457,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     out = Path(
         args.out or default_out_folder() / f"cpu_kernels{'_quick' if args.quick else ''}.json"
     )
+    if args.device != "cpu":
+        from batchnorm.cli import bench_cuda
+
+        return bench_cuda.run_from_args(args, default_out_folder())
     busy = load_warning()
     if busy:
         print(f"warning: {busy}", file=sys.stderr, flush=True)

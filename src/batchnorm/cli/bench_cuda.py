@@ -33,9 +33,12 @@ Every contender's output is first checked against torch's (largest error recorde
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -346,3 +349,73 @@ def run(
                     results["cases"].append(row)
                     report("cases", row)
     return results
+
+
+def summary(results: dict) -> str:
+    """The results as the Markdown tables the performance page quotes: per dtype, layout and
+    mode over the shapes, torch.nn's time / ours (one call at a time, and queued), the same
+    for the Triton kernels forced, and the largest fraction of copy bandwidth; then the
+    training step, the in-place memory and the accuracy probe."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for row in results["cases"]:
+        groups.setdefault((row["dtype"], row["layout"], row["mode"]), []).append(row)
+
+    def spread(values: list[float]) -> str:
+        return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+
+    lines = [
+        "| dtype | layout | mode | ours: min / median / max | ours queued: median "
+        "| Triton forced: min / max | of copy, max: ours / torch.nn |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (dtype, layout, mode), rows in groups.items():
+        ours = [r["speedup_vs_torch"]["ours"] for r in rows]
+        queued = [r["queued_speedup_vs_torch"]["ours"] for r in rows if "queued_s" in r]
+        triton = [r["speedup_vs_torch"]["ours_triton"] for r in rows
+                  if "ours_triton" in r["speedup_vs_torch"]]  # fmt: skip
+        copy = [max(r["fraction_of_copy"][n] for r in rows) for n in ("ours", "torch")]
+        queued_cell = f"{statistics.median(queued):.2f}" if queued else ""
+        triton_cell = f"{min(triton):.2f} / {max(triton):.2f}" if triton else ""
+        lines.append(
+            f"| {dtype.removeprefix('torch.')} | {layout} | {mode} | {spread(ours)} "
+            f"| {queued_cell} | {triton_cell} | {copy[0]:.0%} / {copy[1]:.0%} |"
+        )
+    step = results["training_step"]
+    lines += ["", "| training step | ms | torch.nn / it |", "|---|---|---|"]
+    for name, seconds in step["median_s"].items():
+        lines.append(f"| {name} | {seconds * 1e3:.1f} | {step['speedup_vs_torch'][name]:.2f} |")
+    memory = results["inplace_memory"]
+    if memory["measured"]:
+        lines += ["", f"InPlaceBatchNormAct2d peak memory: {memory['saving']:.0%} below torch.nn's "
+                  f"({memory['peak_bytes']['ours_inplace'] / 2**20:.0f} MiB against "
+                  f"{memory['peak_bytes']['torch'] / 2**20:.0f} MiB)."]  # fmt: skip
+    names = list(results["accuracy"][0]["relative_error_y_dx"])
+    lines += ["", "| input | mean | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for row in results["accuracy"]:
+        layout = "channels_last" if row["channels_last"] else "contiguous"
+        errors = row["relative_error_y_dx"]
+        cells = " | ".join(f"{errors[n][0]:.1e}, {errors[n][1]:.1e}" for n in names)
+        lines.append(f"| {tuple(row['shape'])} {layout} | {row['mean']:g} | {cells} |")
+    return "\n".join(lines)
+
+
+def run_from_args(args: argparse.Namespace, out_folder: Path) -> int:
+    """``batchnorm bench --device cuda``: the run, its JSON (``--out``, default
+    cuda_bench[_quick].json in ``out_folder``) and its summary."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise SystemExit(f"batchnorm bench: --device {args.device!r}: {error}") from None
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise SystemExit(
+            f"batchnorm bench: --device {args.device!r}: expected cpu or an available CUDA "
+            f"device (torch.cuda.is_available() is {torch.cuda.is_available()})."
+        )
+    suffix = "_quick" if args.quick else ""
+    out = Path(args.out or out_folder / f"cuda_bench{suffix}.json")
+    results = run(args.device, quick=args.quick)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(summary(results))
+    print(f"\nwritten to {out}")
+    return 0
