@@ -451,16 +451,16 @@ def run_from_args(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise SystemExit(f"batchnorm bench: --threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        from batchnorm.cli import bench_cuda
+
+        return bench_cuda.run_from_args(args, default_out_folder())
     allocator = "glibc defaults"
     if not args.system_allocator:
         allocator = "freed memory reused (mallopt)" if keep_freed_memory() else allocator
     out = Path(
         args.out or default_out_folder() / f"cpu_kernels{'_quick' if args.quick else ''}.json"
     )
-    if args.device != "cpu":
-        from batchnorm.cli import bench_cuda
-
-        return bench_cuda.run_from_args(args, default_out_folder())
     busy = load_warning()
     if busy:
         print(f"warning: {busy}", file=sys.stderr, flush=True)

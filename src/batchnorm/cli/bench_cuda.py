@@ -295,7 +295,8 @@ def _accuracy(quick: bool, device) -> list[dict]:
             contenders |= {f"ours_{b}": b for b in ops.available_backends(device.type)}
             errors = {}
             for name, backend in contenders.items():
-                layer = _layers(shape[1], x64.dim(), None, device, None)[name[:5].strip("_")]
+                layers = _layers(shape[1], x64.dim(), None, device, None)
+                layer = layers["torch" if name == "torch" else "ours"]
                 with ops.use_backend(backend) if backend else contextlib.nullcontext():
                     got = _train_grad(layer, x64.float(), dy64.float())
                 errors[name] = [((a.double() - b).abs().max() / b.abs().max()).item()

@@ -46,10 +46,11 @@ ATEN_BELOW_PLANE_THREADED = 81  # with more than one torch thread
 _NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: NCHW planes (H x W) and inputs from which the Triton kernels train faster than cuDNN.
 #: benchmarks/results/cuda_bench.json (H200, one call at a time, torch.nn time / Triton's):
-#: (128, 64, 112, 112) training forward 1.18 / 1.90 / 2.47 (float32 / bfloat16 / float16),
-#: forward + backward 1.50 / 1.90 / 1.69, with ReLU + residual 1.65 / 1.96 / 2.09; but
-#: (32, 64, 112, 112) 0.54-1.07, (128, 256, 56, 56) 0.48-0.89, every channels-last input
-#: 0.36-1.02 and eval 0.57-0.89: cuDNN's NCHW kernels are slow only on large planes.
+#: (128, 64, 112, 112) training forward 2.14 / 2.98 / 2.23 (float32 / bfloat16 / float16),
+#: forward + backward 2.37 / 3.00 / 2.39, with ReLU + residual 2.59 / 3.18 / 2.40; but
+#: (32, 64, 112, 112) 0.69-1.31 and (128, 256, 56, 56) 0.85-1.31 by dtype and mode, every
+#: channels-last input 0.23-1.16 and eval 0.23-0.99: cuDNN's NCHW training kernels are slow
+#: on large planes, and below them Triton's launches cost more than they save.
 CUDA_KERNELS_FROM_PLANE = 112 * 112
 CUDA_KERNELS_FROM_NUMEL = 1 << 26
 
