@@ -3,12 +3,22 @@ sessions that are lent a GPU (its figures come from those sessions only)."""
 
 import json
 
+import pytest
+import torch
+
 from batchnorm.cli import bench_cuda
 
 
-def test_quick_run_on_cpu_has_every_case_and_agrees_with_torch():
+@pytest.fixture(scope="module")
+def quick_run():
+    """One quick run on CPU, and the parts it reported as it went."""
     parts = []
     results = bench_cuda.run("cpu", quick=True, on_part=lambda *part: parts.append(part))
+    return results, parts
+
+
+def test_quick_run_on_cpu_has_every_case_and_agrees_with_torch(quick_run):
+    results, parts = quick_run
     json.dumps(results)  # serializable as the committed JSON
     # every part is reported as it is measured (a run cut short keeps what it measured)
     assert [value for key, value in parts if key == "cases"] == results["cases"]
@@ -29,9 +39,6 @@ def test_quick_run_on_cpu_has_every_case_and_agrees_with_torch():
 def test_bench_device_needs_an_available_gpu(capsys):
     """`batchnorm bench --device ...` runs this benchmark on a GPU; elsewhere it says why
     it cannot, and a device name torch does not know is named in the error."""
-    import pytest
-    import torch
-
     from batchnorm.cli import bench
 
     if torch.cuda.is_available():
@@ -42,8 +49,8 @@ def test_bench_device_needs_an_available_gpu(capsys):
         bench.main(["--device", "nonsense"])
 
 
-def test_summary_has_a_row_per_dtype_layout_and_mode():
-    results = bench_cuda.run("cpu", quick=True)
+def test_summary_has_a_row_per_dtype_layout_and_mode(quick_run):
+    results, _ = quick_run
     text = bench_cuda.summary(results)
     groups = {(r["dtype"], r["layout"], r["mode"]) for r in results["cases"]}
     rows = [line for line in text.splitlines() if line.startswith("| float") or
