@@ -3,7 +3,7 @@
 # repository root, on a machine with a CUDA build of torch, triton, numba, pytest and
 # pytest-xdist installed and no network (nothing is installed here):
 #
-#   bash benchmarks/gpu_check.sh        # timeout_s ~480; results in $OUT
+#   bash benchmarks/gpu_check.sh        # timeout_s ~420; results in $OUT
 #
 # 1. the CUDA parity suite: the Triton kernels at real layer sizes against float64
 #    (tests/backends/test_triton_cuda.py), every CUDA backend forced against torch.nn,
@@ -11,8 +11,11 @@
 #    tensors) on Triton -> $OUT/parity.txt;
 # 2. the GPU benchmark (batchnorm.cli.bench_cuda) -> $OUT/cuda_bench.json, each part also
 #    appended to $OUT/cuda_bench.jsonl as it is measured (kept if the time limit cuts the
-#    run short). Commit them under benchmarks/results/.
-# PARITY_S and BENCH_S bound the two steps (seconds).
+#    run short). Commit them under benchmarks/results/;
+# 3. SyncBatchNorm on the GPU (benchmarks/sync_batchnorm_cuda.py: parity, collective sizes,
+#    step times; two ranks share the GPU over gloo) -> $OUT/sync_batchnorm_cuda.json.
+# PARITY_S, BENCH_S and SYNC_S bound the three steps (seconds); the whole check took
+# 200-240 s on an H200 (2026-12-04), the machine's start not included.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
@@ -45,3 +48,7 @@ with open(os.path.join(out, "cuda_bench.json"), "w") as f:
 print("cases:", len(results["cases"]), "training step:", results["training_step"]["speedup_vs_torch"])
 PY
 echo "bench: done after $((SECONDS - start)) s" | tee -a "$OUT/device.txt"
+
+timeout "${SYNC_S:-90}" python3 benchmarks/sync_batchnorm_cuda.py > "$OUT/sync_batchnorm_cuda.txt" 2>&1
+echo "sync: rc $? after $((SECONDS - start)) s" | tee -a "$OUT/device.txt"
+cp benchmarks/results/sync_batchnorm_cuda.json "$OUT/" 2>/dev/null
