@@ -35,4 +35,22 @@ def test_cuda_kernels_faster_only_on_large_nchw_planes(shape, training, channels
 
 def test_aten_defers_to_gpu_kernels_only_when_they_are_registered():
     backends = {b.name: b for b in builtin_backends()}
-    assert backends["aten"].gpu_kernels == ("triton" in backends)
+    assert (backends["aten"].gpu_kernels is not None) == ("triton" in backends)
+
+
+@pytest.mark.parametrize(
+    ("capability", "hip", "expected"),
+    [((9, 0), None, True), ((8, 0), None, True), ((7, 5), None, False), ((9, 4), "6.2", False)],
+)
+def test_triton_kernels_run_on_ampere_and_later_nvidia_gpus(capability, hip, expected,
+                                                            monkeypatch):  # fmt: skip
+    """Older GPUs and ROCm keep cuDNN/MIOpen and the reference (a Triton compile error on a
+    model that ran before would be a regression); checked on the device query alone."""
+    backend = pytest.importorskip("batchnorm.backends.triton.backend")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    backend._kernels_run_on.cache_clear()
+    try:
+        assert backend._kernels_run_on(0) is expected
+    finally:
+        backend._kernels_run_on.cache_clear()

@@ -113,15 +113,17 @@ def builtin_backends() -> list[Backend]:
     from batchnorm.backends.reference import ReferenceBackend
 
     backends: list[Backend] = []
+    gpu_kernels = None
     # triton takes ~0.2 s to import: only where it can run (a GPU, or its interpreter)
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         try:
-            from batchnorm.backends.triton import TritonBackend
+            from batchnorm.backends.triton import TritonBackend, supports
         except ImportError:
             pass
         else:
             backends.append(TritonBackend())
-    backends.insert(0, AtenBackend(gpu_kernels=bool(backends)))
+            gpu_kernels = supports
+    backends.insert(0, AtenBackend(gpu_kernels=gpu_kernels))
     try:
         from batchnorm.backends.numba_cpu import NumbaBackend
     except ImportError:

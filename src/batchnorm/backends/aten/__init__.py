@@ -20,6 +20,8 @@ the reference until measured (see batchnorm.backends.builtin_backends).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -69,14 +71,14 @@ def cuda_kernels_faster(call: Call) -> bool:
 
 
 class AtenBackend:
-    """``gpu_kernels``: a kernel backend for CUDA is registered after this one, so that the
-    calls of :func:`cuda_kernels_faster` are left to it."""
+    """``gpu_kernels``: which CUDA inputs a kernel backend registered after this one takes
+    (None: none is), so that it is left the calls of :func:`cuda_kernels_faster` on them."""
 
     name = "aten"
     operator = True
     devices = None
 
-    def __init__(self, gpu_kernels: bool = False) -> None:
+    def __init__(self, gpu_kernels: Callable[[Tensor], bool] | None = None) -> None:
         self.gpu_kernels = gpu_kernels
 
     def supports(self, call: Call) -> bool:
@@ -87,7 +89,8 @@ class AtenBackend:
     def preferred(self, call: Call) -> bool:
         x = call.x
         if x.is_cuda:
-            return not (self.gpu_kernels and cuda_kernels_faster(call))
+            gpu_kernels = self.gpu_kernels
+            return not (gpu_kernels is not None and cuda_kernels_faster(call) and gpu_kernels(x))
         if not x.is_cpu:
             return False
         if x.dtype not in _NUMBA_DTYPES:

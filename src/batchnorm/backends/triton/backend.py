@@ -57,10 +57,25 @@ _ACC = {torch.float64: tl.float64}  # every other dtype accumulates in float32
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
+#: The oldest NVIDIA GPUs the kernels are dispatched to: Ampere (compute capability 8.0),
+#: with bfloat16 arithmetic; they were measured on Hopper (9.0). Older GPUs, and AMD GPUs
+#: (torch's "cuda" device under ROCm, untested), keep cuDNN/MIOpen and the reference.
+MIN_CAPABILITY = (8, 0)
+
+
 def supports(x: Tensor) -> bool:
-    """Whether the Triton backend takes ``x``: CUDA tensors of float32, float16 or bfloat16,
-    or tensors of any device when the kernels run in Triton's interpreter."""
-    return x.dtype in SUPPORTED_DTYPES and (x.is_cuda or INTERPRETED)
+    """Whether the Triton backend takes ``x``: float32, float16 or bfloat16 tensors on an
+    NVIDIA GPU of MIN_CAPABILITY or later, or on any device when the kernels run in
+    Triton's interpreter."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        return False
+    return INTERPRETED or (x.is_cuda and _kernels_run_on(x.device.index))
+
+
+@functools.cache
+def _kernels_run_on(index: int) -> bool:
+    """Whether CUDA device ``index`` is an NVIDIA GPU of MIN_CAPABILITY or later."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
 
 
 def split_float(value: float) -> tuple[float, float]:
