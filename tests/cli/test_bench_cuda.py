@@ -36,7 +36,7 @@ def test_quick_run_on_cpu_has_every_case_and_agrees_with_torch(quick_run):
     assert set(results["training_step"]["median_s"]) == {"torch", "ours", "ours_fused"}
 
 
-def test_bench_device_needs_an_available_gpu(capsys):
+def test_bench_device_needs_an_available_gpu():
     """`batchnorm bench --device ...` runs this benchmark on a GPU; elsewhere it says why
     it cannot, and a device name torch does not know is named in the error."""
     from batchnorm.cli import bench
