@@ -45,6 +45,8 @@ def test_default_dispatch_on_cuda():
     large NCHW planes; the Triton kernels for those and for what ATen cannot compute
     (backends.aten.cuda_kernels_faster has the measurements)."""
     if "triton" not in ops.available_backends("cuda"):
+        # an environment guard: the rule under test chooses between cuDNN and Triton, and
+        # without triton there is no choice to check (the other tests here cover ATen)
         pytest.skip("triton is not installed: every CUDA call goes to ATen or the reference")
 
     def chosen(x, training=True, **options):

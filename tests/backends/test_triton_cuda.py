@@ -20,6 +20,8 @@ from backends.triton_parity import SLOPE, check, f64, make, params, run_and_comp
 from batchnorm import distributed, ops, reference
 from conftest import random_input
 
+# Compiled Triton kernels need a GPU; on CPU-only machines (CI) the same checks run in the
+# interpreter (test_triton_interpreter.py), and benchmarks/gpu_check.sh runs this file.
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 if torch.cuda.is_available():
     from batchnorm.backends.triton import TritonBackend
@@ -211,6 +213,7 @@ def test_sync_batchnorm_on_cuda(backend_name, sizes):
     """NCCL at world size 1 (NCCL refuses two ranks on one GPU) and the two-rank protocol
     over gloo with CUDA tensors, the local sums on the Triton kernels."""
     if backend_name == "nccl" and not dist.is_nccl_available():
+        # an environment guard: CUDA builds of torch for Linux ship NCCL (the H200's does)
         pytest.skip("this torch build has no NCCL")
     errors = distributed.launch(_sync_worker, len(sizes), (backend_name, sizes), timeout_s=120)
     assert max(errors) < 2e-5, errors

@@ -42,6 +42,8 @@ def test_bench_device_needs_an_available_gpu():
     from batchnorm.cli import bench
 
     if torch.cuda.is_available():
+        # the error under test exists only without a GPU; with one, gpu_check.sh runs the
+        # benchmark itself (through bench_cuda.run, which this command calls)
         pytest.skip("a GPU is present: the run itself is the GPU check's")
     with pytest.raises(SystemExit, match="expected cpu or an available CUDA device"):
         bench.main(["--device", "cuda", "--quick"])

@@ -112,8 +112,8 @@ def builtin_backends() -> list[Backend]:
     from batchnorm.backends.aten import AtenBackend
     from batchnorm.backends.reference import ReferenceBackend
 
-    backends: list[Backend] = []
-    gpu_kernels = None
+    gpu: list[Backend] = []
+    gpu_kernels = None  # which inputs the GPU kernels take: ATen leaves them its slow calls
     # triton takes ~0.2 s to import: only where it can run (a GPU, or its interpreter)
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         try:
@@ -121,9 +121,8 @@ def builtin_backends() -> list[Backend]:
         except ImportError:
             pass
         else:
-            backends.append(TritonBackend())
-            gpu_kernels = supports
-    backends.insert(0, AtenBackend(gpu_kernels=gpu_kernels))
+            gpu, gpu_kernels = [TritonBackend()], supports
+    backends: list[Backend] = [AtenBackend(gpu_kernels=gpu_kernels), *gpu]
     try:
         from batchnorm.backends.numba_cpu import NumbaBackend
     except ImportError:

@@ -76,18 +76,22 @@ def _seconds(device: torch.device) -> Callable[[Callable[[], Any]], float]:
 
         return wall_seconds
 
-    def measure(run: Callable[[], Any]) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    return _event_seconds
+
+
+def _event_seconds(run: Callable[[], Any], calls: int = 1) -> float:
+    """Seconds per call of ``calls`` calls of ``run`` in a row, timed with CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
         run()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-
-    return measure
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
 
 
-def _layers(channels: int, rank: int, activation: str | None, device, dtype) -> dict:
+def _layers(channels: int, rank: int, activation: str | None, device) -> dict:
+    """torch.nn's layer and ours (float32 parameters, as under autocast), same state."""
     torch_cls = nn.BatchNorm1d if rank == 2 else nn.BatchNorm2d
     ours_cls = batchnorm.BatchNormAct1d if rank == 2 else batchnorm.BatchNormAct2d
     theirs = torch_cls(channels, device=device)
@@ -103,7 +107,7 @@ def _case(mode: str, shape, dtype, channels_last: bool, device, budget, reps) ->
         x = x.contiguous(memory_format=torch.channels_last)
     z, dy = torch.randn_like(x), torch.randn_like(x)
     fused = mode == "bn_relu_residual"
-    layers = _layers(shape[1], x.dim(), "relu" if fused else None, device, dtype)
+    layers = _layers(shape[1], x.dim(), "relu" if fused else None, device)
     backward = mode in ("forward_backward", "bn_relu_residual")
     training = mode != "eval"
     backends = [b for b in ops.available_backends(device.type) if b != "reference"]
@@ -180,19 +184,10 @@ def _queued(runs: dict[str, Callable[[], Any]], device) -> dict[str, float]:
     each call waits anyway."""
     if device.type != "cuda":
         return {}
-    medians = {}
-    for name, run in runs.items():
-        rounds = []
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                run()
-            end.record()
-            end.synchronize()
-            rounds.append(start.elapsed_time(end) / 1e4)  # ms over 10 calls -> s per call
-        medians[name] = statistics.median(rounds)
-    return medians
+    return {
+        name: statistics.median(_event_seconds(run, 10) for _ in range(5))
+        for name, run in runs.items()
+    }
 
 
 def _training_step(quick: bool, device, budget, reps) -> dict:
@@ -289,13 +284,13 @@ def _accuracy(quick: bool, device) -> list[dict]:
             if channels_last:
                 x64 = x64.contiguous(memory_format=torch.channels_last)
             x64 = x64.float().double()  # both sides see the same float32 values
-            exact = _train_grad(_layers(shape[1], x64.dim(), None, device, None)["torch"].double(),
+            exact = _train_grad(_layers(shape[1], x64.dim(), None, device)["torch"].double(),
                                 x64, dy64)  # fmt: skip
             contenders = {"torch": None, "ours": None}
             contenders |= {f"ours_{b}": b for b in ops.available_backends(device.type)}
             errors = {}
             for name, backend in contenders.items():
-                layers = _layers(shape[1], x64.dim(), None, device, None)
+                layers = _layers(shape[1], x64.dim(), None, device)
                 layer = layers["torch" if name == "torch" else "ours"]
                 with ops.use_backend(backend) if backend else contextlib.nullcontext():
                     got = _train_grad(layer, x64.float(), dy64.float())
