@@ -2,6 +2,8 @@
 convention): the conversions bit for bit against torch's, the kernels against the float64
 oracle (no worse than twice the rounding of the exact result to the input's dtype)."""
 
+from unittest.mock import patch
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,9 @@ import torch.nn.functional as F
 from numba import njit
 
 import batchnorm.functional as BF
-from batchnorm import ops
+from batchnorm import BatchNorm1d, ops
 from batchnorm.backends import Call
+from batchnorm.backends import aten as aten_backend
 from batchnorm.backends.numba_cpu import halves, jit
 from conftest import assert_close, random_input
 
@@ -157,3 +160,32 @@ def test_large_half_inputs_dispatch_to_the_kernels():
         assert (
             ops.dispatch.select(Call(x, True, "identity", 0.01, False, False, True)).name == "numba"
         )
+
+
+@pytest.mark.auto_dispatch
+def test_large_bfloat16_eval_runs_on_the_kernels():
+    """Plain eval goes to ATen, but for bfloat16 inputs of BFLOAT16_EVAL_FROM values or
+    more, whose conversions ours do faster; a layer's eval shortcut follows the rule and
+    its output is within rounding of float64."""
+    large = aten_backend.BFLOAT16_EVAL_FROM
+
+    def chosen(x):
+        return ops.dispatch.select(Call(x, False, "identity", 0.01, False, False, True)).name
+
+    assert chosen(torch.zeros(large // 1024, 1024, dtype=torch.bfloat16)) == "numba"
+    assert chosen(torch.zeros(large // 1024 - 1, 1024, dtype=torch.bfloat16)) == "aten"
+    assert chosen(torch.zeros(large // 1024, 1024, dtype=torch.float16)) == "aten"
+    assert chosen(torch.zeros(large // 1024, 1024)) == "aten"
+    layer = BatchNorm1d(1024).eval()
+    with torch.no_grad():
+        layer.running_mean.normal_(3.0)
+        layer.running_var.uniform_(0.5, 2.0)
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    x = random_input((large // 1024, 1024), torch.float32, False, seed=4, mean=3.0)
+    with patch.object(torch, "batch_norm", side_effect=AssertionError("ATen was called")):
+        y = layer(x.to(torch.bfloat16))
+    exact = F.batch_norm(x.to(torch.bfloat16).double(), layer.running_mean.double(),
+                         layer.running_var.double(), layer.weight.double(),
+                         layer.bias.double())  # fmt: skip
+    _within_rounding(y, exact, torch.bfloat16)

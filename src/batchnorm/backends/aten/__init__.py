@@ -6,11 +6,12 @@ inputs made safe (see :func:`safe_batch_norm`).
 Dispatch rule (``preferred``), from ``make bench`` on 2 cores (benchmarks/results/
 cpu_kernels.json), the same for float32/float64 and bfloat16/float16 inputs: inputs below
 ATEN_BELOW_NUMEL values (epilogue included: a few C++ ops beat a Python-called kernel
-there), NCHW inputs of small planes (ATEN_BELOW_PLANE) and plain eval of any size (its
-elementwise loop streams as fast as ours). Training on larger inputs stays on the Numba
-kernels, also for (N, C) and channels-last inputs: ATen's float32 sums there lose digits as
-the mean grows, and with the shift that keeps them (an extra pass) it is slower than ours
-(docs/performance.md, "ATen's own accuracy").
+there), NCHW inputs of small planes (ATEN_BELOW_PLANE) and plain eval (its elementwise
+loop streams as fast as ours), except on large bfloat16 inputs (BFLOAT16_EVAL_FROM).
+Training on larger inputs stays on the Numba kernels, also for (N, C) and channels-last
+inputs: ATen's float32 sums there lose digits as the mean grows, and with the shift that
+keeps them (an extra pass) it is slower than ours (docs/performance.md, "ATen's own
+accuracy").
 
 On CUDA (cuDNN or ATen's CUDA kernels) every call it takes goes to it, fused epilogues
 included, except training on the large NCHW inputs of :func:`cuda_kernels_faster`, which the
@@ -46,6 +47,14 @@ ATEN_BELOW_PLANE = 32
 ATEN_BELOW_PLANE_THREADED = 81  # with more than one torch thread
 #: The CPU dtypes the Numba kernels take (half precision: as torch.autocast("cpu") gives).
 _NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: bfloat16 plain eval from this many values runs on the Numba kernels, whose conversions
+#: keep up with the memory (the loop is compute-bound in half precision) where ATen's do
+#: not. torch.nn's time / ours, module eval, 2 threads (1 thread), 2026-12-04:
+#: (4096, 1024) 1.26-1.29 (1.15), (32, 128, 32, 32) 1.15-1.20 (1.20), channels_last
+#: 1.19-1.24 (1.20), (64, 256, 28, 28) 0.90-1.08 (1.12); below it our Python costs more:
+#: channels_last (8, 64, 48, 48) 0.96 (1.15), (8, 256, 12, 12) 0.54-0.58 (0.63). float16
+#: stays on ATen, whose float16 loop is faster than its bfloat16 one: 0.85-1.35.
+BFLOAT16_EVAL_FROM = 1 << 21
 #: NCHW planes (H x W) and inputs from which the Triton kernels train faster than cuDNN.
 #: benchmarks/results/cuda_bench.json (H200, one call at a time, torch.nn time / Triton's):
 #: (128, 64, 112, 112) training forward 2.14 / 2.98 / 2.23 (float32 / bfloat16 / float16),
@@ -101,7 +110,8 @@ class AtenBackend:
             below = ATEN_BELOW_PLANE if torch.get_num_threads() == 1 else ATEN_BELOW_PLANE_THREADED
             if x.numel() < below * x.shape[0] * x.shape[1]:
                 return True
-        return not call.training and call.activation == "identity" and not call.has_residual
+        plain_eval = not call.training and call.activation == "identity" and not call.has_residual
+        return plain_eval and (x.dtype is not torch.bfloat16 or x.numel() < BFLOAT16_EVAL_FROM)
 
     def batch_norm(self, call: Call) -> Tensor:
         y = safe_batch_norm(call.x, call.weight, call.bias, call.running_mean, call.running_var,

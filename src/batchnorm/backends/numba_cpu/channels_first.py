@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from batchnorm.backends.numba_cpu import jit
-from batchnorm.backends.numba_cpu.halves import _ld, _st
+from batchnorm.backends.numba_cpu.halves import _is_half, _ld, _st
 from batchnorm.backends.numba_cpu.jit import CHUNK, INLINE
 
 #: A kernel runs channel by channel (each thread finishes the channels it has summed, their
@@ -86,6 +86,10 @@ def _cf_piece_stats(xr, stats):
 @njit(inline="always", **INLINE)
 def _cf_epilogue(xr, zr, yr, m, a, b, act, neg, has_z):
     """yr = act((xr - m) * a + b [+ zr])."""
+    if act == jit._IDENTITY and not has_z and _is_half(yr):  # see halves._is_half
+        for i in range(xr.shape[0]):
+            yr[i] = _st((_ld(xr[i]) - m) * a + b, yr)
+        return
     for i in range(xr.shape[0]):
         yr[i] = _st(jit._act(jit._pre(_ld(xr[i]) - m, a, b, _ld(zr[i]), has_z), act, neg), yr)
 

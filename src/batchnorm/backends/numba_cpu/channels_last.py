@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from batchnorm.backends.numba_cpu import jit
-from batchnorm.backends.numba_cpu.halves import _ld, _st
+from batchnorm.backends.numba_cpu.halves import _is_half, _ld, _st
 from batchnorm.backends.numba_cpu.jit import INLINE, _pre
 
 #: Blocks per thread at the least, so that a block's float64 results are few against its
@@ -63,6 +63,11 @@ def _cl_block_stats(xb, stats, block_mean, block_m2, scratch):
 def _cl_epilogue(xb, zb, yb, mean, scale, shift, act, neg, has_z):
     """yb = act((xb - mean) * scale + shift [+ zb])."""
     rows, channels = xb.shape
+    if act == jit._IDENTITY and not has_z and _is_half(yb):  # see halves._is_half
+        for r in range(rows):
+            for c in range(channels):
+                yb[r, c] = _st((_ld(xb[r, c]) - mean[c]) * scale[c] + shift[c], yb)
+        return
     for r in range(rows):
         for c in range(channels):
             pre = _pre(_ld(xb[r, c]) - mean[c], scale[c], shift[c], _ld(zb[r, c]), has_z)
