@@ -19,6 +19,7 @@ from batchnorm import ops, reference
 from batchnorm.backends import numba_cpu as cpu
 from batchnorm.backends.layout import dense_in_layout, in_layout, layout_of
 from batchnorm.backends.numba_cpu import channels_first, jit
+from batchnorm.backends.numba_cpu.channels_last import SHORT_ROW
 from conftest import assert_close, random_input
 
 TORCH_ACTIVATIONS = {
@@ -114,13 +115,17 @@ def test_layouts_match_torch(shape, channels_last, training, dtype):
 @pytest.mark.parametrize(
     "shape,channels_last",
     [((4, 6, 5, 7), False), ((4, 6, 5, 7), True), (PARALLEL_SHAPE, False),
-     (PARALLEL_SHAPE, True), ((20000, 6), False)],
-    ids=["NCHW", "NHWC", "NCHW-parallel", "NHWC-parallel", "NC-parallel"],
+     (PARALLEL_SHAPE, True), ((20000, 6), False), ((258, SHORT_ROW), False),
+     ((258, SHORT_ROW + 1), False)],
+    ids=["NCHW", "NHWC", "NCHW-parallel", "NHWC-parallel", "NC-parallel", "NC-rows-by-four",
+         "NC-rows-by-one"],
 )  # fmt: skip
-def test_training_statistics_of_every_variant(shape, channels_last, dtype):
+@pytest.mark.parametrize("mean", [2.0, 1e4])
+def test_training_statistics_of_every_variant(shape, channels_last, dtype, mean):
     """The batch mean, biased variance and invstd that training writes (the running update
-    and backward use them), serial and parallel, against float64."""
-    x = random_input(shape, torch.float32, channels_last, seed=11, mean=2.0).to(dtype)
+    and backward use them), serial and parallel, rows of channels-last inputs summed four
+    at a time or one at a time (blocks of 256 rows and of 2: 258 rows), against float64."""
+    x = random_input(shape, torch.float32, channels_last, seed=11, mean=mean).to(dtype)
     channels = shape[1]
     _, mean, var, invstd = cpu.NumbaBackend().forward_train(
         x, torch.ones(channels), torch.zeros(channels), None, 1e-5, "identity", 0.01
