@@ -46,6 +46,7 @@ def test_triton_kernels_run_on_ampere_and_later_nvidia_gpus(capability, hip, exp
                                                             monkeypatch):  # fmt: skip
     """Older GPUs and ROCm keep cuDNN/MIOpen and the reference (a Triton compile error on a
     model that ran before would be a regression); checked on the device query alone."""
+    # an environment guard: triton is an optional dependency (the dev install has it)
     backend = pytest.importorskip("batchnorm.backends.triton.backend")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
     monkeypatch.setattr(torch.version, "hip", hip)
