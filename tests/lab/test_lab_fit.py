@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+from functools import partial
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -271,6 +273,28 @@ def test_copying_a_model_keeps_probes_independent(blobs_data):
 
 # ---------------------------------------------------------------------------------------
 # Epoch timing (the numbers themselves are benchmarks, not tested)
+
+
+def test_time_interleaved_shuffles_the_order_of_every_round():
+    """Each run is called once a round, after a different run from round to round (a fixed
+    order gives every run the same predecessor, whose caches it meets each time), and the
+    same seed gives the same orders (distributed benchmarks call together)."""
+    from batchnorm.lab.timing import time_interleaved
+
+    def calls(seed: int) -> list[str]:
+        log: list[str] = []
+        runs = {name: partial(log.append, name) for name in "abcd"}
+        times = time_interleaved(runs, reps=40, warmup=0, seed=seed)
+        assert {name: len(t) for name, t in times.items()} == dict.fromkeys("abcd", 40)
+        return log
+
+    log = calls(0)
+    rounds = [log[i : i + 4] for i in range(0, len(log), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    pairs = {pair for r in rounds for pair in pairwise(r)}  # (a, then b) in a round
+    assert pairs == {(a, b) for a in "abcd" for b in "abcd" if a != b}
+    assert len({tuple(r) for r in rounds}) > 10
+    assert calls(0) == log and calls(1) != log
 
 
 def test_epoch_seconds_reports_each_implementation():

@@ -19,9 +19,10 @@ What is measured, with torch's thread count (Numba follows it):
   excluded from the timings).
 
 Every contender's output (and input gradient) is first checked against ATen's; the check's
-largest error is part of the results. Calls alternate between contenders, so that all see
-the same background load (:func:`batchnorm.lab.timing.time_interleaved`), and each figure
-is the median (and the minimum) of many calls.
+largest error is part of the results. Calls alternate between contenders, in a new order
+each round, so that all see the same background load and none always follows the same
+other (:func:`batchnorm.lab.timing.time_interleaved`), and each figure is the median (and
+the minimum) of many calls.
 
 Effective bandwidth uses a stated minimal-traffic model: the bytes a batch-norm pass must
 move between the cores and memory if nothing stays in cache between passes, in tensor
