@@ -65,6 +65,12 @@ EXAMPLES = int(os.environ.get("BATCHNORM_FUZZ_EXAMPLES", DEFAULT_EXAMPLES))
 #   expand()ed float64 tensor reaches ~M/2, blocked and pairwise sums far less), so float64
 #   bounds of sums and of the batch mean add FLOAT64_ULPS_PER_TERM * M ulps. A float64 bug
 #   that hides below them would show in float32, which runs the same code.
+# * ATen's float32 kernels add a channel's terms in long chains: the (N, C) and
+#   channels-last kernel row by row, the NCHW kernel a plane in a few vector lanes (~M/16
+#   ulps of the sum of |terms| where the terms are equal: see backends.aten.ATEN_MAX_ROWS).
+#   The default dispatch sends such sums to the kernels and keeps the bound above; a forced
+#   "aten" backend, torch's own numbers, gets Higham's bound for them,
+#   FLOAT64_ULPS_PER_TERM * M ulps as float64.
 #
 # Gradients inherit the forward's error through xhat and, for curved activations, through
 # act'(pre): |act''| <= CURVATURE times the output's error. relu and leaky_relu are linear
@@ -403,6 +409,12 @@ def _channel_sum(t: torch.Tensor) -> torch.Tensor:
     return _nan_to_zero(t.detach().double()).abs().sum(_reduce_dims(t))
 
 
+def _aten_plain_sums(case: Case) -> bool:
+    """Whether the call runs on ATen's float32 kernels, which sum in long chains (forced
+    "aten", which takes torch's convention only)."""
+    return case.backend == "aten" and case.unbiased and case.dtype == torch.float32
+
+
 def tolerances(case: Case, args: dict, ref: dict, dy: torch.Tensor | None) -> dict[str, float]:
     """The absolute tolerance of every compared result (see the constants at the top), from
     the float64 oracle's values. Per-channel bounds are reduced to their maximum."""
@@ -411,7 +423,7 @@ def tolerances(case: Case, args: dict, ref: dict, dy: torch.Tensor | None) -> di
     channels, count = x.shape[1], x.numel() // x.shape[1]
     mean_ulps, ulps = MEAN_ULPS[case.dtype], ROUNDING_ULPS[case.dtype]
     sum_ulps = ulps  # of a per-channel sum
-    if case.dtype == torch.float64:
+    if case.dtype == torch.float64 or _aten_plain_sums(case):
         sum_ulps += FLOAT64_ULPS_PER_TERM * count
         mean_ulps += FLOAT64_ULPS_PER_TERM * count if case.training else 0.0
     w = args["weight"].detach().double().abs() if case.weight else torch.ones(channels).double()
@@ -710,6 +722,45 @@ def test_small_float32_input_with_a_large_mean_is_normalized_stably(shape, mean,
     invstd = x.double().var(0, correction=0).rsqrt().max().item()
     bound = FLOAT32_EPS * (MEAN_ULPS[torch.float32] * mean * invstd + 16 * 5)
     assert (y.double() - expected).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "shape,memory_format",
+    [((2040, 1), None), ((4, 3, 24, 24), torch.channels_last), ((1, 2, 64, 64), None),
+     ((2, 2, 128, 128), None)],
+    ids=["NC", "channels_last", "NCHW", "NCHW-65536"],
+)  # fmt: skip
+def test_long_sums_of_equal_terms_stay_accurate(shape, memory_format, training):
+    """Found by ``make fuzz``: an input and an output gradient constant along the batch
+    (expand()ed), (2040, 1) in eval. ATen's (N, C) kernel added the 2040 equal terms of
+    dweight and dbias one by one in float32, 240 ulps of their magnitudes off; the bound is
+    16 (ROUNDING_ULPS). Its NCHW kernel does the same on large planes: 32-129 ulps on planes
+    of 4096-16384 values. The default dispatch gives such long sums to the kernels (see
+    backends.aten.ATEN_MAX_ROWS). In training x is constant per channel here, so only
+    dbias has terms."""
+    g = torch.Generator().manual_seed(0)
+    channels = shape[1]
+    layout = (channels, *([1] * (len(shape) - 2)))
+    x = torch.randn(layout, generator=g).expand(shape)
+    dy = torch.randn(layout, generator=g).expand(shape)
+    x, dy = (t.contiguous(memory_format=memory_format or torch.contiguous_format) for t in (x, dy))
+    weight = (torch.rand(channels, generator=g) + 0.5).requires_grad_()
+    bias = torch.randn(channels, generator=g).requires_grad_()
+    rm, rv = torch.randn(channels, generator=g), torch.rand(channels, generator=g) + 0.5
+    y = BF.batch_norm(x, rm.clone(), rv.clone(), weight, bias, training=training)
+    dw, db = torch.autograd.grad(y, [weight, bias], dy)
+    x64, dy64 = x.double(), dy.double()
+    dims = [d for d in range(x.dim()) if d != 1]
+    if training:
+        mean, var = x64.mean(dims), x64.var(dims, correction=0)
+    else:
+        mean, var = rm.double(), rv.double()
+    view = (1, channels, *([1] * (len(shape) - 2)))
+    xhat = (x64 - mean.view(view)) * (var.view(view) + 1e-5).rsqrt()
+    for got, terms in ((dw, dy64 * xhat), (db, dy64)):
+        bound = ROUNDING_ULPS[torch.float32] * FLOAT32_EPS * terms.abs().sum(dims)
+        assert ((got.double() - terms.sum(dims)).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.5, 1.0, 0.0, None])

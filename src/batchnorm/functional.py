@@ -156,7 +156,8 @@ def _plain_eval(
             return None
     if forward_ad._current_level >= 0 or torch.compiler.is_compiling():
         return None
-    if ops.select(Call(input, False, "identity", 0.0, False)).name != "aten":
+    call = Call(input, False, "identity", 0.0, False, weight=weight, bias=bias)
+    if ops.select(call).name != "aten":
         return None
     return torch.batch_norm(input, weight, bias, running_mean, running_var, False, momentum,
                             eps, False)  # fmt: skip

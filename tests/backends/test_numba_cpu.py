@@ -447,3 +447,35 @@ def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
         assert chosen(torch.zeros(8, 256, 9, 9)) == "numba"
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.auto_dispatch
+def test_dispatch_long_float32_channel_sums_to_numba():
+    """ATen's float32 kernel for (N, C) and channels-last inputs adds a channel's rows one
+    by one, its NCHW kernel a plane's values in a few lanes: beyond ATEN_MAX_ROWS rows per
+    channel or ATEN_MAX_PLANE values per plane, the calls in which it sums (training, or
+    eval with a weight or bias to differentiate) go to the kernels. Plain eval, shorter
+    sums and other dtypes stay where they were."""
+    from batchnorm.backends import Call
+    from batchnorm.backends.aten import ATEN_MAX_PLANE, ATEN_MAX_ROWS
+    from batchnorm.ops.dispatch import select
+
+    def chosen(x: torch.Tensor, training: bool = True, weight=None) -> str:
+        return select(Call(x, training, "identity", 0.01, False, weight=weight)).name
+
+    rows = ATEN_MAX_ROWS
+    assert chosen(torch.zeros(rows, 8)) == "aten"
+    assert chosen(torch.zeros(rows + 1, 8)) == "numba"
+    nchw = torch.zeros(1, 8, 16, 17)  # 272 rows per channel, planes of 272 values
+    assert chosen(nchw) == "aten"
+    assert chosen(nchw.contiguous(memory_format=torch.channels_last)) == "numba"
+    assert chosen(torch.zeros(2, 2, 32, ATEN_MAX_PLANE // 32)) == "aten"
+    assert chosen(torch.zeros(2, 2, 32, ATEN_MAX_PLANE // 32 + 1)) == "numba"
+    assert chosen(torch.zeros(2040, 1, dtype=torch.float64)) == "aten"
+    assert chosen(torch.zeros(2040, 1, dtype=torch.bfloat16)) == "aten"
+    x, weight = torch.zeros(2040, 1), torch.ones(1, requires_grad=True)
+    assert chosen(x, training=False) == "aten"
+    assert chosen(x, training=False, weight=weight.detach()) == "aten"
+    assert chosen(x, training=False, weight=weight) == "numba"
+    with torch.no_grad():
+        assert chosen(x, training=False, weight=weight) == "aten"

@@ -4,7 +4,9 @@ separate (C++) ops. It computes torch's running-variance convention only, and is
 inputs made safe (see :func:`safe_batch_norm`).
 
 Dispatch rule (``preferred``), from ``make bench`` on 2 cores (benchmarks/results/
-cpu_kernels.json), the same for float32/float64 and bfloat16/float16 inputs: inputs below
+cpu_kernels.json), the same for float32/float64 and bfloat16/float16 inputs, for the calls
+whose sums it keeps accurate (float32 inputs of more than ATEN_MAX_ROWS rows per channel or
+ATEN_MAX_PLANE values per plane, whenever it would sum them, go to the kernels): inputs below
 ATEN_BELOW_NUMEL values (epilogue included: a few C++ ops beat a Python-called kernel
 there), NCHW inputs of small planes (ATEN_BELOW_PLANE) and plain eval (its elementwise
 loop streams as fast as ours), except on large bfloat16 inputs (BFLOAT16_EVAL_FROM).
@@ -55,6 +57,20 @@ _NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: channels_last (8, 64, 48, 48) 0.96 (1.15), (8, 256, 12, 12) 0.54-0.58 (0.63). float16
 #: stays on ATen, whose float16 loop is faster than its bfloat16 one: 0.85-1.35.
 BFLOAT16_EVAL_FROM = 1 << 21
+#: ATen's float32 CPU kernels add their per-channel sums in long chains, whose error grows
+#: with their length where the terms do not cancel: the (N, C) and channels-last kernel
+#: adds a channel's rows one by one, the NCHW kernel a plane's values in a few vector
+#: lanes. The Numba kernels add at most channels_last.GRAD_PART_ROWS rows (or a vector
+#: lane's share of jit.CHUNK values) in one chain and merge in float64. Calls
+#: with more rows per channel, or larger planes, than these, in which ATen would sum
+#: (training, or eval with a weight or bias to differentiate), go to the kernels. ATen's
+#: error of dbias, in float32 ulps of the sum of the terms' magnitudes, eval backward of
+#: inputs and gradients constant along the batch (torch 2.13.0, 2026-12-04): (N, C) 6-8 at
+#: 128 rows, 5-12 at 256, 23-29 at 512, 50-62 at 1024, 1900 at 65535; NCHW planes of 1024
+#: values 2.6, 2048 3.4-27, 4096 32-43, 16384 129 (ours: 0-8 in all; random data: ATen
+#: 0.4-17).
+ATEN_MAX_ROWS = 256
+ATEN_MAX_PLANE = 1024
 #: NCHW planes (H x W) and inputs from which the Triton kernels train faster than cuDNN.
 #: benchmarks/results/cuda_bench.json (H200, one call at a time, torch.nn time / Triton's):
 #: (128, 64, 112, 112) training forward 2.14 / 2.98 / 2.23 (float32 / bfloat16 / float16),
@@ -104,6 +120,8 @@ class AtenBackend:
             return False
         if x.dtype not in _NUMBA_DTYPES:
             return False
+        if long_plain_sums(call):
+            return False
         if x.numel() < ATEN_BELOW_NUMEL:
             return True
         if x.dim() > 2 and x.is_contiguous():
@@ -119,6 +137,27 @@ class AtenBackend:
         if call.residual is not None:
             y = y + call.residual
         return reference.activate(y, call.activation, call.negative_slope)
+
+
+def long_plain_sums(call: Call) -> bool:
+    """Whether ATen's float32 CPU kernel would add more terms in one chain than
+    ATEN_MAX_ROWS rows per channel ((N, C) and channels-last inputs) or ATEN_MAX_PLANE values
+    per plane (NCHW), and sum at all: in training (statistics and backward), or in eval with
+    a weight or bias that autograd differentiates (dweight, dbias)."""
+    x = call.x
+    if x.dtype is not torch.float32:
+        return False
+    if _channels_last_kernel(x):
+        longest = ATEN_MAX_ROWS * x.shape[1]
+    else:
+        longest = ATEN_MAX_PLANE * x.shape[0] * x.shape[1]
+    if x.numel() <= longest:
+        return False
+    if call.training:
+        return True
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (call.weight, call.bias)
+    )
 
 
 def safe_batch_norm(
