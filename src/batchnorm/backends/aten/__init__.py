@@ -145,13 +145,11 @@ def long_plain_sums(call: Call) -> bool:
     per plane (NCHW), and sum at all: in training (statistics and backward), or in eval with
     a weight or bias that autograd differentiates (dweight, dbias)."""
     x = call.x
-    if x.dtype is not torch.float32:
+    values, channels = x.numel(), x.shape[1]
+    # first the test that small layers pass (a plane is never longer than the rows)
+    if values <= ATEN_MAX_ROWS * channels or x.dtype is not torch.float32:
         return False
-    if _channels_last_kernel(x):
-        longest = ATEN_MAX_ROWS * x.shape[1]
-    else:
-        longest = ATEN_MAX_PLANE * x.shape[0] * x.shape[1]
-    if x.numel() <= longest:
+    if not _channels_last_kernel(x) and values <= ATEN_MAX_PLANE * x.shape[0] * channels:
         return False
     if call.training:
         return True
