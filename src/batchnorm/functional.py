@@ -12,6 +12,7 @@ from torch.autograd import forward_ad
 
 from batchnorm import ops
 from batchnorm.backends import Call
+from batchnorm.backends.aten import safe_batch_norm
 from batchnorm.reference import ACTIVATIONS, INVERTIBLE_ACTIVATIONS
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -117,35 +118,45 @@ def _batch_norm(
     return ops.batch_norm(call, reduction)
 
 
-def _plain_eval(
+def _plain_aten(
     input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
+    training: bool,
     momentum: float,
     eps: float,
 ) -> Tensor | None:
-    """Eval-mode batch norm without activation or residual, of an input that a layer has
-    checked (type, rank, channels), done the way ``_batch_norm`` would end up doing it when
-    that is ATen's operator with nothing to repair: ``torch.batch_norm`` called directly,
-    without the Python of the layers between (about a quarter of a (100, 128) eval call).
-    None when the call is not such a one, or when a check of ``check_inputs`` would fail:
-    the caller then takes ``_batch_norm``, which raises the errors.
+    """Batch norm without activation or residual, of an input that a layer has checked
+    (type, rank, channels), done the way ``_batch_norm`` would end up doing it when that is
+    ATen's operator: ``torch.batch_norm`` in eval, ``backends.aten.safe_batch_norm`` in
+    training (its shift included), called directly, without the Python of the layers
+    between (a quarter of a (100, 128) eval call, 2-2.5 µs of a training one). None when the
+    call is not such a one, or when a check of ``check_inputs`` would fail: the caller then
+    takes ``_batch_norm``, which raises the errors.
 
     It is such a call when every tensor is on the input's device (CPU or CUDA) and of its
     dtype (float32 for a half input, as under torch.autocast), the parameters are
-    (C,)-shaped and contiguous, both running statistics are given, no dimension has size 1
+    (C,)-shaped and contiguous, both running statistics are given (in training: both or
+    neither), a training batch has more than one value per channel, no dimension has size 1
     (see backends.aten.safe_batch_norm, which has nothing to repair then), eps is valid,
     neither torch.compile nor forward-mode AD is at work (ops.batch_norm treats those
     apart) and the dispatch (the forced backend, or the default rule) picks ATen."""
     dtype, channels, on_cpu = input.dtype, input.shape[1], input.is_cpu
-    if not ((on_cpu or input.is_cuda) and eps >= 0 and 1 not in input.shape):
+    if not ((on_cpu or input.is_cuda) and 1 not in input.shape and type(input) is Tensor):
         return None
-    if running_mean is None or running_var is None or type(input) is not Tensor:
+    if training:
+        # both running statistics or neither; more than one value per channel
+        if not (eps > 0 and (running_mean is None) is (running_var is None)):
+            return None
+        if input.numel() <= channels:
+            return None
+    elif not (eps >= 0 and running_mean is not None and running_var is not None):
         return None
     device = None if on_cpu else input.device
-    pdtype = running_mean.dtype
+    given = running_mean if running_mean is not None else weight if weight is not None else bias
+    pdtype = dtype if given is None else given.dtype
     if not (pdtype is dtype or (pdtype is torch.float32 and dtype in _HALF_DTYPES)):
         return None
     for t in (weight, bias, running_mean, running_var):  # a loop: this runs on every call
@@ -156,9 +167,12 @@ def _plain_eval(
             return None
     if forward_ad._current_level >= 0 or torch.compiler.is_compiling():
         return None
-    call = Call(input, False, "identity", 0.0, False, weight=weight, bias=bias)
+    call = Call(input, training, "identity", 0.0, False, weight=weight, bias=bias)
     if ops.select(call).name != "aten":
         return None
+    if training:
+        return safe_batch_norm(input, weight, bias, running_mean, running_var, True, momentum,
+                               eps)  # fmt: skip
     return torch.batch_norm(input, weight, bias, running_mean, running_var, False, momentum,
                             eps, False)  # fmt: skip
 

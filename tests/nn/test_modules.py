@@ -249,7 +249,7 @@ def general_path_calls(monkeypatch):
     "shape, channels_last",
     [((100, 128), False), ((4, 6, 5, 7), False), ((4, 6, 5, 7), True), ((2, 6, 3, 4, 5), True)],
 )
-def test_plain_eval_calls_aten_directly_and_matches_torch_to_the_bit(
+def test_plain_aten_calls_aten_directly_and_matches_torch_to_the_bit(
     shape, channels_last, general_path_calls
 ):
     """A plain layer in eval mode whose call the dispatch gives ATen skips the general path
@@ -306,8 +306,74 @@ def test_eval_calls_the_plain_path_cannot_take_go_the_general_way(general_path_c
     # parameters of mixed dtypes is not
     assert evaluated(plain, x.bfloat16())[0] == 0
     half_stats = torch.zeros(6, dtype=torch.bfloat16), torch.ones(6, dtype=torch.bfloat16)
-    assert batchnorm.functional._plain_eval(x.bfloat16(), *half_stats, torch.ones(6), None, 0.1,
-                                            1e-5) is None  # fmt: skip
+    assert batchnorm.functional._plain_aten(x.bfloat16(), *half_stats, torch.ones(6), None,
+                                            False, 0.1, 1e-5) is None  # fmt: skip
+
+
+@pytest.mark.auto_dispatch
+@pytest.mark.parametrize(
+    "shape, channels_last", [((100, 128), False), ((4, 6, 5, 7), True), ((8, 6, 5, 7), False)]
+)
+@pytest.mark.parametrize(
+    "dtype, x_dtype",
+    [(torch.float32,) * 2, (torch.float64,) * 2, (torch.float32, torch.bfloat16)],
+)  # fmt: skip
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_plain_training_gives_what_the_general_path_gives(
+    shape, channels_last, dtype, x_dtype, config, general_path_calls, monkeypatch
+):
+    """A plain layer's training call that the dispatch gives ATen skips the general path
+    and gives its output, gradients, running statistics and step count to the bit, over
+    two steps: the shift of float32 (N, C) and channels-last inputs included, and every
+    configuration (no running statistics, cumulative average, no affine, ...)."""
+    import copy
+
+    import batchnorm.nn.base as base
+
+    _, layer = make_pair(shape, dtype, **CONFIGS[config])
+    twin = copy.deepcopy(layer)
+    x = random_input(shape, x_dtype, channels_last=channels_last, mean=3.0).requires_grad_()
+
+    def results(layer):
+        out = []
+        for _ in range(2):
+            y = layer(x)
+            out += [y, *torch.autograd.grad(y, [x, *layer.parameters()], torch.ones_like(y))]
+        return out + list(layer.buffers())
+
+    general_path_calls.clear()
+    plain = results(layer)
+    assert general_path_calls == []
+    monkeypatch.setattr(base, "_plain_aten", lambda *args: None)
+    general = results(twin)
+    assert len(general_path_calls) == 2
+    for got, expected in zip(plain, general, strict=True):
+        assert torch.equal(got, expected) and got.stride() == expected.stride()
+
+
+@pytest.mark.auto_dispatch
+def test_training_calls_the_plain_path_cannot_take_go_the_general_way(general_path_calls):
+    """In training too, only plain calls on ATen skip the general path; the others take it,
+    and a batch of one value per channel gets its error."""
+    x = random_input((8, 6, 4, 4))
+
+    def trained(layer, input=x, **kwargs):
+        general_path_calls.clear()
+        layer(input, **kwargs)
+        return len(general_path_calls)
+
+    assert trained(batchnorm.BatchNorm2d(6)) == 0
+    assert trained(batchnorm.BatchNorm2d(6, track_running_stats=False)) == 0
+    assert trained(batchnorm.BatchNorm2d(6), residual=x) == 1
+    assert trained(batchnorm.BatchNormAct2d(6, activation="relu")) == 1
+    assert trained(batchnorm.BatchNorm2d(6, unbiased_running_var=False)) == 1
+    assert trained(batchnorm.BatchNorm2d(6), random_input((1, 6, 4, 4))) == 1  # size-1 dim
+    long_rows = random_input((8, 6, 8, 8), channels_last=True)  # 512 rows: the kernels
+    assert trained(batchnorm.BatchNorm2d(6), long_rows) == 1
+    with batchnorm.ops.use_backend("numba"):
+        assert trained(batchnorm.BatchNorm2d(6)) == 1
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batchnorm.BatchNorm1d(6)(torch.randn(1, 6))
 
 
 def _strided_weight(layer):
@@ -341,7 +407,7 @@ def _dual(evaluated, layer):
 )  # fmt: skip
 @pytest.mark.parametrize("config", ["default", "no_affine", "no_bias", "momentum_0.3"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_plain_eval_gives_what_the_general_path_gives(
+def test_plain_aten_gives_what_the_general_path_gives(
     shape, channels_last, dtype, x_dtype, config, grad, general_path_calls, monkeypatch
 ):
     """The plain eval call and the general path's, on the same layer and input: the same
@@ -362,7 +428,7 @@ def test_plain_eval_gives_what_the_general_path_gives(
     general_path_calls.clear()
     plain = results()
     assert general_path_calls == []
-    monkeypatch.setattr(base, "_plain_eval", lambda *args: None)
+    monkeypatch.setattr(base, "_plain_aten", lambda *args: None)
     general = results()
     assert len(general_path_calls) == 1
     for got, expected in zip(plain, general, strict=True):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.functional import ArgumentTypeError, InputError, _batch_norm, _plain_eval
+from batchnorm.functional import ArgumentTypeError, InputError, _batch_norm, _plain_aten
 from batchnorm.nn.tracing import GraphFriendly, script_batch_norm, script_check_rank
 
 #: The N of the ``BatchNormNd`` flavour that takes inputs of each rank.
@@ -228,15 +228,17 @@ class _BatchNormBase(GraphFriendly, _BatchNorm):
         self._check_input_dim(input)
         momentum = self._momentum_factor()
         if (
-            not self.training
-            and residual is None
+            residual is None
             and self.activation is None
             and self.unbiased_running_var
             and not self._keep_output_only
-        ):  # plain eval: ATen's operator directly where the general path would call it
-            y = _plain_eval(input, _own(self, "running_mean"), _own(self, "running_var"),
-                            _own(self, "weight"), _own(self, "bias"), momentum,
-                            self.eps)  # fmt: skip
+        ):  # plain BN: ATen's operator directly where the general path would call it
+            training = self.training
+            track = not training or self.track_running_stats
+            running_mean = _own(self, "running_mean") if track else None
+            running_var = _own(self, "running_var") if track else None
+            y = _plain_aten(input, running_mean, running_var, _own(self, "weight"),
+                            _own(self, "bias"), training, momentum, self.eps)  # fmt: skip
             if y is not None:
                 return y
         return self._normalize(input, residual, momentum)
