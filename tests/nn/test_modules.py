@@ -249,7 +249,7 @@ def general_path_calls(monkeypatch):
     "shape, channels_last",
     [((100, 128), False), ((4, 6, 5, 7), False), ((4, 6, 5, 7), True), ((2, 6, 3, 4, 5), True)],
 )
-def test_plain_aten_calls_aten_directly_and_matches_torch_to_the_bit(
+def test_plain_eval_calls_aten_directly_and_matches_torch_to_the_bit(
     shape, channels_last, general_path_calls
 ):
     """A plain layer in eval mode whose call the dispatch gives ATen skips the general path
@@ -407,7 +407,7 @@ def _dual(evaluated, layer):
 )  # fmt: skip
 @pytest.mark.parametrize("config", ["default", "no_affine", "no_bias", "momentum_0.3"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_plain_aten_gives_what_the_general_path_gives(
+def test_plain_eval_gives_what_the_general_path_gives(
     shape, channels_last, dtype, x_dtype, config, grad, general_path_calls, monkeypatch
 ):
     """The plain eval call and the general path's, on the same layer and input: the same

@@ -60,9 +60,9 @@ BFLOAT16_EVAL_FROM = 1 << 21
 #: ATen's float32 CPU kernels add their per-channel sums in long chains, whose error grows
 #: with their length where the terms do not cancel: the (N, C) and channels-last kernel
 #: adds a channel's rows one by one, the NCHW kernel a plane's values in a few vector
-#: lanes. The Numba kernels add at most channels_last.GRAD_PART_ROWS rows (or a vector
-#: lane's share of jit.CHUNK values) in one chain and merge in float64. Calls
-#: with more rows per channel, or larger planes, than these, in which ATen would sum
+#: lanes. The Numba kernels' backward adds channels_last.GRAD_PART_ROWS rows (or a vector
+#: lane's share of jit.CHUNK values) in one chain, and merges in float64. Calls with more
+#: rows per channel, or larger planes, than these constants, in which ATen would sum
 #: (training, or eval with a weight or bias to differentiate), go to the kernels. ATen's
 #: error of dbias, in float32 ulps of the sum of the terms' magnitudes, eval backward of
 #: inputs and gradients constant along the batch (torch 2.13.0, 2026-12-04): (N, C) 6-8 at
