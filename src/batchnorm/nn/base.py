@@ -233,15 +233,19 @@ class _BatchNormBase(GraphFriendly, _BatchNorm):
             and self.unbiased_running_var
             and not self._keep_output_only
         ):  # plain BN: ATen's operator directly where the general path would call it
-            training = self.training
-            track = not training or self.track_running_stats
-            running_mean = _own(self, "running_mean") if track else None
-            running_var = _own(self, "running_var") if track else None
+            running_mean, running_var = self._tracked_statistics()
             y = _plain_aten(input, running_mean, running_var, _own(self, "weight"),
-                            _own(self, "bias"), training, momentum, self.eps)  # fmt: skip
+                            _own(self, "bias"), self.training, momentum, self.eps)  # fmt: skip
             if y is not None:
                 return y
         return self._normalize(input, residual, momentum)
+
+    def _tracked_statistics(self) -> tuple[Tensor | None, Tensor | None]:
+        """The running statistics a call reads (eval) or updates (training), torch.nn's
+        rule: the layer's own, except in training with track_running_stats off."""
+        if self.training and not self.track_running_stats:
+            return None, None
+        return _own(self, "running_mean"), _own(self, "running_var")
 
     def _forward_script(self, input: Tensor, residual: Tensor | None) -> Tensor:
         """The TorchScript path of ``forward``: the plain layer's function in torch ops."""
@@ -286,13 +290,13 @@ class _BatchNormBase(GraphFriendly, _BatchNorm):
             weight = _own(self, "weight")
         if bias is True:
             bias = _own(self, "bias")
-        own_mean, own_var = _own(self, "running_mean"), _own(self, "running_var")
-        track = not self.training or self.track_running_stats
+        tracked_mean, tracked_var = self._tracked_statistics()
         if running_mean is True:
-            running_mean = own_mean if track else None
+            running_mean = tracked_mean
         if running_var is True:
-            running_var = own_var if track else None
-        use_batch_stats = self.training or (own_mean is None and own_var is None)
+            running_var = tracked_var
+        # in eval the tracked statistics are the layer's own: none, and the batch's are used
+        use_batch_stats = self.training or (tracked_mean is None and tracked_var is None)
         return _batch_norm(
             input,
             running_mean,  # type: ignore[arg-type]

@@ -117,9 +117,9 @@ def _cl_grad_sums(gb, xb, zb, pb, g, gx, part, mean, scale, shift, act, neg, has
     GRAD_PART_ROWS rows at a time into sums of their own (``part``, 2 x C), which are then
     added to g and gx; write dpre to pb if write_dpre."""
     rows = xb.shape[0]
+    pg, pgx = part[0], part[1]
     for k in range((rows + GRAD_PART_ROWS - 1) // GRAD_PART_ROWS):
         r0, r1 = k * GRAD_PART_ROWS, min(rows, k * GRAD_PART_ROWS + GRAD_PART_ROWS)
-        pg, pgx = part[0], part[1]
         pg[:] = 0
         pgx[:] = 0
         _cl_add_grad_terms(gb[r0:r1], xb[r0:r1], zb[r0:r1], pb[r0:r1], pg, pgx, mean, scale,
