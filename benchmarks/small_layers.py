@@ -3,8 +3,8 @@ Python around a call is most of its cost (the kernels take a few µs).
 
 Layers of a model's late stages and of MLPs, module calls (``layer(x)``): eval and training
 forward without autograd, and forward + backward. Besides ``torch.nn`` and ``batchnorm``,
-``batchnorm, general path`` is this package's layer in eval with its shortcut for plain
-calls switched off (``functional._plain_aten``, see docs/functional.md#dispatch): what an
+``batchnorm, general path`` is this package's layer in eval with its shortcut for usual
+calls switched off (``functional._layer_call``, see docs/functional.md#dispatch): what an
 eval call cost before it. The contenders alternate batch by batch
 (:func:`batchnorm.lab.timing.time_interleaved`, each measure a batch of CALLS calls), so the
 ratios hold while the machine's speed drifts; the µs do not.
@@ -48,7 +48,7 @@ CALLS = 50
 
 
 def _runner(layer: nn.Module, mode: str, x: torch.Tensor, dy: torch.Tensor, general: bool):
-    """CALLS calls of ``layer`` in ``mode``; ``general``: with the plain-call shortcut off."""
+    """CALLS calls of ``layer`` in ``mode``; ``general``: with the usual-call shortcut off."""
     layer.train(mode != "eval")
     x_grad = x.detach().clone().requires_grad_()
 
@@ -61,14 +61,14 @@ def _runner(layer: nn.Module, mode: str, x: torch.Tensor, dy: torch.Tensor, gene
                 layer(x)
 
     def run() -> None:
-        shortcut = layer_base._plain_aten
+        shortcut = layer_base._layer_call
         if general:
-            layer_base._plain_aten = lambda *args: None
+            layer_base._layer_call = lambda *args: None
         try:
             for _ in range(CALLS):
                 call()
         finally:
-            layer_base._plain_aten = shortcut
+            layer_base._layer_call = shortcut
 
     return run
 
@@ -143,7 +143,7 @@ def main() -> None:
         "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "seconds": round(time.perf_counter() - start, 1),
         "notes": "Ratios above 1: faster than torch.nn. 'general path': this package's "
-        "layer with the plain-call shortcut off (eval only).",
+        "layer with the usual-call shortcut off (eval only).",
         "results": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

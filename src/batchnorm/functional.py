@@ -118,33 +118,28 @@ def _batch_norm(
     return ops.batch_norm(call, reduction)
 
 
-def _plain_aten(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-) -> Tensor | None:
-    """Batch norm without activation or residual, of an input that a layer has checked
-    (type, rank, channels), done the way ``_batch_norm`` would end up doing it when that is
-    ATen's operator: ``torch.batch_norm`` in eval, ``backends.aten.safe_batch_norm`` in
-    training (its shift included), called directly, without the Python of the layers
-    between (a quarter of a (100, 128) eval call, 2-2.5 µs of a training one). None when the
-    call is not such a one, or when a check of ``check_inputs`` would fail: the caller then
-    takes ``_batch_norm``, which raises the errors.
+def _layer_call(call: Call) -> Tensor | None:
+    """A layer's call (an input the layer has checked: type, rank, channels) done the way
+    ``_batch_norm`` would end up doing it, without the Python between: the checks of
+    ``check_inputs`` that pass in the usual case, then the dispatch, then the picked
+    backend, directly (ops.run_kernels for kernels). Plain calls on ATen go straight to
+    ``torch.batch_norm`` in eval and ``backends.aten.safe_batch_norm`` (its shift included) in
+    training. That Python costs a quarter of a (100, 128) eval call, and more between the
+    convolutions of a model, where it runs with cold caches (docs/performance.md).
 
-    It is such a call when every tensor is on the input's device (CPU or CUDA) and of its
-    dtype (float32 for a half input, as under torch.autocast), the parameters are
-    (C,)-shaped and contiguous, both running statistics are given (in training: both or
-    neither), a training batch has more than one value per channel, no dimension has size 1
-    (see backends.aten.safe_batch_norm, which has nothing to repair then), eps is valid,
-    neither torch.compile nor forward-mode AD is at work (ops.batch_norm treats those
-    apart) and the dispatch (the forced backend, or the default rule) picks ATen."""
+    None when the call is not a usual one, or when a check of ``check_inputs`` would fail:
+    the caller then takes ``_batch_norm``, which raises the errors. Usual means: a plain
+    floating-point tensor on CPU or CUDA; every other tensor of its device and dtype
+    (float32 parameters and statistics for a half input, as under torch.autocast), the
+    parameters and statistics (C,)-shaped and contiguous, a residual of the input's shape;
+    both running statistics given (in training: both or neither); in training more than
+    one value per channel; a valid eps and a known activation; an output that is not the
+    only tensor kept for backward (InPlace-ABN); neither torch.compile nor forward-mode AD at
+    work (ops.batch_norm treats those apart)."""
+    (input, training, activation, _, _, keep_output_only, _, weight, bias, running_mean,
+     running_var, residual, momentum, eps) = call  # fmt: skip
     dtype, channels, on_cpu = input.dtype, input.shape[1], input.is_cpu
-    if not ((on_cpu or input.is_cuda) and 1 not in input.shape and type(input) is Tensor):
+    if not ((on_cpu or input.is_cuda) and type(input) is Tensor):
         return None
     if training:
         # both running statistics or neither; more than one value per channel
@@ -156,25 +151,43 @@ def _plain_aten(
         return None
     device = None if on_cpu else input.device
     given = running_mean if running_mean is not None else weight if weight is not None else bias
-    pdtype = dtype if given is None else given.dtype
-    if not (pdtype is dtype or (pdtype is torch.float32 and dtype in _HALF_DTYPES)):
+    if given is None:  # else the input's dtype is checked against a floating parameter's
+        if not input.is_floating_point():
+            return None
+    elif not (given.dtype is dtype or (given.dtype is torch.float32 and dtype in _HALF_DTYPES)):
         return None
+    pdtype, shape = dtype if given is None else given.dtype, (channels,)
     for t in (weight, bias, running_mean, running_var):  # a loop: this runs on every call
         if t is not None and not (
-            t.dtype is pdtype and t.shape == (channels,) and t.is_contiguous()
+            t.dtype is pdtype and t.shape == shape and t.is_contiguous()
             and (t.is_cpu if on_cpu else t.device == device)
         ):  # fmt: skip
             return None
-    if forward_ad._current_level >= 0 or torch.compiler.is_compiling():
+    plain = residual is None and activation == "identity"
+    if not plain and not (
+        activation in ACTIVATIONS
+        and (
+            residual is None
+            or type(residual) is Tensor and residual.dtype is dtype
+            and residual.shape == input.shape
+            and (residual.is_cpu if on_cpu else residual.device == device)
+        )
+    ):  # fmt: skip
         return None
-    call = Call(input, training, "identity", 0.0, False, weight=weight, bias=bias)
-    if ops.select(call).name != "aten":
+    if keep_output_only or forward_ad._current_level >= 0 or torch.compiler.is_compiling():
         return None
+    backend = ops.select(call)
+    if not backend.operator:
+        return ops.run_kernels(call, backend)  # type: ignore[arg-type]
+    if not plain or backend.name != "aten":
+        return backend.batch_norm(call)  # type: ignore[attr-defined]
     if training:
         return safe_batch_norm(input, weight, bias, running_mean, running_var, True, momentum,
                                eps)  # fmt: skip
-    return torch.batch_norm(input, weight, bias, running_mean, running_var, False, momentum,
-                            eps, False)  # fmt: skip
+    if 1 in input.shape:  # odd strides to repair (see safe_batch_norm)
+        return safe_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)
+    return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
+                            False)  # fmt: skip
 
 
 def check_activation(activation: str | None, where: str) -> str:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import batchnorm
+from batchnorm.backends import Call
 from conftest import assert_close, random_input
 
 SHAPES = {
@@ -271,109 +272,127 @@ def test_plain_eval_calls_aten_directly_and_matches_torch_to_the_bit(
 
 
 @pytest.mark.auto_dispatch
-def test_eval_calls_the_plain_path_cannot_take_go_the_general_way(general_path_calls):
-    """Every eval call that is not plain ATen with nothing to repair takes the general path
-    (which checks and dispatches it), with its result; the plain one does not."""
+@pytest.mark.parametrize("training", [False, True])
+def test_only_unusual_layer_calls_go_the_general_way(training, general_path_calls):
+    """A layer's usual call goes from its own checks straight to the dispatch's pick, on ATen
+    or the kernels, fused activation and residual included; every other call takes the
+    general path (which checks, dispatches and raises the errors), with its result."""
     shape = (8, 6, 4, 4)
     x = random_input(shape)
+    long_rows = random_input((8, 6, 8, 8), channels_last=True)  # 512 rows: the kernels
 
-    def evaluated(layer, input=x, **kwargs):
-        layer.eval()
+    def general_calls(layer, input=x, **kwargs):
+        layer.train(training)
         general_path_calls.clear()
         y = layer(input, **kwargs)
         assert y.shape == input.shape
-        return len(general_path_calls), y
+        return len(general_path_calls)
 
     plain = batchnorm.BatchNorm2d(6)
-    assert evaluated(plain)[0] == 0
-    cases = {
-        "residual": lambda: evaluated(batchnorm.BatchNorm2d(6), residual=x),
-        "activation": lambda: evaluated(batchnorm.BatchNormAct2d(6, activation="relu")),
-        "biased running var": lambda: evaluated(
+    usual = {
+        "plain": lambda: general_calls(plain),
+        "residual": lambda: general_calls(batchnorm.BatchNorm2d(6), residual=x),
+        "activation": lambda: general_calls(batchnorm.BatchNormAct2d(6, activation="silu")),
+        "biased running var": lambda: general_calls(
             batchnorm.BatchNorm2d(6, unbiased_running_var=False)
         ),
-        "no running statistics": lambda: evaluated(
-            batchnorm.BatchNorm2d(6, track_running_stats=False)
-        ),
-        "size-1 dimension": lambda: evaluated(plain, random_input((1, 6, 4, 4))),
-        "a weight that is not contiguous": lambda: evaluated(_strided_weight(plain)),
-        "forced backend": lambda: _forced("numba", evaluated, plain),
-        "forward-mode AD": lambda: _dual(evaluated, plain),
+        "size-1 dimension": lambda: general_calls(plain, random_input((1, 6, 4, 4))),
+        "the kernels' rows": lambda: general_calls(plain, long_rows),
+        "a forced kernel backend": lambda: _forced("numba", general_calls, plain),
+        # a half input with float32 parameters: torch.autocast's case
+        "bfloat16 input": lambda: general_calls(plain, x.bfloat16()),
     }
-    for name, case in cases.items():
-        assert case()[0] == 1, name
-    # a half input with float32 parameters is plain (torch.autocast's case), one with
-    # parameters of mixed dtypes is not
-    assert evaluated(plain, x.bfloat16())[0] == 0
+    unusual = {
+        "a weight that is not contiguous": lambda: general_calls(_strided_weight(plain)),
+        "forward-mode AD": lambda: _dual(general_calls, plain),
+        "output-only backward": lambda: general_calls(batchnorm.InPlaceBatchNormAct2d(6)),
+        "residual of another dtype": lambda: _raises(general_calls, plain, residual=x.double()),
+    }
+    if training:
+        usual["no running statistics"] = lambda: general_calls(
+            batchnorm.BatchNorm2d(6, track_running_stats=False)
+        )
+    else:  # the batch's statistics in eval: torch.nn's rule, in the general path
+        unusual["no running statistics"] = lambda: general_calls(
+            batchnorm.BatchNorm2d(6, track_running_stats=False)
+        )
+    for name, case in usual.items():
+        assert case() == 0, name
+    for name, case in unusual.items():
+        assert case() == 1, name
+    # parameters of mixed dtypes are not usual
     half_stats = torch.zeros(6, dtype=torch.bfloat16), torch.ones(6, dtype=torch.bfloat16)
-    assert batchnorm.functional._plain_aten(x.bfloat16(), *half_stats, torch.ones(6), None,
-                                            False, 0.1, 1e-5) is None  # fmt: skip
+    call = Call(x.bfloat16(), training, "identity", 0.0, False, False, True, torch.ones(6), None,
+                *half_stats)  # fmt: skip
+    assert batchnorm.functional._layer_call(call) is None
+    if training:
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            batchnorm.BatchNorm1d(6)(torch.randn(1, 6))
+
+
+def _raises(general_calls, layer, **kwargs):
+    with pytest.raises(TypeError, match="residual has dtype"):
+        general_calls(layer, **kwargs)
+    return 1
+
+
+#: Inputs whose calls go to ATen ((100, 128), the small ones) and to the kernels (float32 with
+#: more than ATEN_MAX_ROWS rows per channel, or more than ATEN_BELOW_NUMEL values).
+LAYER_CALL_INPUTS = [
+    ((100, 128), False), ((4, 6, 5, 7), True), ((8, 6, 5, 7), False),
+    ((300, 16), False), ((8, 4, 12, 12), True), ((8, 16, 32, 32), False),
+]  # fmt: skip
 
 
 @pytest.mark.auto_dispatch
-@pytest.mark.parametrize(
-    "shape, channels_last", [((100, 128), False), ((4, 6, 5, 7), True), ((8, 6, 5, 7), False)]
-)
+@pytest.mark.parametrize("shape, channels_last", LAYER_CALL_INPUTS)
 @pytest.mark.parametrize(
     "dtype, x_dtype",
     [(torch.float32,) * 2, (torch.float64,) * 2, (torch.float32, torch.bfloat16)],
 )  # fmt: skip
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_plain_training_gives_what_the_general_path_gives(
-    shape, channels_last, dtype, x_dtype, config, general_path_calls, monkeypatch
+@pytest.mark.parametrize("fused", [False, True])
+def test_training_layer_calls_give_what_the_general_path_gives(
+    shape, channels_last, dtype, x_dtype, config, fused, general_path_calls, monkeypatch
 ):
-    """A plain layer's training call that the dispatch gives ATen skips the general path
-    and gives its output, gradients, running statistics and step count to the bit, over
-    two steps: the shift of float32 (N, C) and channels-last inputs included, and every
-    configuration (no running statistics, cumulative average, no affine, ...)."""
+    """A layer's usual training call skips the general path and gives its output,
+    gradients, running statistics and step count to the bit, over two steps: on ATen (the
+    shift of float32 (N, C) and channels-last inputs included) and on the kernels, plain and
+    with a fused activation and residual, in every configuration (no running statistics,
+    cumulative average, no affine, ...)."""
     import copy
 
     import batchnorm.nn.base as base
 
     _, layer = make_pair(shape, dtype, **CONFIGS[config])
+    if fused:
+        plain = layer
+        layer = getattr(batchnorm, f"BatchNormAct{PAIRS[len(shape)]}")(
+            shape[1], dtype=dtype, activation="silu", **CONFIGS[config]
+        )
+        layer.load_state_dict(plain.state_dict())
     twin = copy.deepcopy(layer)
     x = random_input(shape, x_dtype, channels_last=channels_last, mean=3.0).requires_grad_()
+    residual = random_input(shape, x_dtype, channels_last=channels_last, seed=2)
+    residual = residual.requires_grad_() if fused else None
 
     def results(layer):
         out = []
+        inputs = [x] if residual is None else [x, residual]
         for _ in range(2):
-            y = layer(x)
-            out += [y, *torch.autograd.grad(y, [x, *layer.parameters()], torch.ones_like(y))]
+            y = layer(x, residual)
+            grads = torch.autograd.grad(y, [*inputs, *layer.parameters()], torch.ones_like(y))
+            out += [y, *grads]
         return out + list(layer.buffers())
 
     general_path_calls.clear()
-    plain = results(layer)
+    usual = results(layer)
     assert general_path_calls == []
-    monkeypatch.setattr(base, "_plain_aten", lambda *args: None)
+    monkeypatch.setattr(base, "_layer_call", lambda *args: None)
     general = results(twin)
     assert len(general_path_calls) == 2
-    for got, expected in zip(plain, general, strict=True):
+    for got, expected in zip(usual, general, strict=True):
         assert torch.equal(got, expected) and got.stride() == expected.stride()
-
-
-@pytest.mark.auto_dispatch
-def test_training_calls_the_plain_path_cannot_take_go_the_general_way(general_path_calls):
-    """In training too, only plain calls on ATen skip the general path; the others take it,
-    and a batch of one value per channel gets its error."""
-    x = random_input((8, 6, 4, 4))
-
-    def trained(layer, input=x, **kwargs):
-        general_path_calls.clear()
-        layer(input, **kwargs)
-        return len(general_path_calls)
-
-    assert trained(batchnorm.BatchNorm2d(6)) == 0
-    assert trained(batchnorm.BatchNorm2d(6, track_running_stats=False)) == 0
-    assert trained(batchnorm.BatchNorm2d(6), residual=x) == 1
-    assert trained(batchnorm.BatchNormAct2d(6, activation="relu")) == 1
-    assert trained(batchnorm.BatchNorm2d(6, unbiased_running_var=False)) == 1
-    assert trained(batchnorm.BatchNorm2d(6), random_input((1, 6, 4, 4))) == 1  # size-1 dim
-    long_rows = random_input((8, 6, 8, 8), channels_last=True)  # 512 rows: the kernels
-    assert trained(batchnorm.BatchNorm2d(6), long_rows) == 1
-    with batchnorm.ops.use_backend("numba"):
-        assert trained(batchnorm.BatchNorm2d(6)) == 1
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
-        batchnorm.BatchNorm1d(6)(torch.randn(1, 6))
 
 
 def _strided_weight(layer):
@@ -394,8 +413,7 @@ def _dual(evaluated, layer):
 
     with fwAD.dual_level():
         x = random_input((8, 6, 4, 4))
-        calls, y = evaluated(layer, fwAD.make_dual(x, torch.ones_like(x)))
-        return calls, fwAD.unpack_dual(y).primal
+        return evaluated(layer, fwAD.make_dual(x, torch.ones_like(x)))
 
 
 @pytest.mark.auto_dispatch
@@ -428,7 +446,7 @@ def test_plain_eval_gives_what_the_general_path_gives(
     general_path_calls.clear()
     plain = results()
     assert general_path_calls == []
-    monkeypatch.setattr(base, "_plain_aten", lambda *args: None)
+    monkeypatch.setattr(base, "_layer_call", lambda *args: None)
     general = results()
     assert len(general_path_calls) == 1
     for got, expected in zip(plain, general, strict=True):

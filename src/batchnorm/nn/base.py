@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.functional import ArgumentTypeError, InputError, _batch_norm, _plain_aten
+from batchnorm.backends import Call
+from batchnorm.functional import ArgumentTypeError, InputError, _batch_norm, _layer_call
 from batchnorm.nn.tracing import GraphFriendly, script_batch_norm, script_check_rank
 
 #: The N of the ``BatchNormNd`` flavour that takes inputs of each rank.
@@ -227,15 +228,14 @@ class _BatchNormBase(GraphFriendly, _BatchNorm):
         """The eager path of ``forward``: what variants override."""
         self._check_input_dim(input)
         momentum = self._momentum_factor()
-        if (
-            residual is None
-            and self.activation is None
-            and self.unbiased_running_var
-            and not self._keep_output_only
-        ):  # plain BN: ATen's operator directly where the general path would call it
+        if not self._keep_output_only:  # the usual call: the dispatch's pick directly
             running_mean, running_var = self._tracked_statistics()
-            y = _plain_aten(input, running_mean, running_var, _own(self, "weight"),
-                            _own(self, "bias"), self.training, momentum, self.eps)  # fmt: skip
+            activation = self.activation
+            call = Call(input, self.training, "identity" if activation is None else activation,
+                        self.negative_slope, residual is not None, False,
+                        self.unbiased_running_var, _own(self, "weight"), _own(self, "bias"),
+                        running_mean, running_var, residual, momentum, self.eps)  # fmt: skip
+            y = _layer_call(call)
             if y is not None:
                 return y
         return self._normalize(input, residual, momentum)

@@ -4,7 +4,7 @@
 ``use_backend``, ``available_backends`` and ``register_backend`` steer the dispatch.
 """
 
-from batchnorm.ops.core import Reduction, backward_impl, batch_norm, forward_impl
+from batchnorm.ops.core import Reduction, backward_impl, batch_norm, forward_impl, run_kernels
 from batchnorm.ops.dispatch import (
     available_backends,
     backend_named,
@@ -27,6 +27,7 @@ __all__ = [
     "batch_norm",
     "forward_impl",
     "register_backend",
+    "run_kernels",
     "select",
     "select_backend",
     "select_kernels",

@@ -463,21 +463,37 @@ def batch_norm(call: Call, reduction: Reduction | None = None) -> Tensor:
     and the running update are those of the global batch.
 
     Inputs must already be validated (see :mod:`batchnorm.functional`)."""
-    (x, training, activation, negative_slope, _, keep_output_only, unbiased_running_var,
-     weight, bias, running_mean, running_var, residual, momentum, eps) = call  # fmt: skip
-    reduction = reduction if training else None
+    reduction = reduction if call.training else None
     compiling = torch.compiler.is_compiling() and reduction is None
     if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tangents may flow
-        _refuse_dual_statistics(x, training, running_mean, running_var)
-    chosen = None  # the kernel backend the dispatch picks (under torch.compile: forward_impl)
+        _refuse_dual_statistics(call.x, call.training, call.running_mean, call.running_var)
+    backend = None  # the kernel backend the dispatch picks (under torch.compile: forward_impl)
     if not compiling and reduction is None:
         backend = select(call)
         if backend.operator:
             return backend.batch_norm(call)  # type: ignore[attr-defined]
-        # the kernels read memory: torch.func's wrappers and other tensor types go to the
-        # reference (see _kernels), decided here once for forward, backward and update
-        if _all_readable(x, weight, bias, running_mean, running_var, residual):
-            chosen = backend  # type: ignore[assignment]
+    return run_kernels(call, backend, reduction, compiling)  # type: ignore[arg-type]
+
+
+def run_kernels(
+    call: Call,
+    backend: KernelBackend | None,
+    reduction: Reduction | None = None,
+    compiling: bool = False,
+) -> Tensor:
+    """The part of :func:`batch_norm` after the dispatch: ``call`` on the kernel ``backend``
+    the dispatch picked for it (None with a ``reduction`` or when ``compiling``, which pick
+    their kernels in forward_impl), with autograd and the running update. Layers call it
+    directly once their own checks and the dispatch are done (see
+    batchnorm.functional._layer_call)."""
+    (x, training, activation, negative_slope, _, keep_output_only, unbiased_running_var,
+     weight, bias, running_mean, running_var, residual, momentum, eps) = call  # fmt: skip
+    # the kernels read memory: torch.func's wrappers and other tensor types go to the
+    # reference (see _kernels), decided here once for forward, backward and update
+    chosen = None
+    if backend is not None and _all_readable(x, weight, bias, running_mean, running_var,
+                                             residual):  # fmt: skip
+        chosen = backend
     args = (x, weight, bias, running_mean, running_var, residual, training, float(eps),
             activation, float(negative_slope))  # fmt: skip
     # the dispatch's kernels came with a check of every tensor's storage (see above)
