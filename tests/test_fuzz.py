@@ -1,4 +1,6 @@
-"""Differential fuzzing of batchnorm.functional.batch_norm against an independent float64 oracle.
+"""Differential fuzzing of batch norm against an independent float64 oracle: calls of
+batchnorm.functional.batch_norm and of the layers (whose usual calls take a path of their
+own, see functional._layer_call).
 
 The oracle is torch.nn.functional.batch_norm run in float64 on contiguous float64 copies of
 the inputs, followed by the residual and the activation as float64 torch ops (never our own
@@ -10,6 +12,9 @@ reference module), differentiated by torch's autograd. Hypothesis draws
   (stride 0), a column of a larger tensor, a step slice ``t[::2]``, size-1 dims with odd
   strides;
 * the dtype, every option of the call, and the backend (default dispatch or a forced one);
+* the caller: the function, or a layer (``BatchNorm{1,2,3}d``, ``BatchNormAct{1,2,3}d``)
+  holding the drawn tensors as its parameters and running statistics, where a layer can
+  have them (a bias without a weight it cannot);
 * the data: channel means 0, 1e2 or 1e4 with scales 1e-2 to 1e2, and a mode that puts a few
   NaN/+Inf/-Inf into the input.
 
@@ -136,6 +141,7 @@ class Case:
     grads: tuple[str, ...] = ("input", "weight", "bias", "residual")  # requires_grad
     seed: int = 0
     layouts: tuple[tuple[str, Layout], ...] = ()  # (name, Layout); absent: contiguous
+    layer: bool = False  # called through a layer that holds the tensors (see _layer_for)
 
     def layout(self, name: str) -> Layout:
         return dict(self.layouts).get(name, Layout())
@@ -208,6 +214,7 @@ def cases(draw):
         grads=grads,
         seed=draw(st.integers(0, 2**31 - 1)),
         layouts=tuple((name, layout) for name, layout in layouts if layout != Layout()),
+        layer=draw(st.booleans()) and (weight or not bias),  # a layer's bias needs a weight
     )
 
 
@@ -503,22 +510,54 @@ def _grad_names(case: Case, args: dict) -> list[str]:
     return [name for name in case.grads if name in args]
 
 
-def run(case: Case, args: dict, dy: torch.Tensor | None):
-    """batchnorm.functional.batch_norm on the drawn arguments: (output, gradients)."""
-    with nullcontext() if case.backend is None else ops.use_backend(case.backend, lenient=True):
-        y = BF.batch_norm(
-            args["input"], args.get("running_mean"), args.get("running_var"),
-            args.get("weight"), args.get("bias"), case.training, case.momentum, case.eps,
-            activation=case.activation, negative_slope=case.negative_slope,
-            residual=args.get("residual"), unbiased_running_var=case.unbiased,
+def _layer_for(case: Case, args: dict) -> torch.nn.Module:
+    """A layer of our package that computes the case's call with the drawn tensors
+    themselves as its parameters and running statistics (their layouts, their
+    requires_grad: put into the module's dicts, since a layer would make a Parameter of a
+    copy)."""
+    suffix = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(case.shape)]
+    options = dict(eps=case.eps, momentum=case.momentum, affine=case.weight,
+                   track_running_stats=case.running,
+                   unbiased_running_var=case.unbiased)  # fmt: skip
+    if case.weight and not case.bias:
+        options["bias"] = False
+    if case.activation is None:
+        layer = getattr(batchnorm, f"BatchNorm{suffix}")(case.shape[1], **options)
+    else:
+        layer = getattr(batchnorm, f"BatchNormAct{suffix}")(
+            case.shape[1], activation=case.activation, negative_slope=case.negative_slope,
+            **options,
         )  # fmt: skip
+    for name in ("weight", "bias"):
+        if name in args:
+            layer._parameters[name] = args[name]
+    for name in ("running_mean", "running_var"):
+        if name in args:
+            setattr(layer, name, args[name])
+    return layer.train(case.training)
+
+
+def run(case: Case, args: dict, dy: torch.Tensor | None):
+    """batchnorm.functional.batch_norm, or a layer (``case.layer``), on the drawn arguments:
+    (output, gradients)."""
+    with nullcontext() if case.backend is None else ops.use_backend(case.backend, lenient=True):
+        if case.layer:
+            y = _layer_for(case, args)(args["input"], args.get("residual"))
+        else:
+            y = BF.batch_norm(
+                args["input"], args.get("running_mean"), args.get("running_var"),
+                args.get("weight"), args.get("bias"), case.training, case.momentum, case.eps,
+                activation=case.activation, negative_slope=case.negative_slope,
+                residual=args.get("residual"), unbiased_running_var=case.unbiased,
+            )  # fmt: skip
         if dy is None:
             return y, ()
         return y, torch.autograd.grad(y, [args[n] for n in _grad_names(case, args)], dy)
 
 
 def check(case: Case) -> None:
-    """Run one case through batchnorm.functional.batch_norm and compare with the oracle."""
+    """Run one case through batchnorm.functional.batch_norm or a layer and compare with the
+    oracle."""
     args = _arguments(case)
     ref = oracle(case, args, torch.float64)
     dy = None
