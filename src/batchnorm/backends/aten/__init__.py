@@ -192,25 +192,24 @@ def safe_batch_norm(
     given_var = _contiguous(running_var)
     shift = None  # per channel
     if training and x.dtype is torch.float32 and _channels_last_kernel(x) and x.numel():
-        # inf/NaN: no shift, torch's results
+        # inf/NaN: no shift, torch's results (the method parses its arguments 0.3 µs faster)
         if x.dim() == 2:
-            offset = shift = torch.nan_to_num(x.detach()[0], 0.0, 0.0, 0.0)  # (C,)
+            offset = shift = x.detach()[0].nan_to_num(0.0, 0.0, 0.0)  # (C,)
         else:  # x[0, :, 0, ...] as (1, C, 1, ...) in one C call (indexing and a reshape
             # cost 2-3 µs more, on calls of 20-60 µs)
             first = x.detach().as_strided((1, x.shape[1]) + (1,) * (x.dim() - 2), x.stride())
-            offset = torch.nan_to_num(first, 0.0, 0.0, 0.0)
+            offset = first.nan_to_num(0.0, 0.0, 0.0)
             shift = offset.view(-1)
         x = x - offset
-        if given_mean is running_mean is not None and torch.is_grad_enabled():
-            # ATen saves the running mean for backward: it is given a copy, as the shift's
-            # correction below changes the running mean in place.
-            given_mean = running_mean.clone()
     y = torch.batch_norm(x, weight, bias, given_mean, given_var, training, momentum, eps, False)
     if training and running_mean is not None:
         # With a shift, ATen's update, (1 - momentum) * running + momentum * (mean - shift),
-        # lacks momentum * shift.
+        # lacks momentum * shift. ATen saved the running mean for its backward, which in
+        # training does not read it; an update through .data leaves its version counter
+        # alone, so that backward does not refuse a tensor changed in place (ATen's own
+        # update counted already, as torch.nn's does).
         if shift is not None and given_mean is running_mean:
-            running_mean.add_(shift, alpha=momentum)
+            running_mean.data.add_(shift, alpha=momentum)
         elif shift is not None:
             torch.add(given_mean, shift, alpha=momentum, out=running_mean)
         elif given_mean is not running_mean:
