@@ -185,9 +185,10 @@ def _layer_call(call: Call) -> Tensor | None:
         return safe_batch_norm(input, weight, bias, running_mean, running_var, True, momentum,
                                eps)  # fmt: skip
     if 1 in input.shape:  # odd strides to repair (see safe_batch_norm)
-        return safe_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)
-    return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
-                            False)  # fmt: skip
+        return safe_batch_norm(input, weight, bias, running_mean, running_var, False, momentum,
+                               eps)  # fmt: skip
+    return torch.batch_norm(input, weight, bias, running_mean, running_var, False, momentum,
+                            eps, False)  # fmt: skip
 
 
 def check_activation(activation: str | None, where: str) -> str:
