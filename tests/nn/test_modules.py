@@ -288,6 +288,11 @@ def test_only_unusual_layer_calls_go_the_general_way(training, general_path_call
         assert y.shape == input.shape
         return len(general_path_calls)
 
+    def raises_on_the_general_path(layer, **kwargs):
+        with pytest.raises(TypeError, match="residual has dtype"):
+            general_calls(layer, **kwargs)
+        return len(general_path_calls)
+
     plain = batchnorm.BatchNorm2d(6)
     usual = {
         "plain": lambda: general_calls(plain),
@@ -306,7 +311,7 @@ def test_only_unusual_layer_calls_go_the_general_way(training, general_path_call
         "a weight that is not contiguous": lambda: general_calls(_strided_weight(plain)),
         "forward-mode AD": lambda: _dual(general_calls, plain),
         "output-only backward": lambda: general_calls(batchnorm.InPlaceBatchNormAct2d(6)),
-        "residual of another dtype": lambda: _raises(general_calls, plain, residual=x.double()),
+        "residual of another dtype": lambda: raises_on_the_general_path(plain, residual=x.double()),
     }
     if training:
         usual["no running statistics"] = lambda: general_calls(
@@ -328,12 +333,6 @@ def test_only_unusual_layer_calls_go_the_general_way(training, general_path_call
     if training:
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             batchnorm.BatchNorm1d(6)(torch.randn(1, 6))
-
-
-def _raises(general_calls, layer, **kwargs):
-    with pytest.raises(TypeError, match="residual has dtype"):
-        general_calls(layer, **kwargs)
-    return 1
 
 
 #: Inputs whose calls go to ATen ((100, 128), the small ones) and to the kernels (float32 with
