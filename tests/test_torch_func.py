@@ -163,6 +163,30 @@ def test_per_sample_gradients_of_a_layer_match_torch(backend):
         assert_close(got[name], expected[name])
 
 
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_vmap_over_stacked_layers_trains_as_torch(backend, grad_mode):
+    """Model ensembling (torch.func.stack_module_state, functional_call, vmap) of layers in
+    training: outputs, running statistics and parameter gradients as torch.nn's. float32
+    (N, C) inputs at mean 100 take ATen's shifted path under the default dispatch, whose
+    running-mean correction must work on vmap's wrapped buffers."""
+    from torch.func import stack_module_state
+
+    def ensemble(kind):
+        torch.manual_seed(0)
+        layers = [kind(8) for _ in range(3)]
+        params, buffers = stack_module_state(layers)
+        template = kind(8).to("meta")
+        x, dy = torch.randn(3, 16, 8) + 100, torch.randn(3, 16, 8)
+        with torch.set_grad_enabled(grad_mode):
+            y = vmap(lambda p, b, x: functional_call(template, (p, b), (x,)))(params, buffers, x)
+            grads = torch.autograd.grad(y, list(params.values()), dy) if grad_mode else ()
+        return [y, *grads, buffers["running_mean"], buffers["running_var"]]
+
+    for got, expected in zip(ensemble(batchnorm.BatchNorm1d), ensemble(torch.nn.BatchNorm1d),
+                             strict=True):  # fmt: skip
+        assert_close(got, expected, rtol=1e-4, atol=1e-4)  # float32 at mean 100
+
+
 @pytest.mark.parametrize("activation", [None, "silu", "elu"])
 def test_gradcheck_with_batched_grads_and_forward_ad(backend, activation):
     x, weight, bias, residual = (t.requires_grad_() for t in _inputs((4, 3, 2)))

@@ -201,6 +201,10 @@ def safe_batch_norm(
             offset = first.nan_to_num(0.0, 0.0, 0.0)
             shift = offset.view(-1)
         x = x - offset
+        if given_mean is running_mean is not None and not torch._C._has_storage(running_mean):
+            # a torch.func wrapper (vmap over stacked buffers), whose .data cannot be had:
+            # ATen updates a copy, then the copy and the shift's share go back (below)
+            given_mean = running_mean.clone()
     y = torch.batch_norm(x, weight, bias, given_mean, given_var, training, momentum, eps, False)
     if training and running_mean is not None:
         # With a shift, ATen's update, (1 - momentum) * running + momentum * (mean - shift),
@@ -210,8 +214,8 @@ def safe_batch_norm(
         # update counted already, as torch.nn's does).
         if shift is not None and given_mean is running_mean:
             running_mean.data.add_(shift, alpha=momentum)
-        elif shift is not None:
-            torch.add(given_mean, shift, alpha=momentum, out=running_mean)
+        elif shift is not None:  # copy_, not add(out=): vmap has a rule for it
+            running_mean.copy_(given_mean.add(shift, alpha=momentum))
         elif given_mean is not running_mean:
             running_mean.copy_(given_mean)  # type: ignore[arg-type]
     if training and given_var is not running_var:
