@@ -187,6 +187,21 @@ def test_vmap_over_stacked_layers_trains_as_torch(backend, grad_mode):
         assert_close(got, expected, rtol=1e-4, atol=1e-4)  # float32 at mean 100
 
 
+@pytest.mark.parametrize("shape", [(16, 8), (300, 8)])  # ATen's path and the kernels'
+def test_vmap_of_a_training_layer_with_unbatched_statistics_is_refused(backend, shape):
+    """vmap over the input of a training layer whose running statistics are not batched
+    raises, as torch.nn's does, with a hint; after replace_all_batch_norm_modules_ (no
+    running statistics) the layer runs and gives torch.nn's output."""
+    from torch.func import replace_all_batch_norm_modules_
+
+    x = torch.randn(3, *shape) + 100
+    with pytest.raises(RuntimeError, match="running_mean"):
+        vmap(batchnorm.BatchNorm1d(8))(x)
+    ours, theirs = batchnorm.BatchNorm1d(8), torch.nn.BatchNorm1d(8)
+    replace_all_batch_norm_modules_(ours), replace_all_batch_norm_modules_(theirs)
+    assert_close(vmap(ours)(x), vmap(theirs)(x), rtol=1e-4, atol=1e-4)  # float32 at mean 100
+
+
 @pytest.mark.parametrize("activation", [None, "silu", "elu"])
 def test_gradcheck_with_batched_grads_and_forward_ad(backend, activation):
     x, weight, bias, residual = (t.requires_grad_() for t in _inputs((4, 3, 2)))

@@ -513,7 +513,24 @@ def run_kernels(
         elif chosen is not None:
             update = chosen.update_running_stats
         else:
+            _refuse_unbatched_statistics(x, running_mean, running_var)
             kernels = _kernels(x, training, activation, negative_slope, running_mean, running_var)
             update = kernels.update_running_stats
         update(running_mean, running_var, mean, var, count, momentum, unbiased_running_var)
     return y
+
+
+def _refuse_unbatched_statistics(x: Tensor, *stats: Tensor) -> None:
+    """torch's rule under torch.func.vmap: a batched input cannot update running statistics
+    that are not batched (in place, they cannot take one value per vmapped slice). ATen's
+    batching rule says so for its calls; this says it for the kernels' (which then run on
+    the reference), where the update would fail on mismatched shapes."""
+    is_batched = torch._C._functorch.is_batchedtensor
+    if is_batched(x) and not all(is_batched(t) for t in stats):
+        raise RuntimeError(
+            "batch_norm under torch.func.vmap: the input is batched, but running_mean and "
+            "running_var, which training updates in place, are not. Hint: vmap over the "
+            "buffers too (torch.func.stack_module_state), build the layer with "
+            "track_running_stats=False, or call torch.func.replace_all_batch_norm_modules_"
+            "(model) first."
+        )
