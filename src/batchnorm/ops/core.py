@@ -27,14 +27,15 @@ from batchnorm import reference
 from batchnorm.backends import Call, KernelBackend
 from batchnorm.backends.reference import ReferenceBackend
 from batchnorm.ops.dispatch import select, select_kernels
+from batchnorm.ops.transforms import (
+    apply_function,
+    differentiated,
+    is_wrapped,
+    refuse_dual_statistics,
+    refuse_unbatched_statistics,
+)
 
 _REFERENCE = ReferenceBackend()
-
-
-def _is_wrapped(t: Tensor) -> bool:
-    """Whether t is a wrapper without storage: torch.func's batched and grad-tracking
-    tensors, and the batched gradients of autograd.grad(is_grads_batched=True)."""
-    return not torch._C._has_storage(t)
 
 
 class Reduction(Protocol):
@@ -178,7 +179,7 @@ def _save(ctx, inputs: tuple, mean: Tensor, invstd: Tensor) -> None:
 def _tangent(ctx, dx, dweight, dbias, drunning_mean, drunning_var, dresidual, *_):
     """The tangent of y for the tangents of the inputs (jvp of the Functions). As in torch,
     the running statistics are never differentiated: their tangents are ignored (and
-    refused where torch refuses them, see _refuse_dual_statistics)."""
+    refused where torch refuses them, see refuse_dual_statistics)."""
     x, weight, bias, residual, mean, invstd = ctx.saved_tensors
     training, _, activation, slope = ctx.config
     dy = reference.forward_tangent(
@@ -188,21 +189,6 @@ def _tangent(ctx, dx, dweight, dbias, drunning_mean, drunning_var, dresidual, *_
     return dy, None, None, None
 
 
-def _refuse_dual_statistics(x: Tensor, training: bool, *stats: Tensor | None) -> None:
-    """torch's rule (dual_level only): in eval mode, a dual input cannot be normalized with
-    running statistics that carry a tangent too. (In training they only receive the update,
-    and their tangent is ignored, as in torch.)"""
-    if training or forward_ad.unpack_dual(x).tangent is None:
-        return
-    for t in stats:
-        if t is not None and forward_ad.unpack_dual(t).tangent is not None:
-            raise RuntimeError(
-                "batch_norm: running_mean and running_var cannot have a forward-mode tangent "
-                "(forward grad), as in torch: they are buffers that training updates. Hint: "
-                "make the dual tensors from the input and parameters only."
-            )
-
-
 def _grads(ctx, dy: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
     """Gradients for the arguments of ``forward_impl``, in order."""
     x, weight, bias, residual, mean, invstd = ctx.saved_tensors
@@ -210,7 +196,7 @@ def _grads(ctx, dy: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
     need_x, need_w, need_b, _, _, need_r = ctx.needs_input_grad[:6]
     tensors = (dy, x, weight, bias, residual)
     higher_order = torch.is_grad_enabled() and any(
-        t is not None and (t.requires_grad or _is_wrapped(t)) for t in tensors
+        t is not None and (t.requires_grad or is_wrapped(t)) for t in tensors
     )
     if training and ctx.reduction is not None:
         if higher_order:
@@ -421,42 +407,6 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x, dtype=t.dtype).copy_(t)
 
 
-def _differentiated(*tensors: Tensor | None, stored: bool = False) -> bool:
-    """Whether autograd (backward or forward mode, torch.func included) may ask for a
-    derivative of this call: then it runs through an autograd.Function. ``stored``: the
-    caller has checked that every tensor has storage (none is a torch.func wrapper)."""
-    if torch.is_grad_enabled():
-        for t in tensors:  # loops, not any(genexpr): this runs on every call
-            if t is not None and t.requires_grad:
-                return True
-    if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tangents may flow
-        return True
-    if not stored:
-        for t in tensors:
-            if t is not None and _is_wrapped(t):  # torch.func transforms
-                return True
-    return False
-
-
-def _apply(function: type[torch.autograd.Function], args: tuple, stored: bool = False
-           ) -> tuple[Tensor, ...]:  # fmt: skip
-    """``function.apply(*args)``, without the Python of ``Function.apply`` where it has
-    nothing to do: it binds the arguments to ``forward``'s signature (a no-op for
-    ``forward(*inputs)``, but an ``inspect.signature`` per call: a third of a small layer's
-    forward + backward), unwraps tensors left over from finished torch.func transforms (none
-    here when every tensor has storage: ``stored``, if the caller checked it already) and
-    hands calls under active transforms to torch.func, which then go through
-    ``function.apply``."""
-    if torch._C._are_functorch_transforms_active():
-        return function.apply(*args)
-    if not stored:
-        for t in args:  # a loop, not all(genexpr): this runs on every call
-            if isinstance(t, Tensor) and not torch._C._has_storage(t):
-                return function.apply(*args)
-    # what Function.apply calls last: the C++ apply of torch._C._FunctionBase
-    return super(torch.autograd.Function, function).apply(*args)  # type: ignore[misc]
-
-
 def batch_norm(call: Call, reduction: Reduction | None = None) -> Tensor:
     """Run the operation ``call`` with autograd and update the running statistics when
     training. With a ``reduction`` (SyncBatchNorm in training) the statistics, the gradient
@@ -466,7 +416,7 @@ def batch_norm(call: Call, reduction: Reduction | None = None) -> Tensor:
     reduction = reduction if call.training else None
     compiling = torch.compiler.is_compiling() and reduction is None
     if forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): tangents may flow
-        _refuse_dual_statistics(call.x, call.training, call.running_mean, call.running_var)
+        refuse_dual_statistics(call.x, call.training, call.running_mean, call.running_var)
     backend = None  # the kernel backend the dispatch picks (under torch.compile: forward_impl)
     if not compiling and reduction is None:
         backend = select(call)
@@ -500,10 +450,10 @@ def run_kernels(
     stored = chosen is not None
     if compiling:
         y, mean, _, var = _forward_op(*args)
-    elif keep_output_only and _differentiated(x, weight, bias, residual, stored=stored):
-        y, mean, _, var = _apply(_KeepOutputFunction, args, stored)
-    elif _differentiated(x, weight, bias, residual, stored=stored):
-        y, mean, _, var = _apply(_BatchNormFunction, (*args, reduction, chosen), stored)
+    elif keep_output_only and differentiated(x, weight, bias, residual, stored=stored):
+        y, mean, _, var = apply_function(_KeepOutputFunction, args, stored)
+    elif differentiated(x, weight, bias, residual, stored=stored):
+        y, mean, _, var = apply_function(_BatchNormFunction, (*args, reduction, chosen), stored)
     else:
         y, mean, _, var = forward_impl(*args, reduction, chosen)
     if training and running_mean is not None and running_var is not None:
@@ -513,24 +463,8 @@ def run_kernels(
         elif chosen is not None:
             update = chosen.update_running_stats
         else:
-            _refuse_unbatched_statistics(x, running_mean, running_var)
+            refuse_unbatched_statistics(x, running_mean, running_var)
             kernels = _kernels(x, training, activation, negative_slope, running_mean, running_var)
             update = kernels.update_running_stats
         update(running_mean, running_var, mean, var, count, momentum, unbiased_running_var)
     return y
-
-
-def _refuse_unbatched_statistics(x: Tensor, *stats: Tensor) -> None:
-    """torch's rule under torch.func.vmap: a batched input cannot update running statistics
-    that are not batched (in place, they cannot take one value per vmapped slice). ATen's
-    batching rule says so for its calls; this says it for the kernels' (which then run on
-    the reference), where the update would fail on mismatched shapes."""
-    is_batched = torch._C._functorch.is_batchedtensor
-    if is_batched(x) and not all(is_batched(t) for t in stats):
-        raise RuntimeError(
-            "batch_norm under torch.func.vmap: the input is batched, but running_mean and "
-            "running_var, which training updates in place, are not. Hint: vmap over the "
-            "buffers too (torch.func.stack_module_state), build the layer with "
-            "track_running_stats=False, or call torch.func.replace_all_batch_norm_modules_"
-            "(model) first."
-        )
