@@ -42,6 +42,7 @@ import batchnorm
 import batchnorm.functional as BF
 from batchnorm import ops
 from batchnorm.backends.aten import ATEN_BELOW_NUMEL
+from batchnorm.nn.base import DIMS_OF_INPUT_RANK
 
 #: Examples of the default (CI) run: ~15 s of one core once Numba's cache is warm, and
 #: ~30 s more while it finds failures (shrinking them).
@@ -515,19 +516,17 @@ def _layer_for(case: Case, args: dict) -> torch.nn.Module:
     themselves as its parameters and running statistics (their layouts, their
     requires_grad: put into the module's dicts, since a layer would make a Parameter of a
     copy)."""
-    suffix = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(case.shape)]
     options = dict(eps=case.eps, momentum=case.momentum, affine=case.weight,
                    track_running_stats=case.running,
                    unbiased_running_var=case.unbiased)  # fmt: skip
     if case.weight and not case.bias:
         options["bias"] = False
-    if case.activation is None:
-        layer = getattr(batchnorm, f"BatchNorm{suffix}")(case.shape[1], **options)
-    else:
-        layer = getattr(batchnorm, f"BatchNormAct{suffix}")(
-            case.shape[1], activation=case.activation, negative_slope=case.negative_slope,
-            **options,
-        )  # fmt: skip
+    kind = "BatchNorm"
+    if case.activation is not None:
+        kind = "BatchNormAct"
+        options.update(activation=case.activation, negative_slope=case.negative_slope)
+    dims = DIMS_OF_INPUT_RANK[len(case.shape)]
+    layer = getattr(batchnorm, f"{kind}{dims}d")(case.shape[1], **options)
     for name in ("weight", "bias"):
         if name in args:
             layer._parameters[name] = args[name]

@@ -181,12 +181,9 @@ def _layer_call(call: Call) -> Tensor | None:
         return ops.run_kernels(call, backend)  # type: ignore[arg-type]
     if not plain or backend.name != "aten":
         return backend.batch_norm(call)  # type: ignore[attr-defined]
-    if training:
-        return safe_batch_norm(input, weight, bias, running_mean, running_var, True, momentum,
-                               eps)  # fmt: skip
-    if 1 in input.shape:  # odd strides to repair (see safe_batch_norm)
-        return safe_batch_norm(input, weight, bias, running_mean, running_var, False, momentum,
-                               eps)  # fmt: skip
+    if training or 1 in input.shape:  # a shift, or odd strides to repair (see safe_batch_norm)
+        return safe_batch_norm(input, weight, bias, running_mean, running_var, training,
+                               momentum, eps)  # fmt: skip
     return torch.batch_norm(input, weight, bias, running_mean, running_var, False, momentum,
                             eps, False)  # fmt: skip
 
