@@ -122,7 +122,9 @@ def builtin_backends() -> list[Backend]:
             pass
         else:
             gpu, gpu_kernels = [TritonBackend()], supports
-    backends: list[Backend] = [AtenBackend(gpu_kernels=gpu_kernels), *gpu]
+    from batchnorm.backends.cpp_cpu import CppBackend
+
+    backends: list[Backend] = [CppBackend(), AtenBackend(gpu_kernels=gpu_kernels), *gpu]
     try:
         from batchnorm.backends.numba_cpu import NumbaBackend
     except ImportError:

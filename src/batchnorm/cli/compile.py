@@ -1,13 +1,16 @@
-"""``batchnorm compile``: compile the Numba CPU kernels into their disk cache ahead of time.
+"""``batchnorm compile``: compile the Numba CPU kernels into their disk cache ahead of time,
+and build the C++ kernels (batchnorm.backends.cpp_cpu) into theirs.
 
 The first call of a kernel specialization (kernel x dtype x serial/parallel x without/with
-a residual) compiles it, which takes seconds each; this command does all of them now, e.g.
+a residual) compiles it, which takes seconds each, and the first small float32 (N, C) or
+channels-last call builds the C++ kernels (10-20 s); this command does all of it now, e.g.
 in a Docker image's build, so that no training run waits for the compiler. Kernels already
 in the cache are only loaded. The cache is next to the installed package, or in the folder
 NUMBA_CACHE_DIR names. Numba uses a cache folder only where it can write, so the user who
 later runs the model must be able to write this one: for an image run as another user than
 the build's, e.g. ``ENV NUMBA_CACHE_DIR=/opt/numba-cache`` and ``RUN batchnorm compile &&
-chmod -R a+rwX /opt/numba-cache``.
+chmod -R a+rwX /opt/numba-cache``. The C++ kernels are cached under ``$XDG_CACHE_HOME``
+(``~/.cache/batchnorm/cpp``), which such an image sets the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def add_parser(commands: Any) -> None:
     parser = command_parser(
         commands,
         "compile",
-        "compile the Numba CPU kernels into their disk cache now (e.g. in a Docker build)",
+        "compile the Numba and C++ CPU kernels into their disk caches now (e.g. in a Docker build)",
         __doc__,
         run,
     )
@@ -76,4 +79,18 @@ def run(args: argparse.Namespace) -> int:
         f"{len(times)} {source} ({sum(times):.1f} s)" for source, times in by_source.items()
     )
     print(f"{len(done)} specializations: {counts}; {total:.1f} s in all")
+    if "float32" in dtypes:
+        _build_cpp()
     return 0
+
+
+def _build_cpp() -> None:
+    """Build (or load) the C++ kernels of the small float32 (N, C) and channels-last calls."""
+    from batchnorm.backends import cpp_cpu
+
+    start = time.perf_counter()
+    cpp_cpu.extension()
+    print(
+        f"C++ kernels (float32 (N, C) and channels-last): {cpp_cpu.outcome}, "
+        f"{time.perf_counter() - start:.1f} s\ncache  {cpp_cpu.cache_dir()}"
+    )

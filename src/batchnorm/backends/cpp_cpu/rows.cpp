@@ -1,0 +1,416 @@
+// Batch norm of float32 CPU inputs whose channels are the innermost dimension ((N, C) and
+// channels_last tensors: M rows of C contiguous values), with the fused epilogue
+// y = act(BN(x) + residual), as one C++ autograd node: no Python between the forward and
+// the backward, no shift, no temporary tensor. The math is batchnorm.reference's (the
+// tests hold the two together); the loops are serial, for the small inputs the Python
+// dispatch sends here (see __init__.py).
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The activations, by the codes of __init__.py's ACTIVATION_CODES. Not SiLU: its exp does
+// not vectorize here without -ffast-math (which would drop NaN and Inf), and a scalar exp a
+// value made these loops 3x slower than torch.nn's BN followed by F.silu.
+enum Activation : int64_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2 };
+
+// Calls f(act, derivative) with the activation's function of the pre-activation p and its
+// chain rule, dL/dp from dL/dy = g: torch's conventions (relu and leaky_relu pass the
+// gradient where p > 0; NaN stays NaN in the forward).
+template <typename F>
+void with_activation(int64_t code, float slope, F&& f) {
+  switch (code) {
+    case kRelu:
+      return f([](float p) { return p < 0.0f ? 0.0f : p; },
+               [](float g, float p) { return p > 0.0f ? g : 0.0f; });
+    case kLeakyRelu:
+      return f([slope](float p) { return p < 0.0f ? p * slope : p; },
+               [slope](float g, float p) { return p > 0.0f ? g : g * slope; });
+    default:
+      return f([](float p) { return p; }, [](float g, float) { return g; });
+  }
+}
+
+// A tensor argument that is not given is an empty tensor: autograd's custom Function needs
+// every tensor argument defined. One, made once (and never freed: it outlives the
+// interpreter's teardown), saves an allocation a call; made outside inference mode, as an
+// inference tensor could not be saved for backward later.
+Tensor given_or_empty(const std::optional<Tensor>& t) {
+  static const Tensor* const empty = [] {
+    c10::InferenceMode normal(false);
+    return new Tensor(at::empty({0}, at::kFloat));
+  }();
+  return t.has_value() && t->defined() ? *t : *empty;
+}
+
+const float* values_or_null(const Tensor& t) {
+  return t.numel() ? t.const_data_ptr<float>() : nullptr;
+}
+
+// x - mean is computed as (x - origin) - offset, per channel. In training the origin is
+// the channel's value in the first row and the offset the mean's part beyond it: x - origin
+// is exact where x is near it and the offset is small, so that a spread small against the
+// mean (two samples a channel, say) keeps the digits that x - mean, with the mean rounded to
+// float, would lose. In eval the origin is 0 and the offset the running mean.
+struct Centre {
+  const float* origin;
+  const float* offset;
+};
+
+// What a pass over the rows reads: x, the residual z (or null), and each channel's centre,
+// scale (invstd * weight) and shift (bias) of the pre-activation.
+struct Rows {
+  const float* x;
+  const float* z;
+  int64_t rows, channels;
+  Centre centre;
+  std::vector<float> scale, shift;
+
+  Rows(const float* x, const float* z, int64_t rows, int64_t channels, Centre centre,
+       const float* invstd, const float* weight, const float* bias)
+      : x(x), z(z), rows(rows), channels(channels), centre(centre), scale(channels),
+        shift(channels) {
+    for (int64_t c = 0; c < channels; ++c) {
+      scale[c] = weight ? invstd[c] * weight[c] : invstd[c];
+      shift[c] = bias ? bias[c] : 0.0f;
+    }
+  }
+
+  // Calls f(index, pre-activation) for every value, row by row.
+  template <bool kResidual, typename F>
+  void each_pre(F&& f) const {
+    const float *origin = centre.origin, *offset = centre.offset;
+    const float *sc = scale.data(), *sh = shift.data();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t base = r * channels;
+      const float* row = x + base;
+      for (int64_t c = 0; c < channels; ++c) {
+        float pre = ((row[c] - origin[c]) - offset[c]) * sc[c] + sh[c];
+        if constexpr (kResidual) pre += z[base + c];
+        f(base + c, pre);
+      }
+    }
+  }
+
+  template <typename F>
+  void each_pre(F&& f) const {
+    if (z)
+      each_pre<true>(f);
+    else
+      each_pre<false>(f);
+  }
+};
+
+// The batch's mean and biased variance: float64 sums, over rows then channels (the inner
+// loop vectorizes), the second around the mean (ATen's one-pass float sums lose digits as
+// the mean grows: docs/performance.md).
+void batch_statistics(const float* x, int64_t rows, int64_t channels, double* mean,
+                      double* var) {
+  std::vector<double> sum(channels, 0.0), m2(channels, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * channels;
+    for (int64_t c = 0; c < channels; ++c) sum[c] += row[c];
+  }
+  for (int64_t c = 0; c < channels; ++c) mean[c] = sum[c] / rows;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      double d = row[c] - mean[c];
+      m2[c] += d * d;
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) var[c] = m2[c] / rows;
+}
+
+// y = act((x - mean) * invstd * weight + bias [+ z]).
+void normalize(const Rows& in, int64_t activation, float slope, float* y) {
+  with_activation(activation, slope, [&](auto act, auto) {
+    in.each_pre([&](int64_t i, float pre) { y[i] = act(pre); });
+  });
+}
+
+// dpre = dL/d(pre-activation), from dy and the pre-activation recomputed from x (and z):
+// dy itself without an activation (written to dpre only if it is given), else into dpre.
+const float* pre_gradient(const Rows& in, const float* dy, int64_t activation, float slope,
+                          float* dpre) {
+  if (activation == kIdentity) {
+    if (dpre) std::copy(dy, dy + in.rows * in.channels, dpre);
+    return dy;
+  }
+  with_activation(activation, slope, [&](auto, auto derivative) {
+    in.each_pre([&](int64_t i, float pre) { dpre[i] = derivative(dy[i], pre); });
+  });
+  return dpre;
+}
+
+// From g = dpre: dweight = Σ g (x - mean) invstd, dbias = Σ g (float64 sums); in training
+// dx = weight invstd (g - Σg / M - (x - mean) invstd² Σ g (x - mean) / M), in eval
+// dx = weight invstd g (the running statistics are constants).
+void input_gradients(const Rows& in, const float* g, const float* invstd, const float* weight,
+                     bool training, float* dx, float* dweight, float* dbias) {
+  const int64_t rows = in.rows, channels = in.channels;
+  const float *x = in.x, *origin = in.centre.origin, *offset = in.centre.offset;
+  std::vector<double> sum_g(channels, 0.0), sum_g_xmu(channels, 0.0);
+  if (training || dweight || dbias) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* gr = g + r * channels;
+      const float* row = x + r * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        sum_g[c] += gr[c];
+        sum_g_xmu[c] += static_cast<double>(gr[c]) * ((row[c] - origin[c]) - offset[c]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    if (dweight) dweight[c] = static_cast<float>(sum_g_xmu[c] * invstd[c]);
+    if (dbias) dbias[c] = static_cast<float>(sum_g[c]);
+  }
+  if (!dx) return;
+  std::vector<float> k(channels), a(channels, 0.0f), b(channels, 0.0f);
+  for (int64_t c = 0; c < channels; ++c) {
+    double s = invstd[c];
+    k[c] = static_cast<float>(weight ? s * weight[c] : s);
+    if (training) {
+      a[c] = static_cast<float>(sum_g[c] / rows);
+      b[c] = static_cast<float>(sum_g_xmu[c] * s * s / rows);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gr = g + r * channels;
+    const float* row = x + r * channels;
+    float* out = dx + r * channels;
+    for (int64_t c = 0; c < channels; ++c)
+      out[c] = k[c] * (gr[c] - a[c] - ((row[c] - origin[c]) - offset[c]) * b[c]);
+  }
+}
+
+// torch's running update (ATen's rule, which leaves the version counters alone): the unbiased
+// batch variance, running = (1 - momentum) running + momentum batch.
+void update_running(Tensor& running_mean, Tensor& running_var, const double* mean,
+                    const double* var, int64_t rows, int64_t channels, double momentum) {
+  float* rm = running_mean.data_ptr<float>();
+  float* rv = running_var.data_ptr<float>();
+  double unbias = rows > 1 ? static_cast<double>(rows) / (rows - 1) : 1.0;
+  for (int64_t c = 0; c < channels; ++c) {
+    rm[c] = static_cast<float>(momentum * mean[c] + (1 - momentum) * rm[c]);
+    rv[c] = static_cast<float>(momentum * var[c] * unbias + (1 - momentum) * rv[c]);
+  }
+}
+
+// The inputs' positions in forward's arguments (and in backward's gradients).
+enum Input { kX = 0, kWeight = 1, kBias = 2, kResidual = 5, kInputs = 11 };
+
+// The forward: y, and the per-channel invstd and offset (see Centre) backward needs.
+struct Normalized {
+  Tensor y, invstd, offset;
+};
+
+Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                        Tensor& running_mean, Tensor& running_var, const Tensor& residual,
+                        bool training, double momentum, double eps, int64_t activation,
+                        double slope) {
+  const int64_t channels = x.size(1), rows = x.numel() / channels;
+  Normalized out{at::empty_like(x), at::empty({channels}, x.options()),
+                 at::empty({channels}, x.options())};
+  const float* first_row = x.const_data_ptr<float>();
+  float *inv = out.invstd.data_ptr<float>(), *off = out.offset.data_ptr<float>();
+  std::vector<float> zeros(training ? 0 : channels, 0.0f);
+  std::vector<double> mean(channels), var(channels);
+  if (training) {
+    batch_statistics(first_row, rows, channels, mean.data(), var.data());
+    for (int64_t c = 0; c < channels; ++c) {
+      off[c] = static_cast<float>(mean[c] - first_row[c]);
+      inv[c] = static_cast<float>(1.0 / std::sqrt(var[c] + eps));
+    }
+    if (running_mean.numel())
+      update_running(running_mean, running_var, mean.data(), var.data(), rows, channels,
+                     momentum);
+  } else {  // a copy of the running mean: backward needs it as it is now
+    const float *rm = running_mean.const_data_ptr<float>(),
+                *rv = running_var.const_data_ptr<float>();
+    for (int64_t c = 0; c < channels; ++c) {
+      off[c] = rm[c];
+      inv[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+    }
+  }
+  Rows in(first_row, values_or_null(residual), rows, channels,
+          Centre{training ? first_row : zeros.data(), off}, inv, values_or_null(weight),
+          values_or_null(bias));
+  normalize(in, activation, static_cast<float>(slope), out.y.data_ptr<float>());
+  return out;
+}
+
+struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                        const Tensor& bias, Tensor running_mean, Tensor running_var,
+                        const Tensor& residual, bool training, double momentum, double eps,
+                        int64_t activation, double slope) {
+    Normalized out = forward_rows(x, weight, bias, running_mean, running_var, residual,
+                                  training, momentum, eps, activation, slope);
+    ctx->save_for_backward({x, weight, bias, residual, out.offset, out.invstd});
+    // the options in two entries (each costs a hash-map insert): activation and training
+    // in one code, then eps and the slope
+    ctx->saved_data["code"] = activation * 2 + training;
+    ctx->saved_data["eps, slope"] = c10::ivalue::Tuple::create(eps, slope);
+    ctx->set_materialize_grads(false);  // no gradient of y: none of the inputs', as torch
+    return out.y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& dy_given = grads[0];
+    variable_list out(kInputs);
+    if (!dy_given.defined()) return out;
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &residual = saved[3],
+                 &offset = saved[4], &invstd = saved[5];
+    const int64_t code = ctx->saved_data["code"].toInt();
+    const bool training = code % 2;
+    const int64_t activation = code / 2;
+    const auto options = ctx->saved_data["eps, slope"].toTuple();
+    const double eps = options->elements()[0].toDouble();
+    const double slope = options->elements()[1].toDouble();
+    const int positions[4] = {kX, kWeight, kBias, kResidual};
+    bool need[4];
+    for (int i = 0; i < 4; ++i) need[i] = ctx->needs_input_grad(positions[i]);
+    if (at::GradMode::is_enabled() || !dy_given.has_storage()) {
+      // A gradient that will be differentiated again (create_graph=True), or one that
+      // torch.func batches: the reference's backward in torch ops, in Python.
+      pybind11::gil_scoped_acquire gil;
+      auto or_none = [](const Tensor& t) {
+        return t.numel() ? pybind11::cast(t) : pybind11::none();
+      };
+      auto result = pybind11::module_::import("batchnorm.backends.cpp_cpu")
+                        .attr("differentiable_backward")(
+                            dy_given, x, or_none(weight), or_none(bias), or_none(residual),
+                            training, eps, offset, invstd,
+                            activation, slope)
+                        .cast<pybind11::tuple>();
+      for (int i = 0; i < 4; ++i)
+        if (need[i] && !result[i].is_none()) out[positions[i]] = result[i].cast<Tensor>();
+      return out;
+    }
+    // the kernels read dy as rows of x's layout
+    Tensor dy = dy_given.strides() == x.strides() ? dy_given : at::empty_like(x).copy_(dy_given);
+    const int64_t channels = x.size(1), rows = x.numel() / channels;
+    if (need[0]) out[kX] = at::empty_like(x);
+    if (need[1]) out[kWeight] = at::empty({channels}, x.options());
+    if (need[2]) out[kBias] = at::empty({channels}, x.options());
+    // dL/dresidual is dpre: the buffer of dpre when it is asked for
+    std::vector<float> buffer;
+    float* dpre = nullptr;
+    if (need[3]) {
+      out[kResidual] = at::empty_like(x);
+      dpre = out[kResidual].data_ptr<float>();
+    } else if (activation != kIdentity) {
+      buffer.resize(x.numel());
+      dpre = buffer.data();
+    }
+    auto writable = [](Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+    std::vector<float> zeros(training ? 0 : channels, 0.0f);
+    const float* first_row = x.const_data_ptr<float>();
+    const float* inv = invstd.const_data_ptr<float>();
+    Rows in(first_row, values_or_null(residual), rows, channels,
+            Centre{training ? first_row : zeros.data(), offset.const_data_ptr<float>()}, inv,
+            values_or_null(weight), values_or_null(bias));
+    const float* g = pre_gradient(in, dy.const_data_ptr<float>(), activation,
+                                  static_cast<float>(slope), dpre);
+    input_gradients(in, g, inv, values_or_null(weight), training, writable(out[kX]),
+                    writable(out[kWeight]), writable(out[kBias]));
+    return out;
+  }
+};
+
+// The checks of whether a call is one for these kernels, in C++: written in Python they
+// cost 2 µs, as much as the kernels of a small eval call save.
+
+// A tensor the kernels can read: a torch.Tensor or Parameter (not a subclass, whose
+// methods could mean something else) of float32 on the CPU, whose memory holds its values
+// (not a torch.func wrapper, nor a fake tensor, nor a lazily negated view).
+bool readable(pybind11::handle obj) {
+  if (!THPVariable_CheckExact(obj.ptr())) return false;
+  const Tensor& t = THPVariable_Unpack(obj.ptr());
+  return t.layout() == at::kStrided && !t.is_nested() && t.device().is_cpu() &&
+         t.scalar_type() == at::kFloat && t.has_storage() && !t.is_neg() &&
+         !t.key_set().has(c10::DispatchKey::Python);
+}
+
+// None, or a readable contiguous (C,) tensor (running statistics: not requiring grad).
+bool per_channel(pybind11::handle obj, int64_t channels, bool statistic) {
+  if (obj.is_none()) return true;
+  if (!readable(obj)) return false;
+  const Tensor& t = THPVariable_Unpack(obj.ptr());
+  return t.dim() == 1 && t.size(0) == channels && t.is_contiguous() &&
+         !(statistic && t.requires_grad());
+}
+
+// Dense with the channels innermost: dimensions 1, d-1, ..., 2, 0 (innermost first) each of
+// stride the product of the sizes before them in that order, dimensions of size 1 aside.
+bool rows_layout(const Tensor& x) {
+  int64_t expected = 1;
+  auto next = [&](int64_t dim) {
+    if (x.size(dim) == 1) return true;
+    if (x.stride(dim) != expected) return false;
+    expected *= x.size(dim);
+    return true;
+  };
+  if (!next(1)) return false;
+  for (int64_t dim = x.dim() - 1; dim >= 2; --dim)
+    if (!next(dim)) return false;
+  return next(0);
+}
+
+bool takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias,
+           pybind11::handle running_mean, pybind11::handle running_var,
+           pybind11::handle residual, bool training) {
+  if (!readable(x)) return false;
+  const Tensor& t = THPVariable_Unpack(x.ptr());
+  if (t.dim() < 2) return false;
+  const int64_t channels = t.size(1), values = t.numel();
+  if (running_mean.is_none() != running_var.is_none()) return false;
+  if (training ? values <= channels : running_mean.is_none() || values == 0) return false;
+  if (!residual.is_none()) {  // read as rows of x's layout
+    if (!readable(residual)) return false;
+    const Tensor& z = THPVariable_Unpack(residual.ptr());
+    if (z.sizes() != t.sizes() || z.strides() != t.strides()) return false;
+  }
+  return rows_layout(t) && per_channel(weight, channels, false) &&
+         per_channel(bias, channels, false) && per_channel(running_mean, channels, true) &&
+         per_channel(running_var, channels, true);
+}
+
+Tensor rows_batch_norm(const Tensor& x, const std::optional<Tensor>& weight,
+                       const std::optional<Tensor>& bias,
+                       const std::optional<Tensor>& running_mean,
+                       const std::optional<Tensor>& running_var,
+                       const std::optional<Tensor>& residual, bool training, double momentum,
+                       double eps, int64_t activation, double slope) {
+  Tensor w = given_or_empty(weight), b = given_or_empty(bias), z = given_or_empty(residual);
+  Tensor rm = given_or_empty(running_mean), rv = given_or_empty(running_var);
+  if (!(at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() ||
+                                       b.requires_grad() || z.requires_grad())))
+    // no graph to record: the forward alone, without the node autograd would make anyway
+    return forward_rows(x, w, b, rm, rv, z, training, momentum, eps, activation, slope).y;
+  return RowsBatchNorm::apply(x, w, b, rm, rv, z, training, momentum, eps, activation, slope);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("takes", &takes,
+        "Whether rows_batch_norm computes this call: (x, weight, bias, running_mean, "
+        "running_var, residual, training) -> bool");
+  m.def("rows_batch_norm", &rows_batch_norm,
+        "Batch norm of a float32 (N, C) or channels_last input with the fused epilogue, the "
+        "running update included in training: (x, weight, bias, running_mean, running_var, "
+        "residual, training, momentum, eps, activation code, negative slope) -> y");
+}

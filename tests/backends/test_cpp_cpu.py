@@ -1,0 +1,382 @@
+"""The C++ backend (batchnorm.backends.cpp_cpu): small float32 (N, C) and channels-last
+calls, training and eval, in one C++ autograd node.
+
+The oracle is torch.nn's layer in float64 on the same float32-rounded inputs; every test
+first checks that the dispatch really gives its calls to this backend (else it would test
+ATen). The build, its cache and its fallback run in fresh processes.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm import ops
+from batchnorm.backends import Call
+from batchnorm.backends.cpp_cpu import BELOW_NUMEL, EVAL_BELOW_NUMEL, extension
+from conftest import assert_close, random_input
+
+pytestmark = pytest.mark.skipif(extension() is None, reason="the C++ extension did not build")
+
+TORCH_LAYERS = {2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+OURS = {2: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d, 5: batchnorm.BatchNorm3d}
+FUSED = {2: batchnorm.BatchNormAct1d, 4: batchnorm.BatchNormAct2d}
+SHAPES = {
+    "(100,128)": ((100, 128), False),
+    "(2,3)": ((2, 3), False),
+    "channels_last": ((8, 16, 3, 3), True),
+    "channels_last_3d": ((2, 4, 3, 2, 2), True),
+    "(N,C,1,1)": ((6, 5, 1, 1), False),
+}
+
+
+def _runs_here(x: torch.Tensor, training: bool = True) -> None:
+    stats = (None, None) if training else (torch.zeros(x.shape[1]), torch.ones(x.shape[1]))
+    call = Call(x, training, "identity", 0.01, False, False, True, None, None, *stats)
+    assert ops.select(call).name == "cpp_cpu"
+
+
+def _pair(shape, **options):
+    ours = OURS[len(shape)](shape[1], **options)
+    ref = TORCH_LAYERS[len(shape)](shape[1], dtype=torch.float64, **options)
+    with torch.no_grad():
+        if ours.weight is not None:
+            g = torch.Generator().manual_seed(1)
+            ours.weight.copy_(torch.rand(shape[1], generator=g) + 0.5)
+            ours.bias.copy_(torch.randn(shape[1], generator=g))
+            ref.weight.copy_(ours.weight)
+            ref.bias.copy_(ours.bias)
+    return ours, ref
+
+
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"affine": False}, {"momentum": None}, {"track_running_stats": False}],
+    ids=["default", "no_affine", "cumulative", "untracked"],
+)
+def test_training_steps_match_torch_in_float64(name, options):
+    shape, channels_last = SHAPES[name]
+    ours, ref = _pair(shape, **options)
+    for step in range(2):
+        x = random_input(shape, channels_last=channels_last, seed=step, mean=3.0)
+        _runs_here(x)
+        xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()
+        y, yd = ours(xs), ref(xd)
+        g = torch.randn(yd.shape, generator=torch.Generator().manual_seed(5), dtype=yd.dtype)
+        y.backward(g.float())
+        yd.backward(g)
+        assert y.stride() == x.stride()  # the input's layout, as torch.nn
+        assert_close(y, yd, torch.float32)
+        assert_close(xs.grad, xd.grad, torch.float32)
+        for mine, theirs in zip(ours.parameters(), ref.parameters(), strict=True):
+            assert_close(mine.grad, theirs.grad, torch.float32)
+    for name_ in ("running_mean", "running_var"):
+        if getattr(ref, name_) is not None:
+            assert_close(getattr(ours, name_), getattr(ref, name_), torch.float32)
+            assert getattr(ours, name_)._version == getattr(ref, name_)._version
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    if ref.num_batches_tracked is not None:
+        assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked)
+
+
+@pytest.mark.parametrize("name", ["(100,128)", "channels_last", "(N,C,1,1)"])
+def test_eval_matches_torch_in_float64_gradients_included(name):
+    """Eval normalizes with the running statistics, which stay as they are; dx, dweight and
+    dbias (fine-tuning with frozen statistics) match torch's."""
+    shape, channels_last = SHAPES[name]
+    ours, ref = _pair(shape)
+    with torch.no_grad():
+        ref.running_mean.copy_(ours.running_mean.uniform_(1, 3))
+        ref.running_var.copy_(ours.running_var.uniform_(0.5, 2))
+    ours.eval(), ref.eval()
+    x = random_input(shape, channels_last=channels_last, mean=2.0)
+    _runs_here(x, training=False)
+    before = ours.running_mean.clone(), ours.running_var.clone()
+    xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()
+    y, yd = ours(xs), ref(xd)
+    g = torch.randn(yd.shape, dtype=yd.dtype)
+    y.backward(g.float())
+    yd.backward(g)
+    assert y.stride() == x.stride()
+    assert_close(y, yd, torch.float32)
+    for mine, theirs in ((xs, xd), (ours.weight, ref.weight), (ours.bias, ref.bias)):
+        assert_close(mine.grad, theirs.grad, torch.float32)
+    assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
+    # the running mean changing after the forward (a training step) leaves backward alone
+    xs.grad = None
+    y = ours(xs)
+    with torch.no_grad():
+        ours.running_mean.add_(100)
+    y.backward(g.float())
+    assert_close(xs.grad, xd.grad, torch.float32)
+    assert_close(ours.weight.grad, 2 * ref.weight.grad, torch.float32)
+
+
+TORCH_ACTIVATIONS = {
+    "relu": torch.relu,
+    "leaky_relu": lambda v: torch.nn.functional.leaky_relu(v, 0.2),
+}
+
+
+@pytest.mark.parametrize("activation", TORCH_ACTIVATIONS)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("name", ["(100,128)", "channels_last"])
+def test_fused_epilogue_matches_torch_in_float64(name, training, residual, activation):
+    """act(BN(x) + residual) in one pass against torch.nn's BN, the addition and torch's
+    activation in float64: output and the gradients of x, weight, bias and residual."""
+    shape, channels_last = SHAPES[name]
+    ours = FUSED[len(shape)](shape[1], activation=activation, negative_slope=0.2)
+    ref = TORCH_LAYERS[len(shape)](shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.normal_()
+        ours.running_mean.uniform_(-1, 1), ours.running_var.uniform_(0.5, 2)
+        for mine, theirs in zip(ours.state_dict().values(), ref.state_dict().values(), strict=True):
+            theirs.copy_(mine)
+    ours.train(training), ref.train(training)
+    x = random_input(shape, channels_last=channels_last, mean=0.5)
+    z = random_input(shape, channels_last=channels_last, seed=3) if residual else None
+    call = Call(x, training, activation, 0.2, residual, False, True, ours.weight, ours.bias,
+                ours.running_mean, ours.running_var, z)  # fmt: skip
+    assert ops.select(call).name == "cpp_cpu"
+    xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()
+    zs = zd = None
+    if residual:
+        zs, zd = z.clone().requires_grad_(), z.double().requires_grad_()
+    y = ours(xs, zs) if residual else ours(xs)
+    pre = ref(xd) + zd if residual else ref(xd)
+    yd = TORCH_ACTIVATIONS[activation](pre)
+    g = torch.randn(yd.shape, generator=torch.Generator().manual_seed(7), dtype=yd.dtype)
+    y.backward(g.float())
+    yd.backward(g)
+    assert_close(y, yd, torch.float32)
+    pairs = [(xs, xd), (ours.weight, ref.weight), (ours.bias, ref.bias)]
+    for mine, theirs in pairs + ([(zs, zd)] if residual else []):
+        assert_close(mine.grad, theirs.grad, torch.float32)
+    assert_close(ours.running_mean, ref.running_mean, torch.float32)
+    assert_close(ours.running_var, ref.running_var, torch.float32)
+
+
+def test_keeps_its_digits_where_the_mean_is_large():
+    """Two float64 passes: at mean 1e4 and std 1 the output and dx stay within a float32
+    mean's rounding (ATen's one-pass float sums gave 3e-3 of the output's scale here)."""
+    x = random_input((200, 8), mean=1e4)
+    _runs_here(x)
+    xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()
+    y = batchnorm.functional.batch_norm(xs, None, None, training=True)
+    yd = torch.nn.functional.batch_norm(xd, None, None, training=True)
+    g = torch.randn_like(yd)
+    y.backward(g.float())
+    yd.backward(g)
+    assert (y.double() - yd).abs().max() < 1e-3
+    assert (xs.grad.double() - xd.grad).abs().max() / xd.grad.abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("need", ["x", "weight", "x and bias"])
+def test_computes_only_the_gradients_asked_for(need):
+    shape = (32, 8)
+    ours, ref = _pair(shape)
+    x = random_input(shape)
+    _runs_here(x)
+    xs, xd = x.clone(), x.double()
+    xs.requires_grad_("x" in need)
+    xd.requires_grad_("x" in need)
+    for layer in (ours, ref):
+        layer.weight.requires_grad_("weight" in need)
+        layer.bias.requires_grad_("bias" in need)
+    ours(xs).square().sum().backward()
+    ref(xd).square().sum().backward()
+    for mine, theirs in ((xs, xd), (ours.weight, ref.weight), (ours.bias, ref.bias)):
+        assert (mine.grad is None) == (theirs.grad is None)
+        if theirs.grad is not None:
+            assert_close(mine.grad, theirs.grad, torch.float32)
+
+
+def test_gradients_of_another_layout():
+    """A gradient of other strides than the channels-last output's (a broadcast product's) is
+    read in the input's layout."""
+    ours, ref = _pair((8, 16, 3, 3))
+    x = random_input((8, 16, 3, 3), channels_last=True, mean=2.0)
+    _runs_here(x)
+    xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()
+    (ours(xs) * torch.arange(9.0).view(3, 3)).sum().backward()
+    (ref(xd) * torch.arange(9.0, dtype=torch.float64).view(3, 3)).sum().backward()
+    assert_close(xs.grad, xd.grad, torch.float32)
+    assert_close(ours.weight.grad, ref.weight.grad, torch.float32)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_second_derivatives_match_torch(training):
+    """create_graph=True: the gradient is computed in differentiable torch ops, so a gradient
+    penalty gets torch's second derivatives (not those of a constant), fused leaky ReLU and
+    residual included."""
+    ours, ref = _pair((16, 4))
+    fused = batchnorm.BatchNormAct1d(4, activation="leaky_relu", negative_slope=0.2)
+    fused.load_state_dict(ours.state_dict())
+    ours = fused
+    ours.train(training), ref.train(training)
+    x = random_input((16, 4), mean=1.0)
+    z = random_input((16, 4), seed=2)
+    _runs_here(x, training)
+    results = []
+    for layer, xx in ((ours, x.clone()), (ref, x.double())):
+        xx.requires_grad_()
+        y = ours(xx, z) if layer is ours else TORCH_ACTIVATIONS["leaky_relu"](ref(xx) + z.double())
+        (dx,) = torch.autograd.grad(y.pow(3).sum(), xx, create_graph=True)
+        dx.square().sum().backward()
+        results.append((dx, xx.grad, layer.weight.grad))
+    for mine, theirs in zip(*results, strict=True):
+        assert_close(mine, theirs, torch.float32, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+
+
+def test_batched_gradients_match_torch():
+    """is_grads_batched: torch.func batches the output gradient, which the node then
+    computes in torch ops."""
+    x = random_input((16, 4))
+    _runs_here(x)
+    xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()
+    w = torch.ones(4, requires_grad=True)
+    y = batchnorm.functional.batch_norm(xs, None, None, w, training=True)
+    yd = torch.nn.functional.batch_norm(xd, None, None, w.double(), training=True)
+    grads = torch.randn(3, 16, 4, dtype=torch.float64)
+    (got,) = torch.autograd.grad(y, xs, grads.float(), is_grads_batched=True)
+    (want,) = torch.autograd.grad(yd, xd, grads, is_grads_batched=True)
+    assert_close(got, want, torch.float32)
+
+
+def test_calls_it_cannot_take_go_elsewhere():
+    """Forward-mode AD, torch.jit.trace, other layouts, dtypes and options are not its."""
+    x = random_input((16, 4))
+
+    def chosen(x, training=True, activation="identity", **tensors):
+        return ops.select(Call(x, training, activation, 0.01, False, **tensors)).name
+
+    assert chosen(x) == "cpp_cpu"
+    assert chosen(x.t().contiguous().t()) != "cpp_cpu"  # channels not innermost
+    assert chosen(random_input((4, 3, 5))) != "cpp_cpu"  # (N, C, L) contiguous
+    assert chosen(random_input((4, 3, 5)).transpose(1, 2).contiguous().transpose(1, 2)) == (
+        "cpp_cpu"  # (N, C, L) with the channels innermost
+    )
+    assert chosen(x.double()) != "cpp_cpu"
+    assert chosen(x[:1]) != "cpp_cpu"  # training on one value a channel
+    assert chosen(x, training=False) != "cpp_cpu"  # eval without running statistics
+    assert chosen(x, activation="relu") == "cpp_cpu"
+    assert chosen(x, activation="silu") != "cpp_cpu"
+    assert chosen(x, activation="elu") != "cpp_cpu"
+    z = torch.zeros(16, 4)
+    assert ops.select(Call(x, True, "relu", 0.01, True, residual=z)).name == "cpp_cpu"
+    assert ops.select(Call(x, True, "relu", 0.01, True, residual=z.t().contiguous().t())).name != (
+        "cpp_cpu"  # a residual of other strides than the input's
+    )
+    assert chosen(x, weight=torch.ones(8)[::2]) != "cpp_cpu"  # a non-contiguous weight
+    assert chosen(x, weight=torch.ones(4)._neg_view()) != "cpp_cpu"
+    assert chosen(x, bias=torch.nn.Buffer(torch.ones(4))) == "cpp_cpu"
+    stats = torch.zeros(4, requires_grad=True), torch.ones(4)
+    assert chosen(x, running_mean=stats[0], running_var=stats[1]) != "cpp_cpu"
+    big = torch.zeros(BELOW_NUMEL // 8, 8)
+    assert chosen(big) != "cpp_cpu"
+    stats = torch.zeros(8), torch.ones(8)
+    assert chosen(big, False, running_mean=stats[0], running_var=stats[1]) == "cpp_cpu"
+    big = torch.zeros(EVAL_BELOW_NUMEL // 8 + 1, 8)
+    assert chosen(big, False, running_mean=stats[0], running_var=stats[1]) != "cpp_cpu"
+    with torch.autograd.forward_ad.dual_level():
+        assert ops.select(Call(x, True, "identity", 0.01, False)).name != "cpp_cpu"
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        y = batchnorm.functional.batch_norm(dual, None, None, training=True)
+        tangent = torch.autograd.forward_ad.unpack_dual(y).tangent
+    assert tangent is not None and tangent.abs().max() < 1e-4  # a shift's tangent: none
+    layer = batchnorm.BatchNorm1d(4)
+    traced = torch.jit.trace(layer, x, check_trace=False)  # torch ops: a working trace
+    torch.testing.assert_close(traced(x + 1), torch.nn.BatchNorm1d(4)(x + 1))
+
+
+def test_inference_mode_and_no_grad_update_the_running_statistics():
+    ours, ref = _pair((32, 8))
+    x = random_input((32, 8), mean=2.0)
+    _runs_here(x)
+    with torch.inference_mode():
+        ours(x)
+        ref(x.double())
+    with torch.no_grad():
+        ours(x + 1)
+        ref(x.double() + 1)
+    assert_close(ours.running_mean, ref.running_mean, torch.float32)
+    assert_close(ours.running_var, ref.running_var, torch.float32)
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+
+
+RUN = """
+    import torch, batchnorm
+    from batchnorm import ops
+    from batchnorm.backends import Call
+    x = torch.randn(64, 8) + 3
+    print(ops.select(Call(x, True, "identity", 0.01, False)).name)
+    y = batchnorm.BatchNorm1d(8)(x)
+    print(float((y - torch.nn.BatchNorm1d(8)(x)).abs().max()) < 1e-5)
+"""
+
+
+def test_a_built_extension_loads_without_a_notice_and_the_switch_turns_it_off():
+    loaded = _python(RUN)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split() == ["cpp_cpu", "True"]
+    assert "building the C++ kernels" not in loaded.stderr
+    off = _python(RUN, BATCHNORM_CPP="0")
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.split() == ["aten", "True"]
+
+
+def test_a_first_call_in_inference_mode_leaves_later_training_working():
+    """The placeholder of the arguments not given is made once, outside inference mode
+    whatever the first call's mode: autograd must be able to save it later."""
+    done = _python(
+        """
+        import torch, batchnorm
+        layer = batchnorm.BatchNorm1d(8, affine=False, track_running_stats=False)
+        with torch.inference_mode():
+            layer(torch.randn(64, 8))
+        x = torch.randn(64, 8, requires_grad=True)
+        layer(x).pow(3).sum().backward()
+        print(x.grad.shape)
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["torch.Size([64,", "8])"]
+
+
+def test_a_failed_build_warns_once_and_leaves_the_calls_on_aten(tmp_path):
+    """No compiler (CXX names none) and an empty cache: a warning with a hint, then the
+    calls run on ATen with the right results."""
+    failed = _python(
+        RUN + "    print(batchnorm.BatchNorm1d(8)(x).shape)\n",
+        CXX=str(tmp_path / "no-compiler"),
+        XDG_CACHE_HOME=str(tmp_path),
+        PYTHONWARNINGS="always",
+    )
+    assert failed.returncode == 0, failed.stderr
+    assert failed.stdout.split()[:2] == ["aten", "True"]
+    assert failed.stderr.count("the C++ kernels could not be built") == 1
+    assert "BATCHNORM_CPP=0" in failed.stderr
+
+
+def test_batchnorm_compile_builds_or_loads_it(capsys):
+    from batchnorm.cli.compile import _build_cpp
+
+    _build_cpp()
+    printed = capsys.readouterr().out
+    assert "C++ kernels (float32 (N, C) and channels-last): " in printed
+    assert "built" in printed or "loaded from the cache" in printed
