@@ -425,9 +425,9 @@ def test_import_works_when_the_cache_folders_are_read_only(tmp_path, temp_writab
 @pytest.mark.auto_dispatch
 def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
     """A model's late small planes go to ATen (see ATEN_BELOW_PLANE, which depends on the
-    thread count); large planes, and the same values channels-last, stay on the Numba
-    kernels in training."""
-    from batchnorm.backends import Call
+    thread count); large planes stay on the Numba kernels in training, and the same small
+    values channels-last go to the C++ backend where it builds (else the Numba kernels)."""
+    from batchnorm.backends import Call, cpp_cpu
     from batchnorm.ops.dispatch import select
 
     def chosen(x: torch.Tensor) -> str:
@@ -435,7 +435,8 @@ def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
 
     small = torch.zeros(8, 1152, 3, 3)
     assert chosen(small) == "aten"
-    assert chosen(small.contiguous(memory_format=torch.channels_last)) == "numba"
+    channels_last = small.contiguous(memory_format=torch.channels_last)
+    assert chosen(channels_last) == ("cpp_cpu" if cpp_cpu.extension() else "numba")
     assert chosen(torch.zeros(8, 96, 24, 24)) == "numba"
     # 6x6 planes: ours on one thread, ATen's on more (see ATEN_BELOW_PLANE_THREADED)
     threads = torch.get_num_threads()

@@ -21,7 +21,8 @@ using torch::autograd::variable_list;
 
 // The activations, by the codes of __init__.py's ACTIVATION_CODES. Not SiLU: its exp does
 // not vectorize here without -ffast-math (which would drop NaN and Inf), and a scalar exp a
-// value made these loops 3x slower than torch.nn's BN followed by F.silu.
+// value made these loops 3x slower than torch.nn's BN followed by F.silu, which the Python
+// side applies after the node instead.
 enum Activation : int64_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2 };
 
 // Calls f(act, derivative) with the activation's function of the pre-activation p and its
