@@ -381,3 +381,16 @@ def test_batchnorm_compile_builds_or_loads_it(capsys):
     printed = capsys.readouterr().out
     assert "C++ kernels (float32 (N, C) and channels-last): " in printed
     assert "built" in printed or "loaded from the cache" in printed
+
+
+def test_the_ninja_package_is_found_without_a_system_ninja(monkeypatch):
+    """torch's build runs ninja from PATH: a venv's python run by its path (PATH without
+    the venv) on a machine without a system ninja still finds the dependency's."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    from batchnorm.backends.cpp_cpu import _find_ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert not is_ninja_available()
+    _find_ninja()
+    assert is_ninja_available()

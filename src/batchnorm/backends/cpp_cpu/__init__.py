@@ -10,12 +10,13 @@ of rows.cpp is accurate and cheaper than ATen's own operator. Raw calls, one thr
 same process (2026-12-05), ATen's time / ours: (100, 128) forward 1.37-1.50, forward +
 backward 1.18-1.23; channels_last (8, 512, 3, 3) 1.57 and 1.28.
 
-It is built on first use with torch.utils.cpp_extension (a C++ compiler and ninja, about
-10-20 s, with a notice on stderr) for this machine's CPU and this torch, and cached under
-``$XDG_CACHE_HOME/batchnorm/cpp`` (``~/.cache/batchnorm/cpp``), from which later processes
-load it in milliseconds; ``batchnorm compile`` builds it ahead of time. Where it cannot be
-built (no compiler), a warning says so once and these calls stay on ATen with its shift, as
-before. ``BATCHNORM_CPP=0`` turns the backend off.
+It is built on first use with torch.utils.cpp_extension (a C++ compiler, and ninja, which
+the ``ninja`` package brings; about 10-20 s, with a notice on stderr) for this machine's
+CPU and this torch, and cached under ``$XDG_CACHE_HOME/batchnorm/cpp``
+(``~/.cache/batchnorm/cpp``), from which later processes load it in milliseconds;
+``batchnorm compile`` builds it ahead of time. Where it cannot be built (no compiler), a
+warning says so once and these calls stay on ATen with its shift, as before.
+``BATCHNORM_CPP=0`` turns the backend off.
 """
 
 from __future__ import annotations
@@ -160,6 +161,19 @@ def _build_name() -> str:
     return f"batchnorm_cpp_{digest}"
 
 
+def _find_ninja() -> None:
+    """torch's build looks for ninja on PATH: the one of the ``ninja`` package (a
+    dependency) is added at its end, for environments that are not activated (a venv's
+    python run by its path) or have no system ninja."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR and ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = path + os.pathsep + ninja.BIN_DIR if path else ninja.BIN_DIR
+
+
 def extension() -> ModuleType | None:
     """The built extension (building or loading it on first use), or None where it is off
     or cannot be built."""
@@ -181,6 +195,7 @@ def _load() -> ModuleType | bool:
     try:
         from torch.utils.cpp_extension import load
 
+        _find_ninja()
         folder.mkdir(parents=True, exist_ok=True)
         cached = any(folder.glob(f"{name}.*so")) or any(folder.glob(f"{name}.*pyd"))
         if not cached:
@@ -200,8 +215,8 @@ def _load() -> ModuleType | bool:
         warnings.warn(
             f"batchnorm: the C++ kernels could not be built ({reason}); small float32 (N, C) "
             f"and channels-last calls run on ATen instead, 1.1-1.3x slower (training with a "
-            f"shift that keeps its accuracy). Hint: install a C++ compiler and ninja (e.g. apt "
-            f"install g++ ninja-build), or set {SWITCH}=0 to silence this.",
+            f"shift that keeps its accuracy). Hint: install a C++ compiler (e.g. apt install "
+            f"g++) and ninja (pip install ninja), or set {SWITCH}=0 to silence this.",
             RuntimeWarning,
             stacklevel=2,
         )
