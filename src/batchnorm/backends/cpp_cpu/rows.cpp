@@ -42,20 +42,9 @@ void with_activation(int64_t code, float slope, F&& f) {
   }
 }
 
-// A tensor argument that is not given is an empty tensor: autograd's custom Function needs
-// every tensor argument defined. One, made once (and never freed: it outlives the
-// interpreter's teardown), saves an allocation a call; made outside inference mode, as an
-// inference tensor could not be saved for backward later.
-Tensor given_or_empty(const std::optional<Tensor>& t) {
-  static const Tensor* const empty = [] {
-    c10::InferenceMode normal(false);
-    return new Tensor(at::empty({0}, at::kFloat));
-  }();
-  return t.has_value() && t->defined() ? *t : *empty;
-}
-
+// A tensor argument that is not given is an undefined tensor (None from Python).
 const float* values_or_null(const Tensor& t) {
-  return t.numel() ? t.const_data_ptr<float>() : nullptr;
+  return t.defined() ? t.const_data_ptr<float>() : nullptr;
 }
 
 // x - mean is computed as (x - origin) - offset, per channel. In training the origin is
@@ -177,14 +166,20 @@ void input_gradients(const Rows& in, const float* g, const float* invstd, const 
     if (dbias) dbias[c] = static_cast<float>(sum_g[c]);
   }
   if (!dx) return;
-  std::vector<float> k(channels), a(channels, 0.0f), b(channels, 0.0f);
+  std::vector<float> k(channels), a(channels), b(channels);
   for (int64_t c = 0; c < channels; ++c) {
     double s = invstd[c];
     k[c] = static_cast<float>(weight ? s * weight[c] : s);
-    if (training) {
-      a[c] = static_cast<float>(sum_g[c] / rows);
-      b[c] = static_cast<float>(sum_g_xmu[c] * s * s / rows);
+    a[c] = static_cast<float>(sum_g[c] / rows);
+    b[c] = static_cast<float>(sum_g_xmu[c] * s * s / rows);
+  }
+  if (!training) {  // x does not enter: an infinite x leaves dx finite, as torch's
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* gr = g + r * channels;
+      float* out = dx + r * channels;
+      for (int64_t c = 0; c < channels; ++c) out[c] = k[c] * gr[c];
     }
+    return;
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float* gr = g + r * channels;
@@ -208,8 +203,15 @@ void update_running(Tensor& running_mean, Tensor& running_var, const double* mea
   }
 }
 
-// The inputs' positions in forward's arguments (and in backward's gradients).
-enum Input { kX = 0, kWeight = 1, kBias = 2, kResidual = 5, kInputs = 11 };
+// The running statistics, which the forward updates in training: an argument autograd does
+// not take for an input (no gradient, no edge, no metadata to keep), unlike a tensor.
+struct Running {
+  Tensor mean, var;  // undefined when not given
+};
+
+// The positions in forward's arguments (and in backward's gradients) of the inputs that can
+// have a gradient; forward's ten arguments in all.
+enum Input { kX = 0, kWeight = 1, kBias = 2, kResidual = 3, kArguments = 10 };
 
 // The forward: y, and the per-channel invstd and offset (see Centre) backward needs.
 struct Normalized {
@@ -217,9 +219,8 @@ struct Normalized {
 };
 
 Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                        Tensor& running_mean, Tensor& running_var, const Tensor& residual,
-                        bool training, double momentum, double eps, int64_t activation,
-                        double slope) {
+                        const Tensor& residual, Running& running, bool training,
+                        double momentum, double eps, int64_t activation, double slope) {
   const int64_t channels = x.size(1), rows = x.numel() / channels;
   Normalized out{at::empty_like(x), at::empty({channels}, x.options()),
                  at::empty({channels}, x.options())};
@@ -233,12 +234,12 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
       off[c] = static_cast<float>(mean[c] - first_row[c]);
       inv[c] = static_cast<float>(1.0 / std::sqrt(var[c] + eps));
     }
-    if (running_mean.numel())
-      update_running(running_mean, running_var, mean.data(), var.data(), rows, channels,
+    if (running.mean.defined())
+      update_running(running.mean, running.var, mean.data(), var.data(), rows, channels,
                      momentum);
   } else {  // a copy of the running mean: backward needs it as it is now
-    const float *rm = running_mean.const_data_ptr<float>(),
-                *rv = running_var.const_data_ptr<float>();
+    const float *rm = running.mean.const_data_ptr<float>(),
+                *rv = running.var.const_data_ptr<float>();
     for (int64_t c = 0; c < channels; ++c) {
       off[c] = rm[c];
       inv[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
@@ -251,14 +252,19 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
   return out;
 }
 
+// The optional inputs are std::optional: autograd takes one that is not given for no input.
+using Optional = std::optional<Tensor>;
+
 struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
-                        const Tensor& bias, Tensor running_mean, Tensor running_var,
-                        const Tensor& residual, bool training, double momentum, double eps,
-                        int64_t activation, double slope) {
-    Normalized out = forward_rows(x, weight, bias, running_mean, running_var, residual,
-                                  training, momentum, eps, activation, slope);
-    ctx->save_for_backward({x, weight, bias, residual, out.offset, out.invstd});
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Optional& weight,
+                        const Optional& bias, const Optional& residual, Running running,
+                        bool training, double momentum, double eps, int64_t activation,
+                        double slope) {
+    const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor()),
+                 z = residual.value_or(Tensor());
+    Normalized out =
+        forward_rows(x, w, b, z, running, training, momentum, eps, activation, slope);
+    ctx->save_for_backward({x, w, b, z, out.offset, out.invstd});
     // the options in two entries (each costs a hash-map insert): activation and training
     // in one code, then eps and the slope
     ctx->saved_data["code"] = activation * 2 + training;
@@ -269,7 +275,7 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor& dy_given = grads[0];
-    variable_list out(kInputs);
+    variable_list out(kArguments);
     if (!dy_given.defined()) return out;
     auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &residual = saved[3],
@@ -280,15 +286,17 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
     const auto options = ctx->saved_data["eps, slope"].toTuple();
     const double eps = options->elements()[0].toDouble();
     const double slope = options->elements()[1].toDouble();
+    // needs_input_grad counts the inputs autograd took: the given ones
     const int positions[4] = {kX, kWeight, kBias, kResidual};
+    const bool given[4] = {true, weight.defined(), bias.defined(), residual.defined()};
     bool need[4];
-    for (int i = 0; i < 4; ++i) need[i] = ctx->needs_input_grad(positions[i]);
+    for (int i = 0, input = 0; i < 4; ++i) need[i] = given[i] && ctx->needs_input_grad(input++);
     if (at::GradMode::is_enabled() || !dy_given.has_storage()) {
       // A gradient that will be differentiated again (create_graph=True), or one that
       // torch.func batches: the reference's backward in torch ops, in Python.
       pybind11::gil_scoped_acquire gil;
       auto or_none = [](const Tensor& t) {
-        return t.numel() ? pybind11::cast(t) : pybind11::none();
+        return t.defined() ? pybind11::cast(t) : pybind11::none();
       };
       auto result = pybind11::module_::import("batchnorm.backends.cpp_cpu")
                         .attr("differentiable_backward")(
@@ -389,19 +397,21 @@ bool takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias,
          per_channel(running_var, channels, true);
 }
 
-Tensor rows_batch_norm(const Tensor& x, const std::optional<Tensor>& weight,
-                       const std::optional<Tensor>& bias,
-                       const std::optional<Tensor>& running_mean,
-                       const std::optional<Tensor>& running_var,
-                       const std::optional<Tensor>& residual, bool training, double momentum,
-                       double eps, int64_t activation, double slope) {
-  Tensor w = given_or_empty(weight), b = given_or_empty(bias), z = given_or_empty(residual);
-  Tensor rm = given_or_empty(running_mean), rv = given_or_empty(running_var);
-  if (!(at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() ||
-                                       b.requires_grad() || z.requires_grad())))
+Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& bias,
+                       const Optional& running_mean, const Optional& running_var,
+                       const Optional& residual, bool training, double momentum, double eps,
+                       int64_t activation, double slope) {
+  Running running{running_mean.value_or(Tensor()), running_var.value_or(Tensor())};
+  auto differentiated = [](const Optional& t) { return t.has_value() && t->requires_grad(); };
+  if (!(at::GradMode::is_enabled() && (x.requires_grad() || differentiated(weight) ||
+                                       differentiated(bias) || differentiated(residual))))
     // no graph to record: the forward alone, without the node autograd would make anyway
-    return forward_rows(x, w, b, rm, rv, z, training, momentum, eps, activation, slope).y;
-  return RowsBatchNorm::apply(x, w, b, rm, rv, z, training, momentum, eps, activation, slope);
+    return forward_rows(x, weight.value_or(Tensor()), bias.value_or(Tensor()),
+                        residual.value_or(Tensor()), running, training, momentum, eps,
+                        activation, slope)
+        .y;
+  return RowsBatchNorm::apply(x, weight, bias, residual, running, training, momentum, eps,
+                              activation, slope);
 }
 
 }  // namespace
