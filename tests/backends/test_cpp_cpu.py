@@ -361,8 +361,9 @@ def test_a_built_extension_loads_without_a_notice_and_the_switch_turns_it_off():
 
 
 def test_a_first_call_in_inference_mode_leaves_later_training_working():
-    """The placeholder of the arguments not given is made once, outside inference mode
-    whatever the first call's mode: autograd must be able to save it later."""
+    """Nothing the node keeps across calls may come from inference mode, which autograd
+    could not save later: a first call in inference mode, then a training step (this
+    failed with a placeholder tensor for the absent arguments made by the first call)."""
     done = _python(
         """
         import torch, batchnorm
