@@ -17,7 +17,7 @@ PACKAGE = Path(batchnorm.__file__).resolve().parent
 #: shared helpers and the math are at the bottom; the command line and the package's own
 #: __init__ (which re-exports the public names) at the top.
 LAYERS = [
-    {"_progress", "_html", "reference"},
+    {"_progress", "_html", "_cache", "reference"},
     {"backends"},
     {"ops"},
     {"functional"},

@@ -254,6 +254,30 @@ def backward(
     return dx.to(x.dtype), dweight, dbias, dpre.to(x.dtype)
 
 
+def differentiable_backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    eps: float,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    training: bool,
+    activation: str,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`backward` for a gradient that will be differentiated again (create_graph=True,
+    torch.func): in training with the statistics recomputed from x (with ``eps``), so that
+    they are differentiated too; the saved ``mean`` and ``invstd`` are constants, kept in
+    eval, where they are the running statistics'."""
+    if training:
+        mean, var = batch_stats(x)
+        invstd = invstd_of(var, eps)
+    return backward(dy, x, mean, invstd, weight, bias, residual, training, activation,
+                    negative_slope)  # fmt: skip
+
+
 def forward_tangent(
     x: Tensor,
     mean: Tensor,

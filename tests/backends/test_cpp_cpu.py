@@ -3,13 +3,8 @@ calls, training and eval, in one C++ autograd node.
 
 The oracle is torch.nn's layer in float64 on the same float32-rounded inputs; every test
 first checks that the dispatch really gives its calls to this backend (else it would test
-ATen). The build, its cache and its fallback run in fresh processes.
+ATen). The build, its cache and its fallback: test_cpp_cpu_build.py.
 """
-
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -20,6 +15,10 @@ from batchnorm.backends import Call
 from batchnorm.backends.cpp_cpu import BELOW_NUMEL, EVAL_BELOW_NUMEL, extension
 from conftest import assert_close, random_input
 
+# The backend is optional: where no C++ compiler is found it is not built, and its calls run
+# on ATen (test_cpp_cpu_build.py tests that fallback). These tests check the built kernels,
+# so they skip there; test_cpp_cpu_build.py fails if a compiler is found and it did not
+# build, so that this skip cannot hide a broken build on our machines and CI.
 pytestmark = pytest.mark.skipif(extension() is None, reason="the C++ extension did not build")
 
 TORCH_LAYERS = {2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
@@ -327,90 +326,3 @@ def test_inference_mode_and_no_grad_update_the_running_statistics():
         ref(x.double() + 1)
     assert_close(ours.running_mean, ref.running_mean, torch.float32)
     assert_close(ours.running_var, ref.running_var, torch.float32)
-
-
-def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-    )
-
-
-RUN = """
-    import torch, batchnorm
-    from batchnorm import ops
-    from batchnorm.backends import Call
-    x = torch.randn(64, 8) + 3
-    print(ops.select(Call(x, True, "identity", 0.01, False)).name)
-    y = batchnorm.BatchNorm1d(8)(x)
-    print(float((y - torch.nn.BatchNorm1d(8)(x)).abs().max()) < 1e-5)
-"""
-
-
-def test_a_built_extension_loads_without_a_notice_and_the_switch_turns_it_off():
-    loaded = _python(RUN)
-    assert loaded.returncode == 0, loaded.stderr
-    assert loaded.stdout.split() == ["cpp_cpu", "True"]
-    assert "building the C++ kernels" not in loaded.stderr
-    off = _python(RUN, BATCHNORM_CPP="0")
-    assert off.returncode == 0, off.stderr
-    assert off.stdout.split() == ["aten", "True"]
-
-
-def test_a_first_call_in_inference_mode_leaves_later_training_working():
-    """Nothing the node keeps across calls may come from inference mode, which autograd
-    could not save later: a first call in inference mode, then a training step (this
-    failed with a placeholder tensor for the absent arguments made by the first call)."""
-    done = _python(
-        """
-        import torch, batchnorm
-        layer = batchnorm.BatchNorm1d(8, affine=False, track_running_stats=False)
-        with torch.inference_mode():
-            layer(torch.randn(64, 8))
-        x = torch.randn(64, 8, requires_grad=True)
-        layer(x).pow(3).sum().backward()
-        print(x.grad.shape)
-        """
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["torch.Size([64,", "8])"]
-
-
-def test_a_failed_build_warns_once_and_leaves_the_calls_on_aten(tmp_path):
-    """No compiler (CXX names none) and an empty cache: a warning with a hint, then the
-    calls run on ATen with the right results."""
-    failed = _python(
-        RUN + "    print(batchnorm.BatchNorm1d(8)(x).shape)\n",
-        CXX=str(tmp_path / "no-compiler"),
-        XDG_CACHE_HOME=str(tmp_path),
-        PYTHONWARNINGS="always",
-    )
-    assert failed.returncode == 0, failed.stderr
-    assert failed.stdout.split()[:2] == ["aten", "True"]
-    assert failed.stderr.count("the C++ kernels could not be built") == 1
-    assert "BATCHNORM_CPP=0" in failed.stderr
-
-
-def test_batchnorm_compile_builds_or_loads_it(capsys):
-    from batchnorm.cli.compile import _build_cpp
-
-    _build_cpp()
-    printed = capsys.readouterr().out
-    assert "C++ kernels (float32 (N, C) and channels-last): " in printed
-    assert "built" in printed or "loaded from the cache" in printed
-
-
-def test_the_ninja_package_is_found_without_a_system_ninja(monkeypatch):
-    """torch's build runs ninja from PATH: a venv's python run by its path (PATH without
-    the venv) on a machine without a system ninja still finds the dependency's."""
-    from torch.utils.cpp_extension import is_ninja_available
-
-    from batchnorm.backends.cpp_cpu import _find_ninja
-
-    monkeypatch.setenv("PATH", "/nonexistent")
-    assert not is_ninja_available()
-    _find_ninja()
-    assert is_ninja_available()

@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import ops, reference
+from batchnorm._cache import cache_root
 from batchnorm.lab.timing import time_interleaved
 from batchnorm.nn import dims_of_input, flavour
 
@@ -479,8 +480,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 def default_out_folder() -> Path:
     """Where results go without --out: ``$XDG_CACHE_HOME/batchnorm/bench``
     (``~/.cache/batchnorm/bench``), never the current folder."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "batchnorm" / "bench"
+    return cache_root() / "bench"
 
 
 def _load_average() -> float | None:

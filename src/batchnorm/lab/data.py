@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from batchnorm._cache import cache_root
 from batchnorm.lab.datafiles import (
     IDX_FILES,
     MAX_ARRAY_BYTES,
@@ -108,8 +109,7 @@ def load_dataset(
 
 def cache_dir() -> Path:
     """Where generated data is cached: ``$XDG_CACHE_HOME/batchnorm`` (``~/.cache/batchnorm``)."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "batchnorm"
+    return cache_root()
 
 
 def load_mnist1d(quiet: bool = False) -> Dataset:

@@ -209,15 +209,9 @@ def _grads(ctx, dy: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
             dy, x, weight, bias, residual, mean, invstd, activation, slope, ctx.reduction,
             need_x, need_r,
         )  # fmt: skip
-    elif higher_order:
-        # The gradient will be differentiated again (create_graph=True, torch.func): the
-        # reference's backward, with the statistics recomputed from x so that they are
-        # differentiated too (the saved ones are constants).
-        if training:
-            mean, var = reference.batch_stats(x)
-            invstd = reference.invstd_of(var, eps)
-        dx, dw, db, dr = reference.backward(
-            dy, x, mean, invstd, weight, bias, residual, training, activation, slope
+    elif higher_order:  # the gradient will be differentiated again
+        dx, dw, db, dr = reference.differentiable_backward(
+            dy, x, mean, invstd, eps, weight, bias, residual, training, activation, slope
         )
     else:
         dx, dw, db, dr = backward_fn(

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from batchnorm import reference
+from batchnorm._cache import cache_root
 from batchnorm.backends import Call
 
 #: Training inputs below this many values run here, above on the Numba kernels, whose
@@ -118,31 +119,23 @@ def differentiable_backward(
     residual: Tensor | None,
     training: bool,
     eps: float,
-    running_mean: Tensor,
+    mean: Tensor,
     invstd: Tensor,
     activation_code: int,
     negative_slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dresidual) in torch ops, for a gradient that will be
-    differentiated again (create_graph=True) or that torch.func batches: the reference's
-    backward, in training with the statistics recomputed from x so that they are
-    differentiated too (in eval the forward's copies of the running mean and invstd,
-    constants). rows.cpp calls it."""
-    if training:
-        mean, var = reference.batch_stats(x)
-        invstd = reference.invstd_of(var, eps)
-    else:
-        mean = running_mean
-    activation = _ACTIVATION_NAMES[activation_code]
-    return reference.backward(
-        dy, x, mean, invstd, weight, bias, residual, training, activation, negative_slope
-    )
+    differentiated again (create_graph=True) or that torch.func batches: rows.cpp calls it
+    with what the node saved (in eval, ``mean`` is its copy of the running mean)."""
+    return reference.differentiable_backward(
+        dy, x, mean, invstd, eps, weight, bias, residual, training,
+        _ACTIVATION_NAMES[activation_code], negative_slope,
+    )  # fmt: skip
 
 
 def cache_dir() -> Path:
     """Where the built extension is cached: ``$XDG_CACHE_HOME/batchnorm/cpp``."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "batchnorm" / "cpp"
+    return cache_root() / "cpp"
 
 
 def _build_name() -> str:

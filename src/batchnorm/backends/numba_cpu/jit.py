@@ -18,6 +18,8 @@ from numba import njit
 from numba.core import types as nbtypes
 from numba.extending import intrinsic, overload
 
+from batchnorm._cache import cache_root
+
 # Floating-point flags: re-association only. It lets LLVM vectorize the per-piece sums
 # (about 10x faster than a sequential float sum), which changes only the order in which at
 # most CHUNK (cf) or MAX_BLOCK_ROWS (cl) values are added before the float64 merge. No other
@@ -79,9 +81,8 @@ def _enable_cache() -> bool:
     install. Then the cache goes to the user's cache folder or the temp folder instead."""
     if numba.config.CACHE_DIR or _writable(os.path.join(os.path.dirname(__file__), "__pycache__")):
         return True
-    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     for folder in (
-        os.path.join(user_cache, "batchnorm", "numba"),
+        str(cache_root() / "numba"),
         os.path.join(tempfile.gettempdir(), f"batchnorm-numba-{os.getuid()}"),
     ):
         if _writable(folder):
