@@ -1,5 +1,6 @@
-"""The C++ backend (batchnorm.backends.cpp_cpu): small float32 (N, C) and channels-last
-calls, training and eval, in one C++ autograd node.
+"""The C++ backend (batchnorm.backends.cpp_cpu): float32 (N, C) and channels-last calls,
+training and eval, in one C++ autograd node; serial loops for small inputs, torch's threads
+for large ones.
 
 The oracle is torch.nn's layer in float64 on the same float32-rounded inputs; every test
 first checks that the dispatch really gives its calls to this backend (else it would test
@@ -12,7 +13,7 @@ import torch
 import batchnorm
 from batchnorm import ops
 from batchnorm.backends import Call
-from batchnorm.backends.cpp_cpu import BELOW_NUMEL, EVAL_BELOW_NUMEL, extension
+from batchnorm.backends.cpp_cpu import ACTIVATION_BELOW_NUMEL, extension
 from conftest import assert_close, random_input
 
 # The backend is optional: where no C++ compiler is found it is not built, and its calls run
@@ -30,6 +31,10 @@ SHAPES = {
     "channels_last": ((8, 16, 3, 3), True),
     "channels_last_3d": ((2, 4, 3, 2, 2), True),
     "(N,C,1,1)": ((6, 5, 1, 1), False),
+    # rows.cpp's parallel path: over 65,536 values, summed in 10 and 5 blocks of rows (not
+    # a multiple of 8 rows: the loops' remainders)
+    "(8203,40) threaded": ((8203, 40), False),
+    "channels_last threaded": ((13, 24, 29, 31), True),
 }
 
 
@@ -183,6 +188,47 @@ def test_non_finite_inputs_give_torchs_results(training):
         torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("shape", [(300, 24), (5000, 24)], ids=["serial", "threaded"])
+def test_same_results_on_any_number_of_threads(shape):
+    """The sums run in blocks of rows whose number depends on the input's size only, added
+    in order: one and two threads give the same bits."""
+    x = random_input(shape, mean=3.0)
+    _runs_here(x)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            layer, _ = _pair(shape)
+            xs = x.clone().requires_grad_()
+            y = layer(xs)
+            y.backward(g)
+            results.append((y, xs.grad, layer.weight.grad, layer.bias.grad, layer.running_var))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+
+
+def test_first_row_far_from_the_mean():
+    """The statistics' one pass sums d = x - x0 and d², with x0 a channel's value in the first
+    row: E[d²] - E[d]² cancels (x0 - mean)² / var, at most the number of rows M (x0 itself
+    adds (x0 - mean)² / M to the variance); here 200, from a first row 1e4 std away."""
+    x = random_input((200, 8))
+    x[0] += 1e4
+    _runs_here(x)
+    ours, ref = _pair((200, 8))
+    xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()
+    y, yd = ours(xs), ref(xd)
+    g = torch.randn_like(yd)
+    y.backward(g.float())
+    yd.backward(g)
+    assert_close(y, yd, torch.float32)
+    assert_close(xs.grad, xd.grad, torch.float32)
+    assert_close(ours.running_var, ref.running_var, torch.float32)
+
+
 def test_keeps_its_digits_where_the_mean_is_large():
     """Two float64 passes: at mean 1e4 and std 1 the output and dx stay within a float32
     mean's rounding (ATen's one-pass float sums gave 3e-3 of the output's scale here)."""
@@ -297,12 +343,13 @@ def test_calls_it_cannot_take_go_elsewhere():
     assert chosen(x, bias=torch.nn.Buffer(torch.ones(4))) == "cpp_cpu"
     stats = torch.zeros(4, requires_grad=True), torch.ones(4)
     assert chosen(x, running_mean=stats[0], running_var=stats[1]) != "cpp_cpu"
-    big = torch.zeros(BELOW_NUMEL // 8, 8)
-    assert chosen(big) != "cpp_cpu"
+    big = torch.zeros(2_000_000 // 8, 8)  # plain calls: any size
     stats = torch.zeros(8), torch.ones(8)
+    assert chosen(big) == "cpp_cpu"
     assert chosen(big, False, running_mean=stats[0], running_var=stats[1]) == "cpp_cpu"
-    big = torch.zeros(EVAL_BELOW_NUMEL // 8 + 1, 8)
-    assert chosen(big, False, running_mean=stats[0], running_var=stats[1]) != "cpp_cpu"
+    for activation, below in ACTIVATION_BELOW_NUMEL.items():  # fused: Numba's from there
+        assert chosen(torch.zeros(below // 8 - 1, 8), activation=activation) == "cpp_cpu"
+        assert chosen(torch.zeros(below // 8, 8), activation=activation) != "cpp_cpu"
     with torch.autograd.forward_ad.dual_level():
         assert ops.select(Call(x, True, "identity", 0.01, False)).name != "cpp_cpu"
         dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))

@@ -2,8 +2,8 @@
 and build the C++ kernels (batchnorm.backends.cpp_cpu) into theirs.
 
 The first call of a kernel specialization (kernel x dtype x serial/parallel x without/with
-a residual) compiles it, which takes seconds each, and the first small float32 (N, C) or
-channels-last call builds the C++ kernels (10-20 s); this command does all of it now, e.g.
+a residual) compiles it, which takes seconds each, and the first float32 (N, C) or
+channels-last call builds the C++ kernels (10-30 s); this command does all of it now, e.g.
 in a Docker image's build, so that no training run waits for the compiler. Kernels already
 in the cache are only loaded. The cache is next to the installed package, or in the folder
 NUMBA_CACHE_DIR names. Numba uses a cache folder only where it can write, so the user who
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build_cpp() -> None:
-    """Build (or load) the C++ kernels of the small float32 (N, C) and channels-last calls."""
+    """Build (or load) the C++ kernels of the float32 (N, C) and channels-last calls."""
     from batchnorm.backends import cpp_cpu
 
     start = time.perf_counter()

@@ -1,22 +1,25 @@
-"""The C++ backend: batch norm of small float32 CPU inputs whose channels are the innermost
+"""The C++ backend: batch norm of float32 CPU inputs whose channels are the innermost
 dimension ((N, C) and channels_last), fused activation and residual included, as one C++
-autograd node (rows.cpp).
+autograd node (rows.cpp): serial loops for small inputs, torch's intra-op threads from
+65,536 values.
 
 Why: on these inputs ATen's float32 kernel loses digits as the mean grows (see
 backends.aten.safe_batch_norm), and the shift that keeps them costs two more ops; the Numba
 kernels are accurate but pay a Python autograd node and a Python kernel call, which cost
-more than the whole computation of a small layer. A C++ node around the two-pass kernels
-of rows.cpp is accurate and cheaper than ATen's own operator. Raw calls, one thread, the
-same process (2026-12-05), ATen's time / ours: (100, 128) forward 1.37-1.50, forward +
-backward 1.18-1.23; channels_last (8, 512, 3, 3) 1.57 and 1.28.
+more than the whole computation of a small layer. A C++ node around the kernels of rows.cpp
+is accurate and cheaper than ATen's own operator. Raw calls, one thread, the same process
+(2026-12-05), ATen's time / ours: (100, 128) forward 1.37-1.50, forward + backward
+1.18-1.23; channels_last (8, 512, 3, 3) 1.57 and 1.28; (32768, 128) training forward
+1.27, eval 1.01, the backward alone 0.86-0.88 (memory-bound there, in the same passes as
+ATen's: module forward + backward of channels_last (32, 128, 32, 32) 0.97).
 
 It is built on first use with torch.utils.cpp_extension (a C++ compiler, and ninja, which
-the ``ninja`` package brings; about 10-20 s, with a notice on stderr) for this machine's
+the ``ninja`` package brings; about 10-30 s, with a notice on stderr) for this machine's
 CPU and this torch, and cached under ``$XDG_CACHE_HOME/batchnorm/cpp``
 (``~/.cache/batchnorm/cpp``), from which later processes load it in milliseconds;
 ``batchnorm compile`` builds it ahead of time. Where it cannot be built (no compiler), a
-warning says so once and these calls stay on ATen with its shift, as before.
-``BATCHNORM_CPP=0`` turns the backend off.
+warning says so once and these calls go to the Numba kernels and ATen (with its shift), as
+before. ``BATCHNORM_CPP=0`` turns the backend off.
 """
 
 from __future__ import annotations
@@ -38,21 +41,31 @@ from batchnorm import reference
 from batchnorm._cache import cache_root
 from batchnorm.backends import Call
 
-#: Training inputs below this many values run here, above on the Numba kernels, whose
-#: threads win there. Module forward + backward, Numba's time / ours, 1 thread (2 threads),
-#: 2026-12-05: channels_last (8, 256, 6, 6) 1.28 (1.29), (256, 512) 1.16 (1.14), channels_last
-#: (8, 128, 12, 12) 1.15 (1.03); at 196,608 values 0.87-1.10 (0.78-0.93); (1024, 256) 0.92
-#: (0.85).
-BELOW_NUMEL = 150_000
-#: Eval inputs below this many values run here, above on ATen, whose multithreaded loop wins
-#: there. Module eval, ATen's time / ours, 1 thread (2 threads), 2026-12-05: (100, 128) 1.10
-#: (1.09), channels_last (8, 512, 3, 3) 1.25 (1.10), (8, 128, 12, 12) 1.62 (1.12),
-#: (1024, 256) 1.26 (1.14); channels_last (8, 64, 24, 24), 294,912 values, 0.93 (0.96).
-EVAL_BELOW_NUMEL = 270_000
+#: Calls with an activation run here below this many values, above on the Numba kernels,
+#: whose fused backward wins there; plain calls run here at any size. ReLU and leaky ReLU
+#: are in the node's loops, whose backward writes dL/d(pre-activation) out (one pass more
+#: than Numba's); SiLU and ELU follow the node as torch's ops. Module forward + backward,
+#: channels_last, Numba's time / ours, 1 thread (2 threads), 2026-12-05: ReLU (8, 240, 12, 12)
+#: 0.99 (1.12), (8, 144, 24, 24) 1.00 (1.11), (8, 64, 48, 48) 0.84 (0.91), (8, 96, 48, 48)
+#: 0.76 (0.82); SiLU (8, 144, 24, 24) 1.41 (1.36), (8, 96, 48, 48) 1.25 (1.00),
+#: (32, 128, 32, 32) 0.96 (0.80).
+ACTIVATION_BELOW_NUMEL = {
+    "relu": 700_000,
+    "leaky_relu": 700_000,
+    "silu": 2_000_000,
+    "elu": 2_000_000,
+}
 #: Compiler flags: the loops vectorize over the channels for this machine's CPU (its name and
 #: flags are part of the cache key). Without -march=native the float64 sums ran at 0.9x of
-#: ATen's speed at (100, 128) instead of 1.4x.
-FLAGS = ("-O3", "-march=native")
+#: ATen's speed at (100, 128) instead of 1.4x. -fopenmp where torch runs its threads on
+#: OpenMP (Linux builds): at::parallel_for then runs on torch's own OpenMP threads (the
+#: extension links no OpenMP runtime of its own; torch's, already loaded, serves it), else
+#: the loops run serially.
+FLAGS = ("-O3", "-march=native") + (
+    ("-fopenmp",)
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+    else ()
+)
 SOURCE = Path(__file__).with_name("rows.cpp")
 #: Environment variable: "0" turns the backend off.
 SWITCH = "BATCHNORM_CPP"
@@ -97,7 +110,8 @@ class CppBackend:
         )  # fmt: skip
 
     def preferred(self, call: Call) -> bool:
-        return call.x.numel() < (BELOW_NUMEL if call.training else EVAL_BELOW_NUMEL)
+        below = ACTIVATION_BELOW_NUMEL.get(call.activation)
+        return below is None or call.x.numel() < below
 
     def batch_norm(self, call: Call) -> Tensor:
         code = ACTIVATION_CODES.get(call.activation)
@@ -193,8 +207,8 @@ def _load() -> ModuleType | bool:
         cached = any(folder.glob(f"{name}.*so")) or any(folder.glob(f"{name}.*pyd"))
         if not cached:
             print(
-                f"batchnorm: building the C++ kernels for small (N, C) and channels-last "
-                f"layers (once, 10-20 s); later processes load them from {folder}",
+                f"batchnorm: building the C++ kernels for float32 (N, C) and channels-last "
+                f"layers (once, 10-30 s); later processes load them from {folder}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -206,10 +220,11 @@ def _load() -> ModuleType | bool:
         reason = f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
         outcome = f"not built ({reason})"
         warnings.warn(
-            f"batchnorm: the C++ kernels could not be built ({reason}); small float32 (N, C) "
-            f"and channels-last calls run on ATen instead, 1.1-1.3x slower (training with a "
-            f"shift that keeps its accuracy). Hint: install a C++ compiler (e.g. apt install "
-            f"g++) and ninja (pip install ninja), or set {SWITCH}=0 to silence this.",
+            f"batchnorm: the C++ kernels could not be built ({reason}); float32 (N, C) and "
+            f"channels-last calls run on the Numba kernels and ATen instead (small layers "
+            f"1.1-1.3x slower; ATen's training with a shift that keeps its accuracy). Hint: "
+            f"install a C++ compiler (e.g. apt install g++) and ninja (pip install ninja), or "
+            f"set {SWITCH}=0 to silence this.",
             RuntimeWarning,
             stacklevel=2,
         )
