@@ -395,16 +395,17 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
     if (need[1]) out[kWeight] = at::empty({channels}, x.options());
     if (need[2]) out[kBias] = at::empty({channels}, x.options());
     // dpre = dL/d(pre-activation): dy itself without an activation, else written out: to
-    // dL/dresidual when that is asked for (which is dpre), else to a buffer. (Computed
-    // again from x in both passes instead, the loops did not vectorize: 4-5x slower.)
-    std::vector<float> buffer;
+    // dL/dresidual when that is asked for (which is dpre), else to a buffer (torch's
+    // allocator's, not zero-filled as a std::vector's). (Computed again from x in both
+    // passes instead, the loops did not vectorize: 4-5x slower.)
+    Tensor buffer;
     float* dpre = nullptr;
     if (need[3]) {
       out[kResidual] = at::empty_like(x);
       dpre = out[kResidual].data_ptr<float>();
     } else if (activation != kIdentity) {
-      buffer.resize(x.numel());
-      dpre = buffer.data();
+      buffer = at::empty_like(x);
+      dpre = buffer.data_ptr<float>();
     }
     auto writable = [](Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
     std::vector<float> zeros(training ? 0 : channels, 0.0f);
