@@ -11,9 +11,10 @@ ATEN_BELOW_NUMEL values (epilogue included: a few C++ ops beat a Python-called k
 there), NCHW inputs of small planes (ATEN_BELOW_PLANE) and plain eval (its elementwise
 loop streams as fast as ours), except on large bfloat16 inputs (BFLOAT16_EVAL_FROM).
 Training on larger inputs stays on the Numba kernels, also for (N, C) and channels-last
-inputs: ATen's float32 sums there lose digits as the mean grows, and with the shift that
-keeps them (an extra pass) it is slower than ours (docs/performance.md, "ATen's own
-accuracy").
+inputs that the C++ backend (first in the dispatch) leaves (where it is off or not built,
+and fused activations above its sizes): ATen's float32 sums there lose digits as the mean
+grows, and with the shift that keeps them (an extra pass) it is slower than ours
+(docs/performance.md, "ATen's own accuracy").
 
 On CUDA (cuDNN or ATen's CUDA kernels) every call it takes goes to it, fused epilogues
 included, except training on the large NCHW inputs of :func:`cuda_kernels_faster`, which the

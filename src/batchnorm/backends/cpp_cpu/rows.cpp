@@ -2,7 +2,7 @@
 // channels_last tensors: M rows of C contiguous values), with the fused epilogue
 // y = act(BN(x) + residual), as one C++ autograd node: no Python between the forward and
 // the backward, no shift, no temporary tensor. The math is batchnorm.reference's (the
-// tests hold the two together). Inputs of more than kParallelValues values run on torch's
+// tests hold the two together). Inputs of kParallelValues values or more run on torch's
 // intra-op threads (at::parallel_for), with sums that do not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -56,6 +56,8 @@ const float* values_or_null(const Tensor& t) {
 // is exact where x is near it and the offset is small, so that a spread small against the
 // mean (two samples a channel, say) keeps the digits that x - mean, with the mean rounded to
 // float, would lose. In eval the origin is 0 and the offset the running mean.
+// (An infinite or NaN first value gives origin 0: an origin of inf would make the mean
+// inf - inf = NaN where torch's is inf.)
 struct Centre {
   const float* origin;
   const float* offset;
@@ -184,15 +186,15 @@ std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, T
 // float64's digits, which is at most the number of rows (x0 itself adds (x0 - mean)² / rows
 // to the variance), so float32's stay (ATen's float32 sums around 0 lose digits as the mean
 // grows: docs/performance.md).
-void batch_statistics(const float* x, int64_t rows, int64_t channels, double* mean,
-                      double* var) {
+void batch_statistics(const float* x, const float* origin, int64_t rows, int64_t channels,
+                      double* mean, double* var) {
   auto sums = column_sums(rows, channels, [&](int64_t r, int64_t c) {
-    const double d = static_cast<double>(x[r * channels + c]) - x[c];
+    const double d = static_cast<double>(x[r * channels + c]) - origin[c];
     return std::array<double, 2>{d, d * d};
   });
   for (int64_t c = 0; c < channels; ++c) {
     const double shift = sums[0][c] / rows;
-    mean[c] = x[c] + shift;
+    mean[c] = origin[c] + shift;
     const double v = sums[1][c] / rows - shift * shift;
     var[c] = v < 0.0 ? 0.0 : v;  // rounding can make it negative; NaN stays NaN, as torch's
   }
@@ -293,6 +295,16 @@ struct Running {
 // have a gradient; forward's ten arguments in all.
 enum Input { kX = 0, kWeight = 1, kBias = 2, kResidual = 3, kArguments = 10 };
 
+// Each channel's origin (see Centre): in training its value in the first row (0 where that
+// is not finite), in eval 0.
+std::vector<float> origin_of(const float* first_row, int64_t channels, bool training) {
+  std::vector<float> origin(channels, 0.0f);
+  if (training)
+    for (int64_t c = 0; c < channels; ++c)
+      if (std::isfinite(first_row[c])) origin[c] = first_row[c];
+  return origin;
+}
+
 // The forward: y, and the per-channel invstd and offset (see Centre) backward needs.
 struct Normalized {
   Tensor y, invstd, offset;
@@ -306,12 +318,12 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
                  at::empty({channels}, x.options())};
   const float* first_row = x.const_data_ptr<float>();
   float *inv = out.invstd.data_ptr<float>(), *off = out.offset.data_ptr<float>();
-  std::vector<float> zeros(training ? 0 : channels, 0.0f);
+  const std::vector<float> origin = origin_of(first_row, channels, training);
   std::vector<double> mean(channels), var(channels);
   if (training) {
-    batch_statistics(first_row, rows, channels, mean.data(), var.data());
+    batch_statistics(first_row, origin.data(), rows, channels, mean.data(), var.data());
     for (int64_t c = 0; c < channels; ++c) {
-      off[c] = static_cast<float>(mean[c] - first_row[c]);
+      off[c] = static_cast<float>(mean[c] - origin[c]);
       inv[c] = static_cast<float>(1.0 / std::sqrt(var[c] + eps));
     }
     if (running.mean.defined())
@@ -325,9 +337,8 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
       inv[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
     }
   }
-  Rows in(first_row, values_or_null(residual), rows, channels,
-          Centre{training ? first_row : zeros.data(), off}, inv, values_or_null(weight),
-          values_or_null(bias));
+  Rows in(first_row, values_or_null(residual), rows, channels, Centre{origin.data(), off}, inv,
+          values_or_null(weight), values_or_null(bias));
   normalize(in, activation, static_cast<float>(slope), out.y.data_ptr<float>());
   return out;
 }
@@ -408,12 +419,12 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
       dpre = buffer.data_ptr<float>();
     }
     auto writable = [](Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
-    std::vector<float> zeros(training ? 0 : channels, 0.0f);
     const float* first_row = x.const_data_ptr<float>();
+    const std::vector<float> origin = origin_of(first_row, channels, training);
     const float* inv = invstd.const_data_ptr<float>();
     Rows in(first_row, values_or_null(residual), rows, channels,
-            Centre{training ? first_row : zeros.data(), offset.const_data_ptr<float>()}, inv,
-            values_or_null(weight), values_or_null(bias));
+            Centre{origin.data(), offset.const_data_ptr<float>()}, inv, values_or_null(weight),
+            values_or_null(bias));
     const float* dy_values = dy.const_data_ptr<float>();
     if (dpre) pre_gradient(in, dy_values, activation, static_cast<float>(slope), dpre);
     input_gradients(in, dpre ? dpre : dy_values, inv, values_or_null(weight), training,
