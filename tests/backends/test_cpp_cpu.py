@@ -232,6 +232,31 @@ def test_first_row_far_from_the_mean():
     assert_close(ours.running_var, ref.running_var, torch.float32)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_silu_over_its_whole_range(training):
+    """SiLU runs in the node's loops with rows.cpp's own exp (std::exp does not vectorize):
+    pre-activations from -120 to 120 (exp's overflow at 88.7 and underflow at -104 on
+    either side), 0, and inf, -inf and NaN, against torch's SiLU in float64."""
+    values = torch.linspace(-120, 120, 4001)
+    x = torch.cat([values, torch.tensor([0.0, float("inf"), float("-inf"), float("nan")])])
+    x = x.repeat(2).view(2, -1).t().contiguous()  # (N, 2): two channels
+    ours = batchnorm.BatchNormAct1d(2, activation="silu")
+    ref = torch.nn.BatchNorm1d(2, dtype=torch.float64)
+    ours.train(training), ref.train(training)
+    if training:  # finite values only (a NaN or inf makes the batch statistics NaN), and a
+        x = x[:4001]  # weight that scales the normalized values (std 1) back to -120..120
+        with torch.no_grad():
+            ours.weight.fill_(120 / 1.733), ref.weight.fill_(120 / 1.733)
+    _runs_here(x, training)
+    xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()
+    y, yd = ours(xs), torch.nn.functional.silu(ref(xd))
+    g = torch.randn(yd.shape, generator=torch.Generator().manual_seed(2), dtype=yd.dtype)
+    y.backward(g.float())
+    yd.backward(g)
+    for mine, theirs in ((y, yd), (xs.grad, xd.grad)):
+        torch.testing.assert_close(mine.double(), theirs, rtol=2e-6, atol=2e-5, equal_nan=True)
+
+
 def test_keeps_its_digits_where_the_mean_is_large():
     """Two float64 passes: at mean 1e4 and std 1 the output and dx stay within a float32
     mean's rounding (ATen's one-pass float sums gave 3e-3 of the output's scale here)."""
@@ -346,10 +371,11 @@ def test_calls_it_cannot_take_go_elsewhere():
     assert chosen(x, bias=torch.nn.Buffer(torch.ones(4))) == "cpp_cpu"
     stats = torch.zeros(4, requires_grad=True), torch.ones(4)
     assert chosen(x, running_mean=stats[0], running_var=stats[1]) != "cpp_cpu"
-    big = torch.zeros(2_000_000 // 8, 8)  # plain calls: any size
+    big = torch.zeros(2_000_000 // 8, 8)  # plain, SiLU and ELU calls: any size
     stats = torch.zeros(8), torch.ones(8)
     assert chosen(big) == "cpp_cpu"
     assert chosen(big, False, running_mean=stats[0], running_var=stats[1]) == "cpp_cpu"
+    assert chosen(big, activation="silu") == chosen(big, activation="elu") == "cpp_cpu"
     for activation, below in ACTIVATION_BELOW_NUMEL.items():  # fused: Numba's from there
         assert chosen(torch.zeros(below // 8 - 1, 8), activation=activation) == "cpp_cpu"
         assert chosen(torch.zeros(below // 8, 8), activation=activation) != "cpp_cpu"

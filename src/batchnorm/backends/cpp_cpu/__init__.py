@@ -41,20 +41,17 @@ from batchnorm import reference
 from batchnorm._cache import cache_root
 from batchnorm.backends import Call
 
-#: Calls with an activation run here below this many values, above on the Numba kernels,
-#: whose fused backward wins there; plain calls run here at any size. ReLU and leaky ReLU
-#: are in the node's loops, whose backward writes dL/d(pre-activation) out (one pass more
-#: than Numba's); SiLU and ELU follow the node as torch's ops. Module forward + backward,
-#: channels_last, Numba's time / ours, 1 thread (2 threads), 2026-12-05: ReLU (8, 240, 12, 12)
-#: 0.99 (1.12), (8, 144, 24, 24) 1.00 (1.11), (8, 64, 48, 48) 0.84 (0.91), (8, 96, 48, 48)
-#: 0.76 (0.82); SiLU (8, 144, 24, 24) 1.41 (1.36), (8, 96, 48, 48) 1.25 (1.00),
-#: (32, 128, 32, 32) 0.96 (0.80).
-ACTIVATION_BELOW_NUMEL = {
-    "relu": 700_000,
-    "leaky_relu": 700_000,
-    "silu": 2_000_000,
-    "elu": 2_000_000,
-}
+#: Calls with ReLU or leaky ReLU run here below this many values, above on the Numba
+#: kernels, whose fused backward wins there; the other calls run here at any size. The
+#: node's backward writes dL/d(pre-activation) out first, one pass more than Numba's; with
+#: SiLU (in the node's loops too) it is still faster than Numba's fused SiLU, and than
+#: torch's BN + F.silu (whose time is 0.96-1.15x ours). Module forward + backward,
+#: channels_last, Numba's time / ours, 1 thread (2 threads), 2026-12-05: ReLU
+#: (8, 240, 12, 12) 0.99-1.03 (1.12-1.25), (8, 144, 24, 24) 0.98-1.00 (1.11-1.13),
+#: (8, 64, 48, 48) 0.84-0.86 (0.91-0.92), (8, 96, 48, 48) 0.73-0.76 (0.82-0.85); SiLU
+#: (8, 144, 24, 24) 1.32 (1.39), (8, 96, 48, 48) 1.24 (1.20), (32, 128, 32, 32) 1.11
+#: (1.04). ELU follows the node as torch's op: the Numba kernels do not take it.
+ACTIVATION_BELOW_NUMEL = {"relu": 700_000, "leaky_relu": 700_000}
 #: Compiler flags: the loops vectorize over the channels for this machine's CPU (its name and
 #: flags are part of the cache key). Without -march=native the float64 sums ran at 0.9x of
 #: ATen's speed at (100, 128) instead of 1.4x. -fopenmp where torch runs its threads on
@@ -69,10 +66,9 @@ FLAGS = ("-O3", "-march=native") + (
 SOURCE = Path(__file__).with_name("rows.cpp")
 #: Environment variable: "0" turns the backend off.
 SWITCH = "BATCHNORM_CPP"
-#: The fused activations rows.cpp computes, by its codes (enum Activation there). SiLU and
-#: ELU follow the node as torch's own ops (C++ autograd too): SiLU in the node's loops was
-#: 3x slower than torch.nn's BN followed by F.silu (see rows.cpp).
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2}
+#: The fused activations rows.cpp computes, by its codes (enum Activation there). ELU
+#: follows the node as torch's own op (C++ autograd too; see rows.cpp).
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 _ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
 
 _lock = threading.Lock()
