@@ -31,7 +31,7 @@ SHAPES = {
     "channels_last": ((8, 16, 3, 3), True),
     "channels_last_3d": ((2, 4, 3, 2, 2), True),
     "(N,C,1,1)": ((6, 5, 1, 1), False),
-    # rows.cpp's parallel path: over 65,536 values, summed in 10 and 5 blocks of rows (not
+    # rows.cpp's parallel path: over 65,536 values, summed in 10 and 8 blocks of rows (not
     # a multiple of 8 rows: the loops' remainders)
     "(8203,40) threaded": ((8203, 40), False),
     "channels_last threaded": ((13, 24, 29, 31), True),
@@ -258,8 +258,9 @@ def test_silu_over_its_whole_range(training):
 
 
 def test_keeps_its_digits_where_the_mean_is_large():
-    """Two float64 passes: at mean 1e4 and std 1 the output and dx stay within a float32
-    mean's rounding (ATen's one-pass float sums gave 3e-3 of the output's scale here)."""
+    """Float64 sums centred on each channel's first value: at mean 1e4 and std 1 the output
+    and dx stay within a float32 mean's rounding (ATen's one-pass float sums gave 3e-3 of
+    the output's scale here)."""
     x = random_input((200, 8), mean=1e4)
     _runs_here(x)
     xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()

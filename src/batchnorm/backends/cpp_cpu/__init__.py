@@ -11,7 +11,7 @@ is accurate and cheaper than ATen's own operator. Raw calls, one thread, the sam
 (2026-12-05), ATen's time / ours: (100, 128) forward 1.37-1.50, forward + backward
 1.18-1.23; channels_last (8, 512, 3, 3) 1.57 and 1.28; (32768, 128) training forward
 1.27, eval 1.01, the backward alone 0.86-0.88 (memory-bound there, in the same passes as
-ATen's: module forward + backward of channels_last (32, 128, 32, 32) 0.97).
+ATen's: module forward + backward of channels_last (32, 128, 32, 32) 0.93-0.97).
 
 It is built on first use with torch.utils.cpp_extension (a C++ compiler, and ninja, which
 the ``ninja`` package brings; about 10-30 s, with a notice on stderr) for this machine's

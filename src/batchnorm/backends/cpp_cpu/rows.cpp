@@ -59,7 +59,8 @@ inline float vector_exp(float x) {
   return x != x ? x : y;
 }
 
-// 1 / (1 + exp(-p)), and SiLU p sigmoid(p) as torch computes it, p / (1 + exp(-p)).
+// sigmoid(p) = 1 / (1 + exp(-p)). (SiLU, p sigmoid(p), is computed as torch does it,
+// p / (1 + exp(-p)).)
 inline float sigmoid(float p) { return 1.0f / (1.0f + vector_exp(-p)); }
 
 // Calls f(act, derivative) with the activation's function of the pre-activation p and its
