@@ -17,8 +17,8 @@ from batchnorm.backends.cpp_cpu import extension
 
 def test_it_builds_wherever_a_compiler_is_found():
     """test_cpp_cpu.py skips where the extension did not build (no compiler: the backend is
-    optional, its calls then run on ATen). Where one is found, as on our machines and in
-    CI, it must build, so that the skip never hides a broken build."""
+    optional, its calls then run on the Numba kernels and ATen). Where one is found, as on
+    our machines and in CI, it must build, so that the skip never hides a broken build."""
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     assert extension() is not None or compiler is None, cpp_cpu.outcome
 
@@ -44,6 +44,8 @@ RUN = """
 """
 
 
+# Skips only where no compiler is found (the backend is optional there): with a compiler,
+# test_it_builds_wherever_a_compiler_is_found fails instead, so a broken build cannot hide.
 @pytest.mark.skipif(extension() is None, reason="nothing to load: see the test above")
 def test_a_built_extension_loads_without_a_notice_and_the_switch_turns_it_off():
     loaded = _python(RUN)
@@ -89,6 +91,7 @@ def test_a_failed_build_warns_once_and_leaves_the_calls_on_aten(tmp_path):
     assert "BATCHNORM_CPP=0" in failed.stderr
 
 
+# Skips only where no compiler is found, as the loading test above (same guard).
 @pytest.mark.skipif(extension() is None, reason="no compiler: see the first test")
 def test_batchnorm_compile_builds_or_loads_it(capsys):
     from batchnorm.cli.compile import _build_cpp

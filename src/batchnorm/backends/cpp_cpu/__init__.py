@@ -116,7 +116,7 @@ class CppBackend:
             call.training, float(call.momentum), float(call.eps), 0 if code is None else code,
             float(call.negative_slope),
         )  # fmt: skip
-        if code is None:  # SiLU, ELU: torch's own op after the node (see ACTIVATION_CODES)
+        if code is None:  # ELU: torch's own op after the node (see ACTIVATION_CODES)
             y = reference.activate(y, call.activation, call.negative_slope)
         return y
 
