@@ -35,6 +35,11 @@ SHAPES = {
     # a multiple of 8 rows: the loops' remainders)
     "(8203,40) threaded": ((8203, 40), False),
     "channels_last threaded": ((13, 24, 29, 31), True),
+    # rows.cpp's prefetching loops (kPrefetchFrom; rows shorter than 1024 channels, not a
+    # multiple of 16 floats, a cache line): the forward's and the backward's, over 4,194,304
+    # values, and the backward's only, over 2,097,152
+    "(32771,130) prefetched": ((32771, 130), False),
+    "channels_last prefetched": ((3, 136, 73, 71), True),
 }
 
 
@@ -167,6 +172,14 @@ def test_fused_epilogue_matches_torch_in_float64(name, training, residual, activ
         assert_close(mine.grad, theirs.grad, torch.float32)
     assert_close(ours.running_mean, ref.running_mean, torch.float32)
     assert_close(ours.running_var, ref.running_var, torch.float32)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_fused_epilogue_of_a_large_input_matches_torch_in_float64(training):
+    """The prefetching loops with every stream they read: x, the residual and, in the
+    backward of an activation, dy (SiLU: the activation this backend takes at any size)."""
+    test_fused_epilogue_matches_torch_in_float64("channels_last prefetched", training, True,
+                                                 "silu")  # fmt: skip
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
