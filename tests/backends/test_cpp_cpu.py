@@ -404,6 +404,49 @@ def test_calls_it_cannot_take_go_elsewhere():
     torch.testing.assert_close(traced(x + 1), torch.nn.BatchNorm1d(4)(x + 1))
 
 
+def test_a_layers_calls_go_where_the_dispatch_sends_them(monkeypatch):
+    """A layer's calls reach this backend by a shorter way than the dispatch
+    (CppBackend.layer_call), which must send them where ops.select would: here by default,
+    to a backend registered ahead of it or forced with use_backend, and those it does not
+    take to the next backend, without asking it twice."""
+    from batchnorm.backends.cpp_cpu import CppBackend
+    from batchnorm.backends.reference import ReferenceBackend
+
+    asked, computed = [], []
+    supports, batch_norm = CppBackend.supports, CppBackend.batch_norm
+    monkeypatch.setattr(
+        CppBackend, "supports", lambda self, c: asked.append(1) or supports(self, c)
+    )
+    monkeypatch.setattr(CppBackend, "batch_norm",
+                        lambda self, c: computed.append(1) or batch_norm(self, c))  # fmt: skip
+
+    class Front(ReferenceBackend):
+        name = "front"
+        calls = 0
+
+        def forward_train(self, *args):
+            Front.calls += 1
+            return super().forward_train(*args)
+
+    layer, x = batchnorm.BatchNorm1d(4), random_input((16, 4))
+    expected = torch.nn.BatchNorm1d(4)(x)
+    assert_close(layer(x), expected, torch.float32)
+    assert computed == [1]
+    with ops.use_backend("numba"):
+        assert_close(layer(x), expected, torch.float32)
+    assert computed == [1]
+    ops.register_backend(Front())
+    try:
+        assert_close(layer(x), expected, torch.float32)
+    finally:
+        ops.unregister_backend("front")
+    assert Front.calls == 1 and computed == [1]
+    asked.clear()
+    layer2d = batchnorm.BatchNorm2d(4)
+    y = layer2d(random_input((2, 4, 3, 3)))  # NCHW: not this backend's
+    assert asked == [1] and computed == [1] and y.shape == (2, 4, 3, 3)
+
+
 def test_inference_mode_and_no_grad_update_the_running_statistics():
     ours, ref = _pair((32, 8))
     x = random_input((32, 8), mean=2.0)

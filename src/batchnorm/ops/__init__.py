@@ -8,6 +8,7 @@ from batchnorm.ops.core import Reduction, backward_impl, batch_norm, forward_imp
 from batchnorm.ops.dispatch import (
     available_backends,
     backend_named,
+    first_backend,
     register_backend,
     select,
     select_kernels,
@@ -25,6 +26,7 @@ __all__ = [
     "backend_named",
     "backward_impl",
     "batch_norm",
+    "first_backend",
     "forward_impl",
     "register_backend",
     "run_kernels",

@@ -43,6 +43,14 @@ def available_backends(device: str | None = None) -> list[str]:
     ]
 
 
+def first_backend() -> Backend | None:
+    """The backend the default dispatch asks first (None while ``use_backend`` forces one):
+    a call it supports and prefers is its, whatever the registry holds after it."""
+    if _forced is not None or not _REGISTRY:
+        return None
+    return _REGISTRY[0]
+
+
 def backend_named(name: str) -> Backend:
     for backend in _REGISTRY:
         if backend.name == name:
@@ -50,11 +58,12 @@ def backend_named(name: str) -> Backend:
     raise ValueError(f"unknown backend {name!r}; available: {available_backends()}")
 
 
-def select(call: Call, *, kernels_only: bool = False) -> Backend:
+def select(call: Call, *, kernels_only: bool = False, declined: int = 0) -> Backend:
     """The backend for ``call``: the forced one, else the first supporting and preferred.
 
     ``kernels_only``: among kernel backends only (under torch.compile, and for callers that
-    need the kernels themselves, such as SyncBatchNorm)."""
+    need the kernels themselves, such as SyncBatchNorm). ``declined``: the number of
+    backends at the registry's front known not to take the call (not asked again)."""
     forced = _forced
     if forced is not None and not (kernels_only and forced.operator):
         if forced.supports(call):
@@ -68,7 +77,7 @@ def select(call: Call, *, kernels_only: bool = False) -> Backend:
                 f" Hint: force it only for calls it supports, or leave the choice to the "
                 f"default dispatch."
             )
-    for backend in _REGISTRY:
+    for backend in _REGISTRY[declined:] if declined else _REGISTRY:
         if kernels_only and backend.operator:
             continue
         if backend.supports(call) and backend.preferred(call):
