@@ -372,6 +372,14 @@ def test_calls_it_cannot_take_go_elsewhere():
         "cpp_cpu"  # (N, C, L) with the channels innermost
     )
     assert chosen(x.double()) != "cpp_cpu"
+    planes, stats = random_input((4, 3, 5)), (torch.zeros(3), torch.ones(3))
+    with torch.no_grad():  # NCHW: in eval without autograd only
+        assert chosen(planes, False, running_mean=stats[0], running_var=stats[1]) == "cpp_cpu"
+        assert chosen(planes, running_mean=stats[0], running_var=stats[1]) != "cpp_cpu"
+        assert chosen(random_input((4, 3, 1)), False, running_mean=stats[0],
+                      running_var=stats[1]) == "cpp_cpu"  # (N, C, 1): rows  # fmt: skip
+    assert chosen(planes.requires_grad_(), False, running_mean=stats[0],
+                  running_var=stats[1]) != "cpp_cpu"  # fmt: skip
     assert chosen(x[:1]) != "cpp_cpu"  # training on one value a channel
     assert chosen(x, training=False) != "cpp_cpu"  # eval without running statistics
     assert chosen(x, activation="relu") == "cpp_cpu"
@@ -402,6 +410,45 @@ def test_calls_it_cannot_take_go_elsewhere():
     layer = batchnorm.BatchNorm1d(4)
     traced = torch.jit.trace(layer, x, check_trace=False)  # torch ops: a working trace
     torch.testing.assert_close(traced(x + 1), torch.nn.BatchNorm1d(4)(x + 1))
+
+
+PLANES = {"NCHW": (8, 16, 3, 3), "NCDHW": (2, 4, 3, 2, 2), "NCHW threaded": (3, 24, 33, 37)}
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "silu", "elu"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("name", PLANES)
+def test_nchw_inference_matches_torch_in_float64(name, residual, activation):
+    """NCHW inputs in eval mode without autograd (inference) run here a plane at a time
+    (eval_planes), fused activation and residual included; with a graph to record they go
+    elsewhere (this backend's backward takes channels-innermost inputs only)."""
+    shape = PLANES[name]
+    ours = batchnorm.BatchNormAct2d(shape[1], activation=activation).eval()
+    if len(shape) == 5:
+        ours = batchnorm.BatchNormAct3d(shape[1], activation=activation).eval()
+    ref = TORCH_LAYERS[len(shape)](shape[1], dtype=torch.float64).eval()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.normal_()
+        ours.running_mean.uniform_(1, 3), ours.running_var.uniform_(0.5, 2)
+        for mine, theirs in zip(ours.state_dict().values(), ref.state_dict().values(), strict=True):
+            theirs.copy_(mine)
+    x = random_input(shape, mean=2.0)
+    z = random_input(shape, seed=3) if residual else None
+    call = Call(x, False, activation, 0.01, residual, False, True, ours.weight, ours.bias,
+                ours.running_mean, ours.running_var, z)  # fmt: skip
+    with torch.no_grad():
+        assert ops.select(call).name == "cpp_cpu"
+        y = ours(x, z) if residual else ours(x)
+    pre = ref(x.double()) + z.double() if residual else ref(x.double())
+    expected = TORCH_ACTIVATIONS[activation](pre) if activation != "identity" else pre
+    assert y.stride() == x.stride()
+    assert_close(y, expected, torch.float32)
+    assert ops.select(call).name != "cpp_cpu"  # the parameters require grad: a graph
+    with torch.inference_mode():
+        assert ops.select(call).name == "cpp_cpu"
+    x.requires_grad_()
+    with torch.no_grad():
+        assert ops.select(call._replace(x=x)).name == "cpp_cpu"
 
 
 def test_a_layers_calls_go_where_the_dispatch_sends_them(monkeypatch):
@@ -443,7 +490,7 @@ def test_a_layers_calls_go_where_the_dispatch_sends_them(monkeypatch):
     assert Front.calls == 1 and computed == [1]
     asked.clear()
     layer2d = batchnorm.BatchNorm2d(4)
-    y = layer2d(random_input((2, 4, 3, 3)))  # NCHW: not this backend's
+    y = layer2d(random_input((2, 4, 3, 3)))  # NCHW training: not this backend's
     assert asked == [1] and computed == [1] and y.shape == (2, 4, 3, 3)
 
 

@@ -1,7 +1,8 @@
 """The C++ backend: batch norm of float32 CPU inputs whose channels are the innermost
 dimension ((N, C) and channels_last), fused activation and residual included, as one C++
 autograd node (rows.cpp): serial loops for small inputs, torch's intra-op threads from
-65,536 values.
+65,536 values. Also NCHW inputs in eval mode when no graph is recorded (inference), a
+plane at a time, without a node.
 
 Why: on these inputs ATen's float32 kernel loses digits as the mean grows (see
 backends.aten.safe_batch_norm), and the shift that keeps them costs two more ops; the Numba
@@ -84,8 +85,9 @@ class CppBackend:
     devices = ("cpu",)
 
     def supports(self, call: Call) -> bool:
-        """Calls of float32 CPU tensors, the input dense with its channels innermost (and a
-        residual of its strides), with any activation (see ACTIVATION_CODES), in torch's
+        """Calls of float32 CPU tensors, the input dense with its channels innermost (or
+        NCHW-contiguous, in eval without a graph to record), a residual of its strides,
+        with any activation (see ACTIVATION_CODES), in torch's
         running-variance convention, the input saved for backward; in training
         more than one value per channel, in eval running statistics; not under forward-mode
         AD or torch.jit.trace (the node has no tangent rule and traces as nothing), and

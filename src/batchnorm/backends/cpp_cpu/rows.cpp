@@ -4,6 +4,8 @@
 // the backward, no shift, no temporary tensor. The math is batchnorm.reference's (the
 // tests hold the two together). Inputs of kParallelValues values or more run on torch's
 // intra-op threads (at::parallel_for), with sums that do not depend on the thread count.
+// Also NCHW inputs in eval when no graph is recorded (inference), a plane at a time
+// (eval_planes).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -442,6 +444,51 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
   return out;
 }
 
+// Eval of an NCHW-contiguous input (planes of the values of one sample and channel) when no
+// graph is recorded (inference): y = act((x - running mean) * invstd * weight + bias [+ z]),
+// a plane at a time. ATen's eval streams as fast on large inputs and is slower on small
+// ones (its call's overhead); it also folds the mean into the shift, x * alpha + beta,
+// which loses digits where the mean is large against the spread.
+Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                   const Tensor& residual, const Running& running, double eps,
+                   int64_t activation, double slope) {
+  const int64_t channels = x.size(1), planes = x.size(0) * channels;
+  const int64_t plane = planes ? x.numel() / planes : 0;
+  Tensor y = at::empty_like(x);
+  const float *w = values_or_null(weight), *b = values_or_null(bias);
+  const float *rm = running.mean.const_data_ptr<float>(), *rv = running.var.const_data_ptr<float>();
+  std::vector<float> scale(channels), shift(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    const float invstd = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+    scale[c] = w ? invstd * w[c] : invstd;
+    shift[c] = b ? b[c] : 0.0f;
+  }
+  const float* in = x.const_data_ptr<float>();
+  const float* z = values_or_null(residual);
+  float* out = y.data_ptr<float>();
+  with_activation(activation, static_cast<float>(slope), [&](auto act, auto) {
+    auto each_plane = [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % channels;
+        const float mean = rm[c], sc = scale[c], sh = shift[c];
+        const float* __restrict src = in + p * plane;
+        float* __restrict dst = out + p * plane;
+        if (z) {
+          const float* __restrict add = z + p * plane;
+          for (int64_t i = 0; i < plane; ++i) dst[i] = act((src[i] - mean) * sc + sh + add[i]);
+        } else {
+          for (int64_t i = 0; i < plane; ++i) dst[i] = act((src[i] - mean) * sc + sh);
+        }
+      }
+    };
+    if (x.numel() < kParallelValues)
+      each_plane(0, planes);
+    else
+      at::parallel_for(0, planes, std::max<int64_t>(1, kParallelValues / 2 / plane), each_plane);
+  });
+  return y;
+}
+
 // The optional inputs are std::optional: autograd takes one that is not given for no input.
 using Optional = std::optional<Tensor>;
 
@@ -571,6 +618,19 @@ bool rows_layout(const Tensor& x) {
   return next(0);
 }
 
+// Whether a call records no autograd graph: grad mode off, or no input that requires grad.
+bool records_no_graph(std::initializer_list<pybind11::handle> inputs) {
+  if (!at::GradMode::is_enabled()) return true;
+  for (pybind11::handle obj : inputs)
+    if (!obj.is_none() && THPVariable_Unpack(obj.ptr()).requires_grad()) return false;
+  return true;
+}
+
+// NCHW-contiguous with planes of more than one value: the eval_planes layout.
+bool planes_layout(const Tensor& x) {
+  return x.dim() > 2 && x.is_contiguous() && x.numel() > x.size(0) * x.size(1);
+}
+
 bool takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias,
            pybind11::handle running_mean, pybind11::handle running_var,
            pybind11::handle residual, bool training) {
@@ -585,9 +645,11 @@ bool takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias,
     const Tensor& z = THPVariable_Unpack(residual.ptr());
     if (z.sizes() != t.sizes() || z.strides() != t.strides()) return false;
   }
-  return rows_layout(t) && per_channel(weight, channels, false) &&
-         per_channel(bias, channels, false) && per_channel(running_mean, channels, true) &&
-         per_channel(running_var, channels, true);
+  const bool layout =
+      rows_layout(t) || (!training && planes_layout(t) &&
+                         records_no_graph({x, weight, bias, residual}));
+  return layout && per_channel(weight, channels, false) && per_channel(bias, channels, false) &&
+         per_channel(running_mean, channels, true) && per_channel(running_var, channels, true);
 }
 
 Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& bias,
@@ -596,9 +658,17 @@ Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& 
                        int64_t activation, double slope) {
   Running running{running_mean.value_or(Tensor()), running_var.value_or(Tensor())};
   auto differentiated = [](const Optional& t) { return t.has_value() && t->requires_grad(); };
-  if (!(at::GradMode::is_enabled() && (x.requires_grad() || differentiated(weight) ||
-                                       differentiated(bias) || differentiated(residual))))
-    // no graph to record: the forward alone, without the node autograd would make anyway
+  const bool graph =
+      at::GradMode::is_enabled() && (x.requires_grad() || differentiated(weight) ||
+                                     differentiated(bias) || differentiated(residual));
+  if (!rows_layout(x)) {  // NCHW in eval without a graph: the one such call takes gives
+    TORCH_CHECK(!training && !graph && planes_layout(x),
+                "rows_batch_norm: an input whose channels are not innermost is taken in eval "
+                "mode without autograd only");
+    return eval_planes(x, weight.value_or(Tensor()), bias.value_or(Tensor()),
+                       residual.value_or(Tensor()), running, eps, activation, slope);
+  }
+  if (!graph)  // the forward alone, without the node autograd would make anyway
     return forward_rows(x, weight.value_or(Tensor()), bias.value_or(Tensor()),
                         residual.value_or(Tensor()), running, training, momentum, eps,
                         activation, slope)
@@ -614,7 +684,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether rows_batch_norm computes this call: (x, weight, bias, running_mean, "
         "running_var, residual, training) -> bool");
   m.def("rows_batch_norm", &rows_batch_norm,
-        "Batch norm of a float32 (N, C) or channels_last input with the fused epilogue, the "
-        "running update included in training: (x, weight, bias, running_mean, running_var, "
-        "residual, training, momentum, eps, activation code, negative slope) -> y");
+        "Batch norm of a float32 (N, C) or channels_last input (or, in eval without "
+        "autograd, an NCHW one) with the fused epilogue, the running update included in "
+        "training: (x, weight, bias, running_mean, running_var, residual, training, momentum, "
+        "eps, activation code, negative slope) -> y");
 }
