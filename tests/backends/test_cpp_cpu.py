@@ -415,7 +415,7 @@ def test_calls_it_cannot_take_go_elsewhere():
 PLANES = {"NCHW": (8, 16, 3, 3), "NCDHW": (2, 4, 3, 2, 2), "NCHW threaded": (3, 24, 33, 37)}
 
 
-@pytest.mark.parametrize("activation", ["identity", "relu", "silu", "elu"])
+@pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "silu", "elu"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("name", PLANES)
 def test_nchw_inference_matches_torch_in_float64(name, residual, activation):
@@ -423,9 +423,9 @@ def test_nchw_inference_matches_torch_in_float64(name, residual, activation):
     (eval_planes), fused activation and residual included; with a graph to record they go
     elsewhere (this backend's backward takes channels-innermost inputs only)."""
     shape = PLANES[name]
-    ours = batchnorm.BatchNormAct2d(shape[1], activation=activation).eval()
+    ours = batchnorm.BatchNormAct2d(shape[1], activation=activation, negative_slope=0.2).eval()
     if len(shape) == 5:
-        ours = batchnorm.BatchNormAct3d(shape[1], activation=activation).eval()
+        ours = batchnorm.BatchNormAct3d(shape[1], activation=activation, negative_slope=0.2).eval()
     ref = TORCH_LAYERS[len(shape)](shape[1], dtype=torch.float64).eval()
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5), ours.bias.normal_()
@@ -434,7 +434,7 @@ def test_nchw_inference_matches_torch_in_float64(name, residual, activation):
             theirs.copy_(mine)
     x = random_input(shape, mean=2.0)
     z = random_input(shape, seed=3) if residual else None
-    call = Call(x, False, activation, 0.01, residual, False, True, ours.weight, ours.bias,
+    call = Call(x, False, activation, 0.2, residual, False, True, ours.weight, ours.bias,
                 ours.running_mean, ours.running_var, z)  # fmt: skip
     with torch.no_grad():
         assert ops.select(call).name == "cpp_cpu"

@@ -465,6 +465,7 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
   float* out = y.data_ptr<float>();
   with_activation(activation, static_cast<float>(slope), [&](auto act, auto) {
     auto each_plane = [&](int64_t begin, int64_t end) {
+      const auto activate = act;  // a local copy: see Rows::each_pre's `call`
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % channels;
         const float mean = rm[c], sc = scale[c], sh = shift[c];
@@ -472,9 +473,10 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
         float* __restrict dst = out + p * plane;
         if (z) {
           const float* __restrict add = z + p * plane;
-          for (int64_t i = 0; i < plane; ++i) dst[i] = act((src[i] - mean) * sc + sh + add[i]);
+          for (int64_t i = 0; i < plane; ++i)
+            dst[i] = activate((src[i] - mean) * sc + sh + add[i]);
         } else {
-          for (int64_t i = 0; i < plane; ++i) dst[i] = act((src[i] - mean) * sc + sh);
+          for (int64_t i = 0; i < plane; ++i) dst[i] = activate((src[i] - mean) * sc + sh);
         }
       }
     };
