@@ -11,8 +11,10 @@ more than the whole computation of a small layer. A C++ node around the kernels 
 is accurate and cheaper than ATen's own operator. Raw calls, one thread, the same process
 (2026-12-05), ATen's time / ours: (100, 128) forward 1.37-1.50, forward + backward
 1.18-1.23; channels_last (8, 512, 3, 3) 1.57 and 1.28; (32768, 128) training forward
-1.27, eval 1.01, the backward alone 0.86-0.88 (memory-bound there, in the same passes as
-ATen's: module forward + backward of channels_last (32, 128, 32, 32) 0.93-0.97).
+1.27, eval 1.01, the backward alone 0.86-0.88 before the loops' prefetches (memory-bound
+there, in the same passes as ATen's); with them, module forward + backward of
+channels_last (32, 128, 32, 32) 0.98 in `make bench` (2026-12-05 07:00), raw calls
+1.07-1.21 in the same process.
 
 It is built on first use with torch.utils.cpp_extension (a C++ compiler, and ninja, which
 the ``ninja`` package brings; about 10-30 s, with a notice on stderr) for this machine's
