@@ -423,9 +423,8 @@ def test_nchw_inference_matches_torch_in_float64(name, residual, activation):
     (eval_planes), fused activation and residual included; with a graph to record they go
     elsewhere (this backend's backward takes channels-innermost inputs only)."""
     shape = PLANES[name]
-    ours = batchnorm.BatchNormAct2d(shape[1], activation=activation, negative_slope=0.2).eval()
-    if len(shape) == 5:
-        ours = batchnorm.BatchNormAct3d(shape[1], activation=activation, negative_slope=0.2).eval()
+    fused = batchnorm.BatchNormAct3d if len(shape) == 5 else batchnorm.BatchNormAct2d
+    ours = fused(shape[1], activation=activation, negative_slope=0.2).eval()
     ref = TORCH_LAYERS[len(shape)](shape[1], dtype=torch.float64).eval()
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5), ours.bias.normal_()
