@@ -133,31 +133,45 @@ inline void prefetch(const float* p, int64_t count) {
   for (int64_t i = 0; i < count; i += 16) __builtin_prefetch(p + i);
 }
 
-// Asks for row r of each stream (an array of rows of `channels` floats; null: none).
-inline void prefetch_row(std::initializer_list<const float*> streams, int64_t r,
-                         int64_t channels) {
+// Asks for `count` rows from row r of each stream (an array of rows of `channels` floats;
+// null: none).
+inline void prefetch_rows(std::initializer_list<const float*> streams, int64_t r,
+                          int64_t count, int64_t channels) {
   for (const float* stream : streams)
-    if (stream) prefetch(stream + r * channels, channels);
+    if (stream) prefetch(stream + r * channels, count * channels);
 }
 
-// What a pass over the rows reads: x, the residual z (or null), and each channel's centre,
-// scale (invstd * weight) and shift (bias) of the pre-activation.
-struct Rows {
-  const float* x;
-  const float* z;
-  int64_t rows, channels;
-  Centre centre;
+// 1 / sqrt(var + eps), in float64, rounded to float.
+inline float invstd_of(double var, double eps) {
+  return static_cast<float>(1.0 / std::sqrt(var + eps));
+}
+
+// Each channel's scale (invstd * weight) and shift (bias) of the pre-activation.
+struct Affine {
   std::vector<float> scale, shift;
 
-  Rows(const float* x, const float* z, int64_t rows, int64_t channels, Centre centre,
-       const float* invstd, const float* weight, const float* bias)
-      : x(x), z(z), rows(rows), channels(channels), centre(centre), scale(channels),
-        shift(channels) {
+  Affine(int64_t channels, const float* invstd, const float* weight, const float* bias)
+      : scale(channels), shift(channels) {
     for (int64_t c = 0; c < channels; ++c) {
       scale[c] = weight ? invstd[c] * weight[c] : invstd[c];
       shift[c] = bias ? bias[c] : 0.0f;
     }
   }
+};
+
+// What a pass over the rows reads: x, the residual z (or null), and each channel's centre
+// and affine part of the pre-activation.
+struct Rows {
+  const float* x;
+  const float* z;
+  int64_t rows, channels;
+  Centre centre;
+  Affine affine;
+
+  Rows(const float* x, const float* z, int64_t rows, int64_t channels, Centre centre,
+       const float* invstd, const float* weight, const float* bias)
+      : x(x), z(z), rows(rows), channels(channels), centre(centre),
+        affine(channels, invstd, weight, bias) {}
 
   // Calls f(index, pre-activation) for every value of rows [begin, end), row by row, in a
   // loop of `pass`; f may read `also` (rows of x's layout, or null) at the index too. f
@@ -167,7 +181,7 @@ struct Rows {
   template <bool kResidual, typename F>
   void each_pre(int64_t begin, int64_t end, Pass pass, const float* also, F&& f) const {
     const float *__restrict origin = centre.origin, *__restrict offset = centre.offset;
-    const float *__restrict sc = scale.data(), *__restrict sh = shift.data();
+    const float *__restrict sc = affine.scale.data(), *__restrict sh = affine.shift.data();
     const float *__restrict in = x, *__restrict residual = z;
     // f's copy, a local whose address nothing else holds: f's stores then cannot change
     // what it captured by value (the activation's slope), which the loop reads in registers
@@ -176,7 +190,7 @@ struct Rows {
     const int64_t ahead = rows_ahead(rows, channels, pass);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t base = r * channels;
-      if (ahead && r + ahead < rows) prefetch_row({x, z, also}, r + ahead, channels);
+      if (ahead && r + ahead < rows) prefetch_rows({x, z, also}, r + ahead, 1, channels);
       const float* row = in + base;
       for (int64_t c = 0; c < channels; ++c) {
         float pre = ((row[c] - origin[c]) - offset[c]) * sc[c] + sh[c];
@@ -225,7 +239,8 @@ constexpr int64_t kRowsAtOnce = 8;
 // none) are prefetched two groups of rows ahead.
 template <typename Term>
 std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, Term&& term,
-                                               Pass pass, std::array<const float*, 2> reads) {
+                                               Pass pass,
+                                               std::initializer_list<const float*> reads) {
   const int64_t blocks =
       std::clamp<int64_t>(rows * channels / (kParallelValues / 2), 1,
                           std::min<int64_t>(64, std::max<int64_t>(1, (1 << 15) / channels)));
@@ -251,9 +266,7 @@ std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, T
     int64_t r0 = begin;
     for (; r0 + kRowsAtOnce <= end; r0 += kRowsAtOnce) {
       if (prefetching && r0 + 3 * kRowsAtOnce <= rows)  // the group of rows two groups on
-        for (const float* values : reads)
-          if (values)
-            prefetch(values + (r0 + 2 * kRowsAtOnce) * channels, kRowsAtOnce * channels);
+        prefetch_rows(reads, r0 + 2 * kRowsAtOnce, kRowsAtOnce, channels);
       add_rows(r0, std::integral_constant<int64_t, kRowsAtOnce>{});
     }
     for (; r0 < end; ++r0) add_rows(r0, std::integral_constant<int64_t, 1>{});
@@ -358,7 +371,8 @@ void input_gradients(const Rows& in, const float* g, const float* invstd, const 
     for (int64_t r = begin; r < end; ++r) {
       const int64_t base = r * channels;
       float* __restrict out = dx + base;
-      if (ahead && r + ahead < rows) prefetch_row({g, training ? x : nullptr}, r + ahead, channels);
+      if (ahead && r + ahead < rows)
+        prefetch_rows({g, training ? x : nullptr}, r + ahead, 1, channels);
       if (!training) {  // x does not enter: an infinite x leaves dx finite, as torch's
         for (int64_t c = 0; c < channels; ++c) out[c] = ks[c] * gs[base + c];
         continue;
@@ -422,7 +436,7 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
     batch_statistics(first_row, origin.data(), rows, channels, mean.data(), var.data());
     for (int64_t c = 0; c < channels; ++c) {
       off[c] = static_cast<float>(mean[c] - origin[c]);
-      inv[c] = static_cast<float>(1.0 / std::sqrt(var[c] + eps));
+      inv[c] = invstd_of(var[c], eps);
     }
     if (running.mean.defined())
       update_running(running.mean, running.var, mean.data(), var.data(), rows, channels,
@@ -432,7 +446,7 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
                 *rv = running.var.const_data_ptr<float>();
     for (int64_t c = 0; c < channels; ++c) {
       off[c] = rm[c];
-      inv[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+      inv[c] = invstd_of(rv[c], eps);
     }
   }
   Rows in(first_row, values_or_null(residual), rows, channels, Centre{origin.data(), off}, inv,
@@ -452,14 +466,10 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
   const int64_t channels = x.size(1), planes = x.size(0) * channels;
   const int64_t plane = planes ? x.numel() / planes : 0;
   Tensor y = at::empty_like(x);
-  const float *w = values_or_null(weight), *b = values_or_null(bias);
   const float *rm = running.mean.const_data_ptr<float>(), *rv = running.var.const_data_ptr<float>();
-  std::vector<float> scale(channels), shift(channels);
-  for (int64_t c = 0; c < channels; ++c) {
-    const float invstd = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
-    scale[c] = w ? invstd * w[c] : invstd;
-    shift[c] = b ? b[c] : 0.0f;
-  }
+  std::vector<float> invstd(channels);
+  for (int64_t c = 0; c < channels; ++c) invstd[c] = invstd_of(rv[c], eps);
+  const Affine affine(channels, invstd.data(), values_or_null(weight), values_or_null(bias));
   const float* in = x.const_data_ptr<float>();
   const float* z = values_or_null(residual);
   float* out = y.data_ptr<float>();
@@ -468,7 +478,7 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
       const auto activate = act;  // a local copy: see Rows::each_pre's `call`
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % channels;
-        const float mean = rm[c], sc = scale[c], sh = shift[c];
+        const float mean = rm[c], sc = affine.scale[c], sh = affine.shift[c];
         const float* __restrict src = in + p * plane;
         float* __restrict dst = out + p * plane;
         if (z) {
@@ -617,12 +627,13 @@ bool rows_layout(const Tensor& x) {
   return next(0);
 }
 
-// Whether a call records no autograd graph: grad mode off, or no input that requires grad.
-bool records_no_graph(std::initializer_list<pybind11::handle> inputs) {
-  if (!at::GradMode::is_enabled()) return true;
-  for (pybind11::handle obj : inputs)
-    if (!obj.is_none() && THPVariable_Unpack(obj.ptr()).requires_grad()) return false;
-  return true;
+// Whether autograd records a graph of a call on these inputs (undefined: not given).
+bool records_graph(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                   const Tensor& residual) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : {&x, &weight, &bias, &residual})
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
 }
 
 // NCHW-contiguous with planes of more than one value: the eval_planes layout.
@@ -644,11 +655,15 @@ bool takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias,
     const Tensor& z = THPVariable_Unpack(residual.ptr());
     if (z.sizes() != t.sizes() || z.strides() != t.strides()) return false;
   }
-  const bool layout =
-      rows_layout(t) || (!training && planes_layout(t) &&
-                         records_no_graph({x, weight, bias, residual}));
-  return layout && per_channel(weight, channels, false) && per_channel(bias, channels, false) &&
-         per_channel(running_mean, channels, true) && per_channel(running_var, channels, true);
+  if (!(per_channel(weight, channels, false) && per_channel(bias, channels, false) &&
+        per_channel(running_mean, channels, true) && per_channel(running_var, channels, true)))
+    return false;
+  if (rows_layout(t)) return true;
+  auto tensor = [](pybind11::handle obj) {  // a checked tensor, or None
+    return obj.is_none() ? Tensor() : THPVariable_Unpack(obj.ptr());
+  };
+  return !training && planes_layout(t) &&
+         !records_graph(t, tensor(weight), tensor(bias), tensor(residual));
 }
 
 Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& bias,
@@ -656,22 +671,17 @@ Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& 
                        const Optional& residual, bool training, double momentum, double eps,
                        int64_t activation, double slope) {
   Running running{running_mean.value_or(Tensor()), running_var.value_or(Tensor())};
-  auto differentiated = [](const Optional& t) { return t.has_value() && t->requires_grad(); };
-  const bool graph =
-      at::GradMode::is_enabled() && (x.requires_grad() || differentiated(weight) ||
-                                     differentiated(bias) || differentiated(residual));
+  const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor()),
+               z = residual.value_or(Tensor());
+  const bool graph = records_graph(x, w, b, z);
   if (!rows_layout(x)) {  // NCHW in eval without a graph: the one such call takes gives
     TORCH_CHECK(!training && !graph && planes_layout(x),
                 "rows_batch_norm: an input whose channels are not innermost is taken in eval "
                 "mode without autograd only");
-    return eval_planes(x, weight.value_or(Tensor()), bias.value_or(Tensor()),
-                       residual.value_or(Tensor()), running, eps, activation, slope);
+    return eval_planes(x, w, b, z, running, eps, activation, slope);
   }
   if (!graph)  // the forward alone, without the node autograd would make anyway
-    return forward_rows(x, weight.value_or(Tensor()), bias.value_or(Tensor()),
-                        residual.value_or(Tensor()), running, training, momentum, eps,
-                        activation, slope)
-        .y;
+    return forward_rows(x, w, b, z, running, training, momentum, eps, activation, slope).y;
   return RowsBatchNorm::apply(x, weight, bias, residual, running, training, momentum, eps,
                               activation, slope);
 }
