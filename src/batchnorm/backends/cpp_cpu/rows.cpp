@@ -177,9 +177,14 @@ struct Rows {
   // loop of `pass`; f may read `also` (rows of x's layout, or null) at the index too. f
   // should capture by value what its loop reads and does not write (see `call`).
   // (The inputs are read through restrict pointers: f's stores then do not alias them,
-  // and the loop vectorizes without run-time checks of overlap.)
+  // and the loop vectorizes without run-time checks of overlap.) Flattened: every call in
+  // it is inlined, the activation's too, which GCC otherwise left a call a value where the
+  // loop runs on torch's threads (in the function OpenMP outlines for them): SiLU's loop
+  // did not vectorize, and a channels_last (32, 128, 32, 32) forward with SiLU took 9.2 ms
+  // on 2 threads, 1.5 ms flattened (2.0 ms on 1 thread either way).
   template <bool kResidual, typename F>
-  void each_pre(int64_t begin, int64_t end, Pass pass, const float* also, F&& f) const {
+  [[gnu::flatten]] void each_pre(int64_t begin, int64_t end, Pass pass, const float* also,
+                                 F&& f) const {
     const float *__restrict origin = centre.origin, *__restrict offset = centre.offset;
     const float *__restrict sc = affine.scale.data(), *__restrict sh = affine.shift.data();
     const float *__restrict in = x, *__restrict residual = z;
