@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,3 +46,40 @@ def random_input(shape, dtype=torch.float32, channels_last=False, seed=0, mean=0
     if channels_last:
         x = x.to(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
     return x
+
+
+# Half precision: the conversions' oracle is torch's .to(); the kernels' is the float64
+# result rounded to the dtype.
+
+
+def same_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Equal as values, NaN matching NaN."""
+    return (a == b) | (np.isnan(a) & np.isnan(b))
+
+
+def half_bits_as_float(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The float32 values of half-precision bits (16-bit integers) of ``dtype``."""
+    return torch.from_numpy(bits.view(np.int16).copy()).view(dtype).float().numpy()
+
+
+def floats_to_round(dtype: torch.dtype) -> np.ndarray:
+    """Random float32 bit patterns (every exponent), every half value, the midpoints
+    between neighbouring half values (ties) and the floats next to them, and edge cases."""
+    every = half_bits_as_float(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16), dtype)
+    finite = np.unique(every[np.isfinite(every)].astype(np.float64))
+    mids = ((finite[1:] + finite[:-1]) / 2).astype(np.float32)
+    rng = np.random.default_rng(0)
+    random = rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
+    edges = [np.inf, -np.inf, np.nan, 0.0, -0.0, 65504, 65520, 2.0**-25, 1e-45, 3e38, -3e38]
+    parts = [random.view(np.float32), every, mids, np.nextafter(mids, np.float32(np.inf)),
+             np.nextafter(mids, np.float32(-np.inf)), np.array(edges, np.float32)]  # fmt: skip
+    return np.concatenate(parts).astype(np.float32)
+
+
+def assert_within_rounding(got, exact, dtype, roundings=1):
+    """|got - exact| <= 2 * (the rounding of exact to dtype) + a float32 ulp of its scale,
+    for a result rounded to dtype ``roundings`` times on its way."""
+    rounding = (exact.to(dtype).double() - exact).abs().max()
+    error = (got.double() - exact).abs().max()
+    bound = 2 * roundings * rounding + 1e-6 * exact.abs().max().clamp(min=1)
+    assert error <= bound, (error, rounding)

@@ -1,8 +1,9 @@
-"""The C++ backend (batchnorm.backends.cpp_cpu): float32 (N, C) and channels-last calls,
-training and eval, in one C++ autograd node; serial loops for small inputs, torch's threads
-for large ones.
+"""The C++ backend (batchnorm.backends.cpp_cpu): float32 and bfloat16 (N, C) and
+channels-last calls, training and eval, in one C++ autograd node; serial loops for small
+inputs, torch's threads for large ones; NCHW inference.
 
-The oracle is torch.nn's layer in float64 on the same float32-rounded inputs; every test
+The oracle is torch.nn's layer in float64 on the same float32-rounded inputs (bfloat16:
+the float64 result rounded to bfloat16, see the end of this file); every test
 first checks that the dispatch really gives its calls to this backend (else it would test
 ATen). The build, its cache and its fallback: test_cpp_cpu_build.py.
 """
@@ -14,7 +15,13 @@ import batchnorm
 from batchnorm import ops
 from batchnorm.backends import Call
 from batchnorm.backends.cpp_cpu import ACTIVATION_BELOW_NUMEL, extension
-from conftest import assert_close, random_input
+from conftest import (
+    assert_close,
+    assert_within_rounding,
+    floats_to_round,
+    random_input,
+    same_values,
+)
 
 # The backend is optional: where no C++ compiler is found it is not built, and its calls run
 # on ATen (test_cpp_cpu_build.py tests that fallback). These tests check the built kernels,
@@ -505,3 +512,144 @@ def test_inference_mode_and_no_grad_update_the_running_statistics():
         ref(x.double() + 1)
     assert_close(ours.running_mean, ref.running_mean, torch.float32)
     assert_close(ours.running_var, ref.running_var, torch.float32)
+
+
+# bfloat16 inputs with float32 parameters and statistics (torch.autocast's convention): the
+# loops load bfloat16, compute in float32 (sums in float64) and round their results.
+
+
+def test_bfloat16_results_are_rounded_as_torch_rounds():
+    """Stores round to nearest, ties to even, as torch's .to(torch.bfloat16), NaN and
+    infinities included: eval of zeros with running mean -v, running variance 1 and eps 0
+    gives v rounded, in the rows' loops and in the NCHW planes' (every value a channel)."""
+    values = torch.from_numpy(floats_to_round(torch.bfloat16))
+    expected = values.to(torch.bfloat16).float().numpy()
+    channels = values.numel()
+    stats = (-values, torch.ones(channels))
+    for shape in ((1, channels), (1, channels, 2)):
+        x = torch.zeros(shape, dtype=torch.bfloat16)
+        _runs_here(x, training=False)
+        y = batchnorm.functional.batch_norm(x, *stats, training=False, eps=0.0)
+        assert y.dtype == torch.bfloat16
+        for got in y.float().reshape(channels, -1).unbind(1):
+            assert same_values(got.numpy(), expected).all()
+
+
+def _exact(x, weight, bias, z, training, activation, running, dy):
+    """torch.nn's output and gradients (x, weight, bias, residual) in float64."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None
+              for t in (x, weight, bias, z)]  # fmt: skip
+    stats = [t.double() for t in running] if running else (None, None)
+    pre = torch.nn.functional.batch_norm(leaves[0], *stats, leaves[1], leaves[2], training)
+    pre = pre + leaves[3] if z is not None else pre
+    y = TORCH_ACTIVATIONS[activation](pre) if activation != "identity" else pre
+    return y, torch.autograd.grad(y, [t for t in leaves if t is not None], dy.double())
+
+
+BFLOAT16_SHAPES = ["(100,128)", "channels_last", "(8203,40) threaded", "channels_last threaded"]
+#: Over the forward's and the backward's prefetch thresholds in bfloat16 (16 and 8 MiB of
+#: input: twice as many values as in float32).
+BFLOAT16_LARGE = {"(64543,130) prefetched": ((64543, 130), False)}
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "silu", "elu"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("name", BFLOAT16_SHAPES)
+def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activation):
+    """Output, dx and dresidual within twice the rounding of the float64 result to
+    bfloat16; dweight and dbias (float32) to float32's tolerance: the fused activations'
+    dL/d(pre-activation) is kept in float32. ELU is torch's op after the node, as in
+    torch.nn's BN followed by F.elu: its output and gradient are rounded to bfloat16 once
+    more (the parameters' gradients summed from the rounded one)."""
+    shape, channels_last = SHAPES.get(name) or BFLOAT16_LARGE[name]
+    x = random_input(shape, channels_last=channels_last, seed=1, mean=3.0).to(torch.bfloat16)
+    channels = shape[1]
+    g = torch.Generator().manual_seed(2)
+    weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+    z = random_input(shape, channels_last=channels_last, seed=3).to(torch.bfloat16)
+    z = z if residual else None
+    dy = torch.randn(shape, generator=g).to(torch.bfloat16)  # of mean 0 (see test_numba_half)
+    dy = dy.to(memory_format=torch.channels_last) if channels_last else dy
+    running = None if training else (torch.randn(channels, generator=g) + 3,
+                                     torch.rand(channels, generator=g) + 0.5)  # fmt: skip
+    _runs_here(x, training)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias, z)]
+    y = batchnorm.functional.batch_norm(
+        leaves[0], *(running or (None, None)), leaves[1], leaves[2], training,
+        activation=activation, negative_slope=0.2, residual=leaves[3],
+    )  # fmt: skip
+    y.backward(dy)
+    assert y.dtype == torch.bfloat16 and y.stride() == x.stride()
+    assert leaves[0].grad.dtype == torch.bfloat16 and leaves[1].grad.dtype == torch.float32
+    exact_y, exact_grads = _exact(x, weight, bias, z, training, activation, running, dy)
+    roundings = 2 if activation == "elu" else 1
+    assert_within_rounding(y, exact_y.detach(), torch.bfloat16, roundings)
+    got = [t.grad for t in leaves if t is not None]
+    for i, (grad, exact) in enumerate(zip(got, exact_grads, strict=True)):
+        if i not in (1, 2):
+            assert_within_rounding(grad, exact, torch.bfloat16, roundings)
+        elif activation == "elu":  # sums of the rounded gradient: bfloat16's relative error
+            assert_close(grad, exact, torch.float32, rtol=0, atol=2**-8 * exact.abs().max())
+        else:
+            assert_close(grad, exact, torch.float32)
+
+
+@pytest.mark.parametrize("activation", ["identity", "silu"])
+def test_bfloat16_large_input_is_within_rounding_of_float64(activation):
+    """The prefetching loops of each pass: plain, and SiLU's (dL/d(pre-activation) in
+    float32 among the streams)."""
+    test_bfloat16_is_within_rounding_of_float64("(64543,130) prefetched", True, False,
+                                                activation)  # fmt: skip
+
+
+@pytest.mark.parametrize("activation", ["identity", "silu"])
+def test_bfloat16_nchw_inference_is_within_rounding_of_float64(activation):
+    shape = PLANES["NCHW threaded"]
+    x = random_input(shape, seed=1, mean=3.0).to(torch.bfloat16)
+    z = random_input(shape, seed=3).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    weight, bias = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
+    running = torch.randn(shape[1], generator=g) + 3, torch.rand(shape[1], generator=g) + 0.5
+    call = Call(x, False, activation, 0.01, True, False, True, weight, bias, *running, z)
+    assert ops.select(call).name == "cpp_cpu"
+    y = batchnorm.functional.batch_norm(x, *running, weight, bias, False, activation=activation,
+                                        residual=z)  # fmt: skip
+    exact = _exact(x, weight, bias, z, False, activation, running, torch.zeros(shape))[0]
+    assert y.dtype == torch.bfloat16
+    assert_within_rounding(y, exact.detach(), torch.bfloat16)
+
+
+def test_bfloat16_calls_it_cannot_take_go_elsewhere():
+    """bfloat16 inputs with float32 parameters, statistics, and a residual of their dtype;
+    not bfloat16 parameters (a model cast with .bfloat16(): the Numba kernels), nor
+    float16 inputs."""
+    x = random_input((64, 8, 4, 4), channels_last=True).to(torch.bfloat16)
+    ones = torch.ones(8)
+
+    def chosen(x, **tensors):
+        return ops.select(Call(x, True, "relu", 0.01, "residual" in tensors, **tensors)).name
+
+    assert chosen(x, weight=ones) == "cpp_cpu"
+    assert chosen(x, weight=ones.bfloat16()) != "cpp_cpu"
+    assert chosen(x, residual=torch.zeros_like(x)) == "cpp_cpu"
+    assert chosen(x, residual=torch.zeros_like(x, dtype=torch.float32)) != "cpp_cpu"
+    assert chosen(x.half(), weight=ones) != "cpp_cpu"
+    assert chosen(x.contiguous()) != "cpp_cpu"  # NCHW training
+
+
+def test_bfloat16_second_derivatives_match_torch():
+    """create_graph=True on a bfloat16 input: the reference's differentiable backward."""
+    x = random_input((16, 4), mean=1.0).to(torch.bfloat16)
+    _runs_here(x)
+    results = []
+    for xx in (x.clone(), x.double()):
+        xx.requires_grad_()
+        weight = torch.linspace(0.5, 1.5, 4, dtype=torch.float64 if xx.dtype != x.dtype else None)
+        y = batchnorm.functional.batch_norm(xx, None, None, weight, training=True)
+        (dx,) = torch.autograd.grad(y.float().pow(3).sum(), xx, create_graph=True)
+        (ddx,) = torch.autograd.grad(dx.float().square().sum(), xx)
+        results.append((dx, ddx))
+    for mine, theirs in zip(*results, strict=True):
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(mine.double(), theirs, rtol=0, atol=0.05 * scale)

@@ -14,8 +14,16 @@ import batchnorm.functional as BF
 from batchnorm import BatchNorm1d, ops
 from batchnorm.backends import Call
 from batchnorm.backends import aten as aten_backend
+from batchnorm.backends.cpp_cpu import CppBackend
 from batchnorm.backends.numba_cpu import halves, jit
-from conftest import assert_close, random_input
+from conftest import (
+    assert_close,
+    assert_within_rounding,
+    floats_to_round,
+    half_bits_as_float,
+    random_input,
+    same_values,
+)
 
 HALF = {"bf16": torch.bfloat16, "f16": torch.float16}
 _STORAGE = {torch.bfloat16: np.uint16, torch.float16: np.int16}
@@ -42,51 +50,29 @@ def _f16_by_integers(bits, values, loaded, stored):
         stored[i] = halves._f16_store(values[i])
 
 
-def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Equal as values, NaN matching NaN."""
-    return (a == b) | (np.isnan(a) & np.isnan(b))
-
-
-def _as_float(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    return torch.from_numpy(bits.view(np.int16).copy()).view(dtype).float().numpy()
-
-
-def _floats_to_store(dtype: torch.dtype) -> np.ndarray:
-    """Random float32 bit patterns (every exponent), every half value, the midpoints
-    between neighbouring half values (ties) and the floats next to them, and edge cases."""
-    every = _as_float(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16), dtype)
-    finite = np.unique(every[np.isfinite(every)].astype(np.float64))
-    mids = ((finite[1:] + finite[:-1]) / 2).astype(np.float32)
-    rng = np.random.default_rng(0)
-    random = rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
-    edges = [np.inf, -np.inf, np.nan, 0.0, -0.0, 65504, 65520, 2.0**-25, 1e-45, 3e38, -3e38]
-    parts = [random.view(np.float32), every, mids, np.nextafter(mids, np.float32(np.inf)),
-             np.nextafter(mids, np.float32(-np.inf)), np.array(edges, np.float32)]  # fmt: skip
-    return np.concatenate(parts).astype(np.float32)
-
-
 @pytest.mark.parametrize("dtype", HALF.values(), ids=HALF.keys())
 def test_loads_and_stores_are_torchs_conversions(dtype):
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(_STORAGE[dtype])
     loaded = np.empty(bits.shape, np.float32)
     _load_all(bits, loaded)
-    assert _same(loaded, _as_float(bits, dtype)).all()
-    values = _floats_to_store(dtype)
+    assert same_values(loaded, half_bits_as_float(bits, dtype)).all()
+    values = floats_to_round(dtype)
     stored = np.empty(values.shape, _STORAGE[dtype])
     _store_all(values, stored)
     expected = torch.from_numpy(values).to(dtype).view(torch.int16).numpy()
-    assert _same(_as_float(stored, dtype), _as_float(expected, dtype)).all()
+    assert same_values(half_bits_as_float(stored, dtype), half_bits_as_float(expected, dtype)).all()
 
 
 def test_float16_by_integers_matches_torch():
     """The fallback where the CPU has no float16 instructions, whichever this one has."""
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.int16)
-    values = _floats_to_store(torch.float16)
+    values = floats_to_round(torch.float16)
     loaded, stored = np.empty(bits.shape, np.float32), np.empty(values.shape, np.int16)
     _f16_by_integers(bits, values, loaded, stored)
-    assert _same(loaded, _as_float(bits, torch.float16)).all()
+    assert same_values(loaded, half_bits_as_float(bits, torch.float16)).all()
     expected = torch.from_numpy(values).to(torch.float16).view(torch.int16).numpy()
-    assert _same(_as_float(stored, torch.float16), _as_float(expected, torch.float16)).all()
+    as_float16 = [half_bits_as_float(bits, torch.float16) for bits in (stored, expected)]
+    assert same_values(*as_float16).all()
 
 
 def _exact(x, w, b, z, training, activation, rm, rv, dy):
@@ -99,13 +85,6 @@ def _exact(x, w, b, z, training, activation, rm, rv, dy):
     y = {"relu": torch.relu, "silu": F.silu, None: lambda v: v}[activation](y)
     inputs = [t for t in leaves if t is not None]
     return y.detach(), torch.autograd.grad(y, inputs, dy.double())
-
-
-def _within_rounding(got, exact, dtype):
-    """|got - exact| <= 2 * (the rounding of exact to dtype) + a float32 ulp of its scale."""
-    rounding = (exact.to(dtype).double() - exact).abs().max()
-    error = (got.double() - exact).abs().max()
-    assert error <= 2 * rounding + 1e-6 * exact.abs().max().clamp(min=1), (error, rounding)
 
 
 @pytest.mark.parametrize("dtype", HALF.values(), ids=HALF.keys())
@@ -142,13 +121,13 @@ def test_half_kernels_are_within_rounding_of_float64(shape, channels_last, activ
             y.backward(dy)
         assert y.dtype == dtype and leaves[1].grad.dtype == torch.float32
         exact_y, exact_grads = _exact(x, w, b, residual, training, activation, rm, rv, dy)
-        _within_rounding(y, exact_y, dtype)
+        assert_within_rounding(y, exact_y, dtype)
         got = [t.grad for t in leaves if t is not None]
         for i, (grad, exact) in enumerate(zip(got, exact_grads, strict=True)):
             if i in (1, 2):  # weight and bias: float32, as the project's float32 results
                 assert_close(grad, exact, torch.float32)
             else:
-                _within_rounding(grad, exact, dtype)
+                assert_within_rounding(grad, exact, dtype)
 
 
 @pytest.mark.auto_dispatch
@@ -164,9 +143,10 @@ def test_large_half_inputs_dispatch_to_the_kernels():
 
 @pytest.mark.auto_dispatch
 def test_large_bfloat16_eval_runs_on_the_kernels():
-    """Plain eval goes to ATen, but for bfloat16 inputs of BFLOAT16_EVAL_FROM values or
-    more, whose conversions ours do faster; a layer's eval shortcut follows the rule and
-    its output is within rounding of float64."""
+    """Where the C++ backend does not take them (it takes bfloat16 (N, C), channels-last
+    and NCHW eval calls where it is built), plain eval goes to ATen, but for bfloat16
+    inputs of BFLOAT16_EVAL_FROM values or more, whose conversions ours do faster; a layer's
+    eval shortcut follows the rule and its output is within rounding of float64."""
     large = aten_backend.BFLOAT16_EVAL_FROM
 
     def chosen(x):
@@ -183,9 +163,12 @@ def test_large_bfloat16_eval_runs_on_the_kernels():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.normal_()
     x = random_input((large // 1024, 1024), torch.float32, False, seed=4, mean=3.0)
-    with patch.object(torch, "batch_norm", side_effect=AssertionError("ATen was called")):
+    with (
+        patch.object(torch, "batch_norm", side_effect=AssertionError("ATen was called")),
+        patch.object(CppBackend, "supports", return_value=False),
+    ):
         y = layer(x.to(torch.bfloat16))
     exact = F.batch_norm(x.to(torch.bfloat16).double(), layer.running_mean.double(),
                          layer.running_var.double(), layer.weight.double(),
                          layer.bias.double())  # fmt: skip
-    _within_rounding(y, exact, torch.bfloat16)
+    assert_within_rounding(y, exact, torch.bfloat16)

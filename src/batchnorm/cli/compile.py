@@ -2,15 +2,16 @@
 and build the C++ kernels (batchnorm.backends.cpp_cpu) into theirs.
 
 The first call of a kernel specialization (kernel x dtype x serial/parallel x without/with
-a residual) compiles it, which takes seconds each, and the first float32 (N, C) or
-channels-last call builds the C++ kernels (10-30 s); this command does all of it now, e.g.
-in a Docker image's build, so that no training run waits for the compiler. Kernels already
-in the cache are only loaded. The cache is next to the installed package, or in the folder
-NUMBA_CACHE_DIR names. Numba uses a cache folder only where it can write, so the user who
-later runs the model must be able to write this one: for an image run as another user than
-the build's, e.g. ``ENV NUMBA_CACHE_DIR=/opt/numba-cache`` and ``RUN batchnorm compile &&
-chmod -R a+rwX /opt/numba-cache``. The C++ kernels are cached under ``$XDG_CACHE_HOME``
-(``~/.cache/batchnorm/cpp``), which such an image sets the same way.
+a residual) compiles it, which takes seconds each, and the first float32 or bfloat16
+(N, C) or channels-last call builds the C++ kernels (10-30 s); this command does all of it
+now, e.g. in a Docker image's build, so that no training run waits for the compiler.
+Kernels already in the cache are only loaded. The cache is next to the installed package,
+or in the folder NUMBA_CACHE_DIR names. Numba uses a cache folder only where it can write,
+so the user who later runs the model must be able to write this one: for an image run as
+another user than the build's, e.g. ``ENV NUMBA_CACHE_DIR=/opt/numba-cache`` and
+``RUN batchnorm compile && chmod -R a+rwX /opt/numba-cache``. The C++ kernels are cached
+under ``$XDG_CACHE_HOME`` (``~/.cache/batchnorm/cpp``), which such an image sets the same
+way.
 """
 
 from __future__ import annotations
@@ -85,12 +86,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build_cpp() -> None:
-    """Build (or load) the C++ kernels of the float32 (N, C) and channels-last calls."""
+    """Build (or load) the C++ kernels of the (N, C) and channels-last calls."""
     from batchnorm.backends import cpp_cpu
 
     start = time.perf_counter()
     cpp_cpu.extension()
     print(
-        f"C++ kernels (float32 (N, C) and channels-last): {cpp_cpu.outcome}, "
+        f"C++ kernels ((N, C) and channels-last): {cpp_cpu.outcome}, "
         f"{time.perf_counter() - start:.1f} s\ncache  {cpp_cpu.cache_dir()}"
     )

@@ -51,12 +51,14 @@ ATEN_BELOW_PLANE_THREADED = 81  # with more than one torch thread
 #: The CPU dtypes the Numba kernels take (half precision: as torch.autocast("cpu") gives).
 _NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: bfloat16 plain eval from this many values runs on the Numba kernels, whose conversions
-#: keep up with the memory (the loop is compute-bound in half precision) where ATen's do
-#: not. torch.nn's time / ours, module eval, 2 threads (1 thread), 2026-12-04:
-#: (4096, 1024) 1.26-1.29 (1.15), (32, 128, 32, 32) 1.15-1.20 (1.20), channels_last
-#: 1.19-1.24 (1.20), (64, 256, 28, 28) 0.90-1.08 (1.12); below it our Python costs more:
-#: channels_last (8, 64, 48, 48) 0.96 (1.15), (8, 256, 12, 12) 0.54-0.58 (0.63). float16
-#: stays on ATen, whose float16 loop is faster than its bfloat16 one: 0.85-1.35.
+#: keep up with the memory (the loop is compute-bound in half precision) where ATen's do not
+#: (for the calls the C++ backend, first in the dispatch, leaves: it takes bfloat16 (N, C)
+#: and channels-last eval, and NCHW without autograd, at any size). torch.nn's time / ours,
+#: module eval, 2 threads (1 thread), 2026-12-04 (Numba): (4096, 1024) 1.26-1.29 (1.15),
+#: (32, 128, 32, 32) 1.15-1.20 (1.20), channels_last 1.19-1.24 (1.20), (64, 256, 28, 28)
+#: 0.90-1.08 (1.12); below it our Python costs more: channels_last (8, 64, 48, 48) 0.96
+#: (1.15), (8, 256, 12, 12) 0.54-0.58 (0.63). float16 stays on ATen, whose float16 loop is
+#: faster than its bfloat16 one: 0.85-1.35.
 BFLOAT16_EVAL_FROM = 1 << 21
 #: ATen's float32 CPU kernels add their per-channel sums in long chains, whose error grows
 #: with their length where the terms do not cancel: the (N, C) and channels-last kernel

@@ -1,8 +1,11 @@
-"""The C++ backend: batch norm of float32 CPU inputs whose channels are the innermost
-dimension ((N, C) and channels_last), fused activation and residual included, as one C++
-autograd node (rows.cpp): serial loops for small inputs, torch's intra-op threads from
-65,536 values. Also NCHW inputs in eval mode when no graph is recorded (inference), a
-plane at a time, without a node.
+"""The C++ backend: batch norm of float32 and bfloat16 CPU inputs whose channels are the
+innermost dimension ((N, C) and channels_last), fused activation and residual included, as
+one C++ autograd node (rows.cpp): serial loops for small inputs, torch's intra-op threads
+from 65,536 values. Also NCHW inputs in eval mode when no graph is recorded (inference), a
+plane at a time, without a node. bfloat16 inputs take float32 parameters and statistics
+(torch.autocast's convention; a model cast to bfloat16 runs on the Numba kernels): loaded
+to float32, computed in float32 with float64 sums of float32 partial sums, rounded to
+bfloat16 (to nearest, ties to even, as torch's conversion).
 
 Why: on these inputs ATen's float32 kernel loses digits as the mean grows (see
 backends.aten.safe_batch_norm), and the shift that keeps them costs two more ops; the Numba
@@ -53,7 +56,11 @@ from batchnorm.backends import Call
 #: (8, 240, 12, 12) 0.99-1.03 (1.12-1.25), (8, 144, 24, 24) 0.98-1.00 (1.11-1.13),
 #: (8, 64, 48, 48) 0.84-0.86 (0.91-0.92), (8, 96, 48, 48) 0.73-0.76 (0.82-0.85); SiLU
 #: (8, 144, 24, 24) 1.32 (1.39), (8, 96, 48, 48) 1.24 (1.20), (32, 128, 32, 32) 1.11
-#: (1.04). ELU follows the node as torch's op: the Numba kernels do not take it.
+#: (1.04). bfloat16 (the same threshold: in bfloat16 the node writes dL/d(pre-activation)
+#: in float32), 2026-12-05: ReLU (8, 240, 12, 12) 1.05 (1.23), (8, 144, 24, 24) 0.93 (1.07),
+#: (8, 64, 48, 48) 1.16 (1.26), (8, 96, 48, 48) 0.94 (0.99), (32, 128, 32, 32) 0.77 (0.81);
+#: SiLU 1.35-1.47 (1.32-1.54) on the same shapes. ELU follows the node as torch's op: the
+#: Numba kernels do not take it.
 ACTIVATION_BELOW_NUMEL = {"relu": 700_000, "leaky_relu": 700_000}
 #: Compiler flags: the loops vectorize over the channels for this machine's CPU (its name and
 #: flags are part of the cache key). Without -march=native the float64 sums ran at 0.9x of
@@ -87,16 +94,16 @@ class CppBackend:
     devices = ("cpu",)
 
     def supports(self, call: Call) -> bool:
-        """Calls of float32 CPU tensors, the input dense with its channels innermost (or
-        NCHW-contiguous, in eval without a graph to record), a residual of its strides,
-        with any activation (see ACTIVATION_CODES), in torch's
-        running-variance convention, the input saved for backward; in training
-        more than one value per channel, in eval running statistics; not under forward-mode
-        AD or torch.jit.trace (the node has no tangent rule and traces as nothing), and
-        only where the extension builds. The tensors' checks are the extension's
-        ``takes``."""
+        """Calls of float32 or bfloat16 CPU inputs (with float32 parameters and statistics,
+        as under torch.autocast), the input dense with its channels innermost (or
+        NCHW-contiguous, in eval without a graph to record), a residual of its dtype and
+        strides, with any activation (see ACTIVATION_CODES), in torch's running-variance
+        convention, the input saved for backward; in training more than one value per
+        channel, in eval running statistics; not under forward-mode AD or torch.jit.trace
+        (the node has no tangent rule and traces as nothing), and only where the extension
+        builds. The tensors' checks are the extension's ``takes``."""
         if not (
-            call.x.dtype is torch.float32
+            (call.x.dtype is torch.float32 or call.x.dtype is torch.bfloat16)
             and not call.keep_output_only
             and call.unbiased_running_var
             and forward_ad._current_level < 0
@@ -224,8 +231,8 @@ def _load() -> ModuleType | bool:
         cached = any(folder.glob(f"{name}.*so")) or any(folder.glob(f"{name}.*pyd"))
         if not cached:
             print(
-                f"batchnorm: building the C++ kernels for float32 (N, C) and channels-last "
-                f"layers (once, 10-30 s); later processes load them from {folder}",
+                f"batchnorm: building the C++ kernels for (N, C) and channels-last layers "
+                f"(once, 10-30 s); later processes load them from {folder}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -237,7 +244,7 @@ def _load() -> ModuleType | bool:
         reason = f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
         outcome = f"not built ({reason})"
         warnings.warn(
-            f"batchnorm: the C++ kernels could not be built ({reason}); float32 (N, C) and "
+            f"batchnorm: the C++ kernels could not be built ({reason}); (N, C) and "
             f"channels-last calls run on the Numba kernels and ATen instead (small layers "
             f"1.1-1.3x slower; ATen's training with a shift that keeps its accuracy). Hint: "
             f"install a C++ compiler (e.g. apt install g++) and ninja (pip install ninja), or "

@@ -1,5 +1,5 @@
-// Batch norm of float32 CPU inputs whose channels are the innermost dimension ((N, C) and
-// channels_last tensors: M rows of C contiguous values), with the fused epilogue
+// Batch norm of float32 and bfloat16 CPU inputs whose channels are the innermost dimension
+// ((N, C) and channels_last tensors: M rows of C contiguous values), with the fused epilogue
 // y = act(BN(x) + residual), as one C++ autograd node: no Python between the forward and
 // the backward, no shift, no temporary tensor. The math is batchnorm.reference's (the
 // tests hold the two together). Inputs of kParallelValues values or more run on torch's
@@ -90,9 +90,52 @@ void with_activation(int64_t code, float slope, F&& f) {
   }
 }
 
-// A tensor argument that is not given is an undefined tensor (None from Python).
-const float* values_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<float>() : nullptr;
+// The element types the loops read and write: float, and bfloat16 as its bits (BF16; the
+// upper half of a float32), whose loops load it to float32, compute in float32 (sums in
+// float64) and round the results to bfloat16, as torch's half-precision kernels do with
+// float32 parameters and statistics (torch.autocast's convention). (GCC 12 has no
+// bfloat16 arithmetic type; these integer conversions vectorize.)
+using BF16 = uint16_t;
+
+inline float load(float v) { return v; }
+inline float load(BF16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// v rounded to T: for bfloat16 to nearest, ties to even, as torch's .to(torch.bfloat16)
+// (add just under half an ulp plus the kept lowest bit, keep the upper half; overflow
+// gives inf), a NaN kept a quiet NaN.
+template <typename T>
+T store(float v);
+template <>
+inline float store<float>(float v) { return v; }
+template <>
+inline BF16 store<BF16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t quiet = (bits >> 16) | 0x40u;
+  return static_cast<BF16>(v != v ? quiet : rounded);
+}
+
+// Calls f(T{}) with T the element type of x: BF16 for bfloat16, else float.
+template <typename F>
+decltype(auto) with_storage(const Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kBFloat16) return f(BF16{});
+  return f(float{});
+}
+
+// A tensor's values as T (null for an undefined tensor: an argument not given).
+template <typename T = float>
+const T* values_or_null(const Tensor& t) {
+  return t.defined() ? static_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+template <typename T>
+T* mutable_values(Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
 }
 
 // x - mean is computed as (x - origin) - offset, per channel. In training the origin is
@@ -117,28 +160,39 @@ struct Centre {
 // (32, 128, 32, 32) 4.10 -> 3.54 (4.15) on 1 thread, 3.11 -> 2.68 (3.18) on 2; more in
 // docs/performance.md.
 enum Pass { kForward = 0, kBackward = 1 };
-constexpr int64_t kPrefetchFrom[2] = {1 << 22, 1 << 21};  // values, by Pass
+constexpr int64_t kPrefetchFrom[2] = {16 << 20, 8 << 20};  // bytes of the input, by Pass
 
 // How many rows ahead of a row loop its prefetches go: 4 KiB's worth of a row stream; 0 (no
 // prefetches) for an input below its pass's threshold, or of rows of 4 KiB or more, which the
-// hardware prefetcher follows (each a page read in order): (4096, 1024) was 1.02-1.19x
-// faster with them on one thread, 0.86-0.97x on two.
-inline int64_t rows_ahead(int64_t rows, int64_t channels, Pass pass) {
-  if (rows * channels < kPrefetchFrom[pass] || channels >= 1024) return 0;
-  return 1024 / channels;
+// hardware prefetcher follows (each a page read in order): (4096, 1024) float32 was
+// 1.02-1.19x faster with them on one thread, 0.86-0.97x on two.
+template <typename T>
+int64_t rows_ahead(int64_t rows, int64_t channels, Pass pass) {
+  const int64_t row_bytes = channels * static_cast<int64_t>(sizeof(T));
+  if (rows * row_bytes < kPrefetchFrom[pass] || row_bytes >= 4096) return 0;
+  return 4096 / row_bytes;
 }
 
-// Asks for the cache lines of `count` floats from p on (16 floats a line).
-inline void prefetch(const float* p, int64_t count) {
-  for (int64_t i = 0; i < count; i += 16) __builtin_prefetch(p + i);
-}
+// An array of rows that a loop reads: its address (null: none) and element size.
+struct Stream {
+  const char* start;
+  int64_t element_size;
 
-// Asks for `count` rows from row r of each stream (an array of rows of `channels` floats;
-// null: none).
-inline void prefetch_rows(std::initializer_list<const float*> streams, int64_t r,
-                          int64_t count, int64_t channels) {
-  for (const float* stream : streams)
-    if (stream) prefetch(stream + r * channels, count * channels);
+  template <typename E>
+  Stream(const E* p) : start(reinterpret_cast<const char*>(p)), element_size(sizeof(E)) {}
+  Stream(std::nullptr_t) : start(nullptr), element_size(0) {}
+};
+
+// Asks for the cache lines of `count` rows of `channels` values from row r on of each
+// stream (64 bytes a line).
+inline void prefetch_rows(std::initializer_list<Stream> streams, int64_t r, int64_t count,
+                          int64_t channels) {
+  for (const Stream& stream : streams) {
+    if (!stream.start) continue;
+    const int64_t row_bytes = channels * stream.element_size;
+    for (int64_t i = 0; i < count * row_bytes; i += 64)
+      __builtin_prefetch(stream.start + r * row_bytes + i);
+  }
 }
 
 // 1 / sqrt(var + eps), in float64, rounded to float.
@@ -159,23 +213,24 @@ struct Affine {
   }
 };
 
-// What a pass over the rows reads: x, the residual z (or null), and each channel's centre
-// and affine part of the pre-activation.
+// What a pass over the rows reads: x, the residual z (or null), both of element type T,
+// and each channel's centre and affine part of the pre-activation.
+template <typename T>
 struct Rows {
-  const float* x;
-  const float* z;
+  const T* x;
+  const T* z;
   int64_t rows, channels;
   Centre centre;
   Affine affine;
 
-  Rows(const float* x, const float* z, int64_t rows, int64_t channels, Centre centre,
+  Rows(const T* x, const T* z, int64_t rows, int64_t channels, Centre centre,
        const float* invstd, const float* weight, const float* bias)
       : x(x), z(z), rows(rows), channels(channels), centre(centre),
         affine(channels, invstd, weight, bias) {}
 
   // Calls f(index, pre-activation) for every value of rows [begin, end), row by row, in a
-  // loop of `pass`; f may read `also` (rows of x's layout, or null) at the index too. f
-  // should capture by value what its loop reads and does not write (see `call`).
+  // loop of `pass`; f may read `also` (rows of T in x's layout, or null) at the index too.
+  // f should capture by value what its loop reads and does not write (see `call`).
   // (The inputs are read through restrict pointers: f's stores then do not alias them,
   // and the loop vectorizes without run-time checks of overlap.) Flattened: every call in
   // it is inlined, the activation's too, which GCC otherwise left a call a value where the
@@ -183,30 +238,30 @@ struct Rows {
   // did not vectorize, and a channels_last (32, 128, 32, 32) forward with SiLU took 9.2 ms
   // on 2 threads, 1.5 ms flattened (2.0 ms on 1 thread either way).
   template <bool kResidual, typename F>
-  [[gnu::flatten]] void each_pre(int64_t begin, int64_t end, Pass pass, const float* also,
+  [[gnu::flatten]] void each_pre(int64_t begin, int64_t end, Pass pass, const T* also,
                                  F&& f) const {
     const float *__restrict origin = centre.origin, *__restrict offset = centre.offset;
     const float *__restrict sc = affine.scale.data(), *__restrict sh = affine.shift.data();
-    const float *__restrict in = x, *__restrict residual = z;
+    const T *__restrict in = x, *__restrict residual = z;
     // f's copy, a local whose address nothing else holds: f's stores then cannot change
     // what it captured by value (the activation's slope), which the loop reads in registers
     // (read through a reference, leaky ReLU's loops did not vectorize: 5x slower)
     std::decay_t<F> call(f);
-    const int64_t ahead = rows_ahead(rows, channels, pass);
+    const int64_t ahead = rows_ahead<T>(rows, channels, pass);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t base = r * channels;
       if (ahead && r + ahead < rows) prefetch_rows({x, z, also}, r + ahead, 1, channels);
-      const float* row = in + base;
+      const T* row = in + base;
       for (int64_t c = 0; c < channels; ++c) {
-        float pre = ((row[c] - origin[c]) - offset[c]) * sc[c] + sh[c];
-        if constexpr (kResidual) pre += residual[base + c];
+        float pre = ((load(row[c]) - origin[c]) - offset[c]) * sc[c] + sh[c];
+        if constexpr (kResidual) pre += load(residual[base + c]);
         call(base + c, pre);
       }
     }
   }
 
   template <typename F>
-  void each_pre(int64_t begin, int64_t end, Pass pass, const float* also, F&& f) const {
+  void each_pre(int64_t begin, int64_t end, Pass pass, const T* also, F&& f) const {
     if (z)
       each_pre<true>(begin, end, pass, also, f);
     else
@@ -230,8 +285,17 @@ void for_rows(int64_t rows, int64_t channels, F&& f) {
 // Rows whose terms a sum adds in registers before it adds them to the sums in memory.
 constexpr int64_t kRowsAtOnce = 8;
 
+// The type of those terms and their sum over kRowsAtOnce rows, for inputs of element type
+// T: float64 for float32 inputs; float32 for bfloat16 ones, whose loops the float64 terms
+// made compute-bound (raw forward, one thread, (4096, 1024): 0.80 ms against the Numba
+// kernels' 0.64, whose partial sums are float32 too). Their rounding adds at most 2^-24 of
+// (var + (x0 - mean)^2) to the batch variance (see batch_statistics): below a bfloat16
+// ulp of it unless the first row's value x0 lies 128 standard deviations from the mean.
+template <typename T>
+using Partial = std::conditional_t<std::is_same_v<T, BF16>, float, double>;
+
 // Per-channel float64 sums of two terms over rows: sums[k][c] = sum over r of term(r, c)[k]
-// for the value at r * channels + c. The rows are cut into a number of blocks that depends
+// for the value at r * channels + c (terms of type Partial<T>, T the input's element type). The rows are cut into a number of blocks that depends
 // on the input's size only, each summed on its own, and the blocks' sums added in order:
 // the same result on any number of threads. Within a block, the terms of kRowsAtOnce rows
 // are added in registers (the loop over the channels vectorizes) before the block's sums in
@@ -240,26 +304,25 @@ constexpr int64_t kRowsAtOnce = 8;
 // of 16 channels summed down 8 rows in registers, 0.56-0.60 / 1.3-2.8 ms (they read each row
 // a cache line at a time); the sums as an array of K terms instead of two restrict
 // pointers, 0.30-0.34 / 2.8-4.7 ms (the vectorized loop is versioned for aliasing). For a
-// large input of `pass` (see rows_ahead), the arrays of `reads` (the rows term reads; null:
-// none) are prefetched two groups of rows ahead.
-template <typename Term>
+// large input of `pass` (see rows_ahead: T is the input's element type), the arrays of
+// `reads` (the rows term reads) are prefetched two groups of rows ahead.
+template <typename T, typename Term>
 std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, Term&& term,
-                                               Pass pass,
-                                               std::initializer_list<const float*> reads) {
+                                               Pass pass, std::initializer_list<Stream> reads) {
   const int64_t blocks =
       std::clamp<int64_t>(rows * channels / (kParallelValues / 2), 1,
                           std::min<int64_t>(64, std::max<int64_t>(1, (1 << 15) / channels)));
   std::vector<double> partial(blocks * 2 * channels, 0.0);
-  const bool prefetching = rows_ahead(rows, channels, pass) > 0;
+  const bool prefetching = rows_ahead<T>(rows, channels, pass) > 0;
   auto sum_block = [&](int64_t block) {
     double* __restrict first_sums = partial.data() + block * 2 * channels;
     double* __restrict second_sums = first_sums + channels;
     // count: a compile-time constant, so that the loop over the rows unrolls
     auto add_rows = [&](int64_t r0, auto count) {
       for (int64_t c = 0; c < channels; ++c) {
-        double first = 0.0, second = 0.0;
+        Partial<T> first = 0, second = 0;
         for (int64_t i = 0; i < decltype(count)::value; ++i) {
-          const std::array<double, 2> t = term(r0 + i, c);
+          const std::array<Partial<T>, 2> t = term(r0 + i, c);
           first += t[0];
           second += t[1];
         }
@@ -298,11 +361,12 @@ std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, T
 // float64's digits, which is at most the number of rows (x0 itself adds (x0 - mean)² / rows
 // to the variance), so float32's stay (ATen's float32 sums around 0 lose digits as the mean
 // grows: docs/performance.md).
-void batch_statistics(const float* x, const float* origin, int64_t rows, int64_t channels,
+template <typename T>
+void batch_statistics(const T* x, const float* origin, int64_t rows, int64_t channels,
                       double* mean, double* var) {
-  auto sums = column_sums(rows, channels, [&](int64_t r, int64_t c) {
-    const double d = static_cast<double>(x[r * channels + c]) - origin[c];
-    return std::array<double, 2>{d, d * d};
+  auto sums = column_sums<T>(rows, channels, [&](int64_t r, int64_t c) {
+    const Partial<T> d = static_cast<Partial<T>>(load(x[r * channels + c])) - origin[c];
+    return std::array<Partial<T>, 2>{d, d * d};
   }, kForward, {x, nullptr});
   for (int64_t c = 0; c < channels; ++c) {
     const double shift = sums[0][c] / rows;
@@ -313,45 +377,52 @@ void batch_statistics(const float* x, const float* origin, int64_t rows, int64_t
 }
 
 // y = act((x - mean) * invstd * weight + bias [+ z]).
-void normalize(const Rows& in, int64_t activation, float slope, float* y) {
+template <typename T>
+void normalize(const Rows<T>& in, int64_t activation, float slope, T* y) {
   with_activation(activation, slope, [&](auto act, auto) {
     for_rows(in.rows, in.channels, [&](int64_t begin, int64_t end) {
       in.each_pre(begin, end, kForward, nullptr,
-                  [&, act](int64_t i, float pre) { y[i] = act(pre); });
+                  [&, act](int64_t i, float pre) { y[i] = store<T>(act(pre)); });
     });
   });
 }
 
-// dpre = dL/d(pre-activation), from dy and the pre-activation recomputed from x (and z).
-void pre_gradient(const Rows& in, const float* dy, int64_t activation, float slope,
-                  float* dpre) {
-  if (activation == kIdentity) {
+// dpre = dL/d(pre-activation), from dy and the pre-activation recomputed from x (and z),
+// as G (of T, or float32).
+template <typename T, typename G>
+void pre_gradient(const Rows<T>& in, const T* dy, int64_t activation, float slope, G* dpre) {
+  if (activation == kIdentity) {  // dy itself
     for_rows(in.rows, in.channels, [&](int64_t begin, int64_t end) {
-      std::copy(dy + begin * in.channels, dy + end * in.channels, dpre + begin * in.channels);
+      for (int64_t i = begin * in.channels; i < end * in.channels; ++i)
+        dpre[i] = store<G>(load(dy[i]));
     });
     return;
   }
   with_activation(activation, slope, [&](auto, auto derivative) {
     for_rows(in.rows, in.channels, [&](int64_t begin, int64_t end) {
       in.each_pre(begin, end, kBackward, dy,
-                  [&, derivative](int64_t i, float pre) { dpre[i] = derivative(dy[i], pre); });
+                  [&, derivative](int64_t i, float pre) {
+                    dpre[i] = store<G>(derivative(load(dy[i]), pre));
+                  });
     });
   });
 }
 
-// From g = dpre: dweight = Σ g (x - mean) invstd, dbias = Σ g (float64 sums); in training
-// dx = weight invstd (g - Σg / M - (x - mean) invstd² Σ g (x - mean) / M), in eval
-// dx = weight invstd g (the running statistics are constants).
-void input_gradients(const Rows& in, const float* g, const float* invstd, const float* weight,
-                     bool training, float* dx, float* dweight, float* dbias) {
+// From g = dpre (of T, or float32): dweight = Σ g (x - mean) invstd, dbias = Σ g (float64
+// sums); in training dx = weight invstd (g - Σg / M - (x - mean) invstd² Σ g (x - mean) / M),
+// in eval dx = weight invstd g (the running statistics are constants).
+template <typename T, typename G>
+void input_gradients(const Rows<T>& in, const G* g, const float* invstd, const float* weight,
+                     bool training, T* dx, float* dweight, float* dbias) {
   const int64_t rows = in.rows, channels = in.channels;
-  const float *x = in.x, *origin = in.centre.origin, *offset = in.centre.offset;
+  const T* x = in.x;
+  const float *origin = in.centre.origin, *offset = in.centre.offset;
   std::array<std::vector<double>, 2> sums;
   if (training || dweight || dbias)
-    sums = column_sums(rows, channels, [&](int64_t r, int64_t c) {
+    sums = column_sums<T>(rows, channels, [&](int64_t r, int64_t c) {
       const int64_t i = r * channels + c;
-      const double gi = g[i];
-      return std::array<double, 2>{gi, gi * ((x[i] - origin[c]) - offset[c])};
+      const Partial<T> gi = load(g[i]);
+      return std::array<Partial<T>, 2>{gi, gi * ((load(x[i]) - origin[c]) - offset[c])};
     }, kBackward, {x, g});
   const std::vector<double>&sum_g = sums[0], &sum_g_xmu = sums[1];
   for (int64_t c = 0; c < channels; ++c) {
@@ -370,21 +441,22 @@ void input_gradients(const Rows& in, const float* g, const float* invstd, const 
   }
   for_rows(rows, channels, [&](int64_t begin, int64_t end) {
     const float *__restrict ks = k.data(), *__restrict as = a.data(), *__restrict bs = b.data();
-    const float *__restrict gs = g, *__restrict xs = x;
+    const G* __restrict gs = g;
+    const T* __restrict xs = x;
     const float *__restrict origins = origin, *__restrict offsets = offset;
-    const int64_t ahead = rows_ahead(rows, channels, kBackward);
+    const int64_t ahead = rows_ahead<T>(rows, channels, kBackward);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t base = r * channels;
-      float* __restrict out = dx + base;
+      T* __restrict out = dx + base;
       if (ahead && r + ahead < rows)
         prefetch_rows({g, training ? x : nullptr}, r + ahead, 1, channels);
       if (!training) {  // x does not enter: an infinite x leaves dx finite, as torch's
-        for (int64_t c = 0; c < channels; ++c) out[c] = ks[c] * gs[base + c];
+        for (int64_t c = 0; c < channels; ++c) out[c] = store<T>(ks[c] * load(gs[base + c]));
         continue;
       }
       for (int64_t c = 0; c < channels; ++c)
-        out[c] = ks[c] * (gs[base + c] - as[c] -
-                          ((xs[base + c] - origins[c]) - offsets[c]) * bs[c]);
+        out[c] = store<T>(ks[c] * (load(gs[base + c]) - as[c] -
+                                   ((load(xs[base + c]) - origins[c]) - offsets[c]) * bs[c]));
     }
   });
 }
@@ -414,11 +486,12 @@ enum Input { kX = 0, kWeight = 1, kBias = 2, kResidual = 3, kArguments = 10 };
 
 // Each channel's origin (see Centre): in training its value in the first row (0 where that
 // is not finite), in eval 0.
-std::vector<float> origin_of(const float* first_row, int64_t channels, bool training) {
+template <typename T>
+std::vector<float> origin_of(const T* first_row, int64_t channels, bool training) {
   std::vector<float> origin(channels, 0.0f);
   if (training)
     for (int64_t c = 0; c < channels; ++c)
-      if (std::isfinite(first_row[c])) origin[c] = first_row[c];
+      if (std::isfinite(load(first_row[c]))) origin[c] = load(first_row[c]);
   return origin;
 }
 
@@ -431,32 +504,34 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
                         const Tensor& residual, Running& running, bool training,
                         double momentum, double eps, int64_t activation, double slope) {
   const int64_t channels = x.size(1), rows = x.numel() / channels;
-  Normalized out{at::empty_like(x), at::empty({channels}, x.options()),
-                 at::empty({channels}, x.options())};
-  const float* first_row = x.const_data_ptr<float>();
+  const auto floats = x.options().dtype(at::kFloat);  // statistics: float32, as the parameters
+  Normalized out{at::empty_like(x), at::empty({channels}, floats), at::empty({channels}, floats)};
   float *inv = out.invstd.data_ptr<float>(), *off = out.offset.data_ptr<float>();
-  const std::vector<float> origin = origin_of(first_row, channels, training);
-  std::vector<double> mean(channels), var(channels);
-  if (training) {
-    batch_statistics(first_row, origin.data(), rows, channels, mean.data(), var.data());
-    for (int64_t c = 0; c < channels; ++c) {
-      off[c] = static_cast<float>(mean[c] - origin[c]);
-      inv[c] = invstd_of(var[c], eps);
+  with_storage(x, [&](auto element) {
+    using T = decltype(element);
+    const T* first_row = values_or_null<T>(x);
+    const std::vector<float> origin = origin_of(first_row, channels, training);
+    std::vector<double> mean(channels), var(channels);
+    if (training) {
+      batch_statistics(first_row, origin.data(), rows, channels, mean.data(), var.data());
+      for (int64_t c = 0; c < channels; ++c) {
+        off[c] = static_cast<float>(mean[c] - origin[c]);
+        inv[c] = invstd_of(var[c], eps);
+      }
+      if (running.mean.defined())
+        update_running(running.mean, running.var, mean.data(), var.data(), rows, channels,
+                       momentum);
+    } else {  // a copy of the running mean: backward needs it as it is now
+      const float *rm = values_or_null(running.mean), *rv = values_or_null(running.var);
+      for (int64_t c = 0; c < channels; ++c) {
+        off[c] = rm[c];
+        inv[c] = invstd_of(rv[c], eps);
+      }
     }
-    if (running.mean.defined())
-      update_running(running.mean, running.var, mean.data(), var.data(), rows, channels,
-                     momentum);
-  } else {  // a copy of the running mean: backward needs it as it is now
-    const float *rm = running.mean.const_data_ptr<float>(),
-                *rv = running.var.const_data_ptr<float>();
-    for (int64_t c = 0; c < channels; ++c) {
-      off[c] = rm[c];
-      inv[c] = invstd_of(rv[c], eps);
-    }
-  }
-  Rows in(first_row, values_or_null(residual), rows, channels, Centre{origin.data(), off}, inv,
-          values_or_null(weight), values_or_null(bias));
-  normalize(in, activation, static_cast<float>(slope), out.y.data_ptr<float>());
+    Rows<T> in(first_row, values_or_null<T>(residual), rows, channels,
+               Centre{origin.data(), off}, inv, values_or_null(weight), values_or_null(bias));
+    normalize(in, activation, static_cast<float>(slope), mutable_values<T>(out.y));
+  });
   return out;
 }
 
@@ -471,34 +546,39 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
   const int64_t channels = x.size(1), planes = x.size(0) * channels;
   const int64_t plane = planes ? x.numel() / planes : 0;
   Tensor y = at::empty_like(x);
-  const float *rm = running.mean.const_data_ptr<float>(), *rv = running.var.const_data_ptr<float>();
+  const float *rm = values_or_null(running.mean), *rv = values_or_null(running.var);
   std::vector<float> invstd(channels);
   for (int64_t c = 0; c < channels; ++c) invstd[c] = invstd_of(rv[c], eps);
   const Affine affine(channels, invstd.data(), values_or_null(weight), values_or_null(bias));
-  const float* in = x.const_data_ptr<float>();
-  const float* z = values_or_null(residual);
-  float* out = y.data_ptr<float>();
-  with_activation(activation, static_cast<float>(slope), [&](auto act, auto) {
-    auto each_plane = [&](int64_t begin, int64_t end) {
-      const auto activate = act;  // a local copy: see Rows::each_pre's `call`
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t c = p % channels;
-        const float mean = rm[c], sc = affine.scale[c], sh = affine.shift[c];
-        const float* __restrict src = in + p * plane;
-        float* __restrict dst = out + p * plane;
-        if (z) {
-          const float* __restrict add = z + p * plane;
-          for (int64_t i = 0; i < plane; ++i)
-            dst[i] = activate((src[i] - mean) * sc + sh + add[i]);
-        } else {
-          for (int64_t i = 0; i < plane; ++i) dst[i] = activate((src[i] - mean) * sc + sh);
+  with_storage(x, [&](auto element) {
+    using T = decltype(element);
+    const T* in = values_or_null<T>(x);
+    const T* z = values_or_null<T>(residual);
+    T* out = mutable_values<T>(y);
+    with_activation(activation, static_cast<float>(slope), [&](auto act, auto) {
+      auto each_plane = [&](int64_t begin, int64_t end) {
+        const auto activate = act;  // a local copy: see Rows::each_pre's `call`
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t c = p % channels;
+          const float mean = rm[c], sc = affine.scale[c], sh = affine.shift[c];
+          const T* __restrict src = in + p * plane;
+          T* __restrict dst = out + p * plane;
+          if (z) {
+            const T* __restrict add = z + p * plane;
+            for (int64_t i = 0; i < plane; ++i)
+              dst[i] = store<T>(activate((load(src[i]) - mean) * sc + sh + load(add[i])));
+          } else {
+            for (int64_t i = 0; i < plane; ++i)
+              dst[i] = store<T>(activate((load(src[i]) - mean) * sc + sh));
+          }
         }
-      }
-    };
-    if (x.numel() < kParallelValues)
-      each_plane(0, planes);
-    else
-      at::parallel_for(0, planes, std::max<int64_t>(1, kParallelValues / 2 / plane), each_plane);
+      };
+      if (x.numel() < kParallelValues)
+        each_plane(0, planes);
+      else
+        at::parallel_for(0, planes, std::max<int64_t>(1, kParallelValues / 2 / plane),
+                         each_plane);
+    });
   });
   return y;
 }
@@ -559,36 +639,51 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
         if (need[i] && !result[i].is_none()) out[positions[i]] = result[i].cast<Tensor>();
       return out;
     }
-    // the kernels read dy as rows of x's layout
-    Tensor dy = dy_given.strides() == x.strides() ? dy_given : at::empty_like(x).copy_(dy_given);
+    // the kernels read dy as rows of x's layout and dtype
+    Tensor dy = dy_given.strides() == x.strides() && dy_given.dtype() == x.dtype()
+                    ? dy_given
+                    : at::empty_like(x).copy_(dy_given);
     const int64_t channels = x.size(1), rows = x.numel() / channels;
     if (need[0]) out[kX] = at::empty_like(x);
-    if (need[1]) out[kWeight] = at::empty({channels}, x.options());
-    if (need[2]) out[kBias] = at::empty({channels}, x.options());
+    if (need[1]) out[kWeight] = at::empty({channels}, weight.options());
+    if (need[2]) out[kBias] = at::empty({channels}, bias.options());
     // dpre = dL/d(pre-activation): dy itself without an activation, else written out: to
     // dL/dresidual when that is asked for (which is dpre), else to a buffer (torch's
     // allocator's, not zero-filled as a std::vector's). (Computed again from x in both
-    // passes instead, the loops did not vectorize: 4-5x slower.)
-    Tensor buffer;
-    float* dpre = nullptr;
-    if (need[3]) {
-      out[kResidual] = at::empty_like(x);
-      dpre = out[kResidual].data_ptr<float>();
-    } else if (activation != kIdentity) {
-      buffer = at::empty_like(x);
-      dpre = buffer.data_ptr<float>();
-    }
-    auto writable = [](Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
-    const float* first_row = x.const_data_ptr<float>();
-    const std::vector<float> origin = origin_of(first_row, channels, training);
-    const float* inv = invstd.const_data_ptr<float>();
-    Rows in(first_row, values_or_null(residual), rows, channels,
-            Centre{origin.data(), offset.const_data_ptr<float>()}, inv, values_or_null(weight),
-            values_or_null(bias));
-    const float* dy_values = dy.const_data_ptr<float>();
-    if (dpre) pre_gradient(in, dy_values, activation, static_cast<float>(slope), dpre);
-    input_gradients(in, dpre ? dpre : dy_values, inv, values_or_null(weight), training,
-                    writable(out[kX]), writable(out[kWeight]), writable(out[kBias]));
+    // passes instead, the loops did not vectorize: 4-5x slower.) A bfloat16 input's dpre
+    // is written in float32 (rounded to bfloat16, it would cost the parameters' gradients,
+    // summed from it, their float32 accuracy), and dL/dresidual is it rounded.
+    with_storage(x, [&](auto element) {
+      using T = decltype(element);
+      const T* first_row = values_or_null<T>(x);
+      const std::vector<float> origin = origin_of(first_row, channels, training);
+      const float* inv = values_or_null(invstd);
+      Rows<T> in(first_row, values_or_null<T>(residual), rows, channels,
+                 Centre{origin.data(), values_or_null(offset)}, inv, values_or_null(weight),
+                 values_or_null(bias));
+      const T* dy_values = values_or_null<T>(dy);
+      auto writable = [](Tensor& t, auto type) {  // t's values as decltype(type), or null
+        return t.defined() ? mutable_values<decltype(type)>(t) : nullptr;
+      };
+      auto gradients_from = [&](const auto* g) {
+        input_gradients(in, g, inv, values_or_null(weight), training, writable(out[kX], T{}),
+                        writable(out[kWeight], float{}), writable(out[kBias], float{}));
+      };
+      const float act_slope = static_cast<float>(slope);
+      if (activation == kIdentity) {
+        if (need[3]) {  // a copy of dy
+          out[kResidual] = at::empty_like(x);
+          pre_gradient(in, dy_values, activation, act_slope, mutable_values<T>(out[kResidual]));
+        }
+        return gradients_from(dy_values);
+      }
+      constexpr bool kFloat = std::is_same_v<T, float>;
+      Tensor dpre = need[3] && kFloat ? (out[kResidual] = at::empty_like(x))
+                                      : at::empty_like(x, x.options().dtype(at::kFloat));
+      pre_gradient(in, dy_values, activation, act_slope, mutable_values<float>(dpre));
+      gradients_from(values_or_null(dpre));
+      if (need[3] && !kFloat) out[kResidual] = dpre.to(x.scalar_type());
+    });
     return out;
   }
 };
@@ -597,20 +692,21 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
 // cost 2 µs, as much as the kernels of a small eval call save.
 
 // A tensor the kernels can read: a torch.Tensor or Parameter (not a subclass, whose
-// methods could mean something else) of float32 on the CPU, whose memory holds its values
+// methods could mean something else) of `dtype` on the CPU, whose memory holds its values
 // (not a torch.func wrapper, nor a fake tensor, nor a lazily negated view).
-bool readable(pybind11::handle obj) {
+bool readable(pybind11::handle obj, at::ScalarType dtype) {
   if (!THPVariable_CheckExact(obj.ptr())) return false;
   const Tensor& t = THPVariable_Unpack(obj.ptr());
   return t.layout() == at::kStrided && !t.is_nested() && t.device().is_cpu() &&
-         t.scalar_type() == at::kFloat && t.has_storage() && !t.is_neg() &&
+         t.scalar_type() == dtype && t.has_storage() && !t.is_neg() &&
          !t.key_set().has(c10::DispatchKey::Python);
 }
 
-// None, or a readable contiguous (C,) tensor (running statistics: not requiring grad).
+// None, or a readable contiguous float32 (C,) tensor (running statistics: not requiring
+// grad).
 bool per_channel(pybind11::handle obj, int64_t channels, bool statistic) {
   if (obj.is_none()) return true;
-  if (!readable(obj)) return false;
+  if (!readable(obj, at::kFloat)) return false;
   const Tensor& t = THPVariable_Unpack(obj.ptr());
   return t.dim() == 1 && t.size(0) == channels && t.is_contiguous() &&
          !(statistic && t.requires_grad());
@@ -649,14 +745,14 @@ bool planes_layout(const Tensor& x) {
 bool takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias,
            pybind11::handle running_mean, pybind11::handle running_var,
            pybind11::handle residual, bool training) {
-  if (!readable(x)) return false;
+  if (!(readable(x, at::kFloat) || readable(x, at::kBFloat16))) return false;
   const Tensor& t = THPVariable_Unpack(x.ptr());
   if (t.dim() < 2) return false;
   const int64_t channels = t.size(1), values = t.numel();
   if (running_mean.is_none() != running_var.is_none()) return false;
   if (training ? values <= channels : running_mean.is_none() || values == 0) return false;
   if (!residual.is_none()) {  // read as rows of x's layout
-    if (!readable(residual)) return false;
+    if (!readable(residual, t.scalar_type())) return false;
     const Tensor& z = THPVariable_Unpack(residual.ptr());
     if (z.sizes() != t.sizes() || z.strides() != t.strides()) return false;
   }
@@ -678,6 +774,14 @@ Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& 
   Running running{running_mean.value_or(Tensor()), running_var.value_or(Tensor())};
   const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor()),
                z = residual.value_or(Tensor());
+  // The loops read the tensors' memory as these types (takes checks them in full). (One
+  // check: with one per tensor, in a loop, a small call took 0.4 µs longer.)
+  auto floats = [](const Tensor& t) { return !t.defined() || t.scalar_type() == at::kFloat; };
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  (!z.defined() || z.scalar_type() == x.scalar_type()) && floats(w) &&
+                  floats(b) && floats(running.mean) && floats(running.var),
+              "rows_batch_norm: expected a float32 or bfloat16 input (and residual of its "
+              "dtype), float32 parameters and running statistics");
   const bool graph = records_graph(x, w, b, z);
   if (!rows_layout(x)) {  // NCHW in eval without a graph: the one such call takes gives
     TORCH_CHECK(!training && !graph && planes_layout(x),
@@ -698,7 +802,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether rows_batch_norm computes this call: (x, weight, bias, running_mean, "
         "running_var, residual, training) -> bool");
   m.def("rows_batch_norm", &rows_batch_norm,
-        "Batch norm of a float32 (N, C) or channels_last input (or, in eval without "
+        "Batch norm of a float32 or bfloat16 (N, C) or channels_last input (or, in eval without "
         "autograd, an NCHW one) with the fused epilogue, the running update included in "
         "training: (x, weight, bias, running_mean, running_var, residual, training, momentum, "
         "eps, activation code, negative slope) -> y");
