@@ -15,8 +15,9 @@ def test_bench_checks_every_contender_and_reports_each_case():
     for label, _, _ in TINY:
         for mode in ("forward_train", "eval", "forward_backward"):
             assert {(label, mode, c) for c in ("aten", "ours", "ours_numba")} <= cases
-        for name in ("aten+relu", "ours+relu", "ours_fused"):
-            assert (label, "bn_relu_forward_backward", name) in cases
+        for mode, activation in bench.ACTIVATION_MODES.items():
+            for name in (f"aten+{activation}", f"ours+{activation}", "ours_fused"):
+                assert (label, mode, name) in cases
     for r in rows:
         assert r["max_rel_error_vs_baseline"] < bench.CHECK_TOLERANCE, r
         assert r["median_ms"] > 0 and r["calls"] >= bench.REPS_BOUNDS["quick"][0]

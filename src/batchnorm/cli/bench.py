@@ -9,9 +9,11 @@ What is measured, with torch's thread count (Numba follows it):
   ``torch.autocast("cpu")`` gives a batch norm after a convolution);
 * modes ``forward_train`` (training-mode forward without autograd, running statistics
   updated), ``eval`` (inference), ``forward_backward`` (training forward, then backward with
-  a fixed output gradient) and ``bn_relu_forward_backward`` (the same with a ReLU after the
+  a fixed output gradient), ``bn_relu_forward_backward`` (the same with a ReLU after the
   batch norm: our fused ``BatchNormAct``, our ``BatchNorm`` followed by ``torch.relu``, and
-  torch.nn's followed by ``torch.relu``);
+  torch.nn's followed by ``torch.relu``) and ``bn_silu_forward_backward`` (the same with
+  SiLU, ``F.silu``: an activation whose loops are compute-bound, where a loop that does not
+  vectorize shows);
 * contenders ``aten`` (``torch.nn.BatchNorm*d``), ``ours`` (``batchnorm.BatchNorm*d``, which
   dispatches plain batch norm to ATen where that is faster, see :mod:`batchnorm.backends`),
   ``ours_numba`` (the same layer forced onto the Numba kernels) and ``compiled_reference``
@@ -29,11 +31,11 @@ move between the cores and memory if nothing stays in cache between passes, in t
 elements of the input's size N — ``eval`` 2N (read x, write y), ``forward_train`` 3N (read x
 for the statistics, read it again and write y), ``forward_backward`` 3N + 5N (backward: read
 dy and x for the two per-channel sums, read them again and write dx), and the same 8N for
-the fused BN+ReLU (the pre-activation is recomputed, not stored). The copy bandwidth of the
-same run is ``dst.copy_(x)`` into a preallocated tensor of the input's size (2N), timed as
-one more contender of each case (so that it meets the same cache state: a 16 MiB tensor
-copied over and over stays in a 32 MiB L3 and copies at several times the memory's speed);
-``fraction_of_copy`` is the ratio of the two.
+the fused BN+ReLU and BN+SiLU (the pre-activation is recomputed, not stored). The copy
+bandwidth of the same run is ``dst.copy_(x)`` into a preallocated tensor of the input's size
+(2N), timed as one more contender of each case (so that it meets the same cache state: a 16
+MiB tensor copied over and over stays in a 32 MiB L3 and copies at several times the
+memory's speed); ``fraction_of_copy`` is the ratio of the two.
 
 Allocator: by default the benchmark asks glibc to keep freed memory for reuse (``mallopt``:
 no ``mmap`` for blocks under 1 GiB, no trimming), as the allocators that PyTorch's CPU
@@ -58,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from batchnorm import ops, reference
@@ -85,12 +88,20 @@ QUICK_SHAPES: list[Case] = [
     ("(16,32,16,16)", (16, 32, 16, 16), False),
     ("(16,32,16,16) channels_last", (16, 32, 16, 16), True),
 ]
-MODES = ("forward_train", "eval", "forward_backward", "bn_relu_forward_backward")
+#: The modes of a fused activation, and its name.
+ACTIVATION_MODES = {"bn_relu_forward_backward": "relu", "bn_silu_forward_backward": "silu"}
+MODES = ("forward_train", "eval", "forward_backward", *ACTIVATION_MODES)
+#: torch's activation, which torch.nn's layer and our unfused one are followed by.
+TORCH_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": torch.relu, "silu": F.silu}
 #: Minimal traffic, in elements of the input's size (see the module docstring).
-TRAFFIC = {"eval": 2, "forward_train": 3, "forward_backward": 8, "bn_relu_forward_backward": 8}
+TRAFFIC = {"eval": 2, "forward_train": 3, "forward_backward": 8} | {
+    mode: 8 for mode in ACTIVATION_MODES
+}
 COPY_TRAFFIC = 2
 #: The contender each mode's speed-up is relative to.
-BASELINE = {mode: "aten" for mode in MODES} | {"bn_relu_forward_backward": "aten+relu"}
+BASELINE = {mode: "aten" for mode in MODES} | {
+    mode: f"aten+{activation}" for mode, activation in ACTIVATION_MODES.items()
+}
 #: Seconds of timed calls per contender and case (full, quick), and the bounds on the
 #: number of calls: the median of ~1 s of calls is stable to a few % on a quiet machine.
 TIME_BUDGET = {"full": 1.0, "quick": 0.05}
@@ -179,15 +190,16 @@ def _compiled_reference(aten: nn.Module, training: bool) -> Callable[[Tensor], T
 
 def _cases(mode: str, shape: tuple[int, ...], compile_reference: bool):
     """{contender: (forward function, needs_grad)} for one mode."""
-    relu = mode == "bn_relu_forward_backward"
-    layers = _layers(shape, "relu" if relu else None)
+    activation = ACTIVATION_MODES.get(mode)
+    layers = _layers(shape, activation)
     training = mode != "eval"
     for layer in layers.values():
         layer.train(training)
-    if relu:
+    if activation:
+        act = TORCH_ACTIVATIONS[activation]
         return {
-            "aten+relu": lambda x: torch.relu(layers["aten"](x)),
-            "ours+relu": lambda x: torch.relu(layers["ours"](x)),
+            f"aten+{activation}": lambda x: act(layers["aten"](x)),
+            f"ours+{activation}": lambda x: act(layers["ours"](x)),
             "ours_fused": layers["ours_fused"],
         }
     numba_layer = layers["ours_numba"]
@@ -312,7 +324,8 @@ def run(
                     "max_rel_error_vs_baseline": errors[name],
                 }
                 if name == "ours_fused":
-                    row["speedup_vs_ours_unfused"] = medians["ours+relu"] / medians[name]
+                    unfused = f"ours+{ACTIVATION_MODES[mode]}"
+                    row["speedup_vs_ours_unfused"] = medians[unfused] / medians[name]
                 rows.append(row)
     return {
         "benchmark": "batchnorm CPU kernels",
@@ -381,7 +394,7 @@ def targets(rows: list[dict]) -> list[dict]:
         add(f"{mode} (100,128) no slower than ATen", _find(rows, "(100,128)", mode, "ours"),
             "speedup_vs_baseline", 1.0)  # fmt: skip
     for row in rows:
-        if row["contender"] == "ours_fused":
+        if row["contender"] == "ours_fused" and row["mode"] == "bn_relu_forward_backward":
             add(f"fused BN+ReLU fwd+bwd {row['label']} >= 1.3x ours + torch.relu", row,
                 "speedup_vs_ours_unfused", 1.3)  # fmt: skip
     for row in rows:
@@ -405,7 +418,7 @@ def table(results: dict, verdicts: bool = True) -> str:
             f"{r['speedup_vs_baseline']:>8.2f}x {r['effective_gbps']:>7.1f} "
             f"{r['fraction_of_copy']:>7.0%}"
         )
-    lines += ["", "speed-up: against aten (aten+relu for bn_relu_forward_backward)", ""]
+    lines += ["", "speed-up: against aten (aten+relu, aten+silu for the fused modes)", ""]
     if not verdicts:
         lines.append("targets: not judged on a --quick run (small shapes, few calls)")
         return "\n".join(lines)
