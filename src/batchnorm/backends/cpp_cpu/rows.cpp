@@ -295,17 +295,18 @@ template <typename T>
 using Partial = std::conditional_t<std::is_same_v<T, BF16>, float, double>;
 
 // Per-channel float64 sums of two terms over rows: sums[k][c] = sum over r of term(r, c)[k]
-// for the value at r * channels + c (terms of type Partial<T>, T the input's element type). The rows are cut into a number of blocks that depends
-// on the input's size only, each summed on its own, and the blocks' sums added in order:
-// the same result on any number of threads. Within a block, the terms of kRowsAtOnce rows
-// are added in registers (the loop over the channels vectorizes) before the block's sums in
-// memory. Measured on one thread, (32768, 128) and (4096, 1024), the statistics' sums /
-// the backward's: 0.29-0.33 / 0.72-1.05 ms; a row at a time the loop is store-bound; tiles
-// of 16 channels summed down 8 rows in registers, 0.56-0.60 / 1.3-2.8 ms (they read each row
-// a cache line at a time); the sums as an array of K terms instead of two restrict
-// pointers, 0.30-0.34 / 2.8-4.7 ms (the vectorized loop is versioned for aliasing). For a
-// large input of `pass` (see rows_ahead: T is the input's element type), the arrays of
-// `reads` (the rows term reads) are prefetched two groups of rows ahead.
+// for the value at r * channels + c (terms of type Partial<T>, T the input's element type).
+// The rows are cut into a number of blocks that depends on the input's size only, each
+// summed on its own, and the blocks' sums added in order: the same result on any number of
+// threads. Within a block, the terms of kRowsAtOnce rows are added in registers (the loop
+// over the channels vectorizes) before the block's sums in memory. Measured on one thread,
+// (32768, 128) and (4096, 1024), the statistics' sums / the backward's: 0.29-0.33 /
+// 0.72-1.05 ms; a row at a time the loop is store-bound; tiles of 16 channels summed down 8
+// rows in registers, 0.56-0.60 / 1.3-2.8 ms (they read each row a cache line at a time);
+// the sums as an array of K terms instead of two restrict pointers, 0.30-0.34 / 2.8-4.7 ms
+// (the vectorized loop is versioned for aliasing). For a large input of `pass` (see
+// rows_ahead: T is the input's element type), the arrays of `reads` (the rows term reads)
+// are prefetched two groups of rows ahead.
 template <typename T, typename Term>
 std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, Term&& term,
                                                Pass pass, std::initializer_list<Stream> reads) {
