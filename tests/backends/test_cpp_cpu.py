@@ -515,7 +515,8 @@ def test_inference_mode_and_no_grad_update_the_running_statistics():
 
 
 # bfloat16 inputs with float32 parameters and statistics (torch.autocast's convention): the
-# loops load bfloat16, compute in float32 (sums in float64) and round their results.
+# loops load bfloat16, compute in float32 (float64 sums of float32 partial sums) and round
+# their results.
 
 
 def test_bfloat16_results_are_rounded_as_torch_rounds():
@@ -636,6 +637,23 @@ def test_bfloat16_calls_it_cannot_take_go_elsewhere():
     assert chosen(x, residual=torch.zeros_like(x, dtype=torch.float32)) != "cpp_cpu"
     assert chosen(x.half(), weight=ones) != "cpp_cpu"
     assert chosen(x.contiguous()) != "cpp_cpu"  # NCHW training
+
+
+def test_bfloat16_statistics_keep_their_digits_with_a_far_first_row():
+    """The sums' float32 partial sums are centred on each channel's first value: with it 100
+    standard deviations from the mean, the batch variance (the running variance's update)
+    is still within a bfloat16 ulp of float64's, and the output within rounding."""
+    x = random_input((4096, 8), mean=3.0, seed=5)
+    x[0] += 100 * x.std(0)
+    x = x.to(torch.bfloat16)
+    _runs_here(x)
+    ours = batchnorm.BatchNorm1d(8, momentum=1.0)
+    ref = torch.nn.BatchNorm1d(8, momentum=1.0, dtype=torch.float64)
+    y = ours(x)
+    exact = ref(x.double())
+    assert_within_rounding(y, exact.detach(), torch.bfloat16)
+    torch.testing.assert_close(ours.running_var.double(), ref.running_var, rtol=2**-9, atol=0)
+    torch.testing.assert_close(ours.running_mean.double(), ref.running_mean, rtol=1e-6, atol=0)
 
 
 def test_bfloat16_second_derivatives_match_torch():

@@ -91,10 +91,11 @@ void with_activation(int64_t code, float slope, F&& f) {
 }
 
 // The element types the loops read and write: float, and bfloat16 as its bits (BF16; the
-// upper half of a float32), whose loops load it to float32, compute in float32 (sums in
-// float64) and round the results to bfloat16, as torch's half-precision kernels do with
-// float32 parameters and statistics (torch.autocast's convention). (GCC 12 has no
-// bfloat16 arithmetic type; these integer conversions vectorize.)
+// upper half of a float32), whose loops load it to float32, compute in float32 (float64
+// sums of float32 partial sums: Partial) and round the results to bfloat16, as torch's
+// half-precision kernels do with float32 parameters and statistics (torch.autocast's
+// convention). (GCC 12 has no bfloat16 arithmetic type; these integer conversions
+// vectorize.)
 using BF16 = uint16_t;
 
 inline float load(float v) { return v; }
