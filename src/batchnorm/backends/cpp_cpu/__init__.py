@@ -55,12 +55,12 @@ from batchnorm.backends import Call
 #: channels_last, Numba's time / ours, 1 thread (2 threads), 2026-12-05: ReLU
 #: (8, 240, 12, 12) 0.99-1.03 (1.12-1.25), (8, 144, 24, 24) 0.98-1.00 (1.11-1.13),
 #: (8, 64, 48, 48) 0.84-0.86 (0.91-0.92), (8, 96, 48, 48) 0.73-0.76 (0.82-0.85); SiLU
-#: (8, 144, 24, 24) 1.32 (1.39), (8, 96, 48, 48) 1.24 (1.20), (32, 128, 32, 32) 1.11
-#: (1.04). bfloat16 (the same threshold: in bfloat16 the node writes dL/d(pre-activation)
-#: in float32), 2026-12-05: ReLU (8, 240, 12, 12) 1.05 (1.23), (8, 144, 24, 24) 0.93 (1.07),
-#: (8, 64, 48, 48) 1.16 (1.26), (8, 96, 48, 48) 0.94 (0.99), (32, 128, 32, 32) 0.77 (0.81);
-#: SiLU 1.35-1.47 (1.32-1.54) on the same shapes. ELU follows the node as torch's op: the
-#: Numba kernels do not take it.
+#: (8, 144, 24, 24) 1.32 (1.39), (8, 96, 48, 48) 1.24 (1.20), (32, 128, 32, 32) 1.11 (1.04).
+#: bfloat16 keeps the threshold (its node writes dL/d(pre-activation) in float32, twice the
+#: input's bytes), 2026-12-05: ReLU (8, 240, 12, 12) 1.05 (1.23), (8, 144, 24, 24) 0.93
+#: (1.07), (8, 64, 48, 48) 1.16 (1.26), (8, 96, 48, 48) 0.94 (0.99), (32, 128, 32, 32) 0.77
+#: (0.81); SiLU 1.35-1.47 (1.32-1.54) on the same shapes. ELU follows the node as torch's
+#: op: the Numba kernels do not take it.
 ACTIVATION_BELOW_NUMEL = {"relu": 700_000, "leaky_relu": 700_000}
 #: Compiler flags: the loops vectorize over the channels for this machine's CPU (its name and
 #: flags are part of the cache key). Without -march=native the float64 sums ran at 0.9x of
