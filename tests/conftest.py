@@ -83,3 +83,17 @@ def assert_within_rounding(got, exact, dtype, roundings=1):
     error = (got.double() - exact).abs().max()
     bound = 2 * roundings * rounding + 1e-6 * exact.abs().max().clamp(min=1)
     assert error <= bound, (error, rounding)
+
+
+def float64_batch_norm(x, weight, bias, residual, running, training, activation, dy):
+    """torch.nn's batch norm in float64 (running: (mean, var), or None), plus the residual,
+    then ``activation`` (a function of the pre-activation, or None): the output and the
+    gradients, for the output gradient dy, of those of x, weight, bias and residual given."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None
+              for t in (x, weight, bias, residual)]  # fmt: skip
+    stats = [t.double() for t in running] if running is not None else (None, None)
+    y = torch.nn.functional.batch_norm(leaves[0], *stats, leaves[1], leaves[2], training)
+    y = y + leaves[3] if residual is not None else y
+    y = activation(y) if activation is not None else y
+    grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy.double())
+    return y.detach(), grads

@@ -18,6 +18,7 @@ from batchnorm.backends.cpp_cpu import ACTIVATION_BELOW_NUMEL, extension
 from conftest import (
     assert_close,
     assert_within_rounding,
+    float64_batch_norm,
     floats_to_round,
     random_input,
     same_values,
@@ -536,15 +537,10 @@ def test_bfloat16_results_are_rounded_as_torch_rounds():
             assert same_values(got.numpy(), expected).all()
 
 
-def _exact(x, weight, bias, z, training, activation, running, dy):
-    """torch.nn's output and gradients (x, weight, bias, residual) in float64."""
-    leaves = [t.detach().double().requires_grad_() if t is not None else None
-              for t in (x, weight, bias, z)]  # fmt: skip
-    stats = [t.double() for t in running] if running else (None, None)
-    pre = torch.nn.functional.batch_norm(leaves[0], *stats, leaves[1], leaves[2], training)
-    pre = pre + leaves[3] if z is not None else pre
-    y = TORCH_ACTIVATIONS[activation](pre) if activation != "identity" else pre
-    return y, torch.autograd.grad(y, [t for t in leaves if t is not None], dy.double())
+def _float64(x, weight, bias, z, training, activation, running, dy):
+    """float64_batch_norm with the activation named as in the layers."""
+    act = TORCH_ACTIVATIONS[activation] if activation != "identity" else None
+    return float64_batch_norm(x, weight, bias, z, running, training, act, dy)
 
 
 BFLOAT16_SHAPES = ["(100,128)", "channels_last", "(8203,40) threaded", "channels_last threaded"]
@@ -583,9 +579,9 @@ def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activa
     y.backward(dy)
     assert y.dtype == torch.bfloat16 and y.stride() == x.stride()
     assert leaves[0].grad.dtype == torch.bfloat16 and leaves[1].grad.dtype == torch.float32
-    exact_y, exact_grads = _exact(x, weight, bias, z, training, activation, running, dy)
+    exact_y, exact_grads = _float64(x, weight, bias, z, training, activation, running, dy)
     roundings = 2 if activation == "elu" else 1
-    assert_within_rounding(y, exact_y.detach(), torch.bfloat16, roundings)
+    assert_within_rounding(y, exact_y, torch.bfloat16, roundings)
     got = [t.grad for t in leaves if t is not None]
     for i, (grad, exact) in enumerate(zip(got, exact_grads, strict=True)):
         if i not in (1, 2):
@@ -616,9 +612,9 @@ def test_bfloat16_nchw_inference_is_within_rounding_of_float64(activation):
     assert ops.select(call).name == "cpp_cpu"
     y = batchnorm.functional.batch_norm(x, *running, weight, bias, False, activation=activation,
                                         residual=z)  # fmt: skip
-    exact = _exact(x, weight, bias, z, False, activation, running, torch.zeros(shape))[0]
+    exact = _float64(x, weight, bias, z, False, activation, running, torch.zeros(shape))[0]
     assert y.dtype == torch.bfloat16
-    assert_within_rounding(y, exact.detach(), torch.bfloat16)
+    assert_within_rounding(y, exact, torch.bfloat16)
 
 
 def test_bfloat16_calls_it_cannot_take_go_elsewhere():

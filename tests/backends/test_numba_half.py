@@ -19,6 +19,7 @@ from batchnorm.backends.numba_cpu import halves, jit
 from conftest import (
     assert_close,
     assert_within_rounding,
+    float64_batch_norm,
     floats_to_round,
     half_bits_as_float,
     random_input,
@@ -75,18 +76,6 @@ def test_float16_by_integers_matches_torch():
     assert same_values(*as_float16).all()
 
 
-def _exact(x, w, b, z, training, activation, rm, rv, dy):
-    """Output and gradients (x, weight, bias, residual) in float64 through torch.nn's ops."""
-    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b, z)]
-    x64, w64, b64, z64 = leaves
-    stats = (rm.double(), rv.double()) if rm is not None else (None, None)
-    y = F.batch_norm(x64, *stats, w64, b64, training=training)
-    y = y + z64 if z64 is not None else y
-    y = {"relu": torch.relu, "silu": F.silu, None: lambda v: v}[activation](y)
-    inputs = [t for t in leaves if t is not None]
-    return y.detach(), torch.autograd.grad(y, inputs, dy.double())
-
-
 @pytest.mark.parametrize("dtype", HALF.values(), ids=HALF.keys())
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation", [None, "relu", "silu"])
@@ -120,7 +109,9 @@ def test_half_kernels_are_within_rounding_of_float64(shape, channels_last, activ
                               activation=activation, residual=leaves[3])  # fmt: skip
             y.backward(dy)
         assert y.dtype == dtype and leaves[1].grad.dtype == torch.float32
-        exact_y, exact_grads = _exact(x, w, b, residual, training, activation, rm, rv, dy)
+        act = {"relu": torch.relu, "silu": F.silu, None: None}[activation]
+        running = None if rm is None else (rm, rv)
+        exact_y, exact_grads = float64_batch_norm(x, w, b, residual, running, training, act, dy)
         assert_within_rounding(y, exact_y, dtype)
         got = [t.grad for t in leaves if t is not None]
         for i, (grad, exact) in enumerate(zip(got, exact_grads, strict=True)):

@@ -389,23 +389,16 @@ void normalize(const Rows<T>& in, int64_t activation, float slope, T* y) {
   });
 }
 
-// dpre = dL/d(pre-activation), from dy and the pre-activation recomputed from x (and z),
-// as G (of T, or float32).
-template <typename T, typename G>
-void pre_gradient(const Rows<T>& in, const T* dy, int64_t activation, float slope, G* dpre) {
-  if (activation == kIdentity) {  // dy itself
-    for_rows(in.rows, in.channels, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin * in.channels; i < end * in.channels; ++i)
-        dpre[i] = store<G>(load(dy[i]));
-    });
-    return;
-  }
+// dpre = dL/d(pre-activation) of an activation (not the identity's: that is dy), in
+// float32, from dy and the pre-activation recomputed from x (and z).
+template <typename T>
+void pre_gradient(const Rows<T>& in, const T* dy, int64_t activation, float slope,
+                  float* dpre) {
   with_activation(activation, slope, [&](auto, auto derivative) {
     for_rows(in.rows, in.channels, [&](int64_t begin, int64_t end) {
-      in.each_pre(begin, end, kBackward, dy,
-                  [&, derivative](int64_t i, float pre) {
-                    dpre[i] = store<G>(derivative(load(dy[i]), pre));
-                  });
+      in.each_pre(begin, end, kBackward, dy, [&, derivative](int64_t i, float pre) {
+        dpre[i] = derivative(load(dy[i]), pre);
+      });
     });
   });
 }
@@ -671,18 +664,15 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
         input_gradients(in, g, inv, values_or_null(weight), training, writable(out[kX], T{}),
                         writable(out[kWeight], float{}), writable(out[kBias], float{}));
       };
-      const float act_slope = static_cast<float>(slope);
       if (activation == kIdentity) {
-        if (need[3]) {  // a copy of dy
-          out[kResidual] = at::empty_like(x);
-          pre_gradient(in, dy_values, activation, act_slope, mutable_values<T>(out[kResidual]));
-        }
+        if (need[3]) out[kResidual] = dy.clone();  // dL/dresidual is dy
         return gradients_from(dy_values);
       }
       constexpr bool kFloat = std::is_same_v<T, float>;
       Tensor dpre = need[3] && kFloat ? (out[kResidual] = at::empty_like(x))
                                       : at::empty_like(x, x.options().dtype(at::kFloat));
-      pre_gradient(in, dy_values, activation, act_slope, mutable_values<float>(dpre));
+      pre_gradient(in, dy_values, activation, static_cast<float>(slope),
+                   mutable_values<float>(dpre));
       gradients_from(values_or_null(dpre));
       if (need[3] && !kFloat) out[kResidual] = dpre.to(x.scalar_type());
     });
