@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import batchnorm
 import batchnorm.functional as BF
 from batchnorm import ops, reference
 from batchnorm.backends import numba_cpu as cpu
@@ -448,6 +449,39 @@ def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
         assert chosen(torch.zeros(8, 256, 9, 9)) == "numba"
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.auto_dispatch
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_default_dispatch_runs_silu_after_the_kernels_bn(dtype):
+    """On the Numba kernels, float32 and float64 SiLU calls run as the kernels' BN (the
+    residual included) followed by torch's SiLU (NumbaBackend.unfused): faster, the same
+    results (the float64 oracle), the layer's state updated once; a forced backend and
+    half-precision inputs keep the fused epilogue."""
+    from batchnorm.backends import Call
+    from batchnorm.ops.dispatch import select
+
+    x = random_input((8, 16, 24, 24), dtype, seed=20, mean=2.0)
+    assert select(Call(x, True, "silu", 0.01, True)).name == "numba"
+
+    def grad_fn(x: torch.Tensor) -> str:
+        y = BF.batch_norm(
+            x.requires_grad_(), None, None, training=True, activation="silu", residual=x
+        )
+        return type(y.grad_fn).__name__
+
+    assert grad_fn(x.clone()) == "SiluBackward0"
+    check(x, activation="silu", residual=True)  # training, default dispatch
+    check(x, training=False, activation="silu", residual=True)  # eval with a graph
+    layer = batchnorm.BatchNormAct2d(16, activation="silu", dtype=dtype)
+    layer(x)
+    assert layer.num_batches_tracked == 1
+    torch.testing.assert_close(layer.running_mean, 0.1 * x.mean((0, 2, 3)))
+    with ops.use_backend("numba"):
+        assert grad_fn(x.clone()) != "SiluBackward0"
+    half = x.to(torch.bfloat16)
+    assert select(Call(half, True, "silu", 0.01, True)).name == "numba"
+    assert grad_fn(half) != "SiluBackward0"
 
 
 @pytest.mark.auto_dispatch

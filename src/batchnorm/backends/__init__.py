@@ -98,6 +98,11 @@ class KernelBackend(Backend, Protocol):
     #: reference.update_running_stats (its signature), in place.
     update_running_stats: Callable[[Tensor, Tensor, Tensor, Tensor, int, float, bool], None]
 
+    # Optional: ``unfused(call) -> bool``, True for a call with an activation that runs
+    # faster as the kernels' BN (residual included) followed by torch's activation op, which
+    # the default dispatch then applies (see ops.run_kernels; a backend forced with
+    # use_backend fuses). A backend without it fuses every activation it supports.
+
 
 class OperatorBackend(Backend, Protocol):
     def batch_norm(self, call: Call) -> Tensor:

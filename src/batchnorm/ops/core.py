@@ -26,7 +26,7 @@ from torch.autograd import forward_ad
 from batchnorm import reference
 from batchnorm.backends import Call, KernelBackend
 from batchnorm.backends.reference import ReferenceBackend
-from batchnorm.ops.dispatch import select, select_kernels
+from batchnorm.ops.dispatch import forced, select, select_kernels
 from batchnorm.ops.transforms import (
     apply_function,
     differentiated,
@@ -432,6 +432,11 @@ def run_kernels(
     batchnorm.functional._layer_call)."""
     (x, training, activation, negative_slope, _, keep_output_only, unbiased_running_var,
      weight, bias, running_mean, running_var, residual, momentum, eps) = call  # fmt: skip
+    # the default dispatch's choice (see KernelBackend): a forced backend fuses what it takes
+    unfused = getattr(backend, "unfused", None)
+    if activation != "identity" and unfused is not None and not forced() and unfused(call):
+        y = run_kernels(call._replace(activation="identity"), backend, reduction, compiling)
+        return reference.activate(y, activation, negative_slope)
     # the kernels read memory: torch.func's wrappers and other tensor types go to the
     # reference (see _kernels), decided here once for forward, backward and update
     chosen = None

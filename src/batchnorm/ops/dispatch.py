@@ -51,6 +51,11 @@ def first_backend() -> Backend | None:
     return _REGISTRY[0]
 
 
+def forced() -> bool:
+    """Whether ``use_backend`` forces a backend now."""
+    return _forced is not None
+
+
 def backend_named(name: str) -> Backend:
     for backend in _REGISTRY:
         if backend.name == name:

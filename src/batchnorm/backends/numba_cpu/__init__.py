@@ -153,6 +153,19 @@ class NumbaBackend:
     def preferred(self, call: Call) -> bool:
         return True
 
+    def unfused(self, call: Call) -> bool:
+        """SiLU on float32 and float64 inputs: the kernels' BN followed by torch's SiLU.
+        torch's SiLU computes its exp for less than the kernels' epilogue does; on planes
+        of up to a few hundred values the epilogue's loop ran scalar. Module forward +
+        backward, NCHW, one thread, the fused epilogue's time / the pair's: 1.25-1.35 at
+        (8, 64, 24, 24) and (8, 144, 24, 24), 1.6-1.8 on 6x6 planes, 1.0 at (8, 96, 48, 48)
+        (2026-12-05). The pair's results are the same to float32 rounding (dL/d(pre-
+        activation) is float32 either way); it keeps the pre-activation for SiLU's
+        backward, an input's worth of memory more. Half-precision inputs keep the fused
+        epilogue: torch's SiLU would round dL/d(pre-activation) to their precision, and
+        the parameters' gradients would lose float32's accuracy."""
+        return call.activation == "silu" and call.x.dtype in (torch.float32, torch.float64)
+
     def _forward(self, x, launch, weight, bias, residual, mean, var, invstd, eps, activation,
                  slope, training):  # fmt: skip
         """y for x dense in launch.layout."""
