@@ -453,11 +453,12 @@ def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
 
 @pytest.mark.auto_dispatch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_default_dispatch_runs_silu_after_the_kernels_bn(dtype):
-    """On the Numba kernels, float32 and float64 SiLU calls run as the kernels' BN (the
-    residual included) followed by torch's SiLU (NumbaBackend.unfused): faster, the same
-    results (the float64 oracle), the layer's state updated once; a forced backend and
-    half-precision inputs keep the fused epilogue."""
+def test_default_dispatch_runs_silu_after_the_kernels_bn(dtype, monkeypatch):
+    """On the Numba kernels, float32 and float64 SiLU calls below SILU_FUSED_FROM values
+    run as the kernels' BN (the residual included) followed by torch's SiLU
+    (NumbaBackend.unfused): faster, the same results (the float64 oracle), the layer's state
+    updated once; larger inputs, a forced backend and half-precision inputs keep the fused
+    epilogue."""
     from batchnorm.backends import Call
     from batchnorm.ops.dispatch import select
 
@@ -479,6 +480,9 @@ def test_default_dispatch_runs_silu_after_the_kernels_bn(dtype):
     torch.testing.assert_close(layer.running_mean, 0.1 * x.mean((0, 2, 3)))
     with ops.use_backend("numba"):
         assert grad_fn(x.clone()) != "SiluBackward0"
+    monkeypatch.setattr(cpu, "SILU_FUSED_FROM", (x.numel(), x.numel()))
+    assert grad_fn(x.clone()) != "SiluBackward0"
+    monkeypatch.undo()
     half = x.to(torch.bfloat16)
     assert select(Call(half, True, "silu", 0.01, True)).name == "numba"
     assert grad_fn(half) != "SiluBackward0"

@@ -130,6 +130,12 @@ def _negative_slope(activation: str, negative_slope: float) -> float:
     return 1.0 if activation == "identity" else 0.0
 
 
+#: Inputs of at least this many values (torch on one thread, on more) keep the fused SiLU
+#: epilogue under the default dispatch; smaller float32 and float64 ones run BN, then
+#: torch's SiLU (NumbaBackend.unfused).
+SILU_FUSED_FROM = (1 << 22, 1 << 20)
+
+
 class NumbaBackend:
     """The Numba kernels for CPU float32/float64/bfloat16/float16 tensors and the
     activations they have an epilogue for (ACTIVATION_CODES; elu goes to the reference).
@@ -154,17 +160,22 @@ class NumbaBackend:
         return True
 
     def unfused(self, call: Call) -> bool:
-        """SiLU on float32 and float64 inputs: the kernels' BN followed by torch's SiLU.
-        torch's SiLU computes its exp for less than the kernels' epilogue does; on planes
-        of up to a few hundred values the epilogue's loop ran scalar. Module forward +
-        backward, NCHW, one thread, the fused epilogue's time / the pair's: 1.25-1.35 at
-        (8, 64, 24, 24) and (8, 144, 24, 24), 1.6-1.8 on 6x6 planes, 1.0 at (8, 96, 48, 48)
-        (2026-12-05). The pair's results are the same to float32 rounding (dL/d(pre-
-        activation) is float32 either way); it keeps the pre-activation for SiLU's
-        backward, an input's worth of memory more. Half-precision inputs keep the fused
-        epilogue: torch's SiLU would round dL/d(pre-activation) to their precision, and
-        the parameters' gradients would lose float32's accuracy."""
-        return call.activation == "silu" and call.x.dtype in (torch.float32, torch.float64)
+        """SiLU on float32 and float64 inputs of fewer than SILU_FUSED_FROM values: the
+        kernels' BN followed by torch's SiLU, whose exp costs less than the epilogue's (on
+        planes of up to a few hundred values the epilogue's loop runs scalar). On larger
+        inputs the pair's extra passes over memory cost more than that. Module forward +
+        backward, the fused epilogue's time / the pair's, 2026-12-05, one thread (two):
+        6x6 planes (8, 480, 6, 6) 1.76; (8, 144, 24, 24) 1.17 (1.24); from 1.2 to 2.2
+        million values (8, 64, 48, 48), (8, 96, 48, 48), (16, 128, 32, 32), (8, 256, 24,
+        24) 1.11-1.19 (0.80-0.97); (16, 256, 24, 24) 1.05 (0.89); (32, 128, 32, 32) 0.95
+        (0.81). The pair's results are the same to float32 rounding (dL/d(pre-activation) is
+        float32 either way); it keeps the pre-activation for SiLU's backward, an input's
+        worth of memory more. Half-precision inputs keep the fused epilogue: torch's SiLU
+        would round dL/d(pre-activation) to their precision, and the parameters' gradients
+        would lose float32's accuracy."""
+        if call.activation != "silu" or call.x.dtype not in (torch.float32, torch.float64):
+            return False
+        return call.x.numel() < SILU_FUSED_FROM[torch.get_num_threads() > 1]
 
     def _forward(self, x, launch, weight, bias, residual, mean, var, invstd, eps, activation,
                  slope, training):  # fmt: skip
