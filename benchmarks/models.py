@@ -28,6 +28,13 @@ Two allocator settings, one after the other in the same process:
   ``batchnorm bench``, see :func:`batchnorm.cli.bench.keep_freed_memory`); steps then
   fault almost no pages and the medians compare the computations.
 
+Then, with memory kept, the BN layers alone (``bn_layers`` in the JSON): in a step BN is
+5-21 % of the time, so a step cannot show a BN that is 1.2x faster. Each conv's BN part
+(BN, the residual, the activation: ``ConvBN.normalize``) runs on an input of the conv's
+output shape, every layer of the model in its call order, all forwards then one backward
+(training), or the forwards without autograd (eval): as in a step, a layer's backward
+finds its data out of the caches (unlike in a step, so does its forward).
+
     python benchmarks/models.py [OUT.json] [--reps N] [--warmup N] [--models a,b]
 
 writes OUT.json (default benchmarks/results/models.json).
@@ -58,6 +65,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "models.json"
 BATCH, SIZE, CLASSES = 8, 96, 1000
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 REPS, WARMUP = 9, 3  # a short run (about 30 s): the machine is shared
+#: The BN layers alone take a tenth of a step: more calls for the same time.
+BN_LAYER_REPS_PER_STEP = 3
 
 # --------------------------------------------------------------------------- building blocks
 
@@ -73,6 +82,7 @@ class ConvBN(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
         self.fused = fused
+        self.activation = act
         if fused:
             self.bn = batchnorm.BatchNormAct2d(cout, activation=act)
             self.act = None
@@ -82,7 +92,10 @@ class ConvBN(nn.Module):
                         "silu": nn.SiLU(inplace=True)}[act]  # fmt: skip
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        y = self.conv(x)
+        return self.normalize(self.conv(x), residual)
+
+    def normalize(self, y: Tensor, residual: Tensor | None = None) -> Tensor:
+        """What follows the conv: BN, residual, activation (the part the contenders differ in)."""
         if self.fused:
             return self.bn(y, residual)
         y = self.bn(y)
@@ -270,6 +283,145 @@ def _measure(models: list[str], allocator: str, reps: int, warmup: int) -> list[
     return rows
 
 
+# --------------------------------------------------------------------------- BN layers alone
+
+
+def bn_calls(model: nn.Module, x: Tensor) -> list[tuple[str, torch.Size, bool]]:
+    """(name, conv output shape, residual given) of every ConvBN call of ``model(x)``."""
+    calls: list[tuple[str, torch.Size, bool]] = []
+    hooks = [
+        layer.register_forward_hook(
+            lambda _, args, out, name=name: calls.append(
+                (name, out.shape, len(args) > 1 and args[1] is not None)
+            )
+        )
+        for name, layer in model.named_modules()
+        if isinstance(layer, ConvBN)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def bn_layers_training(layers: list[ConvBN], inputs: list[tuple[Tensor, Tensor | None]],
+                       grads: list[Tensor]) -> None:  # fmt: skip
+    """Forward and backward of each layer's BN part (BN, residual, activation) on its input."""
+    outputs = []
+    for layer, (y, residual) in zip(layers, inputs, strict=True):
+        y.grad = None
+        if residual is not None:
+            residual.grad = None
+        outputs.append(layer.normalize(y, residual))
+    torch.autograd.backward(outputs, grads)
+
+
+def bn_layers_eval(layers: list[ConvBN], inputs: list[tuple[Tensor, Tensor | None]]) -> None:
+    with torch.no_grad():
+        for layer, (y, residual) in zip(layers, inputs, strict=True):
+            layer.normalize(y, residual)
+
+
+def _measure_bn_layers(models: list[str], allocator: str, reps: int, warmup: int) -> list[dict]:
+    """The rows of every (model, layout, mode) for the models' BN layers alone: each
+    ConvBN's BN part on an input of its conv's output shape, in the model's call order."""
+    rows = []
+    for name in models:
+        nets = contenders(name)
+        for layout, memory_format in LAYOUTS.items():
+            g = torch.Generator().manual_seed(2)
+
+            def tensor(shape: torch.Size, memory_format=memory_format, g=g) -> Tensor:
+                return torch.randn(shape, generator=g).contiguous(memory_format=memory_format)
+
+            for net in nets.values():
+                net.to(memory_format=memory_format).eval()
+            calls = bn_calls(nets["torch.nn"], tensor((BATCH, 3, SIZE, SIZE)))
+            layers = {k: [net.get_submodule(n) for n, _, _ in calls] for k, net in nets.items()}
+            inputs = [
+                (tensor(shape).requires_grad_(), tensor(shape).requires_grad_() if res else None)
+                for _, shape, res in calls
+            ]
+            grads = [tensor(shape) for _, shape, _ in calls]
+            with torch.no_grad():  # same function: eval-mode outputs agree
+                outputs = {
+                    k: [m.normalize(y, r) for m, (y, r) in zip(ms, inputs, strict=True)]
+                    for k, ms in layers.items()
+                }
+                difference = max(
+                    (o - r).abs().max().item()
+                    for out in outputs.values()
+                    for o, r in zip(out, outputs["torch.nn"], strict=True)
+                )
+            for mode, step in (("training", bn_layers_training), ("eval", bn_layers_eval)):
+                for net in nets.values():
+                    net.train(mode == "training")
+                extra = (grads,) if mode == "training" else ()
+                runs = {k: partial(step, ms, inputs, *extra) for k, ms in layers.items()}
+                times = time_interleaved(runs, reps=reps, warmup=warmup,
+                                         measure=_timed_with_faults)  # fmt: skip
+                row = {"model": name, "layout": layout, "mode": mode, "allocator": allocator,
+                       "bn_calls": len(calls), "values": sum(s.numel() for _, s, _ in calls),
+                       "max_output_difference": difference}  # fmt: skip
+                for contender, samples in times.items():
+                    row[f"{contender} cpu_ms"] = _median_ms(samples, 1)
+                base = row["torch.nn cpu_ms"]
+                row["batchnorm / torch.nn (cpu)"] = round(row["batchnorm cpu_ms"] / base, 3)
+                row["fused / torch.nn (cpu)"] = round(row["batchnorm fused cpu_ms"] / base, 3)
+                print(
+                    f"BN layers alone {name:16s} {layout:13s} {mode:8s} cpu ms: torch.nn "
+                    f"{base:7.2f}  batchnorm {row['batchnorm cpu_ms']:7.2f} "
+                    f"({row['batchnorm / torch.nn (cpu)']:.2f}x)  fused "
+                    f"{row['batchnorm fused cpu_ms']:7.2f} ({row['fused / torch.nn (cpu)']:.2f}x)",
+                    flush=True,
+                )
+                rows.append(row)
+    return rows
+
+
+def steps_table(result: dict) -> str:
+    """The Markdown table of the training steps that the performance page quotes: a row per
+    model and layout, glibc's default allocator, then memory kept (where measured)."""
+    by_key = {(r["model"], r["layout"], r["allocator"]): r for r in result["results"]}
+    lines = [
+        "| model | layout | torch.nn (ms, CPU) | batchnorm / torch.nn | fused / torch.nn "
+        "| memory kept: torch.nn (ms) | batchnorm / torch.nn | fused / torch.nn |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, layout, allocator), row in by_key.items():
+        if allocator != ALLOCATORS[0]:
+            continue
+        cells = [model, "NCHW" if layout == "nchw" else layout]
+        for kept in (row, by_key.get((model, layout, ALLOCATORS[1]))):
+            if kept is None:
+                cells += ["", "", ""]
+                continue
+            cells += [f"{kept['torch.nn cpu_ms']:.1f}", f"{kept['batchnorm / torch.nn (cpu)']:.2f}",
+                      f"{kept['fused / torch.nn (cpu)']:.2f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bn_layers_table(result: dict) -> str:
+    """The Markdown table of the BN layers alone that the performance page quotes."""
+    lines = [
+        "| model | layout | mode | BN calls | torch.nn (ms, CPU) | batchnorm / torch.nn "
+        "| fused / torch.nn |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["bn_layers"]:
+        lines.append(
+            f"| {r['model']} | {'NCHW' if r['layout'] == 'nchw' else r['layout']} | {r['mode']} "
+            f"| {r['bn_calls']} "
+            f"| {r['torch.nn cpu_ms']:.2f} | {r['batchnorm / torch.nn (cpu)']:.2f} "
+            f"| {r['fused / torch.nn (cpu)']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def run(out: Path | None = RESULTS, reps: int = REPS, warmup: int = WARMUP,
         models: list[str] | None = None) -> dict:  # fmt: skip
     """Measure every (model, layout); return the JSON-ready results and write them to
@@ -285,6 +437,9 @@ def run(out: Path | None = RESULTS, reps: int = REPS, warmup: int = WARMUP,
                 print(f"skipped {allocator!r}: no glibc mallopt here")
                 continue
             rows += _measure(models or list(MODELS), allocator, reps, warmup)
+        # after both settings: memory kept where glibc allows it (the computations alone)
+        bn_layer_rows = _measure_bn_layers(models or list(MODELS), allocator,
+                                           BN_LAYER_REPS_PER_STEP * reps, warmup)  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
     result = {
@@ -302,6 +457,11 @@ def run(out: Path | None = RESULTS, reps: int = REPS, warmup: int = WARMUP,
         "notes": "mobilenet_v2 with ReLU instead of ReLU6; efficientnet_b0 without stochastic "
         "depth. Ratios below 1: faster than torch.nn.",
         "results": rows,
+        "bn_layers_benchmark": "the same models' BN layers alone: each conv's BN, residual and "
+        "activation on an input of the conv's output shape, forward + backward (training) or "
+        f"forward without autograd (eval); medians of {BN_LAYER_REPS_PER_STEP * reps} "
+        "interleaved calls of all the layers",
+        "bn_layers": bn_layer_rows,
     }
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

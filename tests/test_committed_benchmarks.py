@@ -1,6 +1,6 @@
-"""The accuracy, small-layer and GPU figures the performance page quotes come from the
-committed benchmarks/results/accuracy.json, small_layers.json (``make bench``) and
-cuda_bench.json (``benchmarks/gpu_check.sh``), not from memory:
+"""The accuracy, small-layer, model and GPU figures the performance page quotes come from
+the committed benchmarks/results/accuracy.json, small_layers.json, models.json (``make
+bench``) and cuda_bench.json (``benchmarks/gpu_check.sh``), not from memory:
 the tables regenerated from those files appear verbatim in docs/performance.md, and the
 files show what the page says of them."""
 
@@ -47,6 +47,17 @@ def test_performance_page_quotes_the_committed_small_layer_run():
     result = json.loads((ROOT / "benchmarks" / "results" / "small_layers.json").read_text())
     assert result["reps"] >= 41, "a full run"
     assert module.table(result) in (ROOT / "docs" / "performance.md").read_text()
+
+
+def test_performance_page_quotes_the_committed_model_run():
+    spec = importlib.util.spec_from_file_location("models", ROOT / "benchmarks" / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = json.loads((ROOT / "benchmarks" / "results" / "models.json").read_text())
+    assert result["reps"] >= module.REPS and len(result["bn_layers"]) == 12, "a full run"
+    page = (ROOT / "docs" / "performance.md").read_text()
+    assert module.steps_table(result) in page
+    assert module.bn_layers_table(result) in page
 
 
 def test_performance_page_quotes_the_committed_gpu_run():
