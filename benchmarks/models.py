@@ -382,6 +382,10 @@ def _measure_bn_layers(models: list[str], allocator: str, reps: int, warmup: int
     return rows
 
 
+def _layout_label(layout: str) -> str:
+    return "NCHW" if layout == "nchw" else layout
+
+
 def steps_table(result: dict) -> str:
     """The Markdown table of the training steps that the performance page quotes: a row per
     model and layout, glibc's default allocator, then memory kept (where measured)."""
@@ -394,7 +398,7 @@ def steps_table(result: dict) -> str:
     for (model, layout, allocator), row in by_key.items():
         if allocator != ALLOCATORS[0]:
             continue
-        cells = [model, "NCHW" if layout == "nchw" else layout]
+        cells = [model, _layout_label(layout)]
         for kept in (row, by_key.get((model, layout, ALLOCATORS[1]))):
             if kept is None:
                 cells += ["", "", ""]
@@ -414,8 +418,7 @@ def bn_layers_table(result: dict) -> str:
     ]
     for r in result["bn_layers"]:
         lines.append(
-            f"| {r['model']} | {'NCHW' if r['layout'] == 'nchw' else r['layout']} | {r['mode']} "
-            f"| {r['bn_calls']} "
+            f"| {r['model']} | {_layout_label(r['layout'])} | {r['mode']} | {r['bn_calls']} "
             f"| {r['torch.nn cpu_ms']:.2f} | {r['batchnorm / torch.nn (cpu)']:.2f} "
             f"| {r['fused / torch.nn (cpu)']:.2f} |"
         )
@@ -437,8 +440,9 @@ def run(out: Path | None = RESULTS, reps: int = REPS, warmup: int = WARMUP,
                 print(f"skipped {allocator!r}: no glibc mallopt here")
                 continue
             rows += _measure(models or list(MODELS), allocator, reps, warmup)
+            applied = allocator
         # after both settings: memory kept where glibc allows it (the computations alone)
-        bn_layer_rows = _measure_bn_layers(models or list(MODELS), allocator,
+        bn_layer_rows = _measure_bn_layers(models or list(MODELS), applied,
                                            BN_LAYER_REPS_PER_STEP * reps, warmup)  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
