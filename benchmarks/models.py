@@ -243,6 +243,18 @@ def _timed_with_faults(run: Callable[[], object]) -> tuple[float, float, int]:
 ALLOCATORS = ("glibc default", "glibc, memory kept")
 
 
+def _add_ratios(row: dict) -> str:
+    """Adds the contenders' CPU time / torch.nn's to ``row``; returns them as a line."""
+    base = row["torch.nn cpu_ms"]
+    row["batchnorm / torch.nn (cpu)"] = round(row["batchnorm cpu_ms"] / base, 3)
+    row["fused / torch.nn (cpu)"] = round(row["batchnorm fused cpu_ms"] / base, 3)
+    return (
+        f"cpu ms: torch.nn {base:8.2f}  batchnorm {row['batchnorm cpu_ms']:8.2f} "
+        f"({row['batchnorm / torch.nn (cpu)']:.2f}x)  fused {row['batchnorm fused cpu_ms']:8.2f} "
+        f"({row['fused / torch.nn (cpu)']:.2f}x)"
+    )
+
+
 def _measure(models: list[str], allocator: str, reps: int, warmup: int) -> list[dict]:
     """The rows of every (model, layout) under the current allocator setting."""
     rows = []
@@ -269,16 +281,7 @@ def _measure(models: list[str], allocator: str, reps: int, warmup: int) -> list[
                 row[f"{contender} wall_ms"] = _median_ms(samples, 0)
                 row[f"{contender} cpu_ms"] = _median_ms(samples, 1)
                 row[f"{contender} page_faults"] = round(statistics.mean(s[2] for s in samples))
-            base = row["torch.nn cpu_ms"]
-            row["batchnorm / torch.nn (cpu)"] = round(row["batchnorm cpu_ms"] / base, 3)
-            row["fused / torch.nn (cpu)"] = round(row["batchnorm fused cpu_ms"] / base, 3)
-            print(
-                f"{allocator:19s} {name:16s} {layout:13s} cpu ms: torch.nn {base:8.1f}  batchnorm "
-                f"{row['batchnorm cpu_ms']:8.1f} ({row['batchnorm / torch.nn (cpu)']:.2f}x)  "
-                f"fused {row['batchnorm fused cpu_ms']:8.1f} "
-                f"({row['fused / torch.nn (cpu)']:.2f}x)",
-                flush=True,
-            )
+            print(f"{allocator:19s} {name:16s} {layout:13s} {_add_ratios(row)}", flush=True)
             rows.append(row)
     return rows
 
@@ -368,16 +371,8 @@ def _measure_bn_layers(models: list[str], allocator: str, reps: int, warmup: int
                        "max_output_difference": difference}  # fmt: skip
                 for contender, samples in times.items():
                     row[f"{contender} cpu_ms"] = _median_ms(samples, 1)
-                base = row["torch.nn cpu_ms"]
-                row["batchnorm / torch.nn (cpu)"] = round(row["batchnorm cpu_ms"] / base, 3)
-                row["fused / torch.nn (cpu)"] = round(row["batchnorm fused cpu_ms"] / base, 3)
-                print(
-                    f"BN layers alone {name:16s} {layout:13s} {mode:8s} cpu ms: torch.nn "
-                    f"{base:7.2f}  batchnorm {row['batchnorm cpu_ms']:7.2f} "
-                    f"({row['batchnorm / torch.nn (cpu)']:.2f}x)  fused "
-                    f"{row['batchnorm fused cpu_ms']:7.2f} ({row['fused / torch.nn (cpu)']:.2f}x)",
-                    flush=True,
-                )
+                print(f"BN layers alone {name:16s} {layout:13s} {mode:8s} {_add_ratios(row)}",
+                      flush=True)  # fmt: skip
                 rows.append(row)
     return rows
 

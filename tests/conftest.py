@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 import pytest
 import torch
 
 from batchnorm import ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """benchmarks/<name>.py, loaded afresh (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # Tolerances of the parity tests (the core issue's acceptance criteria): float64 results
 # agree to 1e-10, float32 to 1e-5 relative. "Relative" is taken element-wise and, through

@@ -3,24 +3,14 @@ ConvBN call of a step, at its shape, with its residual, and the three contenders
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _models_module():
-    spec = importlib.util.spec_from_file_location("models", ROOT / "benchmarks" / "models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import benchmark_module
 
 
 def test_bn_calls_are_the_model_s_bn_layers_with_their_shapes_and_residuals():
-    models = _models_module()
+    models = benchmark_module("models")
     torch.manual_seed(0)
     net = models.resnet18()
     shapes = {}
@@ -40,7 +30,7 @@ def test_bn_calls_are_the_model_s_bn_layers_with_their_shapes_and_residuals():
 
 
 def test_bn_layers_alone_measure_all_contenders_on_the_same_function():
-    models = _models_module()
+    models = benchmark_module("models")
     models.BATCH, models.SIZE = 2, 32  # a small model: the rows, not the speed, are tested
     rows = models._measure_bn_layers(["resnet18"], "test", reps=1, warmup=0)
     assert [(r["layout"], r["mode"]) for r in rows] == [

@@ -6,22 +6,13 @@ files show what the page says of them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _accuracy_module():
-    spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import ROOT, benchmark_module
 
 
 def test_performance_page_quotes_the_committed_accuracy_run():
-    accuracy = _accuracy_module()
+    accuracy = benchmark_module("accuracy")
     result = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
     assert result["relu_flips"], "a full run, not a quick one"
     assert accuracy.table(result) in (ROOT / "docs" / "performance.md").read_text()
@@ -39,20 +30,14 @@ def test_relu_flips_explain_the_gradient_errors_through_a_relu():
 
 
 def test_performance_page_quotes_the_committed_small_layer_run():
-    spec = importlib.util.spec_from_file_location(
-        "small_layers", ROOT / "benchmarks" / "small_layers.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_module("small_layers")
     result = json.loads((ROOT / "benchmarks" / "results" / "small_layers.json").read_text())
     assert result["reps"] >= 41, "a full run"
     assert module.table(result) in (ROOT / "docs" / "performance.md").read_text()
 
 
 def test_performance_page_quotes_the_committed_model_run():
-    spec = importlib.util.spec_from_file_location("models", ROOT / "benchmarks" / "models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_module("models")
     result = json.loads((ROOT / "benchmarks" / "results" / "models.json").read_text())
     assert result["reps"] >= module.REPS and len(result["bn_layers"]) == 12, "a full run"
     page = (ROOT / "docs" / "performance.md").read_text()
