@@ -281,7 +281,8 @@ struct Rows {
 constexpr int64_t kParallelValues = 1 << 16;
 
 // Calls f(begin, end) on ranges of rows that together cover [0, rows): in parallel for large
-// inputs, at least kParallelValues / 2 values a range.
+// inputs, at least kParallelValues / 2 values a range. (Rows of `channels` values; also any
+// units of that many values, as eval_planes' planes and blocks of planes.)
 template <typename F>
 void for_rows(int64_t rows, int64_t channels, F&& f) {
   if (rows * channels < kParallelValues) return f(int64_t{0}, rows);
@@ -598,22 +599,14 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
       }
     };
     with_activation(activation, static_cast<float>(slope), [&](auto act, auto) {
-      // units of unit_values values each, in parallel for a large input
-      auto run = [&](int64_t units, int64_t unit_values, auto&& each) {
-        if (x.numel() < kParallelValues)
-          each(int64_t{0}, units);
-        else
-          at::parallel_for(0, units, std::max<int64_t>(1, kParallelValues / 2 / unit_values),
-                           each);
-      };
       if (plane >= kShortPlane || activation != kSilu) {
-        run(planes, plane, [&](int64_t begin, int64_t end) {
+        for_rows(planes, plane, [&](int64_t begin, int64_t end) {
           normalize_planes(out + begin * plane, begin, end, act);
         });
         return;
       }
       const int64_t block = std::clamp<int64_t>(kBlockValues / plane, 1, planes);  // planes
-      run((planes + block - 1) / block, block * plane, [&](int64_t begin, int64_t end) {
+      for_rows((planes + block - 1) / block, block * plane, [&](int64_t begin, int64_t end) {
         std::vector<float> pre(block * plane);
         for (int64_t b = begin; b < end; ++b) {
           const int64_t first = b * block, last = std::min(planes, first + block);
