@@ -64,11 +64,12 @@ from batchnorm.backends import Call
 ACTIVATION_BELOW_NUMEL = {"relu": 700_000, "leaky_relu": 700_000}
 #: Compiler flags: the loops vectorize over the channels for this machine's CPU (its name and
 #: flags are part of the cache key). Without -march=native the float64 sums ran at 0.9x of
-#: ATen's speed at (100, 128) instead of 1.4x. -fopenmp where torch runs its threads on
+#: ATen's speed at (100, 128) instead of 1.4x. -fopenmp-simd: the `omp simd` pragma that sets
+#: some loops' vector width (rows.cpp's for_channels). -fopenmp where torch runs its threads on
 #: OpenMP (Linux builds): at::parallel_for then runs on torch's own OpenMP threads (the
 #: extension links no OpenMP runtime of its own; torch's, already loaded, serves it), else
 #: the loops run serially.
-FLAGS = ("-O3", "-march=native") + (
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd") + (
     ("-fopenmp",)
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available()
     else ()

@@ -66,27 +66,31 @@ inline float vector_exp(float x) {
 // p / (1 + exp(-p)).)
 inline float sigmoid(float p) { return 1.0f / (1.0f + vector_exp(-p)); }
 
-// Calls f(act, derivative) with the activation's function of the pre-activation p and its
-// chain rule, dL/dp from dL/dy = g: torch's conventions (relu and leaky_relu pass the
-// gradient where p > 0; NaN stays NaN in the forward; SiLU's derivative is torch's
-// sigmoid (1 + p (1 - sigmoid))).
+// Calls f(act, derivative, memory_bound) with the activation's function of the
+// pre-activation p and its chain rule, dL/dp from dL/dy = g: torch's conventions (relu and
+// leaky_relu pass the gradient where p > 0; NaN stays NaN in the forward; SiLU's derivative
+// is torch's sigmoid (1 + p (1 - sigmoid))). memory_bound (a std::bool_constant): whether
+// the activation's loops are bound by memory rather than by arithmetic (SiLU's exp), which
+// sets their vector width (for_channels).
 template <typename F>
 void with_activation(int64_t code, float slope, F&& f) {
   switch (code) {
     case kRelu:
       return f([](float p) { return p < 0.0f ? 0.0f : p; },
-               [](float g, float p) { return p > 0.0f ? g : 0.0f; });
+               [](float g, float p) { return p > 0.0f ? g : 0.0f; }, std::true_type{});
     case kLeakyRelu:
       return f([slope](float p) { return p < 0.0f ? p * slope : p; },
-               [slope](float g, float p) { return p > 0.0f ? g : g * slope; });
+               [slope](float g, float p) { return p > 0.0f ? g : g * slope; },
+               std::true_type{});
     case kSilu:
       return f([](float p) { return p / (1.0f + vector_exp(-p)); },
                [](float g, float p) {
                  const float s = sigmoid(p);
                  return g * s * (1.0f + p * (1.0f - s));
-               });
+               },
+               std::false_type{});
     default:
-      return f([](float p) { return p; }, [](float g, float) { return g; });
+      return f([](float p) { return p; }, [](float g, float) { return g; }, std::true_type{});
   }
 }
 
@@ -202,6 +206,32 @@ inline void prefetch_rows(std::initializer_list<Stream> streams, int64_t r, int6
   }
 }
 
+// Calls f(c) for c in [0, n), a loop over a row's channels that vectorizes. kNarrow: at 8
+// lanes (256-bit vectors) instead of -march=native's widest (512-bit where the CPU has
+// AVX-512), for the float32 loops that stream values from memory to memory (normalize and
+// pre_gradient with a cheap activation, the input gradient). On our machines (AMD EPYC)
+// 512-bit stores to memory that is not in the caches are slow, and in a model it is not:
+// training keeps every layer's output, so each new one is written where the last step's
+// were freed. SiLU's exp is bound by arithmetic and keeps the widest vectors, and so do the
+// bfloat16 loops (their rounding at 8 lanes took 2.5-4x the time). Measured, one thread,
+// 512 -> 256-bit: the channels_last BN layers alone of resnet18, mobilenet_v2 and
+// efficientnet_b0 (benchmarks/models.py), our time / torch.nn's, training 1.00 -> 0.97,
+// 1.04 -> 0.98, 1.00 -> 0.98 (fused 0.86 -> 0.82, 0.90 -> 0.84, 0.84 -> 0.84), eval 0.87 ->
+// 0.84, 0.99 -> 0.91, 0.97 -> 0.91; a raw (8, 96, 48, 48) channels_last call whose
+// outputs stay alive, µs, eval 406 -> 307 and training forward 565 -> 458 (ATen's 338,
+// 584). With the output's memory in cache, as make bench's loops reuse it: level (its
+// large cases, taking turns call by call), 58 -> 65 µs at (8, 144, 24, 24) eval. (The
+// pragma needs -fopenmp or -fopenmp-simd: cpp_cpu.FLAGS; without them the loop is the other.)
+template <bool kNarrow, typename F>
+[[gnu::always_inline]] inline void for_channels(int64_t n, F&& f) {
+  if constexpr (kNarrow) {
+#pragma omp simd simdlen(8)
+    for (int64_t c = 0; c < n; ++c) f(c);
+  } else {
+    for (int64_t c = 0; c < n; ++c) f(c);
+  }
+}
+
 // 1 / sqrt(var + eps), in float64, rounded to float.
 inline float invstd_of(double var, double eps) {
   return static_cast<float>(1.0 / std::sqrt(var + eps));
@@ -244,7 +274,7 @@ struct Rows {
   // loop runs on torch's threads (in the function OpenMP outlines for them): SiLU's loop
   // did not vectorize, and a channels_last (32, 128, 32, 32) forward with SiLU took 9.2 ms
   // on 2 threads, 1.5 ms flattened (2.0 ms on 1 thread either way).
-  template <bool kResidual, typename F>
+  template <bool kMemoryBound, bool kResidual, typename F>
   [[gnu::flatten]] void each_pre(int64_t begin, int64_t end, Pass pass, const T* also,
                                  F&& f) const {
     const float *__restrict origin = centre.origin, *__restrict offset = centre.offset;
@@ -259,20 +289,23 @@ struct Rows {
       const int64_t base = r * channels;
       if (ahead && r + ahead < rows) prefetch_rows({x, z, also}, r + ahead, 1, channels);
       const T* row = in + base;
-      for (int64_t c = 0; c < channels; ++c) {
+      auto value = [&](int64_t c) {
         float pre = ((load(row[c]) - origin[c]) - offset[c]) * sc[c] + sh[c];
         if constexpr (kResidual) pre += load(residual[base + c]);
         call(base + c, pre);
-      }
+      };
+      for_channels<kMemoryBound && std::is_same_v<T, float>>(channels, value);
     }
   }
 
-  template <typename F>
+  // kMemoryBound: f's activation's memory_bound (with_activation; float32 loops so bound run
+  // at 256-bit vectors: for_channels).
+  template <bool kMemoryBound, typename F>
   void each_pre(int64_t begin, int64_t end, Pass pass, const T* also, F&& f) const {
     if (z)
-      each_pre<true>(begin, end, pass, also, f);
+      each_pre<kMemoryBound, true>(begin, end, pass, also, f);
     else
-      each_pre<false>(begin, end, pass, also, f);
+      each_pre<kMemoryBound, false>(begin, end, pass, also, f);
   }
 };
 
@@ -388,10 +421,11 @@ void batch_statistics(const T* x, const float* origin, int64_t rows, int64_t cha
 // y = act((x - mean) * invstd * weight + bias [+ z]).
 template <typename T>
 void normalize(const Rows<T>& in, int64_t activation, float slope, T* y) {
-  with_activation(activation, slope, [&](auto act, auto) {
+  with_activation(activation, slope, [&](auto act, auto, auto memory_bound) {
     for_rows(in.rows, in.channels, [&](int64_t begin, int64_t end) {
-      in.each_pre(begin, end, kForward, nullptr,
-                  [&, act](int64_t i, float pre) { y[i] = store<T>(act(pre)); });
+      in.template each_pre<memory_bound>(
+          begin, end, kForward, nullptr,
+          [&, act](int64_t i, float pre) { y[i] = store<T>(act(pre)); });
     });
   });
 }
@@ -401,11 +435,12 @@ void normalize(const Rows<T>& in, int64_t activation, float slope, T* y) {
 template <typename T>
 void pre_gradient(const Rows<T>& in, const T* dy, int64_t activation, float slope,
                   float* dpre) {
-  with_activation(activation, slope, [&](auto, auto derivative) {
+  with_activation(activation, slope, [&](auto, auto derivative, auto memory_bound) {
     for_rows(in.rows, in.channels, [&](int64_t begin, int64_t end) {
-      in.each_pre(begin, end, kBackward, dy, [&, derivative](int64_t i, float pre) {
-        dpre[i] = derivative(load(dy[i]), pre);
-      });
+      in.template each_pre<memory_bound>(begin, end, kBackward, dy,
+                                         [&, derivative](int64_t i, float pre) {
+                                           dpre[i] = derivative(load(dy[i]), pre);
+                                         });
     });
   });
 }
@@ -452,13 +487,16 @@ void input_gradients(const Rows<T>& in, const G* g, const float* invstd, const f
       T* __restrict out = dx + base;
       if (ahead && r + ahead < rows)
         prefetch_rows({g, training ? x : nullptr}, r + ahead, 1, channels);
+      constexpr bool narrow = std::is_same_v<T, float>;  // a memory-bound loop: for_channels
       if (!training) {  // x does not enter: an infinite x leaves dx finite, as torch's
-        for (int64_t c = 0; c < channels; ++c) out[c] = store<T>(ks[c] * load(gs[base + c]));
+        for_channels<narrow>(channels,
+                             [&](int64_t c) { out[c] = store<T>(ks[c] * load(gs[base + c])); });
         continue;
       }
-      for (int64_t c = 0; c < channels; ++c)
+      for_channels<narrow>(channels, [&](int64_t c) {
         out[c] = store<T>(ks[c] * (load(gs[base + c]) - as[c] -
                                    ((load(xs[base + c]) - origins[c]) - offsets[c]) * bs[c]));
+      });
     }
   });
 }
@@ -598,7 +636,7 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
                         rm[c], scale[c], shift[c], act);
       }
     };
-    with_activation(activation, static_cast<float>(slope), [&](auto act, auto) {
+    with_activation(activation, static_cast<float>(slope), [&](auto act, auto, auto) {
       if (plane >= kShortPlane || activation != kSilu) {
         for_rows(planes, plane, [&](int64_t begin, int64_t end) {
           normalize_planes(out + begin * plane, begin, end, act);
