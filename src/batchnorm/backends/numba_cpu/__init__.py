@@ -130,10 +130,10 @@ def _negative_slope(activation: str, negative_slope: float) -> float:
     return 1.0 if activation == "identity" else 0.0
 
 
-#: Inputs of at least this many values (torch on one thread, on more) keep the fused SiLU
-#: epilogue under the default dispatch; smaller float32 and float64 ones run BN, then
-#: torch's SiLU (NumbaBackend.unfused).
-SILU_FUSED_FROM = (1 << 22, 1 << 20)
+#: Inputs of at least this many values keep the fused SiLU epilogue under the default
+#: dispatch; smaller float32 and float64 ones run BN, then torch's SiLU
+#: (NumbaBackend.unfused).
+SILU_FUSED_FROM = 1 << 20
 
 
 class NumbaBackend:
@@ -161,21 +161,24 @@ class NumbaBackend:
 
     def unfused(self, call: Call) -> bool:
         """SiLU on float32 and float64 inputs of fewer than SILU_FUSED_FROM values: the
-        kernels' BN followed by torch's SiLU, whose exp costs less than the epilogue's (on
-        planes of up to a few hundred values the epilogue's loop runs scalar). On larger
-        inputs the pair's extra passes over memory cost more than that. Module forward +
-        backward, the fused epilogue's time / the pair's, 2026-12-05, one thread (two):
-        6x6 planes (8, 480, 6, 6) 1.76; (8, 144, 24, 24) 1.17 (1.24); from 1.2 to 2.2
-        million values (8, 64, 48, 48), (8, 96, 48, 48), (16, 128, 32, 32), (8, 256, 24,
-        24) 1.11-1.19 (0.80-0.97); (16, 256, 24, 24) 1.05 (0.89); (32, 128, 32, 32) 0.95
-        (0.81). The pair's results are the same to float32 rounding (dL/d(pre-activation) is
-        float32 either way); it keeps the pre-activation for SiLU's backward, an input's
-        worth of memory more. Half-precision inputs keep the fused epilogue: torch's SiLU
+        kernels' BN followed by torch's SiLU, level with the fused epilogue or faster there
+        (on planes of up to a few hundred values the epilogue's loop runs scalar). On
+        larger inputs the pair's extra passes over memory cost more than the epilogue's
+        exp. Module forward + backward, the fused epilogue's time / the pair's, 2026-12-05
+        (the epilogue's exp in fused multiply-adds), one thread (two): 6x6 planes (8, 480,
+        6, 6) 1.55 (1.28); (8, 144, 24, 24) 1.00 (1.00); (8, 64, 48, 48) 0.95 (0.95); (8,
+        96, 48, 48) 0.90 (0.96); (16, 256, 24, 24) 0.82 (0.87); (32, 128, 32, 32) 0.79
+        (0.60). (With the exp before, a multiply and an add a step: 1.17 (1.24) at (8, 144,
+        24, 24), 1.11-1.19 (0.80-0.97) from 1.2 to 2.2 million values, 0.95 (0.81) at (32,
+        128, 32, 32), and the threshold was 4,194,304 values on one thread.) The pair's
+        results are the same to float32 rounding (dL/d(pre-activation) is float32 either
+        way); it keeps the pre-activation for SiLU's backward, an input's worth of memory
+        more. Half-precision inputs keep the fused epilogue: torch's SiLU
         would round dL/d(pre-activation) to their precision, and the parameters' gradients
         would lose float32's accuracy."""
         if call.activation != "silu" or call.x.dtype not in (torch.float32, torch.float64):
             return False
-        return call.x.numel() < SILU_FUSED_FROM[torch.get_num_threads() > 1]
+        return call.x.numel() < SILU_FUSED_FROM
 
     def _forward(self, x, launch, weight, bias, residual, mean, var, invstd, eps, activation,
                  slope, training):  # fmt: skip
