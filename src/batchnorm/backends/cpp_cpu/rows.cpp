@@ -221,7 +221,7 @@ inline void prefetch_rows(std::initializer_list<Stream> streams, int64_t r, int6
 // outputs stay alive, µs, eval 406 -> 307 and training forward 565 -> 458 (ATen's 338,
 // 584). With the output's memory in cache, as make bench's loops reuse it: level (its
 // large cases, taking turns call by call), 58 -> 65 µs at (8, 144, 24, 24) eval. (The
-// pragma needs -fopenmp or -fopenmp-simd: cpp_cpu.FLAGS; without them the loop is the other.)
+// pragma needs -fopenmp or -fopenmp-simd, cpp_cpu.FLAGS; a compiler without them ignores it.)
 template <bool kNarrow, typename F>
 [[gnu::always_inline]] inline void for_channels(int64_t n, F&& f) {
   if constexpr (kNarrow) {
