@@ -206,10 +206,11 @@ inline void prefetch_rows(std::initializer_list<Stream> streams, int64_t r, int6
   }
 }
 
-// Calls f(c) for c in [0, n), a loop over a row's channels that vectorizes. kNarrow: at 8
-// lanes (256-bit vectors) instead of -march=native's widest (512-bit where the CPU has
-// AVX-512), for the float32 loops that stream values from memory to memory (normalize and
-// pre_gradient with a cheap activation, the input gradient). On our machines (AMD EPYC)
+// Calls f(c) for c in [0, n), a loop over a row's channels of element type T that
+// vectorizes. A float32 loop bound by memory (kMemoryBound: it streams values from memory to
+// memory, as normalize and pre_gradient with a cheap activation and the input gradient do)
+// runs at 8 lanes (256-bit vectors) instead of -march=native's widest (512-bit where the
+// CPU has AVX-512). On our machines (AMD EPYC)
 // 512-bit stores to memory that is not in the caches are slow, and in a model it is not:
 // training keeps every layer's output, so each new one is written where the last step's
 // were freed. SiLU's exp is bound by arithmetic and keeps the widest vectors, and so do the
@@ -222,9 +223,9 @@ inline void prefetch_rows(std::initializer_list<Stream> streams, int64_t r, int6
 // 584). With the output's memory in cache, as make bench's loops reuse it: level (its
 // large cases, taking turns call by call), 58 -> 65 µs at (8, 144, 24, 24) eval. (The
 // pragma needs -fopenmp or -fopenmp-simd, cpp_cpu.FLAGS; a compiler without them ignores it.)
-template <bool kNarrow, typename F>
+template <bool kMemoryBound, typename T, typename F>
 [[gnu::always_inline]] inline void for_channels(int64_t n, F&& f) {
-  if constexpr (kNarrow) {
+  if constexpr (kMemoryBound && std::is_same_v<T, float>) {
 #pragma omp simd simdlen(8)
     for (int64_t c = 0; c < n; ++c) f(c);
   } else {
@@ -294,12 +295,12 @@ struct Rows {
         if constexpr (kResidual) pre += load(residual[base + c]);
         call(base + c, pre);
       };
-      for_channels<kMemoryBound && std::is_same_v<T, float>>(channels, value);
+      for_channels<kMemoryBound, T>(channels, value);
     }
   }
 
-  // kMemoryBound: f's activation's memory_bound (with_activation; float32 loops so bound run
-  // at 256-bit vectors: for_channels).
+  // kMemoryBound: f's activation's memory_bound (with_activation), which sets the loop's
+  // vector width (for_channels).
   template <bool kMemoryBound, typename F>
   void each_pre(int64_t begin, int64_t end, Pass pass, const T* also, F&& f) const {
     if (z)
@@ -487,13 +488,12 @@ void input_gradients(const Rows<T>& in, const G* g, const float* invstd, const f
       T* __restrict out = dx + base;
       if (ahead && r + ahead < rows)
         prefetch_rows({g, training ? x : nullptr}, r + ahead, 1, channels);
-      constexpr bool narrow = std::is_same_v<T, float>;  // a memory-bound loop: for_channels
       if (!training) {  // x does not enter: an infinite x leaves dx finite, as torch's
-        for_channels<narrow>(channels,
-                             [&](int64_t c) { out[c] = store<T>(ks[c] * load(gs[base + c])); });
+        for_channels<true, T>(channels,
+                              [&](int64_t c) { out[c] = store<T>(ks[c] * load(gs[base + c])); });
         continue;
       }
-      for_channels<narrow>(channels, [&](int64_t c) {
+      for_channels<true, T>(channels, [&](int64_t c) {  // bound by memory
         out[c] = store<T>(ks[c] * (load(gs[base + c]) - as[c] -
                                    ((load(xs[base + c]) - origins[c]) - offsets[c]) * bs[c]));
       });
@@ -601,7 +601,8 @@ template <typename T, typename Act>
 // SiLU on planes of fewer values than this is applied to a block of planes at once, after
 // their affine part: on one short plane its loop ran scalar, an exp a value ((8, 1152, 3, 3)
 // with SiLU took 1.7x torch.nn's BN followed by its SiLU; 1.0x in blocks). ReLU and leaky
-// ReLU stay in the plane's loop: in blocks, 3x3 to 7x7 planes took 0.8-1.3x the time.
+// ReLU (memory_bound: with_activation) stay in the plane's loop: in blocks, 3x3 to 7x7
+// planes took 0.8-1.3x the time.
 constexpr int64_t kShortPlane = 64;
 // Values of a block of short planes: its float32 pre-activations, 16 KiB, stay in L1.
 constexpr int64_t kBlockValues = 4096;
@@ -636,8 +637,8 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
                         rm[c], scale[c], shift[c], act);
       }
     };
-    with_activation(activation, static_cast<float>(slope), [&](auto act, auto, auto) {
-      if (plane >= kShortPlane || activation != kSilu) {
+    with_activation(activation, static_cast<float>(slope), [&](auto act, auto, auto memory_bound) {
+      if (memory_bound || plane >= kShortPlane) {
         for_rows(planes, plane, [&](int64_t begin, int64_t end) {
           normalize_planes(out + begin * plane, begin, end, act);
         });

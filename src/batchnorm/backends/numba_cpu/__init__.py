@@ -173,9 +173,9 @@ class NumbaBackend:
         128, 32, 32), and the threshold was 4,194,304 values on one thread.) The pair's
         results are the same to float32 rounding (dL/d(pre-activation) is float32 either
         way); it keeps the pre-activation for SiLU's backward, an input's worth of memory
-        more. Half-precision inputs keep the fused epilogue: torch's SiLU
-        would round dL/d(pre-activation) to their precision, and the parameters' gradients
-        would lose float32's accuracy."""
+        more. Half-precision inputs keep the fused epilogue: torch's SiLU would round
+        dL/d(pre-activation) to their precision, and the parameters' gradients would lose
+        float32's accuracy."""
         if call.activation != "silu" or call.x.dtype not in (torch.float32, torch.float64):
             return False
         return call.x.numel() < SILU_FUSED_FROM
