@@ -142,14 +142,23 @@ TORCH_ACTIVATIONS = {
 }
 
 
+#: The residual: none, one that needs its gradient (which is dL/d(pre-activation), written
+#: out), a constant one (ReLU and leaky ReLU then compute dL/d(pre-activation) again in
+#: each backward pass, from x and the residual).
+RESIDUALS = {
+    "ids": ["plain", "residual", "constant residual"],
+    "argvalues": [False, True, "constant"],
+}
+
+
 @pytest.mark.parametrize("activation", TORCH_ACTIVATIONS)
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("residual", **RESIDUALS)
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 @pytest.mark.parametrize("name", ["(100,128)", "channels_last"])
 def test_fused_epilogue_matches_torch_in_float64(name, training, residual, activation):
     """act(BN(x) + residual) (in one pass for ReLU and leaky ReLU, SiLU and ELU as torch's
     ops after it) against torch.nn's BN, the addition and torch's activation in float64:
-    output and the gradients of x, weight, bias and residual."""
+    output and the gradients of x, weight, bias and (unless it is constant) residual."""
     shape, channels_last = SHAPES[name]
     ours = FUSED[len(shape)](shape[1], activation=activation, negative_slope=0.2)
     ref = TORCH_LAYERS[len(shape)](shape[1], dtype=torch.float64)
@@ -167,7 +176,10 @@ def test_fused_epilogue_matches_torch_in_float64(name, training, residual, activ
     xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()
     zs = zd = None
     if residual:
-        zs, zd = z.clone().requires_grad_(), z.double().requires_grad_()
+        zs, zd = (
+            z.clone().requires_grad_(residual is True),
+            z.double().requires_grad_(residual is True),
+        )
     y = ours(xs, zs) if residual else ours(xs)
     pre = ref(xd) + zd if residual else ref(xd)
     yd = TORCH_ACTIVATIONS[activation](pre)
@@ -176,18 +188,23 @@ def test_fused_epilogue_matches_torch_in_float64(name, training, residual, activ
     yd.backward(g)
     assert_close(y, yd, torch.float32)
     pairs = [(xs, xd), (ours.weight, ref.weight), (ours.bias, ref.bias)]
-    for mine, theirs in pairs + ([(zs, zd)] if residual else []):
+    for mine, theirs in pairs + ([(zs, zd)] if residual is True else []):
         assert_close(mine.grad, theirs.grad, torch.float32)
     assert_close(ours.running_mean, ref.running_mean, torch.float32)
     assert_close(ours.running_var, ref.running_var, torch.float32)
 
 
+@pytest.mark.parametrize("activation", ["relu", "silu"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
-def test_fused_epilogue_of_a_large_input_matches_torch_in_float64(training):
+def test_fused_epilogue_of_a_large_input_matches_torch_in_float64(training, activation):
     """The prefetching loops with every stream they read: x, the residual and, in the
-    backward of an activation, dy (SiLU: the activation this backend takes at any size)."""
-    test_fused_epilogue_matches_torch_in_float64("channels_last prefetched", training, True,
-                                                 "silu")  # fmt: skip
+    backward of an activation, dy (SiLU's written out with dL/dresidual; ReLU's with a
+    constant residual, computed again in each pass). Float32 ReLU calls of this size go to
+    the Numba kernels (ACTIVATION_BELOW_NUMEL): forced here."""
+    residual = True if activation == "silu" else "constant"
+    with ops.use_backend("cpp_cpu"):
+        test_fused_epilogue_matches_torch_in_float64("channels_last prefetched", training,
+                                                     residual, activation)  # fmt: skip
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
@@ -409,6 +426,8 @@ def test_calls_it_cannot_take_go_elsewhere():
     for activation, below in ACTIVATION_BELOW_NUMEL.items():  # fused: Numba's from there
         assert chosen(torch.zeros(below // 8 - 1, 8), activation=activation) == "cpp_cpu"
         assert chosen(torch.zeros(below // 8, 8), activation=activation) != "cpp_cpu"
+        big_half = torch.zeros(below // 8, 8, dtype=torch.bfloat16)  # any size in bfloat16
+        assert chosen(big_half, activation=activation) == "cpp_cpu"
     with torch.autograd.forward_ad.dual_level():
         assert ops.select(Call(x, True, "identity", 0.01, False)).name != "cpp_cpu"
         dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
@@ -553,7 +572,7 @@ BFLOAT16_LARGE = {"(64543,130) prefetched": ((64543, 130), False)}
 
 
 @pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "silu", "elu"])
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("residual", **RESIDUALS)
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 @pytest.mark.parametrize("name", BFLOAT16_SHAPES)
 def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activation):
@@ -574,7 +593,8 @@ def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activa
     running = None if training else (torch.randn(channels, generator=g) + 3,
                                      torch.rand(channels, generator=g) + 0.5)  # fmt: skip
     _runs_here(x, training)
-    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias, z)]
+    leaves = [t.clone().requires_grad_(t is not z or residual is True) if t is not None else None
+              for t in (x, weight, bias, z)]  # fmt: skip
     y = batchnorm.functional.batch_norm(
         leaves[0], *(running or (None, None)), leaves[1], leaves[2], training,
         activation=activation, negative_slope=0.2, residual=leaves[3],
@@ -585,8 +605,8 @@ def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activa
     exact_y, exact_grads = _float64(x, weight, bias, z, training, activation, running, dy)
     roundings = 2 if activation == "elu" else 1
     assert_within_rounding(y, exact_y, torch.bfloat16, roundings)
-    got = [t.grad for t in leaves if t is not None]
-    for i, (grad, exact) in enumerate(zip(got, exact_grads, strict=True)):
+    got = [t.grad for t in leaves if t is not None and t.requires_grad]
+    for i, (grad, exact) in enumerate(zip(got, exact_grads[: len(got)], strict=True)):
         if i not in (1, 2):
             assert_within_rounding(grad, exact, torch.bfloat16, roundings)
         elif activation == "elu":  # sums of the rounded gradient: bfloat16's relative error
@@ -595,11 +615,12 @@ def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activa
             assert_close(grad, exact, torch.float32)
 
 
-@pytest.mark.parametrize("activation", ["identity", "silu"])
+@pytest.mark.parametrize("activation", ["identity", "relu", "silu"])
 def test_bfloat16_large_input_is_within_rounding_of_float64(activation):
-    """The prefetching loops of each pass: plain, and SiLU's (dL/d(pre-activation) in
-    float32 among the streams)."""
-    test_bfloat16_is_within_rounding_of_float64("(64543,130) prefetched", True, False,
+    """The prefetching loops of each pass: plain, ReLU's (dy and a constant residual among
+    the streams) and SiLU's (dL/d(pre-activation) in float32 among them)."""
+    residual = "constant" if activation == "relu" else False
+    test_bfloat16_is_within_rounding_of_float64("(64543,130) prefetched", True, residual,
                                                 activation)  # fmt: skip
 
 

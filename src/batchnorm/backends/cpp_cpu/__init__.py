@@ -47,21 +47,24 @@ from batchnorm import reference
 from batchnorm._cache import cache_root
 from batchnorm.backends import Call
 
-#: Calls with ReLU or leaky ReLU run here below this many values, above on the Numba
-#: kernels, whose fused backward wins there; the other calls run here at any size. The
-#: node's backward writes dL/d(pre-activation) out first, one pass more than Numba's; with
-#: SiLU (in the node's loops too) it is still faster than Numba's fused SiLU, and than
-#: torch's BN + F.silu (whose time is 0.96-1.15x ours). Module forward + backward,
-#: channels_last, Numba's time / ours, 1 thread (2 threads), 2026-12-05: ReLU
-#: (8, 240, 12, 12) 0.99-1.03 (1.12-1.25), (8, 144, 24, 24) 0.98-1.00 (1.11-1.13),
-#: (8, 64, 48, 48) 0.84-0.86 (0.91-0.92), (8, 96, 48, 48) 0.73-0.76 (0.82-0.85); SiLU
-#: (8, 144, 24, 24) 1.32 (1.39), (8, 96, 48, 48) 1.24 (1.20), (32, 128, 32, 32) 1.11 (1.04).
-#: bfloat16 keeps the threshold (its node writes dL/d(pre-activation) in float32, twice the
-#: input's bytes), 2026-12-05: ReLU (8, 240, 12, 12) 1.05 (1.23), (8, 144, 24, 24) 0.93
-#: (1.07), (8, 64, 48, 48) 1.16 (1.26), (8, 96, 48, 48) 0.94 (0.99), (32, 128, 32, 32) 0.77
-#: (0.81); SiLU 1.35-1.47 (1.32-1.54) on the same shapes. ELU follows the node as torch's
-#: op: the Numba kernels do not take it.
-ACTIVATION_BELOW_NUMEL = {"relu": 700_000, "leaky_relu": 700_000}
+#: Float32 calls with ReLU or leaky ReLU run here below this many values, above on the Numba
+#: kernels; the other calls (bfloat16 ones, SiLU, none) run here at any size. Both compute
+#: dL/d(pre-activation) again in each backward pass (rows.cpp's ActivationGradient); SiLU's
+#: node writes it out instead (its exp costs more than the pass), and is still faster than
+#: Numba's fused SiLU and than torch's BN + F.silu (whose time is 0.96-1.15x ours). Module
+#: forward + backward, Numba's time / ours, 2 threads (1 thread), 2026-12-05, float32 ReLU:
+#: channels_last (8, 240, 12, 12) 1.18 (0.95), (8, 144, 24, 24) 1.09 (0.93), (8, 64, 48, 48)
+#: 1.28 (1.19-1.30), (8, 96, 48, 48) 1.09-1.19 (1.14-1.23), (8, 256, 28, 28) 1.04 (0.98),
+#: (16, 512, 14, 14) 1.09 (0.96); from 3 million values on, rows of 128 channels keep
+#: winning ((32, 128, 32, 32) 1.00-1.15 (1.06-1.42), (32768, 128) 1.06-1.08 (0.97-1.06)) and
+#: longer ones lose ((16, 256, 28, 28) 0.91-0.95 (0.94-0.95), (8, 512, 28, 28) 0.95 (0.87),
+#: (64, 256, 28, 28) 0.88-0.94 (0.87-0.88), (4096, 1024) 0.87-0.88 (0.82-0.91)). Leaky ReLU
+#: alike: 1.02-1.21 (0.99-1.19) below 2 million, (16, 256, 28, 28) 0.94 (0.97). bfloat16
+#: ReLU 1.09-1.22 (0.98-1.20) on the same shapes up to (32, 128, 32, 32). SiLU:
+#: (8, 144, 24, 24) 1.39 (1.32), (8, 96, 48, 48) 1.20 (1.24), (32, 128, 32, 32) 1.04 (1.11);
+#: bfloat16 1.32-1.54 (1.35-1.47). ELU follows the node as torch's op: the Numba kernels do
+#: not take it.
+ACTIVATION_BELOW_NUMEL = {"relu": 2_000_000, "leaky_relu": 2_000_000}
 #: Compiler flags: the loops vectorize over the channels for this machine's CPU (its name and
 #: flags are part of the cache key). Without -march=native the float64 sums ran at 0.9x of
 #: ATen's speed at (100, 128) instead of 1.4x. -fopenmp-simd: the `omp simd` pragma that sets
@@ -119,7 +122,7 @@ class CppBackend:
 
     def preferred(self, call: Call) -> bool:
         below = ACTIVATION_BELOW_NUMEL.get(call.activation)
-        return below is None or call.x.numel() < below
+        return below is None or call.x.dtype is not torch.float32 or call.x.numel() < below
 
     def layer_call(self, call: Call) -> Tensor | None:
         """``batch_norm(call)`` for a layer's call that ``functional._layer_call`` would give
