@@ -222,13 +222,16 @@ def test_nchw_rows_longer_than_a_piece_and_rows_of_a_few_values(activation):
 def test_nchw_channel_by_channel_beyond_the_cache(monkeypatch):
     """Tensors over channels_first.BEYOND_CACHE bytes run channel by channel, forward and
     backward (relu and a residual: dpre written and reread), serial and parallel, training
-    and eval, against the float64 reference."""
+    and eval, against the float64 reference; SiLU's dpre kept for the channel's dx (or
+    summed from dL/dresidual, where it is written)."""
     x = random_input((1, 8, 1600, 512), torch.float32, seed=14, mean=3.0)
     assert x.numel() * x.element_size() > channels_first.BEYOND_CACHE
     for threshold in (0, 1 << 40):  # everything parallel, then everything serial
         monkeypatch.setattr(jit, "SERIAL_BELOW", threshold)
         check(x, activation="relu", residual=True)
     check(x, training=False, activation="relu")  # eval's backward: x does not enter dx
+    check(x, activation="silu")
+    check(x, activation="silu", residual=True)
 
 
 def test_serial_and_parallel_variants_agree(monkeypatch):

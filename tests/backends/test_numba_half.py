@@ -2,6 +2,7 @@
 convention): the conversions bit for bit against torch's, the kernels against the float64
 oracle (no worse than twice the rounding of the exact result to the input's dtype)."""
 
+import math
 from unittest.mock import patch
 
 import numpy as np
@@ -15,7 +16,7 @@ from batchnorm import BatchNorm1d, ops
 from batchnorm.backends import Call
 from batchnorm.backends import aten as aten_backend
 from batchnorm.backends.cpp_cpu import CppBackend
-from batchnorm.backends.numba_cpu import halves, jit
+from batchnorm.backends.numba_cpu import channels_first, halves, jit
 from conftest import (
     assert_close,
     assert_within_rounding,
@@ -119,6 +120,15 @@ def test_half_kernels_are_within_rounding_of_float64(shape, channels_last, activ
                 assert_close(grad, exact, torch.float32)
             else:
                 assert_within_rounding(grad, exact, dtype)
+
+
+def test_bfloat16_channel_by_channel_keeps_silus_gradient_in_float32():
+    """An NCHW input over channels_first.BEYOND_CACHE bytes runs channel by channel, and
+    SiLU's dL/d(pre-activation) is kept for the channel's dx in float32, not rounded."""
+    shape = (1, 8, 1600, 1024)
+    assert 2 * math.prod(shape) > channels_first.BEYOND_CACHE
+    test_half_kernels_are_within_rounding_of_float64(shape, False, "silu", True,
+                                                     torch.bfloat16)  # fmt: skip
 
 
 @pytest.mark.auto_dispatch
