@@ -808,13 +808,14 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
                                                                  auto memory_bound) {
         using Derivative = decltype(derivative);
         if constexpr (decltype(memory_bound)::value) {
-          const float *scale = in.affine.scale.data(), *shift = in.affine.shift.data();
-          if (in.z && !need[3])
-            return gradients_from(memory_bound, ActivationGradient<T, true, Derivative>{
-                                                    dy_values, in.z, scale, shift, derivative});
-          if (!in.z)
+          if (!need[3]) {  // no dL/dresidual asked for (none without a residual)
+            const float *scale = in.affine.scale.data(), *shift = in.affine.shift.data();
+            if (in.z)
+              return gradients_from(memory_bound, ActivationGradient<T, true, Derivative>{
+                                                      dy_values, in.z, scale, shift, derivative});
             return gradients_from(memory_bound, ActivationGradient<T, false, Derivative>{
                                                     dy_values, nullptr, scale, shift, derivative});
+          }
         }
         constexpr bool kFloat = std::is_same_v<T, float>;
         Tensor dpre = need[3] && kFloat ? (out[kResidual] = at::empty_like(x))

@@ -220,15 +220,16 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
     piece_gx = np.empty((n_batch, channels, chunks), np.float64)
     reread = write_dpre and x.itemsize > 2  # see the docstring
     g_rows = dpre if reread else dy
-    # identity is the linear activation of slope 1 (see jit._act)
-    act2, neg2 = (jit._IDENTITY, stats.dtype.type(1)) if reread else (act, neg)
+    # identity is the linear activation of slope 1 (see jit._act): dx from a dpre read back
+    one = stats.dtype.type(1)
+    act2, neg2 = (jit._IDENTITY, one) if reread else (act, neg)
     if _channel_major(n_batch, channels, size, x.itemsize, threads, False):  # see cf_forward
         count, zero = n_batch * size, stats.dtype.type(0)
         # SiLU's dpre is kept for the channel's dx in a scratch of the statistics' dtype, in
         # the thread's caches (where dL/dresidual does not hold it already): one exp a value
         # instead of two. Forward + backward, (64, 256, 28, 28) float32, two threads,
         # 11.5-13.8 -> 9.4-9.6 ms (bfloat16 13.0 -> 10.1); one thread level.
-        keep, one = act == jit._SILU and not write_dpre, stats.dtype.type(1)
+        keep = act == jit._SILU and not write_dpre
         for c in prange(channels):
             kept = np.empty((n_batch, size) if keep else (1, 1), stats.dtype)
             for n in range(n_batch):
@@ -258,7 +259,7 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
                                                         dbias[c], count)  # fmt: skip
                 k0c, k2c = stats.dtype.type(k0), stats.dtype.type(k2)  # as _grad_coefficients
             for n in range(n_batch):
-                if keep:  # dpre itself: the identity, of slope 1 (see jit._act)
+                if keep:
                     _cf_dx(kept[n], x[n, c], z[n, c], dx[n, c], mean[c], scale[c], shift[c],
                            k0c, k2c, jit._IDENTITY, one, has_z, training)  # fmt: skip
                 else:
@@ -290,7 +291,6 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
         sum_g, sum_gx = jit._grad_sums(piece_g, piece_gx, c)
         jit._finish_grad_sums(c, sum_g, sum_gx, invstd, dweight, dbias)
     k0, k2 = jit._grad_coefficients(scale, invstd, dweight, dbias, n_batch * size, training)
-    one = stats.dtype.type(1)
     for row in prange(n_batch * channels):
         n, c = row // channels, row % channels
         if keep_all:
