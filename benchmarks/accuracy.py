@@ -1,6 +1,7 @@
 """Float32 accuracy of training batch norm on CPU against a float64 oracle: ATen's kernel as
-it is, ATen with the shift the dispatch gives it (``safe_batch_norm``), and the Numba
-kernels, on ``(N, C)`` and channels-last inputs (where ATen sums plainly) and NCHW inputs
+it is, ATen with the shift the dispatch gives it (``safe_batch_norm``), the Numba kernels
+and the C++ backend (the dispatch's choice for float32 ``(N, C)`` and channels-last
+training), on ``(N, C)`` and channels-last inputs (where ATen sums plainly) and NCHW inputs
 of small planes, as the mean grows against the spread. Also why a comparison through a
 ReLU misleads: the float32 forward flips the ReLU's mask at pre-activations within its
 rounding of zero, and each flip changes that element's gradient by its whole size,
@@ -50,7 +51,20 @@ def _ours(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
         return BF.batch_norm(x, None, None, w, b, True)
 
 
-CONTENDERS: dict[str, Norm] = {"aten": _aten, "aten_shifted": _aten_shifted, "ours": _ours}
+def _ours_cpp(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    with use_backend("cpp_cpu"):
+        return BF.batch_norm(x, None, None, w, b, True)
+
+
+CONTENDERS: dict[str, Norm] = {
+    "aten": _aten, "aten_shifted": _aten_shifted, "ours": _ours, "ours_cpp": _ours_cpp,
+}  # fmt: skip
+
+
+def _takes(name: str, shape: tuple[int, ...], channels_last: bool) -> bool:
+    """Whether contender ``name`` computes a training call of this layout: the C++ backend
+    takes (N, C) and channels-last inputs only (NCHW ones in inference)."""
+    return name != "ours_cpp" or len(shape) == 2 or channels_last
 
 
 def _step(norm: Norm, x: Tensor, dy: Tensor, w: Tensor, b: Tensor, relu: bool = False):
@@ -87,6 +101,8 @@ def errors(quick: bool = False) -> list[dict]:
             for threads in THREADS:
                 torch.set_num_threads(threads)
                 for name, norm in CONTENDERS.items():
+                    if not _takes(name, shape, channels_last):
+                        continue
                     _, y, dx, dw = _step(norm, x, dy, w, b)
                     rows.append({
                         "case": label, "mean": mean, "threads": threads, "contender": name,
@@ -129,11 +145,17 @@ def table(result: dict) -> str:
         for i, name in enumerate(("y", "dx", "dweight")):
             errors[i] = max(errors[i], row[name])
     lines = [
-        "| input | mean | ATen: y / dx / dweight | ATen with our shift | ours (Numba) |",
-        "|---|---|---|---|---|",
+        "| input | mean | ATen: y / dx / dweight | ATen with our shift | ours (Numba) "
+        "| ours (C++) |",
+        "|---|---|---|---|---|---|",
     ]
     for case, mean in dict.fromkeys((c, m) for c, m, _ in worst):
-        cells = [" / ".join(f"{e:.1e}" for e in worst[case, mean, name]) for name in CONTENDERS]
+        cells = [
+            " / ".join(f"{e:.1e}" for e in worst[case, mean, name])
+            if (case, mean, name) in worst
+            else "—"  # a layout the contender does not take
+            for name in CONTENDERS
+        ]
         lines.append(f"| {case} | {mean:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

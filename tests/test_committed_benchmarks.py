@@ -16,6 +16,10 @@ def test_performance_page_quotes_the_committed_accuracy_run():
     result = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
     assert result["relu_flips"], "a full run, not a quick one"
     assert accuracy.table(result) in (ROOT / "docs" / "performance.md").read_text()
+    cpp = [row for row in result["errors"] if row["contender"] == "ours_cpp"]
+    assert len(cpp) == 24  # three layouts it takes, four means, two thread counts
+    for row in cpp:  # the dispatch's path there: a few float32 roundings at every mean
+        assert max(row["y"], row["dx"], row["dweight"]) < 1e-6, row
 
 
 def test_relu_flips_explain_the_gradient_errors_through_a_relu():
