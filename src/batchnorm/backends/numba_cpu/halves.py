@@ -26,7 +26,8 @@ from numba import njit
 from numba.core import types as nbtypes
 from numba.extending import intrinsic, overload
 
-from batchnorm.backends.numba_cpu.jit import _HELPER, _float_from_bits
+from batchnorm.backends.numba_cpu.bits import _bits_of, _float_from_bits
+from batchnorm.backends.numba_cpu.jit import _HELPER
 
 #: Per torch dtype: an empty array whose type tells the kernels how its elements are stored
 #: (the 16-bit integer views of the halves, see above), and one of the dtype they compute in.
@@ -100,18 +101,6 @@ def _narrow(typingctx, value, like):
         return builder.trunc(chosen, ir.IntType(16))
 
     return like(value, like), codegen
-
-
-@intrinsic
-def _bits_of(typingctx, value):
-    """The IEEE-754 bits of a float32 as an int32 (the inverse of jit._float_from_bits)."""
-    if value != nbtypes.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(nbtypes.int32))
-
-    return nbtypes.int32(value), codegen
 
 
 # float16 by integer operations, where the CPU has no conversion instructions.

@@ -19,6 +19,7 @@ from numba.core import types as nbtypes
 from numba.extending import intrinsic, overload
 
 from batchnorm._cache import cache_root
+from batchnorm.backends.numba_cpu.bits import _bits_of, _float_from_bits
 
 # Floating-point flags: re-association only. It lets LLVM vectorize the per-piece sums
 # (about 10x faster than a sequential float sum), which changes only the order in which at
@@ -115,9 +116,9 @@ INLINE = {"fastmath": FASTMATH, "error_model": "numpy"}
 _HELPER = {**INLINE, "cache": _enable_cache()}
 
 #: Numba keys a cached function by the content of its own source file only; the kernels
-#: compile in the helpers of this file and of halves.py, so their cache names carry the
-#: hash of both.
-_STAMPED = (__file__, os.path.join(os.path.dirname(__file__), "halves.py"))
+#: compile in the helpers of this file, halves.py and bits.py, so their cache names carry
+#: the hash of the three.
+_STAMPED = [os.path.join(os.path.dirname(__file__), f) for f in ("jit.py", "halves.py", "bits.py")]
 _digest = hashlib.sha256()
 for _path in _STAMPED:
     with open(_path, "rb") as _source:
@@ -226,30 +227,15 @@ def _linear_grad(dy, pre, neg):
 # (in float32 one fitted to it, within 8.7e-8 of exp in a sweep of 3 million points; in float64
 # Taylor's), and 2^k built from its bits. LLVM inlines it into the loops (else they would not
 # vectorize), compiled with their one flag, re-association: the reduction is v - k ln2 in
-# float64, and in
-# float32 two fused multiply-adds with ln2 in two parts (float32 throughout: twice the lanes of
-# float64 per vector; within an ulp in float32, 1e-13 relative in float64, where |k| <= 1023 scales
-# ln2's rounding). v is clamped where exp would overflow or become subnormal: silu and its gradient
-# there differ from exact by less than 1e-36 (float32) or 1e-300 (float64), and a NaN still
-# propagates through silu's other factors.
+# float64, and in float32 two fused multiply-adds with ln2 in two parts (float32 throughout:
+# twice the lanes of float64 per vector; within an ulp in float32, 1e-13 relative in float64,
+# where |k| <= 1023 scales ln2's rounding). v is clamped where exp would overflow or become
+# subnormal: silu and its gradient there differ from exact by less than 1e-36 (float32) or
+# 1e-300 (float64), and a NaN still propagates through silu's other factors.
 
 #: 1/n! for n = 13 .. 0: Taylor coefficients of exp, in Horner's order.
 _TAYLOR = tuple(1.0 / math.factorial(n) for n in range(13, -1, -1))
 _LN2 = math.log(2.0)
-
-
-@intrinsic
-def _float_from_bits(typingctx, bits):
-    """The float whose IEEE-754 bits are ``bits`` (int32 -> float32, int64 -> float64)."""
-    floats = {nbtypes.int32: nbtypes.float32, nbtypes.int64: nbtypes.float64}
-    if bits not in floats:
-        return None
-    result = floats[bits]
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(result))
-
-    return result(bits), codegen
 
 
 #: ln2 = _LN2_HI32 + _LN2_LO32 in float32, the first with 9 significant bits, so that
@@ -272,27 +258,13 @@ def _fma(typingctx, a, b, c):
     return a(a, b, c), codegen
 
 
-@intrinsic
-def _bits_of_float32(typingctx, value):
-    """The IEEE-754 bits of a float32, as int32."""
-    if value != nbtypes.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(nbtypes.int32))
-
-    return nbtypes.int32(value), codegen
-
-
 #: 1.5 * 2^23: a float32 of magnitude below 2^22 added to it is rounded to an integer, which
 #: the sum's low mantissa bits hold (no rounding or conversion instruction).
 _ROUND32 = np.float32(12582912.0)
 #: exp(r) = 1 + r (c[0] + r (c[1] + ...)) on [-ln2 / 2, ln2 / 2]: a polynomial of degree 6
 #: fitted to it (relative error 2e-9 in exact arithmetic), in Horner's order from the top.
-_EXP32 = tuple(
-    np.float32(c)
-    for c in (0.0013846145, 0.0083741201, 0.041667961, 0.16666432, 0.49999994, 1.0, 1.0)
-)
+_EXP32 = tuple(np.float32(c) for c in (1.3846145e-3, 8.3741201e-3, 0.041667961, 0.16666432,
+                                         0.49999994, 1.0, 1.0))  # fmt: skip
 
 
 @njit(**_HELPER)
@@ -309,7 +281,7 @@ def _exp32(v):
     # longer: float32, (8,64,48,48) to (64,256,28,28), one and two threads, 2026-12-05.)
     t, f = _EXP32, _fma
     p = f(f(f(f(f(f(t[0], r, t[1]), r, t[2]), r, t[3]), r, t[4]), r, t[5]), r, t[6])
-    return p * _float_from_bits(np.int32(((_bits_of_float32(shifted) + 127) & 255) << 23))
+    return p * _float_from_bits(np.int32(((_bits_of(shifted) + 127) & 255) << 23))
 
 
 @njit(**_HELPER)
