@@ -289,7 +289,7 @@ def _exp64(v):
     v = min(max(v, -708.0), 709.0)
     k = np.floor(v * (1.0 / _LN2) + 0.5)
     r = v - k * _LN2
-    t, f = _TAYLOR, _fma  # degree 13, as in _exp32
+    t, f = _TAYLOR, _fma  # Taylor to degree 13, in the written-out form of _exp32
     p = f(f(f(f(f(f(f(t[0], r, t[1]), r, t[2]), r, t[3]), r, t[4]), r, t[5]), r, t[6]), r, t[7])
     p = f(f(f(f(f(f(p, r, t[8]), r, t[9]), r, t[10]), r, t[11]), r, t[12]), r, t[13])
     return p * _float_from_bits((np.int64(k) + 1023) << 52)
