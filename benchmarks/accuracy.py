@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 import batchnorm.functional as BF
+from batchnorm.backends import cpp_cpu
 from batchnorm.backends.aten import safe_batch_norm
 from batchnorm.ops import use_backend
 
@@ -61,10 +62,11 @@ CONTENDERS: dict[str, Norm] = {
 }  # fmt: skip
 
 
-def _takes(name: str, shape: tuple[int, ...], channels_last: bool) -> bool:
-    """Whether contender ``name`` computes a training call of this layout: the C++ backend
-    takes (N, C) and channels-last inputs only (NCHW ones in inference)."""
-    return name != "ours_cpp" or len(shape) == 2 or channels_last
+def _takes(name: str, x: Tensor, w: Tensor, b: Tensor) -> bool:
+    """Whether contender ``name`` computes a training call of these tensors: the C++
+    backend's own check (it takes (N, C) and channels-last inputs, NCHW ones in inference
+    only)."""
+    return name != "ours_cpp" or cpp_cpu.extension().takes(x, w, b, None, None, None, True)
 
 
 def _step(norm: Norm, x: Tensor, dy: Tensor, w: Tensor, b: Tensor, relu: bool = False):
@@ -101,7 +103,7 @@ def errors(quick: bool = False) -> list[dict]:
             for threads in THREADS:
                 torch.set_num_threads(threads)
                 for name, norm in CONTENDERS.items():
-                    if not _takes(name, shape, channels_last):
+                    if not _takes(name, x, w, b):
                         continue
                     _, y, dx, dw = _step(norm, x, dy, w, b)
                     rows.append({

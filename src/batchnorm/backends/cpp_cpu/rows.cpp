@@ -479,7 +479,6 @@ struct GivenGradient {
   const G* g;
   float operator()(int64_t i, int64_t, float) const { return load(g[i]); }
   std::array<Stream, 2> streams() const { return {g, nullptr}; }  // the arrays it reads
-  static constexpr bool kReadsX = false;  // whether it reads centred
 };
 
 // ... or the derivative of the activation (with_activation's) at dy and the pre-activation,
@@ -497,7 +496,6 @@ struct ActivationGradient {
     return derivative(load(dy[i]), pre);
   }
   std::array<Stream, 2> streams() const { return {dy, z}; }
-  static constexpr bool kReadsX = true;
 };
 
 // From g = dpre (gradient: GivenGradient or ActivationGradient): dweight =
