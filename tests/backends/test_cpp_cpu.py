@@ -311,6 +311,29 @@ def test_keeps_its_digits_where_the_mean_is_large():
     assert (xs.grad.double() - xd.grad).abs().max() / xd.grad.abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("activation", ["identity", "silu"])
+def test_eval_keeps_its_digits_where_the_running_mean_is_large(activation):
+    """In eval the loops subtract the running mean from x before they scale: x * scale +
+    (bias - mean * scale), ATen's form, rounds x * scale at 1e5 here (float32 torch.nn's y
+    is 2e-3 off, outputs of size 1). Against float64 torch.nn (and its SiLU), y and dx
+    (through SiLU's derivative at the pre-activation)."""
+    x = random_input((64, 16), seed=3) * 0.1 + 1e4
+    _runs_here(x, training=False)
+    ours = batchnorm.BatchNormAct1d(16, activation=activation).eval()
+    ref = torch.nn.BatchNorm1d(16, dtype=torch.float64).eval()
+    for layer in (ours, ref):
+        layer.running_mean.fill_(1e4)
+        layer.running_var.fill_(0.01)
+    act = torch.nn.functional.silu if activation == "silu" else (lambda t: t)
+    xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()
+    y, yd = ours(xs), act(ref(xd))
+    g = torch.randn(yd.shape, generator=torch.Generator().manual_seed(4), dtype=yd.dtype)
+    y.backward(g.float())
+    yd.backward(g)
+    assert (y.double() - yd).abs().max() < 1e-5
+    assert (xs.grad.double() - xd.grad).abs().max() / xd.grad.abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("need", ["x", "weight", "x and bias"])
 def test_computes_only_the_gradients_asked_for(need):
     shape = (32, 8)
