@@ -311,6 +311,48 @@ def test_keeps_its_digits_where_the_mean_is_large():
     assert (xs.grad.double() - xd.grad).abs().max() / xd.grad.abs().max() < 1e-3
 
 
+#: Float32 outputs of 32 MiB or more (rows.cpp's kStreamFrom: 8,388,608 values), which the
+#: loops stage 64 values at a time and write with non-temporal stores (stream_rows): rows
+#: longer than a block and not a multiple of 8 floats (segments, stores not aligned to 32
+#: bytes), rows shorter than a block (several rows a block), and NCHW planes in eval, long
+#: (segments) and short (several planes a block). (shape, channels_last, training)
+STREAMED = {
+    "(8209,1031) training": ((8209, 1031), False, True),
+    "(262147,33) training": ((262147, 33), False, True),
+    "channels_last eval": ((5, 300, 73, 79), True, False),
+    "NCHW eval, long planes": ((3, 7, 613, 661), False, False),
+    "NCHW eval, short planes": ((4099, 512, 2, 2), False, False),
+}
+
+
+@pytest.mark.parametrize("activation", ["identity", "silu"])
+@pytest.mark.parametrize("name", STREAMED)
+def test_outputs_streamed_past_the_caches_match_torch_in_float64(name, activation):
+    """y, and in training (and channels_last eval) dx, dweight and dbias, against float64
+    torch.nn (and its SiLU); NCHW eval runs without a graph, as the C++ backend takes it."""
+    shape, channels_last, training = STREAMED[name]
+    channels = shape[1]
+    x = random_input(shape, channels_last=channels_last, mean=2.0)
+    g = torch.Generator().manual_seed(6)
+    weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+    running = (torch.rand(channels, generator=g) + 1.5, torch.rand(channels, generator=g) + 0.5)
+    stats = (None, None) if training else running
+    _runs_here(x, training)
+    act = torch.nn.functional.silu if activation == "silu" else None
+    graph = training or channels_last
+    leaves = [t.clone().requires_grad_(graph) for t in (x, weight, bias)]
+    y = batchnorm.functional.batch_norm(leaves[0], *stats, leaves[1], leaves[2],
+                                        training=training, activation=activation)  # fmt: skip
+    dy = torch.randn(shape, generator=g).contiguous(memory_format=torch.preserve_format)
+    expected, grads = float64_batch_norm(x, weight, bias, None, None if training else running,
+                                         training, act, dy)  # fmt: skip
+    assert_close(y.detach(), expected, torch.float32)
+    if graph:
+        y.backward(dy)
+        for leaf, grad in zip(leaves, grads, strict=True):
+            assert_close(leaf.grad, grad, torch.float32)
+
+
 @pytest.mark.parametrize("activation", ["identity", "silu"])
 def test_eval_keeps_its_digits_where_the_running_mean_is_large(activation):
     """In eval the loops subtract the running mean from x before they scale: x * scale +
