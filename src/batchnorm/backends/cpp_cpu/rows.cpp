@@ -391,8 +391,8 @@ void for_rows(int64_t rows, int64_t channels, F&& f) {
 // 1024) training forward 10.6 -> 9.95 (6.84 -> 5.63) [10.8 (8.55)], forward + backward 24.7
 // -> 24.2 (16.0 -> 14.4) [30.6 (19.2)]; channels_last (64, 256, 28, 28), rows of 256
 // values: training forward 8.6 -> 9.0 (4.4 -> 4.6), forward + backward 21.7 -> 21.0 (14.7
-// -> 13.4), eval 4.2 -> 4.5 (3.1 -> 2.6). Below the threshold (an input and its output
-// that fit in L3 together), plain stores: the next layer reads the output from the cache.
+// -> 13.4), eval 4.2 -> 4.5 (3.1 -> 2.6). Below it, plain stores: an output that fits in L3
+// may still be there when the next layer reads it.
 constexpr int64_t kStreamFrom = 32 << 20;
 // Values computed into a buffer (in L1) and then streamed out, at a time: 256 bytes. The
 // loads of the next values then overlap the stores of the last; blocks of 4096 values read,
