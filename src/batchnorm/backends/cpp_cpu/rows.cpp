@@ -400,7 +400,11 @@ constexpr int64_t kStreamFrom = 32 << 20;
 // with plain stores and 6.58 with blocks of 64).
 constexpr int64_t kStreamBlock = 64;
 
-inline bool streamed(int64_t bytes) { return bytes >= kStreamFrom; }
+// Whether an output of `values` values of type T is written through stream_rows.
+template <typename T>
+bool streamed(int64_t values) {
+  return std::is_same_v<T, float> && values * static_cast<int64_t>(sizeof(T)) >= kStreamFrom;
+}
 
 // dst[0, n) = src[0, n) (float32) with non-temporal stores where the CPU has AVX (else
 // plain ones).
@@ -553,7 +557,7 @@ void batch_statistics(const T* x, const float* origin, int64_t rows, int64_t cha
 template <typename T>
 void normalize(const Rows<T>& in, int64_t activation, float slope, T* y) {
   const int64_t channels = in.channels;
-  const bool streaming = std::is_same_v<T, float> && streamed(in.rows * channels * 4);
+  const bool streaming = streamed<T>(in.rows * channels);
   with_activation(activation, slope, [&](auto act, auto, auto memory_bound) {
     for_rows(in.rows, channels, [&](int64_t begin, int64_t end) {
       if constexpr (std::is_same_v<T, float>) {
@@ -657,7 +661,7 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
       b[c] = static_cast<float>(b_c);
     }
   }
-  const bool streaming = std::is_same_v<T, float> && streamed(rows * channels * 4);
+  const bool streaming = streamed<T>(rows * channels);
   for_rows(rows, channels, [&](int64_t begin, int64_t end) {
     const float *__restrict ks = k.data(), *__restrict as = a.data(), *__restrict bs = b.data();
     const T* __restrict xs = x;
@@ -828,34 +832,30 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
     const T* in = values_or_null<T>(x);
     const T* z = values_or_null<T>(residual);
     T* out = mutable_values<T>(y);
-    // planes [begin, end) normalized with act into dst, plane `begin` first
+    // values [from, to) of planes [begin, end) normalized with act into dst, plane `begin`
+    // first
     auto normalize_planes = [&](auto memory_bound, auto* dst, int64_t begin, int64_t end,
-                                auto act) {
+                                int64_t from, int64_t to, auto act) {
       for (int64_t p = begin; p < end; ++p) {
-        const int64_t c = p % channels, first = p * plane;
+        const int64_t c = p % channels, first = p * plane + from;
         normalize_plane<decltype(memory_bound)::value>(in + first, z ? z + first : nullptr,
-                                                       dst + (p - begin) * plane, plane, rm[c],
-                                                       scale[c], shift[c], act);
+                                                       dst + (p - begin) * (to - from), to - from,
+                                                       rm[c], scale[c], shift[c], act);
       }
     };
     with_activation(activation, static_cast<float>(slope), [&](auto act, auto, auto memory_bound) {
       if (memory_bound || plane >= kShortPlane) {
-        const bool streaming = std::is_same_v<T, float> && streamed(x.numel() * 4);
+        const bool streaming = streamed<T>(x.numel());
         for_rows(planes, plane, [&](int64_t begin, int64_t end) {
           if constexpr (std::is_same_v<T, float>) {
             if (streaming)  // a float32 y of kStreamFrom bytes or more
               return stream_rows(out, begin, end, plane, [&](int64_t first, int64_t last,
                                                              int64_t from, int64_t to,
                                                              float* values) {
-                for (int64_t p = first; p < last; ++p) {
-                  const int64_t c = p % channels, start = p * plane + from;
-                  normalize_plane<decltype(memory_bound)::value>(
-                      in + start, z ? z + start : nullptr, values + (p - first) * (to - from),
-                      to - from, rm[c], scale[c], shift[c], act);
-                }
+                normalize_planes(memory_bound, values, first, last, from, to, act);
               });
           }
-          normalize_planes(memory_bound, out + begin * plane, begin, end, act);
+          normalize_planes(memory_bound, out + begin * plane, begin, end, 0, plane, act);
         });
         return;
       }
@@ -864,7 +864,7 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
         std::vector<float> pre(block * plane);
         for (int64_t b = begin; b < end; ++b) {
           const int64_t first = b * block, last = std::min(planes, first + block);
-          normalize_planes(std::false_type{}, pre.data(), first, last,
+          normalize_planes(std::false_type{}, pre.data(), first, last, 0, plane,
                            [](float p) { return p; });
           activate_values(pre.data(), out + first * plane, (last - first) * plane, act);
         }
