@@ -8,12 +8,14 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pytest
 import torch
 
+from batchnorm.backends import cpp_cpu
 from batchnorm.cli import main
 from batchnorm.lab.fit import History
 from batchnorm.lab.reproduce import steps_to
@@ -204,15 +206,26 @@ def test_argument_errors(argv, capsys):
     assert exit_info.value.code == 2
 
 
-def test_python_m_batchnorm_demo(tmp_path, cache_env):
+def test_python_m_batchnorm_demo(tmp_path, mnist1d_cache):
     """The command `make demo` runs, on MNIST-1D, for one epoch, in a fresh process."""
     out = tmp_path / "report"
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache_env)}
+    # The C++ backend this process built or loaded (from its own cache folder), linked into
+    # the child's: the child loads it as a second run of `make demo` would, instead of
+    # building it again (30 s; tests/backends/test_cpp_cpu_build.py tests the build).
+    built = cpp_cpu.extension()
+    if built is not None:
+        folder = Path(built.__file__).parent
+        link = mnist1d_cache / "batchnorm" / "cpp" / folder.name
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(folder)
+    env = {**os.environ, "XDG_CACHE_HOME": str(mnist1d_cache)}
     done = subprocess.run(
         [sys.executable, "-m", "batchnorm", "demo", "--epochs", "1", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert built is None or "building the C++ kernels" not in done.stderr
     assert "\x1b[" not in done.stdout + done.stderr  # not a terminal: no progress bar
     assert "MNIST-1D: 4000 train / 1000 test samples, 40 features, 10 classes" in done.stdout
     assert set(table_rows(done.stdout)) == {"without BN", "with BN"}
