@@ -220,18 +220,40 @@ def test_nchw_rows_longer_than_a_piece_and_rows_of_a_few_values(activation):
 
 
 def test_nchw_channel_by_channel_beyond_the_cache(monkeypatch):
-    """Tensors over channels_first.BEYOND_CACHE bytes run channel by channel, forward and
+    """Tensors over channels_first.BEYOND_CACHE bytes with long rows (LONG_ROW_BYTES or
+    more) run channel by channel, forward and
     backward (relu and a residual: dpre written and reread), serial and parallel, training
     and eval, against the float64 reference; SiLU's dpre kept for the channel's dx (or
     summed from dL/dresidual, where it is written)."""
     x = random_input((1, 8, 1600, 512), torch.float32, seed=14, mean=3.0)
     assert x.numel() * x.element_size() > channels_first.BEYOND_CACHE
+    assert x[0, 0].numel() * x.element_size() >= channels_first.LONG_ROW_BYTES
     for threshold in (0, 1 << 40):  # everything parallel, then everything serial
         monkeypatch.setattr(jit, "SERIAL_BELOW", threshold)
         check(x, activation="relu", residual=True)
     check(x, training=False, activation="relu")  # eval's backward: x does not enter dx
     check(x, activation="silu")
     check(x, activation="silu", residual=True)
+
+
+def test_nchw_passes_run_channel_by_channel_only_where_rows_are_read_in_runs():
+    """channels_first._channel_major: past BEYOND_CACHE, rows of LONG_ROW_BYTES or more (the
+    hardware prefetcher follows them; shorter ones, C * S values apart, cost more than the
+    row-by-row kernel's second read in memory order); below it, the forward's short rows;
+    never with fewer than CHANNELS_PER_THREAD channels a thread."""
+    channel_major = channels_first._channel_major
+    beyond = channels_first.BEYOND_CACHE
+    # (n_batch, channels, size, itemsize, threads, short_rows)
+    assert channel_major(8, 64, 16 * 56 * 56, 4, 2, False)  # 51 MiB, rows of 196 KiB
+    assert channel_major(8, 64, 16 * 56 * 56, 2, 2, True)  # bfloat16, rows of 98 KiB
+    assert not channel_major(64, 256, 28 * 28, 4, 2, True)  # 51 MiB, rows of 3 KiB
+    assert not channel_major(128, 1024, 7 * 7, 4, 2, True)  # 26 MiB, rows of 196 bytes
+    rows = beyond // (8 * 4 * 8192) + 1
+    assert channel_major(rows, 8, 8192, 4, 2, False)  # rows of exactly LONG_ROW_BYTES
+    assert not channel_major(rows, 8, 8191, 4, 2, False)
+    assert channel_major(8, 256, 36, 4, 2, True)  # 288 KiB, short rows: the forward
+    assert not channel_major(8, 256, 36, 4, 2, False)  # ... not the backward
+    assert not channel_major(8, 7, 16 * 56 * 56, 4, 2, False)  # 3 channels a thread
 
 
 def test_serial_and_parallel_variants_agree(monkeypatch):

@@ -17,27 +17,45 @@ from batchnorm.backends.numba_cpu.jit import CHUNK, INLINE
 
 #: A kernel runs channel by channel (each thread finishes the channels it has summed, their
 #: rows still in its caches: one pass over memory instead of two) when there are at least
-#: CHANNELS_PER_THREAD channels per thread and the tensor exceeds BEYOND_CACHE bytes (about
-#: our machines' last-level cache: below it the second pass of the row-by-row kernel reads
-#: from that cache, and it runs faster, its memory order being sequential); the forward
-#: also for rows under SHORT_ROW values. Same-process A/B against row by row, 2 threads:
+#: CHANNELS_PER_THREAD channels per thread and either the tensor exceeds BEYOND_CACHE bytes
+#: (about our machines' last-level cache: below it the second pass of the row-by-row kernel
+#: reads from that cache, and it runs faster, its memory order being sequential) and its
+#: rows are LONG_ROW_BYTES or longer, or, in the forward, it fits in the caches and its rows
+#: are under SHORT_ROW values. Same-process A/B against row by row, 2 threads (2026-12-04):
 #: (64, 256, 28, 28) and (8, 64, 16, 56, 56) forward 0.76-0.90x the time, backward
-#: 0.68-1.03x (the gain is smaller when the host's memory is fast); 1 thread 0.80-0.85x and
-#: 0.81-0.97x; (32, 128, 32, 32), 16 MiB, 1 thread: forward 1.3x (hence the size rule);
-#: short rows, forward (8, 256, 6, 6) 0.70x and (8, 240, 12, 12) 0.75-0.84x but backward
-#: 1.09x (1.26x on 1 thread).
+#: 0.68-1.03x; 1 thread 0.80-0.85x and 0.81-0.97x; (32, 128, 32, 32), 16 MiB, 1 thread:
+#: forward 1.3x (hence the size rule); short rows, forward (8, 256, 6, 6) 0.70x and (8, 240,
+#: 12, 12) 0.75-0.84x but backward 1.09x (1.26x on 1 thread).
 CHANNELS_PER_THREAD = 4
 SHORT_ROW = 256
 BEYOND_CACHE = 24 << 20
+#: Channel by channel, a channel's rows lie C * S values apart, and on a host with fast
+#: memory (2026-12-06: a 51 MiB copy in 1.5-3 ms on 2 threads) rows of a few KiB cost more
+#: there than the row-by-row kernel's second read of x in memory order: the hardware
+#: prefetcher starts again on each row, and each lies in another DRAM page. On rows of 32
+#: KiB or more (12,544 float32 values and up) channel by channel keeps winning, 0.71-0.85x
+#: row by row's time ((16, 64, 112, 112), (8, 32, 224, 224), (8, 64, 16, 56, 56)). Same-
+#: process A/B (the kernels compiled both ways, swapped call by call), module calls, this
+#: rule's time / channel by channel for every tensor past BEYOND_CACHE, 2 threads (1),
+#: forward and forward + backward: rows of 784 values (64, 256, 28, 28) 0.80 (0.51),
+#: 0.87-1.07 (0.74), bfloat16 (128, 256, 28, 28) 0.64 and 0.82, fused SiLU and ReLU forward
+#: + backward 0.83 and 0.97; 196 (64, 512, 14, 14) 0.75, 0.87-0.94; 3,136 (32, 64, 56, 56)
+#: 0.91, 1.01-1.05; 49 (128, 1024, 7, 7) level (their loops' own cost leads, as in ATen's
+#: kernel, whose time there equals ours). (Channel by channel prefetching the next
+#: channel's rows into L2 as it summed the current one's took 0.81-0.93x the time on rows of
+#: 784 and 196 values, and still lost to row by row there: left out.)
+LONG_ROW_BYTES = 32 << 10
 
 
 @njit(inline="always", **INLINE)
 def _channel_major(n_batch, channels, size, itemsize, threads, short_rows):
     """Whether a pass runs channel by channel (see CHANNELS_PER_THREAD); ``short_rows``:
-    also for rows under SHORT_ROW values."""
+    also for rows under SHORT_ROW values of a tensor that fits in the caches."""
     if channels < CHANNELS_PER_THREAD * threads:
         return False
-    return (short_rows and size < SHORT_ROW) or n_batch * channels * size * itemsize > BEYOND_CACHE
+    if n_batch * channels * size * itemsize > BEYOND_CACHE:
+        return size * itemsize >= LONG_ROW_BYTES
+    return short_rows and size < SHORT_ROW
 
 
 @njit(inline="always", **INLINE)
@@ -228,7 +246,8 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
         # SiLU's dpre is kept for the channel's dx in a scratch of the statistics' dtype, in
         # the thread's caches (where dL/dresidual does not hold it already): one exp a value
         # instead of two. Forward + backward, (64, 256, 28, 28) float32, two threads,
-        # 11.5-13.8 -> 9.4-9.6 ms (bfloat16 13.0 -> 10.1); one thread level.
+        # 11.5-13.8 -> 9.4-9.6 ms (bfloat16 13.0 -> 10.1); one thread level (2026-12-04,
+        # when rows of 784 values ran channel by channel: see LONG_ROW_BYTES).
         keep = act == jit._SILU and not write_dpre
         for c in prange(channels):
             kept = np.empty((n_batch, size) if keep else (1, 1), stats.dtype)
