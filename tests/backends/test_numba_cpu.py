@@ -221,10 +221,10 @@ def test_nchw_rows_longer_than_a_piece_and_rows_of_a_few_values(activation):
 
 def test_nchw_channel_by_channel_beyond_the_cache(monkeypatch):
     """Tensors over channels_first.BEYOND_CACHE bytes with long rows (LONG_ROW_BYTES or
-    more) run channel by channel, forward and
-    backward (relu and a residual: dpre written and reread), serial and parallel, training
-    and eval, against the float64 reference; SiLU's dpre kept for the channel's dx (or
-    summed from dL/dresidual, where it is written)."""
+    more) run channel by channel, forward and backward (relu and a residual: dpre written
+    and reread), serial and parallel, training and eval, against the float64 reference;
+    SiLU's dpre kept for the channel's dx (or summed from dL/dresidual, where it is
+    written)."""
     x = random_input((1, 8, 1600, 512), torch.float32, seed=14, mean=3.0)
     assert x.numel() * x.element_size() > channels_first.BEYOND_CACHE
     assert x[0, 0].numel() * x.element_size() >= channels_first.LONG_ROW_BYTES

@@ -124,8 +124,8 @@ def test_half_kernels_are_within_rounding_of_float64(shape, channels_last, activ
 
 def test_bfloat16_channel_by_channel_keeps_silus_gradient_in_float32():
     """An NCHW input over channels_first.BEYOND_CACHE bytes, of long rows, runs channel by
-    channel, and
-    SiLU's dL/d(pre-activation) is kept for the channel's dx in float32, not rounded."""
+    channel, and SiLU's dL/d(pre-activation) is kept for the channel's dx in float32, not
+    rounded."""
     shape = (1, 8, 1600, 1024)
     assert 2 * math.prod(shape) > channels_first.BEYOND_CACHE
     assert 2 * shape[2] * shape[3] >= channels_first.LONG_ROW_BYTES

@@ -21,11 +21,12 @@ from batchnorm.backends.numba_cpu.jit import CHUNK, INLINE
 #: (about our machines' last-level cache: below it the second pass of the row-by-row kernel
 #: reads from that cache, and it runs faster, its memory order being sequential) and its
 #: rows are LONG_ROW_BYTES or longer, or, in the forward, it fits in the caches and its rows
-#: are under SHORT_ROW values. Same-process A/B against row by row, 2 threads (2026-12-04):
-#: (64, 256, 28, 28) and (8, 64, 16, 56, 56) forward 0.76-0.90x the time, backward
-#: 0.68-1.03x; 1 thread 0.80-0.85x and 0.81-0.97x; (32, 128, 32, 32), 16 MiB, 1 thread:
-#: forward 1.3x (hence the size rule); short rows, forward (8, 256, 6, 6) 0.70x and (8, 240,
-#: 12, 12) 0.75-0.84x but backward 1.09x (1.26x on 1 thread).
+#: are under SHORT_ROW values. Same-process A/B against row by row, 2 threads, on the host
+#: of 2026-12-04 (slower memory than that of LONG_ROW_BYTES's figures): (64, 256, 28, 28)
+#: and (8, 64, 16, 56, 56) forward 0.76-0.90x the time, backward 0.68-1.03x; 1 thread
+#: 0.80-0.85x and 0.81-0.97x; (32, 128, 32, 32), 16 MiB, 1 thread: forward 1.3x (hence the
+#: size rule); short rows, forward (8, 256, 6, 6) 0.70x and (8, 240, 12, 12) 0.75-0.84x but
+#: backward 1.09x (1.26x on 1 thread).
 CHANNELS_PER_THREAD = 4
 SHORT_ROW = 256
 BEYOND_CACHE = 24 << 20
