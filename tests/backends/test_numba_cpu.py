@@ -473,7 +473,7 @@ def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
         assert chosen(torch.zeros(8, 672, 6, 6)) == "numba"
         torch.set_num_threads(2)
         assert chosen(torch.zeros(8, 672, 6, 6)) == "aten"
-        assert chosen(torch.zeros(8, 256, 9, 9)) == "numba"
+        assert chosen(torch.zeros(8, 512, 7, 7)) == "numba"
     finally:
         torch.set_num_threads(threads)
 

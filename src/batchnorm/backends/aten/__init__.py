@@ -42,12 +42,17 @@ ATEN_BELOW_NUMEL = 65_536
 #: is fast there (and needs no shift: its sums stay within a float32 mean's rounding at
 #: large means). With more than one thread our three parallel passes scale less on short
 #: rows than ATen's one. Measured on 2 shared cores, module forward + backward, identity
-#: and relu, Numba's time / ATen's:
+#: and relu, Numba's time / ATen's (2026-12-04):
 #: 1 thread, 3x3 (8, 1152, 3, 3) 1.34-1.68, 4x4 1.11-1.17, 5x5 0.87-1.12, 6x6 0.73-0.99;
 #: 2 threads, 6x6 (8, 256|672, 6, 6) 1.11-1.35, 7x7 (8, 512, 7, 7) 1.00-1.05, 8x8 1.11-1.20,
-#: 9x9 (8, 256, 9, 9) 0.89-0.90.
+#: 9x9 (8, 256, 9, 9) 0.89-0.90. On 2026-12-06, the Numba kernels having gained since, 2
+#: threads (training forward without autograd in brackets): 4x4 (8|64, 512) 1.51-1.80; 6x6
+#: (8, 256) 1.19-1.24 (0.73), relu 1.13, (16, 256) 1.07, (32, 256) 0.92; 7x7 (8, 512)
+#: 0.93-0.95 (0.53), relu 0.95, (32, 512) 0.72, (64, 512) 0.77, (128, 1024) 0.54 (0.42);
+#: 8x8 (8, 512) 0.89-0.92 (0.46-0.48), relu 0.74, (32, 512) 0.68; 9x9 0.83 (0.43). Hence
+#: ATen below 49 values a plane with more than one thread (7x7 planes on our kernels).
 ATEN_BELOW_PLANE = 32
-ATEN_BELOW_PLANE_THREADED = 81  # with more than one torch thread
+ATEN_BELOW_PLANE_THREADED = 49  # with more than one torch thread
 #: The CPU dtypes the Numba kernels take (half precision: as torch.autocast("cpu") gives).
 _NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: bfloat16 plain eval from this many values runs on the Numba kernels, whose conversions
