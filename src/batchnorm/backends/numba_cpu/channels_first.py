@@ -33,16 +33,16 @@ BEYOND_CACHE = 24 << 20
 #: Channel by channel, a channel's rows lie C * S values apart, and on a host with fast
 #: memory (2026-12-06: a 51 MiB copy in 1.5-3 ms on 2 threads) rows of a few KiB cost more
 #: there than the row-by-row kernel's second read of x in memory order: the hardware
-#: prefetcher starts again on each row, and each lies in another DRAM page. On rows of 32
-#: KiB or more (12,544 float32 values and up) channel by channel keeps winning, 0.71-0.85x
-#: row by row's time ((16, 64, 112, 112), (8, 32, 224, 224), (8, 64, 16, 56, 56)). Same-
+#: prefetcher starts again on each row, and each lies in another DRAM page. On long rows
+#: channel by channel keeps winning: 0.71-0.85x row by row's time on rows of 12,544 and
+#: 50,176 values ((16, 64, 112, 112), (8, 32, 224, 224), (8, 64, 16, 56, 56)). Same-
 #: process A/B (the kernels compiled both ways, swapped call by call), module calls, this
 #: rule's time / channel by channel for every tensor past BEYOND_CACHE, 2 threads (1),
 #: forward and forward + backward: rows of 784 values (64, 256, 28, 28) 0.80 (0.51),
 #: 0.87-1.07 (0.74), bfloat16 (128, 256, 28, 28) 0.64 and 0.82, fused SiLU and ReLU forward
 #: + backward 0.83 and 0.97; 196 (64, 512, 14, 14) 0.75, 0.87-0.94; 3,136 (32, 64, 56, 56)
-#: 0.91, 1.01-1.05; 49 (128, 1024, 7, 7) level (their loops' own cost leads, as in ATen's
-#: kernel, whose time there equals ours). (Channel by channel prefetching the next
+#: 0.91, 1.01-1.05; 49 (128, 1024, 7, 7), the Numba backend forced (the dispatch gave such
+#: planes to ATen then), 0.62 and 0.66. (Channel by channel prefetching the next
 #: channel's rows into L2 as it summed the current one's took 0.81-0.93x the time on rows of
 #: 784 and 196 values, and still lost to row by row there: left out.)
 LONG_ROW_BYTES = 32 << 10
