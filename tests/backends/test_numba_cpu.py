@@ -466,11 +466,13 @@ def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
     channels_last = small.contiguous(memory_format=torch.channels_last)
     assert chosen(channels_last) == ("cpp_cpu" if cpp_cpu.extension() else "numba")
     assert chosen(torch.zeros(8, 96, 24, 24)) == "numba"
-    # 6x6 planes: ours on one thread, ATen's on more (see ATEN_BELOW_PLANE_THREADED)
+    # 5x5 and 6x6 planes: ours on one thread, ATen's on more (see ATEN_BELOW_PLANE_THREADED)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         assert chosen(torch.zeros(8, 672, 6, 6)) == "numba"
+        assert chosen(torch.zeros(8, 512, 5, 5)) == "numba"
+        assert chosen(torch.zeros(8, 512, 4, 4)) == "aten"
         torch.set_num_threads(2)
         assert chosen(torch.zeros(8, 672, 6, 6)) == "aten"
         assert chosen(torch.zeros(8, 512, 7, 7)) == "numba"

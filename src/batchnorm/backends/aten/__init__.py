@@ -49,9 +49,12 @@ ATEN_BELOW_NUMEL = 65_536
 #: threads (training forward without autograd in brackets): 4x4 (8|64, 512) 1.51-1.80; 6x6
 #: (8, 256) 1.19-1.24 (0.73), relu 1.13, (16, 256) 1.07, (32, 256) 0.92; 7x7 (8, 512)
 #: 0.93-0.95 (0.53), relu 0.95, (32, 512) 0.72, (64, 512) 0.77, (128, 1024) 0.54 (0.42);
-#: 8x8 (8, 512) 0.89-0.92 (0.46-0.48), relu 0.74, (32, 512) 0.68; 9x9 0.83 (0.43). Hence
-#: ATen below 49 values a plane with more than one thread (7x7 planes on our kernels).
-ATEN_BELOW_PLANE = 32
+#: 8x8 (8, 512) 0.89-0.92 (0.46-0.48), relu 0.74, (32, 512) 0.68; 9x9 0.83 (0.43); 1
+#: thread: 3x3 (8, 1152) 1.05 (0.77), 4x4 (8, 512) 1.07-1.08 (0.63-0.66), (32, 512) 0.94,
+#: 5x5 (8, 512) 0.81-0.86 (0.49-0.52), (32, 512) 0.64, 6x6 (8, 256) 0.86. Hence ATen below
+#: 49 values a plane with more than one thread (7x7 planes on our kernels), below 25 on one
+#: (5x5 on ours).
+ATEN_BELOW_PLANE = 25
 ATEN_BELOW_PLANE_THREADED = 49  # with more than one torch thread
 #: The CPU dtypes the Numba kernels take (half precision: as torch.autocast("cpu") gives).
 _NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
