@@ -381,30 +381,24 @@ void for_rows(int64_t rows, int64_t channels, F&& f) {
 }
 
 // Float32 outputs of at least this many bytes are written with non-temporal stores
-// (stream_rows): one larger than our machines' L3 (32 MiB) leaves the caches as it is
-// written, so no later read finds it there, and a store to a line out of the caches first
-// reads that line from memory (read for ownership), which a non-temporal store does not: a
-// pass that reads x and writes y moves a third less. Raw calls with a 64 MiB copy between
-// them, ms, one thread (two), plain stores -> non-temporal [ATen]: eval (64, 256, 28, 28)
-// 4.23 -> 2.98 (2.99 -> 2.32) [3.93 (2.97)], (8, 64, 16, 56, 56) 8.49 -> 6.58 (5.87 ->
-// 4.38) [7.93 (5.79)], (16384, 1024) 5.42 -> 4.81 (4.16 -> 3.14) [5.21 (4.26)]; (16384,
-// 1024) training forward 10.6 -> 9.95 (6.84 -> 5.63) [10.8 (8.55)], forward + backward 24.7
-// -> 24.2 (16.0 -> 14.4) [30.6 (19.2)]; channels_last (64, 256, 28, 28), rows of 256
-// values: training forward 8.6 -> 9.0 (4.4 -> 4.6), forward + backward 21.7 -> 21.0 (14.7
-// -> 13.4), eval 4.2 -> 4.5 (3.1 -> 2.6). Below it, plain stores: an output that fits in L3
-// may still be there when the next layer reads it.
+// (stream_rows, through write_rows): one larger than our machines' L3 (32 MiB) leaves the
+// caches as it is written, so no later read finds it there, and a store to a line out of
+// the caches first reads that line from memory (read for ownership), which a non-temporal
+// store does not: a pass that reads x and writes y moves a third less. Raw calls with a 64
+// MiB copy between them, ms, one thread (two), plain stores -> non-temporal [ATen]: eval
+// (64, 256, 28, 28) 4.23 -> 2.98 (2.99 -> 2.32) [3.93 (2.97)], (8, 64, 16, 56, 56) 8.49 ->
+// 6.58 (5.87 -> 4.38) [7.93 (5.79)], (16384, 1024) 5.42 -> 4.81 (4.16 -> 3.14) [5.21
+// (4.26)]; (16384, 1024) training forward 10.6 -> 9.95 (6.84 -> 5.63) [10.8 (8.55)],
+// forward + backward 24.7 -> 24.2 (16.0 -> 14.4) [30.6 (19.2)]; channels_last (64, 256, 28,
+// 28), rows of 256 values: training forward 8.6 -> 9.0 (4.4 -> 4.6), forward + backward
+// 21.7 -> 21.0 (14.7 -> 13.4), eval 4.2 -> 4.5 (3.1 -> 2.6). Below it, plain stores: an
+// output that fits in L3 may still be there when the next layer reads it.
 constexpr int64_t kStreamFrom = 32 << 20;
 // Values computed into a buffer (in L1) and then streamed out, at a time: 256 bytes. The
 // loads of the next values then overlap the stores of the last; blocks of 4096 values read,
 // then wrote, in turn (an eval of (8, 64, 16, 56, 56), one thread: 9.86 ms, against 8.39
 // with plain stores and 6.58 with blocks of 64).
 constexpr int64_t kStreamBlock = 64;
-
-// Whether an output of `values` values of type T is written through stream_rows.
-template <typename T>
-bool streamed(int64_t values) {
-  return std::is_same_v<T, float> && values * static_cast<int64_t>(sizeof(T)) >= kStreamFrom;
-}
 
 // dst[0, n) = src[0, n) (float32) with non-temporal stores where the CPU has AVX (else
 // plain ones).
@@ -444,6 +438,21 @@ void stream_rows(float* y, int64_t begin, int64_t end, int64_t width, Compute&& 
 #ifdef __AVX__
   _mm_sfence();
 #endif
+}
+
+// Rows [begin, end) of an output y of rows of `width` values, of which y has `values` in
+// all: compute(first, last, from, to, out) writes the values of rows [first, last), columns
+// [from, to), row by row to out[0, (last - first) * (to - from)). Straight into y (all the
+// rows at once, every column), or, for a float32 y of kStreamFrom bytes or more, a block at
+// a time through stream_rows.
+template <typename T, typename Compute>
+void write_rows(T* y, int64_t values, int64_t begin, int64_t end, int64_t width,
+                Compute&& compute) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (values * static_cast<int64_t>(sizeof(T)) >= kStreamFrom)
+      return stream_rows(y, begin, end, width, compute);
+  }
+  compute(begin, end, int64_t{0}, width, y + begin * width);
 }
 
 // Rows whose terms a sum adds in registers before it adds them to the sums in memory.
@@ -552,28 +561,20 @@ void batch_statistics(const T* x, const float* origin, int64_t rows, int64_t cha
   }
 }
 
-// y = act((x - mean) * invstd * weight + bias [+ z]).
-// (A float32 y of kStreamFrom bytes or more through stream_rows.)
+// y = act((x - mean) * invstd * weight + bias [+ z]) (see write_rows).
 template <typename T>
 void normalize(const Rows<T>& in, int64_t activation, float slope, T* y) {
   const int64_t channels = in.channels;
-  const bool streaming = streamed<T>(in.rows * channels);
   with_activation(activation, slope, [&](auto act, auto, auto memory_bound) {
     for_rows(in.rows, channels, [&](int64_t begin, int64_t end) {
-      if constexpr (std::is_same_v<T, float>) {
-        if (streaming)
-          return stream_rows(y, begin, end, channels, [&](int64_t first, int64_t last,
-                                                          int64_t from, int64_t to,
-                                                          float* values) {
-            // one row of part of the channels, or rows of all: values[i - start] either way
-            const int64_t start = first * channels + from;
-            in.template each_pre<memory_bound>(first, last, [&, act](int64_t i, float pre) {
-              values[i - start] = act(pre);
-            }, from, to);
-          });
-      }
-      in.template each_pre<memory_bound>(
-          begin, end, [&, act](int64_t i, float pre) { y[i] = store<T>(act(pre)); });
+      auto compute = [&](int64_t first, int64_t last, int64_t from, int64_t to, T* out) {
+        // one row of part of the channels, or rows of all: out[i - start] either way
+        const int64_t start = first * channels + from;
+        in.template each_pre<memory_bound>(first, last, [&, act](int64_t i, float pre) {
+          out[i - start] = store<T>(act(pre));
+        }, from, to);
+      };
+      write_rows(y, in.rows * channels, begin, end, channels, compute);
     });
   });
 }
@@ -661,45 +662,34 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
       b[c] = static_cast<float>(b_c);
     }
   }
-  const bool streaming = streamed<T>(rows * channels);
   for_rows(rows, channels, [&](int64_t begin, int64_t end) {
     const float *__restrict ks = k.data(), *__restrict as = a.data(), *__restrict bs = b.data();
     const T* __restrict xs = x;
     const float* __restrict origins = origin;
     const Gradient g(gradient);  // a local copy: see Rows::each_pre's
-    // dx of rows [first, last), channels [from, to): row r's at row_out(r)[c - from]
+    // dx of rows [first, last), channels [from, to) (see write_rows)
     auto gradients_of = [&](int64_t first, int64_t last, int64_t from, int64_t to,
-                            auto row_out) {
+                            T* rows_out) {
       for (int64_t r = first; r < last; ++r) {
         const int64_t base = r * channels;
-        using Out = std::remove_pointer_t<decltype(row_out(r))>;  // T, or float when staged
-        Out* __restrict out = row_out(r);
+        T* __restrict out = rows_out + (r - first) * (to - from);
         // in eval x enters through the activation only: an infinite x leaves dx finite, as
         // torch's
         if (!training) {
           for_channels<kMemoryBound, T>(to - from, [&](int64_t j) {
             const int64_t c = from + j;
-            out[j] = store<Out>(ks[c] * g(base + c, c, load(xs[base + c]) - origins[c]));
+            out[j] = store<T>(ks[c] * g(base + c, c, load(xs[base + c]) - origins[c]));
           });
           continue;
         }
         for_channels<kMemoryBound, T>(to - from, [&](int64_t j) {
           const int64_t c = from + j;
           const float d = load(xs[base + c]) - origins[c];
-          out[j] = store<Out>(ks[c] * (g(base + c, c, d) - as[c] - d * bs[c]));
+          out[j] = store<T>(ks[c] * (g(base + c, c, d) - as[c] - d * bs[c]));
         });
       }
     };
-    if constexpr (std::is_same_v<T, float>) {
-      if (streaming)  // a dx of kStreamFrom bytes or more
-        return stream_rows(dx, begin, end, channels, [&](int64_t first, int64_t last,
-                                                         int64_t from, int64_t to,
-                                                         float* values) {
-          gradients_of(first, last, from, to,
-                       [&](int64_t r) { return values + (r - first) * (to - from); });
-        });
-    }
-    gradients_of(begin, end, 0, channels, [&](int64_t r) { return dx + r * channels; });
+    write_rows(dx, rows * channels, begin, end, channels, gradients_of);
   });
 }
 
@@ -845,17 +835,11 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
     };
     with_activation(activation, static_cast<float>(slope), [&](auto act, auto, auto memory_bound) {
       if (memory_bound || plane >= kShortPlane) {
-        const bool streaming = streamed<T>(x.numel());
         for_rows(planes, plane, [&](int64_t begin, int64_t end) {
-          if constexpr (std::is_same_v<T, float>) {
-            if (streaming)  // a float32 y of kStreamFrom bytes or more
-              return stream_rows(out, begin, end, plane, [&](int64_t first, int64_t last,
-                                                             int64_t from, int64_t to,
-                                                             float* values) {
-                normalize_planes(memory_bound, values, first, last, from, to, act);
-              });
-          }
-          normalize_planes(memory_bound, out + begin * plane, begin, end, 0, plane, act);
+          write_rows(out, x.numel(), begin, end, plane,
+                     [&](int64_t first, int64_t last, int64_t from, int64_t to, T* dst) {
+                       normalize_planes(memory_bound, dst, first, last, from, to, act);
+                     });
         });
         return;
       }
