@@ -253,9 +253,9 @@ def test_same_results_on_any_number_of_threads(shape):
 
 
 def test_first_row_far_from_the_mean():
-    """The statistics' one pass sums d = x - x0 and d², with x0 a channel's value in the first
-    row: E[d²] - E[d]² cancels (x0 - mean)² / var, at most the number of rows M (x0 itself
-    adds (x0 - mean)² / M to the variance); here 200, from a first row 1e4 std away."""
+    """The output and gradients stay within float32's tolerance where the first row, which
+    the loops of the output and the backward centre on, lies 1e4 std from the mean; the
+    statistics: test_batch_variance_keeps_float32s_digits."""
     x = random_input((200, 8))
     x[0] += 1e4
     _runs_here(x)
@@ -268,6 +268,46 @@ def test_first_row_far_from_the_mean():
     assert_close(y, yd, torch.float32)
     assert_close(xs.grad, xd.grad, torch.float32)
     assert_close(ours.running_var, ref.running_var, torch.float32)
+
+
+def _variance_error(x: torch.Tensor) -> float:
+    """The batch variance's largest error relative to float64's, read in the running
+    variance (momentum 1), whose float32 rounding is 6e-8 of it."""
+    _runs_here(x)
+    layer = batchnorm.BatchNorm1d(x.shape[1], momentum=1.0, affine=False)
+    layer(x)
+    exact = x.double().var(0)
+    return ((layer.running_var.double() - exact).abs() / exact).max().item()
+
+
+def _sampled_rows(rows: int) -> list[int]:
+    """The rows whose mean rows.cpp's sampled_centre takes for the float32 sums' centre."""
+    samples = min(rows, 16)
+    return [k * rows // samples + (k + 1) * 2654435761 % (rows // samples) for k in range(samples)]
+
+
+@pytest.mark.parametrize("far", ["first row", "every 256th row", "none"])
+def test_batch_variance_keeps_float32s_digits(far):
+    """The statistics sum float32 terms around a mean of 16 sampled rows: within a few
+    float32 roundings of float64's variance, also where the first row lies 1e3 std from the
+    mean and where every 256th row does (float32 terms centred on the first row, as the
+    backward's are, and kept, lost 4e-5 and 2.4e-6 of the variance there)."""
+    x = random_input((4096, 64), mean=3.0, seed=6)
+    if far == "first row":
+        x[0] += 1e3
+    elif far == "every 256th row":
+        x[::256] += 1e3
+    assert _variance_error(x) < 3e-7
+
+
+def test_batch_variance_keeps_its_digits_where_the_sampled_rows_are_far():
+    """Where the sampled rows themselves lie far from the mean (here 16 of 4096, 1e3 std
+    away: the centre then lies 16 of the batch's std from its mean), the float32 terms
+    would lose 1e-5 of the variance; the check sees it, and the sums are done again in
+    float64 terms."""
+    x = random_input((4096, 64), mean=3.0, seed=7)
+    x[_sampled_rows(4096)] += 1e3
+    assert _variance_error(x) < 3e-7
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
@@ -296,8 +336,8 @@ def test_silu_over_its_whole_range(training):
 
 
 def test_keeps_its_digits_where_the_mean_is_large():
-    """Float64 sums centred on each channel's first value: at mean 1e4 and std 1 the output
-    and dx stay within a float32 mean's rounding (ATen's one-pass float sums gave 3e-3 of
+    """Statistics summed around a centre near each channel's mean: at mean 1e4 and std 1 the
+    output and dx stay within a float32 mean's rounding (ATen's one-pass float sums gave 3e-3 of
     the output's scale here)."""
     x = random_input((200, 8), mean=1e4)
     _runs_here(x)
@@ -726,9 +766,10 @@ def test_bfloat16_calls_it_cannot_take_go_elsewhere():
 
 
 def test_bfloat16_statistics_keep_their_digits_with_a_far_first_row():
-    """The sums' float32 partial sums are centred on each channel's first value: with it 100
-    standard deviations from the mean, the batch variance (the running variance's update)
-    is still within a bfloat16 ulp of float64's, and the output within rounding."""
+    """With the first row 100 standard deviations from the mean (the row the output's loops
+    centre on; the statistics centre on sampled rows), the batch variance (the running
+    variance's update) is still within a bfloat16 ulp of float64's, and the output within
+    rounding."""
     x = random_input((4096, 8), mean=3.0, seed=5)
     x[0] += 100 * x.std(0)
     x = x.to(torch.bfloat16)
