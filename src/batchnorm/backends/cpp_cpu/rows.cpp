@@ -74,8 +74,9 @@ inline float vector_exp(float x) {
 inline float sigmoid(float p) { return 1.0f / (1.0f + vector_exp(-p)); }
 
 // Calls f(act, derivative, memory_bound) with the activation's function of the
-// pre-activation p and its chain rule, dL/dp from dL/dy = g: torch's conventions (relu and
-// leaky_relu pass the gradient where p > 0; NaN stays NaN in the forward; SiLU's derivative
+// pre-activation p and its chain rule, dL/dp from dL/dy = g: torch's conventions (relu
+// passes the gradient unless p <= 0, so at NaN too; leaky_relu where p > 0, else times its
+// slope, so at NaN times the slope; NaN stays NaN in the forward; SiLU's derivative
 // is torch's sigmoid (1 + p (1 - sigmoid))). memory_bound (a std::bool_constant): whether
 // the activation's loops are bound by memory rather than by arithmetic (SiLU's exp), which
 // sets their vector width (for_channels) and whether backward computes dL/dp again in each
@@ -87,8 +88,8 @@ void with_activation(int64_t code, float slope, F&& f) {
   switch (code) {
     case kRelu:
       return f([](float p) { return p < 0.0f ? 0.0f : p; },
-               [](float g, float p) {  // g where p > 0, else +0: g's bits under a mask
-                 const uint32_t keep = p > 0.0f ? ~0u : 0u;
+               [](float g, float p) {  // +0 where p <= 0, else g: g's bits under a mask
+                 const uint32_t keep = p <= 0.0f ? 0u : ~0u;
                  return __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, g) & keep);
                },
                std::true_type{});
