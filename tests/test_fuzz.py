@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 import batchnorm
 import batchnorm.functional as BF
 from batchnorm import ops
+from batchnorm.backends import Call
 from batchnorm.backends.aten import ATEN_BELOW_NUMEL
 from batchnorm.nn.base import DIMS_OF_INPUT_RANK
 
@@ -718,6 +719,30 @@ def test_size1_dims_with_odd_strides_on_the_aten_path(odd, training):
     expected = _expected(x, rm, rv, weight, bias, training, dy=dy)
     for actual, wanted in zip((y, *grads), expected, strict=True):
         _assert_close(actual, wanted)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_expanded_output_gradient_of_many_planes_on_the_aten_path(training):
+    """Found by the fuzzer (20,000 examples): given an output gradient expanded along the
+    batch (stride 0, as ``y.sum().backward()`` gives), ATen's backward of an NCHW input
+    adds a channel's plane sums in one chain. (477, 2, 2), which the dispatch gives ATen
+    (small planes): dbias up to 44 float32 ulps of the sum of its terms' magnitudes off,
+    above the fuzzer's 16; given the output's layout, below 1."""
+    shape = (477, 2, 2)
+    assert ops.select(Call(torch.empty(shape), training, "identity", 0.01, False, False,
+                           True, None, None, None, None)).name == "aten"  # fmt: skip
+    worst = 0.0
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(shape, generator=g)
+        dy = torch.randn((1, *shape[1:]), generator=g).expand(shape)
+        bias = torch.randn(2, generator=g, requires_grad=True)
+        y = BF.batch_norm(x, torch.zeros(2), torch.ones(2), None, bias, training)
+        (dbias,) = torch.autograd.grad(y, [bias], dy)
+        exact, magnitude = dy.double().sum((0, 2)), dy.double().abs().sum((0, 2))
+        ulps = (dbias.double() - exact).abs() / (magnitude * torch.finfo(torch.float32).eps)
+        worst = max(worst, ulps.max().item())
+    assert worst < 2
 
 
 @pytest.mark.parametrize("which", ["running_mean", "running_var"])

@@ -82,6 +82,16 @@ BFLOAT16_EVAL_FROM = 1 << 21
 #: 0.4-17).
 ATEN_MAX_ROWS = 256
 ATEN_MAX_PLANE = 1024
+#: Given an output gradient in another layout than the output's (an expanded one, as
+#: ``y.sum().backward()`` gives), ATen's NCHW backward takes a generic path that adds a
+#: channel's plane sums in one chain; for inputs of more planes (a larger batch) than this,
+#: safe_batch_norm gives it the output's layout. dbias of an output gradient constant along
+#: the batch (expanded), float32 ulps of the sum of the terms' magnitudes, (N, 4, P), torch
+#: 2.13.0, 2026-12-06: N = 128 / 256 / 512 at P = 2: 13 / 30 / 56 (4096: 437), P = 16: 5.8 /
+#: 14 / 38, P = 64: 3.3 / 7.7 / 26; 0.1-0.6 with a dense gradient, 0.4-0.8 on the Numba
+#: kernels. (The channels-last kernel, which takes (N, C) inputs too, adds a channel's rows
+#: in one chain whatever the gradient's layout: long_plain_sums bounds those.)
+ATEN_MAX_PLANES = 128
 #: NCHW planes (H x W) and inputs from which the Triton kernels train faster than cuDNN.
 #: benchmarks/results/cuda_bench.json (H200, one call at a time, torch.nn time / Triton's):
 #: (128, 64, 112, 112) training forward 2.14 / 2.98 / 2.23 (float32 / bfloat16 / float16),
@@ -185,6 +195,10 @@ def safe_batch_norm(
     * a weight or bias that is not contiguous ((N, C) inputs: wrong dx);
     * an input or output gradient whose size-1 dimensions have other strides than a dense
       tensor's (wrong dx and dbias), so both are given dense strides;
+    * an output gradient in another layout than the output's (an expanded one, as
+      ``y.sum().backward()`` gives) of an NCHW input of more than ATEN_MAX_PLANES planes
+      per channel: ATen's backward then adds a channel's plane sums in one chain, which
+      loses digits, so the gradient is given the output's strides;
     * float32 data whose mean is large against its spread, in the channels-last kernel
       that also takes (N, C) inputs: its statistics (a plain float sum) and backward lose
       digits (3e-3 of the output's scale at mean 1e4 on (200, 8), 5-10x an exact float32
@@ -231,7 +245,9 @@ def safe_batch_norm(
             running_mean.copy_(given_mean)  # type: ignore[arg-type]
     if training and given_var is not running_var:
         running_var.copy_(given_var)  # type: ignore[union-attr, arg-type]
-    if 1 in x.shape and y.requires_grad:  # only size-1 dimensions can carry odd strides
+    # only size-1 dimensions can carry odd strides; a hook costs 10-20 µs (a gradient of 1 MiB)
+    many_planes = x.shape[0] > ATEN_MAX_PLANES and not _channels_last_kernel(x)
+    if y.requires_grad and (1 in x.shape or many_planes):
         y.register_hook(_with_strides(y.stride()))
     return y
 
