@@ -887,6 +887,25 @@ def test_eval_backward_at_a_non_finite_input(backend, value):
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_a_constant_channel_normalizes_to_zero(backend):
+    """Found by a 20,000-example fuzz run (2026-12-06): a float32 batch constant along the
+    batch ((25, 5), values of size 100; here 64 channels), whose variance is 0 and invstd
+    1/sqrt(eps) = 316.
+    The reference backend rounded its float64 sum to float32 before dividing by the count:
+    a mean an ulp off the channel's value, so x - mean = 1.5e-5 and y = 4.8e-3 instead of 0
+    (and dx 1.5x the fuzzer's bound off). Float64 sums divided before rounding give the
+    value itself, as every other backend does."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 64, generator=g) * 100).expand(25, 64).clone().requires_grad_()
+    dy = torch.randn(25, 64, generator=g)
+    with _backend(backend):
+        y = BF.batch_norm(x, None, None, training=True)
+        (dx,) = torch.autograd.grad(y, [x], dy)
+    assert torch.equal(y, torch.zeros_like(y))
+    _assert_close(dx, _expected(x, None, None, None, None, True, dy=dy)[1])
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_inf_in_a_training_batch_gives_an_infinite_running_mean(backend):
     """Bug 3: an +Inf in the batch makes the channel's mean +inf: torch's running_mean
     becomes inf (and its running_var NaN); ours became NaN."""

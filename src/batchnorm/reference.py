@@ -60,12 +60,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def channel_sum(t: Tensor, dims: list[int]) -> Tensor:
-    """t summed over ``dims``; float32 is summed in float64 (a float32 sum over many values
-    loses digits in proportion to their count), half precision in float32."""
+def channel_sum(t: Tensor, dims: list[int], divisor: int = 1) -> Tensor:
+    """t summed over ``dims`` and divided by ``divisor``; float32 is summed and divided in
+    float64 (a float32 sum over many values loses digits in proportion to their count, and
+    a sum rounded before its division put the mean of a constant channel an ulp off its
+    value), half precision in float32."""
     if t.dtype == torch.float32:
-        return t.sum(dims, dtype=torch.float64).to(t.dtype)
-    return t.sum(dims, dtype=compute_dtype(t.dtype))
+        total = t.sum(dims, dtype=torch.float64)
+        return (total if divisor == 1 else total / divisor).to(t.dtype)
+    total = t.sum(dims, dtype=compute_dtype(t.dtype))
+    return total if divisor == 1 else total / divisor
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,8 +79,8 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     dims = reduce_dims(x)
     count = max(x.numel() // max(x.shape[1], 1), 1)
     values = x.to(compute_dtype(x.dtype))
-    mean = channel_sum(values, dims) / count
-    var = channel_sum((values - per_channel(mean, x)).square(), dims) / count
+    mean = channel_sum(values, dims, count)
+    var = channel_sum((values - per_channel(mean, x)).square(), dims, count)
     return mean, var
 
 
