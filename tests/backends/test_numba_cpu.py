@@ -283,6 +283,25 @@ def test_large_mean_is_stable_on_the_parallel_path(channels_last):
     assert_close(y, y_ref, atol=3e-3, rtol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channels_last_statistics_keep_their_digits_with_a_far_first_row(threads):
+    """A channels-last block of rows sums float32 terms around a centre, whose distance from
+    the mean costs digits: the middle two of four sampled rows, which one far row does not
+    move. (122, 8), one block, the first row 10 std from the mean: the output within 1e-6 of
+    its scale (centred on the first row: 1.7e-5; on the mean of the four rows: 1.8e-6)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for seed in range(10):
+            x = random_input((122, 8), mean=3.0, seed=seed)
+            x[0] += 10 * x.std(0)
+            y = BF.batch_norm(x, None, None, training=True)
+            expected = F.batch_norm(x.double(), None, None, training=True)
+            assert (y.double() - expected).abs().max() < 1e-6 * expected.abs().max()
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("momentum", [0.1, 0.75, 1.0])
 def test_running_update_matches_reference(dtype, momentum):

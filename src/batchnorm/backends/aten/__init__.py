@@ -86,7 +86,7 @@ ATEN_MAX_PLANE = 1024
 #: ``y.sum().backward()`` gives), ATen's NCHW backward takes a generic path that adds a
 #: channel's plane sums in one chain; for inputs of more planes (a larger batch) than this,
 #: safe_batch_norm gives it the output's layout. dbias of an output gradient constant along
-#: the batch (expanded), float32 ulps of the sum of the terms' magnitudes, (N, 4, P), torch
+#: the batch (expanded), float32 ulps of the sum of the terms' magnitudes, (N, C, P), torch
 #: 2.13.0, 2026-12-06: N = 128 / 256 / 512 at P = 2: 13 / 30 / 56 (4096: 437), P = 16: 5.8 /
 #: 14 / 38, P = 64: 3.3 / 7.7 / 26; 0.1-0.6 with a dense gradient, 0.4-0.8 on the Numba
 #: kernels. (The channels-last kernel, which takes (N, C) inputs too, adds a channel's rows
@@ -245,7 +245,8 @@ def safe_batch_norm(
             running_mean.copy_(given_mean)  # type: ignore[arg-type]
     if training and given_var is not running_var:
         running_var.copy_(given_var)  # type: ignore[union-attr, arg-type]
-    # only size-1 dimensions can carry odd strides; a hook costs 10-20 µs (a gradient of 1 MiB)
+    # Only size-1 dimensions can carry odd strides, and only many planes make a long chain:
+    # the hook costs 10-20 µs a call (a 1 MiB gradient), so it is not there on every call.
     many_planes = x.shape[0] > ATEN_MAX_PLANES and not _channels_last_kernel(x)
     if y.requires_grad and (1 in x.shape or many_planes):
         y.register_hook(_with_strides(y.stride()))
