@@ -33,7 +33,8 @@ from batchnorm.backends.triton.kernels_forward import (
 def _activation_grad(dy, pre, ACTIVATION: tl.constexpr, slope_hi, slope_lo):
     """dL/dpre from dL/dy at the pre-activation ``pre`` (reference.activation_grad)."""
     if ACTIVATION == "relu":
-        out = dy * (pre > 0).to(dy.dtype)
+        # pre <= 0 rather than pre > 0: at a NaN pre torch passes dy (its test is x <= 0)
+        out = tl.where(pre <= 0, tl.zeros_like(dy), dy)
     elif ACTIVATION == "leaky_relu":
         out = tl.where(pre > 0, dy, dy * slope_hi + dy * slope_lo)
     elif ACTIVATION == "silu":
