@@ -897,11 +897,10 @@ def test_eval_backward_at_a_non_finite_input(backend, value):
 def test_a_constant_channel_normalizes_to_zero(backend):
     """Found by a 20,000-example fuzz run (2026-12-06): a float32 batch constant along the
     batch ((25, 5), values of size 100; here 64 channels), whose variance is 0 and invstd
-    1/sqrt(eps) = 316.
-    The reference backend rounded its float64 sum to float32 before dividing by the count:
-    a mean an ulp off the channel's value, so x - mean = 1.5e-5 and y = 4.8e-3 instead of 0
-    (and dx 1.5x the fuzzer's bound off). Float64 sums divided before rounding give the
-    value itself, as every other backend does."""
+    1/sqrt(eps) = 316. The reference backend rounded its float64 sum to float32 before
+    dividing by the count: a mean an ulp off the channel's value, so x - mean = 1.5e-5 and
+    y = 4.8e-3 instead of 0 (and dx 1.5x the fuzzer's bound off). Float64 sums divided
+    before rounding give the value itself, as every other backend does."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(1, 64, generator=g) * 100).expand(25, 64).clone().requires_grad_()
     dy = torch.randn(25, 64, generator=g)
@@ -937,8 +936,9 @@ def test_activation_gradient_at_a_nan_input_matches_torch(backend, activation, d
     0`` is false); ours gave 0 (relu) or NaN (the Numba kernels' 0 * NaN in eval), also in
     the dbias of a training channel that an Inf made all-NaN. Again by a 20,000-example run
     (2026-12-06): the C++ backend's relu gave 0, which float64 inputs (not its dtype) had
-    not reached. (torch's elu is not consistent there: 1 in its scalar loop, NaN in its
-    vectorized one.)"""
+    not reached, and so did the Triton kernels' (in float32 in the interpreter's child).
+    (torch's elu is not consistent there: 1 in its scalar loop, NaN in its vectorized
+    one.)"""
     x = torch.randn(6, 3, dtype=dtype)
     x[2, 1] = math.nan
     x.requires_grad_()
