@@ -65,11 +65,10 @@ def channel_sum(t: Tensor, dims: list[int], divisor: int = 1) -> Tensor:
     float64 (a float32 sum over many values loses digits in proportion to their count, and
     a sum rounded before its division put the mean of a constant channel an ulp off its
     value), half precision in float32."""
-    if t.dtype == torch.float32:
-        total = t.sum(dims, dtype=torch.float64)
-        return (total if divisor == 1 else total / divisor).to(t.dtype)
-    total = t.sum(dims, dtype=compute_dtype(t.dtype))
-    return total if divisor == 1 else total / divisor
+    total = t.sum(dims, dtype=torch.float64 if t.dtype == torch.float32 else compute_dtype(t.dtype))
+    if divisor != 1:
+        total = total / divisor
+    return total.to(compute_dtype(t.dtype))
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -247,8 +247,9 @@ def safe_batch_norm(
         running_var.copy_(given_var)  # type: ignore[union-attr, arg-type]
     # Only size-1 dimensions can carry odd strides, and only many planes make a long chain:
     # the hook costs 10-20 µs a call (a 1 MiB gradient), so it is not there on every call.
-    many_planes = x.shape[0] > ATEN_MAX_PLANES and not _channels_last_kernel(x)
-    if y.requires_grad and (1 in x.shape or many_planes):
+    if y.requires_grad and (
+        1 in x.shape or (x.shape[0] > ATEN_MAX_PLANES and not _channels_last_kernel(x))
+    ):
         y.register_hook(_with_strides(y.stride()))
     return y
 
