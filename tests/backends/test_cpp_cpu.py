@@ -355,7 +355,9 @@ def test_keeps_its_digits_where_the_mean_is_large():
 #: loops stage 64 values at a time and write with non-temporal stores (stream_rows): rows
 #: longer than a block and not a multiple of 8 floats (segments, stores not aligned to 32
 #: bytes), rows shorter than a block (several rows a block), and NCHW planes in eval, long
-#: (segments) and short (several planes a block). (shape, channels_last, training)
+#: (segments) and short (several planes a block). The (262147,33) and channels_last
+#: backwards, inputs of 32 MiB or more on rows under 4 KiB, sum their rows in pairs
+#: (kPairsFrom; an odd count of rows in some blocks). (shape, channels_last, training)
 STREAMED = {
     "(8209,1031) training": ((8209, 1031), False, True),
     "(262147,33) training": ((262147, 33), False, True),
