@@ -470,9 +470,10 @@ constexpr int64_t kRowsAtOnce = 8;
 // 15.8); raw forward + backward, 8 rows -> pairs [ATen's]: 80.6 -> 76.3 [76.8] (47.0 ->
 // 46.3 [52.6]), with ReLU 86.2 -> 79.7 (41.7 -> 40.7); (64, 64, 112, 112) 62.6 -> 55.9
 // (32.9 -> 29.2), with ReLU 68.5 -> 61.8 (46.4 -> 44.1); (64, 256, 28, 28) 18.6 -> 17.7
-// (10.4 -> 9.8); bfloat16 and SiLU level to 9 % faster. (Rows a row at a time into float32
-// sums in memory read at the arrays' bandwidth, but GCC 12 left that loop scalar with
-// ReLU's derivative in its term: 1.4x the time.)
+// (10.4 -> 9.8); bfloat16 and SiLU level to 9 % faster. (A row at a time into float32 sums
+// in memory, a stand-alone loop read at the arrays' bandwidth; in the kernel, against
+// pairs, float32 was within 5 % either way and bfloat16 10-33 % slower. GCC 12 vectorizes
+// that loop with ReLU's derivative in its term only under `#pragma GCC ivdep`.)
 constexpr int64_t kPairsFrom = 32 << 20;
 constexpr int64_t kPairsAhead = 16;
 
