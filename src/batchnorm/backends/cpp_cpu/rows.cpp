@@ -534,11 +534,12 @@ std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, T
         if (r0 + kPairsAhead + 2 <= rows) prefetch_rows(reads, r0 + kPairsAhead, 2, channels);
         add_rows(r0, std::integral_constant<int64_t, 2>{});
       }
-    }
-    for (; r0 + kRowsAtOnce <= end; r0 += kRowsAtOnce) {
-      if (prefetching && r0 + 3 * kRowsAtOnce <= rows)  // the group of rows two groups on
-        prefetch_rows(reads, r0 + 2 * kRowsAtOnce, kRowsAtOnce, channels);
-      add_rows(r0, std::integral_constant<int64_t, kRowsAtOnce>{});
+    } else {
+      for (; r0 + kRowsAtOnce <= end; r0 += kRowsAtOnce) {
+        if (prefetching && r0 + 3 * kRowsAtOnce <= rows)  // the group of rows two groups on
+          prefetch_rows(reads, r0 + 2 * kRowsAtOnce, kRowsAtOnce, channels);
+        add_rows(r0, std::integral_constant<int64_t, kRowsAtOnce>{});
+      }
     }
     for (; r0 < end; ++r0) add_rows(r0, std::integral_constant<int64_t, 1>{});
   };
