@@ -115,7 +115,7 @@ void with_activation(int64_t code, float slope, F&& f) {
 // half-precision kernels do with float32 parameters and statistics (torch.autocast's
 // convention). (GCC 12 has no bfloat16 arithmetic type; these integer conversions
 // vectorize.) Not float16: GCC 12 converts _Float16 one value at a time, and exact integer
-// conversions (about 20 vector instructions per 16 values each way) made these loops 2-3x
+// conversions (15-20 vector instructions per 16 values each way) made these loops 2-3x
 // slower than in bfloat16 and slower than ATen's float16 loops, which convert with F16C;
 // ATen and the Numba kernels (LLVM: F16C in vectors) compute float16.
 using BF16 = uint16_t;
