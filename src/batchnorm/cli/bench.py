@@ -4,11 +4,9 @@ against torch.compile of the reference, in one run.
 What is measured, with torch's thread count (Numba follows it):
 
 * shapes (100, 128), (4096, 1024), (32, 128, 32, 32) and (64, 256, 28, 28) contiguous and
-  channels_last, and (8, 64, 16, 56, 56) in float32 (channels_last (64, 256, 28, 28), 51
-  MiB, is larger than our machines' 32 MiB L3: its data come from memory, as a model's
-  layers' do, where the other channels_last case fits in it), and (4096, 1024) and
-  (32, 128, 32, 32) contiguous and channels_last in bfloat16 with float32 parameters (what
-  ``torch.autocast("cpu")`` gives a batch norm after a convolution);
+  channels_last (the last, 51 MiB, past a 32 MiB L3), (8, 64, 16, 56, 56) in float32, and
+  (4096, 1024) and (32, 128, 32, 32) contiguous and channels_last in bfloat16 with float32
+  parameters (what ``torch.autocast("cpu")`` gives a batch norm after a convolution);
 * modes ``forward_train`` (training-mode forward without autograd, running statistics
   updated), ``eval`` (inference), ``forward_backward`` (training forward, then backward with
   a fixed output gradient), ``bn_relu_forward_backward`` (the same with a ReLU after the
