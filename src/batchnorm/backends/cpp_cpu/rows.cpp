@@ -532,18 +532,19 @@ std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, T
     };
     const int64_t begin = rows * block / blocks, end = rows * (block + 1) / blocks;
     int64_t r0 = begin;
-    if (in_pairs) {
-      for (; r0 + 2 <= end; r0 += 2) {
-        if (r0 + kPairsAhead + 2 <= rows) prefetch_rows(reads, r0 + kPairsAhead, 2, channels);
-        add_rows(r0, std::integral_constant<int64_t, 2>{});
+    // groups of `count` rows (a compile-time constant), the lines of the group `ahead` rows
+    // on asked for where prefetching
+    auto in_groups = [&](auto count, int64_t ahead) {
+      constexpr int64_t n = decltype(count)::value;
+      for (; r0 + n <= end; r0 += n) {
+        if (prefetching && r0 + ahead + n <= rows) prefetch_rows(reads, r0 + ahead, n, channels);
+        add_rows(r0, count);
       }
-    } else {
-      for (; r0 + kRowsAtOnce <= end; r0 += kRowsAtOnce) {
-        if (prefetching && r0 + 3 * kRowsAtOnce <= rows)  // the group of rows two groups on
-          prefetch_rows(reads, r0 + 2 * kRowsAtOnce, kRowsAtOnce, channels);
-        add_rows(r0, std::integral_constant<int64_t, kRowsAtOnce>{});
-      }
-    }
+    };
+    if (in_pairs)
+      in_groups(std::integral_constant<int64_t, 2>{}, kPairsAhead);
+    else  // the group two groups on
+      in_groups(std::integral_constant<int64_t, kRowsAtOnce>{}, 2 * kRowsAtOnce);
     for (; r0 < end; ++r0) add_rows(r0, std::integral_constant<int64_t, 1>{});
   };
   if (blocks == 1)
