@@ -495,6 +495,12 @@ def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
         torch.set_num_threads(2)
         assert chosen(torch.zeros(8, 672, 6, 6)) == "aten"
         assert chosen(torch.zeros(8, 512, 7, 7)) == "numba"
+        # half precision: ATen up to 13x13 planes on more threads (ATEN_BELOW_PLANE_HALF_THREADED)
+        for dtype in (torch.bfloat16, torch.float16):
+            assert chosen(torch.zeros(8, 256, 13, 13, dtype=dtype)) == "aten"
+            assert chosen(torch.zeros(8, 256, 14, 14, dtype=dtype)) == "numba"
+        torch.set_num_threads(1)
+        assert chosen(torch.zeros(8, 256, 13, 13, dtype=torch.bfloat16)) == "numba"
     finally:
         torch.set_num_threads(threads)
 

@@ -4,12 +4,13 @@ separate (C++) ops. It computes torch's running-variance convention only, and is
 inputs made safe (see :func:`safe_batch_norm`).
 
 Dispatch rule (``preferred``), from ``make bench`` on 2 cores (benchmarks/results/
-cpu_kernels.json), the same for float32/float64 and bfloat16/float16 inputs, for the calls
-whose sums it keeps accurate (float32 inputs of more than ATEN_MAX_ROWS rows per channel or
-ATEN_MAX_PLANE values per plane, whenever it would sum them, go to the kernels): inputs below
-ATEN_BELOW_NUMEL values (epilogue included: a few C++ ops beat a Python-called kernel
-there), NCHW inputs of small planes (ATEN_BELOW_PLANE) and plain eval (its elementwise
-loop streams as fast as ours), except on large bfloat16 inputs (BFLOAT16_EVAL_FROM).
+cpu_kernels.json), for the calls whose sums it keeps accurate (float32 inputs of more than
+ATEN_MAX_ROWS rows per channel or ATEN_MAX_PLANE values per plane, whenever it would sum
+them, go to the kernels): inputs below ATEN_BELOW_NUMEL values (epilogue included: a few
+C++ ops beat a Python-called kernel there), NCHW inputs of small planes (ATEN_BELOW_PLANE;
+with more than one thread larger ones, and larger still in half precision) and plain eval
+(its elementwise loop streams as fast as ours), except on large bfloat16 inputs
+(BFLOAT16_EVAL_FROM).
 Training on larger inputs stays on the Numba kernels, also for (N, C) and channels-last
 inputs that the C++ backend (first in the dispatch) leaves (where it is off or not built,
 and fused activations above its sizes): ATen's float32 sums there lose digits as the mean
@@ -56,6 +57,17 @@ ATEN_BELOW_NUMEL = 65_536
 #: (5x5 on ours).
 ATEN_BELOW_PLANE = 25
 ATEN_BELOW_PLANE_THREADED = 49  # with more than one torch thread
+#: ... and for bfloat16 and float16 inputs with more than one thread, below 196 values a plane
+#: (14x14 on the Numba kernels): at (8, 256, 12, 12) ATen's half-precision NCHW training
+#: takes 0.25-0.4x the time of its float32 one, ours 0.6-0.8x. Our layer forced onto each,
+#: ATen's time / Numba's (above 1: ours faster), 2 threads, (8|32, 256, P, P), bfloat16 /
+#: float16 (2026-12-06): training forward 7x7 0.88, 0.65 / 0.78, 0.56; 12x12 0.93, 1.01 /
+#: 0.97, 0.79; 14x14 1.17, 1.26 / 1.13, 1.04; 16x16 1.03-1.10; 24x24 1.16-1.48 / 1.26-1.45;
+#: forward + backward 7x7 0.80, 0.77 / 0.69, 0.80; 12x12 0.78, 0.83 / 0.65, 0.68; 14x14
+#: 0.99, 1.17 / 0.87, 0.97; 16x16 0.90, 0.98 / 0.83, 1.13; 20x20 0.91, 1.03 / 0.93, 1.29;
+#: 24x24 1.07-1.64; with ReLU 7x7 0.79-1.03, 12x12 0.77-0.85, 14x14 0.91-1.01, 16x16
+#: 0.91-1.28. On one thread ours keep up from 7x7 (0.82-1.37): the float32 threshold stays.
+ATEN_BELOW_PLANE_HALF_THREADED = 196
 #: The CPU dtypes the Numba kernels take (half precision: as torch.autocast("cpu") gives).
 _NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: bfloat16 plain eval from this many values runs on the Numba kernels, whose conversions
@@ -146,7 +158,12 @@ class AtenBackend:
         if x.numel() < ATEN_BELOW_NUMEL:
             return True
         if x.dim() > 2 and x.is_contiguous():
-            below = ATEN_BELOW_PLANE if torch.get_num_threads() == 1 else ATEN_BELOW_PLANE_THREADED
+            if torch.get_num_threads() == 1:
+                below = ATEN_BELOW_PLANE
+            elif x.dtype is torch.bfloat16 or x.dtype is torch.float16:
+                below = ATEN_BELOW_PLANE_HALF_THREADED
+            else:
+                below = ATEN_BELOW_PLANE_THREADED
             if x.numel() < below * x.shape[0] * x.shape[1]:
                 return True
         plain_eval = not call.training and call.activation == "identity" and not call.has_residual
