@@ -145,6 +145,40 @@ def test_large_half_inputs_dispatch_to_the_kernels():
 
 
 @pytest.mark.auto_dispatch
+def test_half_inputs_of_rows_go_to_aten_below_their_threshold_on_more_threads():
+    """Half-precision (N, C) and channels-last training inputs below
+    ATEN_BELOW_NUMEL_HALF_ROWS_THREADED values go to ATen with more than one thread, larger
+    ones to the Numba kernels (float16: bfloat16 ones go to the C++ backend first, where
+    it is built); on one thread the kernels take them from ATEN_BELOW_NUMEL values."""
+    below = aten_backend.ATEN_BELOW_NUMEL_HALF_ROWS_THREADED
+
+    def chosen(x):
+        return ops.dispatch.select(Call(x, True, "relu", 0.01, False, False, True)).name
+
+    def aten_prefers(x):
+        return aten_backend.AtenBackend().preferred(Call(x, True, "identity", 0.01, False))
+
+    rows = torch.zeros(below // 256, 256, dtype=torch.float16)  # just below
+    channels_last = torch.zeros(8, 256, 12, 12, dtype=torch.float16).contiguous(
+        memory_format=torch.channels_last
+    )
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert chosen(rows) == "aten"
+        assert chosen(channels_last) == "aten"
+        assert chosen(torch.zeros(below // 256 + 1, 256, dtype=torch.float16)) == "numba"
+        assert aten_prefers(rows.bfloat16())
+        assert not aten_prefers(torch.zeros(below // 256 + 1, 256, dtype=torch.bfloat16))
+        assert not aten_prefers(torch.zeros(below // 256, 256))  # float32: the kernels
+        torch.set_num_threads(1)
+        assert chosen(rows) == "numba"
+        assert chosen(channels_last) == "numba"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.auto_dispatch
 def test_large_bfloat16_eval_runs_on_the_kernels():
     """Where the C++ backend does not take them (it takes bfloat16 (N, C), channels-last
     and NCHW eval calls where it is built), plain eval goes to ATen, but for bfloat16

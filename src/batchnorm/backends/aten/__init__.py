@@ -68,6 +68,19 @@ ATEN_BELOW_PLANE_THREADED = 49  # with more than one torch thread
 #: 24x24 1.07-1.64; with ReLU 7x7 0.79-1.03, 12x12 0.77-0.85, 14x14 0.91-1.01, 16x16
 #: 0.91-1.28. On one thread ours keep up from 7x7 (0.82-1.37): the float32 threshold stays.
 ATEN_BELOW_PLANE_HALF_THREADED = 196
+#: Half-precision inputs of other layouts ((N, C) and channels-last, which ATen takes in its
+#: channels-last kernel, accurately in half precision: it stays within the dtype's rounding
+#: at means of 0, 3 and 100) go to ATen below this many values with more than one thread,
+#: for the same reason. In float16 nothing else is faster there; bfloat16 reaches it where
+#: the C++ backend (first in the dispatch) does not take the call. Our layer forced onto
+#: each, ATen's time / Numba's, 2 threads, float16 / bfloat16 (2026-12-06): forward +
+#: backward (256, 256) 0.76 / 0.76, (512, 256) 0.80 / 0.89, (1024, 256) 0.92 / 0.94,
+#: (256, 1024) 0.92 / 0.92, channels-last (8, 512, 7, 7) 0.83 / 0.86, (8, 256, 12, 12) 1.00
+#: / 0.98 (below the threshold); (1536, 256) 1.05 / 1.09, (512, 1024) 1.03 / 1.01,
+#: channels-last (8, 128, 24, 24) 1.12 / 1.14 (above); the training forward 0.81-1.23 below,
+#: 0.97-1.45 above; with ReLU 0.86-1.15 below. On one thread ours keep up from
+#: (512, 256) (float16: 0.95 forward + backward, 1.29 training forward).
+ATEN_BELOW_NUMEL_HALF_ROWS_THREADED = 300_000
 #: The CPU dtypes the Numba kernels take (half precision: as torch.autocast("cpu") gives).
 _NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: bfloat16 plain eval from this many values runs on the Numba kernels, whose conversions
@@ -157,15 +170,17 @@ class AtenBackend:
             return False
         if x.numel() < ATEN_BELOW_NUMEL:
             return True
+        half = x.dtype is torch.bfloat16 or x.dtype is torch.float16
+        threaded = torch.get_num_threads() > 1
         if x.dim() > 2 and x.is_contiguous():
-            if torch.get_num_threads() == 1:
+            if not threaded:
                 below = ATEN_BELOW_PLANE
-            elif x.dtype is torch.bfloat16 or x.dtype is torch.float16:
-                below = ATEN_BELOW_PLANE_HALF_THREADED
             else:
-                below = ATEN_BELOW_PLANE_THREADED
+                below = ATEN_BELOW_PLANE_HALF_THREADED if half else ATEN_BELOW_PLANE_THREADED
             if x.numel() < below * x.shape[0] * x.shape[1]:
                 return True
+        elif half and threaded and x.numel() < ATEN_BELOW_NUMEL_HALF_ROWS_THREADED:
+            return True
         plain_eval = not call.training and call.activation == "identity" and not call.has_residual
         return plain_eval and (x.dtype is not torch.bfloat16 or x.numel() < BFLOAT16_EVAL_FROM)
 
