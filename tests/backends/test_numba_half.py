@@ -179,6 +179,40 @@ def test_half_inputs_of_rows_go_to_aten_below_their_threshold_on_more_threads():
 
 
 @pytest.mark.auto_dispatch
+@pytest.mark.parametrize("dtype", HALF.values(), ids=HALF.keys())
+def test_half_nchw_training_steps_go_to_aten_below_their_threshold_on_more_threads(dtype):
+    """Plain BN on a half-precision NCHW input below ATEN_BELOW_NUMEL_HALF_PLANES_GRAPH
+    values whose call autograd records goes to ATen with more than one thread; without
+    autograd, with an activation or residual, larger, or on one thread, to the kernels."""
+    below = aten_backend.ATEN_BELOW_NUMEL_HALF_PLANES_GRAPH
+    x = torch.zeros(8, 64, 24, 24, dtype=dtype)  # 294,912 values
+    assert x.numel() < below
+    larger = torch.zeros(8, 64, 38, 38, dtype=dtype).requires_grad_()
+    assert larger.numel() >= below
+
+    def chosen(x, activation="identity", residual=False):
+        return ops.dispatch.select(Call(x, True, activation, 0.01, residual, False, True)).name
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            assert chosen(x.requires_grad_()) == "numba"
+        assert chosen(x) == "aten"
+        weight = torch.ones(64, requires_grad=True)  # a graph for the weight's gradient only
+        assert ops.dispatch.select(Call(x.detach(), True, "identity", 0.01, False, False,
+                                        True, weight)).name == "aten"  # fmt: skip
+        assert chosen(x.detach()) == "numba"
+        assert chosen(x, "relu") == "numba"
+        assert chosen(x, residual=True) == "numba"
+        assert chosen(larger) == "numba"
+        torch.set_num_threads(1)
+        assert chosen(x) == "numba"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.auto_dispatch
 def test_large_bfloat16_eval_runs_on_the_kernels():
     """Where the C++ backend does not take them (it takes bfloat16 (N, C), channels-last
     and NCHW eval calls where it is built), plain eval goes to ATen, but for bfloat16

@@ -10,7 +10,9 @@ them, go to the kernels): inputs below ATEN_BELOW_NUMEL values (epilogue include
 C++ ops beat a Python-called kernel there), NCHW inputs of small planes (ATEN_BELOW_PLANE;
 with more than one thread larger ones, and larger still in half precision) and plain eval
 (its elementwise loop streams as fast as ours), except on large bfloat16 inputs
-(BFLOAT16_EVAL_FROM).
+(BFLOAT16_EVAL_FROM). With more than one thread, also half-precision inputs of moderate
+size: (N, C) and channels-last ones (ATEN_BELOW_NUMEL_HALF_ROWS_THREADED), and NCHW plain
+BN in a training step (ATEN_BELOW_NUMEL_HALF_PLANES_GRAPH).
 Training on larger inputs stays on the Numba kernels, also for (N, C) and channels-last
 inputs that the C++ backend (first in the dispatch) leaves (where it is off or not built,
 and fused activations above its sizes): ATen's float32 sums there lose digits as the mean
@@ -81,6 +83,17 @@ ATEN_BELOW_PLANE_HALF_THREADED = 196
 #: 0.97-1.45 above; with ReLU 0.86-1.15 below. On one thread ours keep up from
 #: (512, 256) (float16: 0.95 forward + backward, 1.29 training forward).
 ATEN_BELOW_NUMEL_HALF_ROWS_THREADED = 300_000
+#: Half-precision NCHW inputs of larger planes go to ATen below this many values with more
+#: than one thread for plain BN (no activation, no residual) whose call autograd records, as
+#: in a training step: there ATen's forward + backward, one C++ node, beats ours, whose
+#: Python node costs about 30 µs more a step. Our layer forced onto each, 2 threads, ATen's
+#: time / Numba's, forward + backward, bfloat16 / float16 (2026-12-06): (8, 64, 24, 24) 0.83
+#: / 0.78, (8, 256, 14, 14) 0.99 / 0.87, (8, 256, 16, 16) 0.90 / 0.83, (4, 128, 32, 32) 0.93
+#: / 0.94, (8, 128, 24, 24) 0.92 / 0.94, (8, 32, 48, 48) 0.98 / 1.00 (below); (8, 128, 28,
+#: 28) 1.00 / 1.01, (8, 256, 20, 20) 0.97 / 0.86, (8, 64, 40, 40) 1.12 / 1.09, (8, 96, 36,
+#: 36) 1.10 / 1.04, (32, 64, 28, 28) 1.24 / 1.22 (above). Not the training forward without
+#: autograd (ours 1.01-1.13 there), nor with ReLU, level (0.93-1.09).
+ATEN_BELOW_NUMEL_HALF_PLANES_GRAPH = 600_000
 #: The CPU dtypes the Numba kernels take (half precision: as torch.autocast("cpu") gives).
 _NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: bfloat16 plain eval from this many values runs on the Numba kernels, whose conversions
@@ -172,6 +185,7 @@ class AtenBackend:
             return True
         half = x.dtype is torch.bfloat16 or x.dtype is torch.float16
         threaded = torch.get_num_threads() > 1
+        plain = call.activation == "identity" and not call.has_residual
         if x.dim() > 2 and x.is_contiguous():
             if not threaded:
                 below = ATEN_BELOW_PLANE
@@ -179,9 +193,12 @@ class AtenBackend:
                 below = ATEN_BELOW_PLANE_HALF_THREADED if half else ATEN_BELOW_PLANE_THREADED
             if x.numel() < below * x.shape[0] * x.shape[1]:
                 return True
+            if half and threaded and plain and x.numel() < ATEN_BELOW_NUMEL_HALF_PLANES_GRAPH:
+                if _records_graph(call):
+                    return True
         elif half and threaded and x.numel() < ATEN_BELOW_NUMEL_HALF_ROWS_THREADED:
             return True
-        plain_eval = not call.training and call.activation == "identity" and not call.has_residual
+        plain_eval = plain and not call.training
         return plain_eval and (x.dtype is not torch.bfloat16 or x.numel() < BFLOAT16_EVAL_FROM)
 
     def batch_norm(self, call: Call) -> Tensor:
@@ -208,6 +225,13 @@ def long_plain_sums(call: Call) -> bool:
         return True
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (call.weight, call.bias)
+    )
+
+
+def _records_graph(call: Call) -> bool:
+    """Whether autograd records the call: grad mode on and a tensor that requires grad."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (call.x, call.weight, call.bias)
     )
 
 
