@@ -45,6 +45,7 @@ bench: $(LAB)
 	$(PY) benchmarks/suite.py
 	$(PY) benchmarks/models.py benchmarks/results/models.json
 	$(PY) benchmarks/small_layers.py benchmarks/results/small_layers.json
+	$(PY) benchmarks/half_layers.py benchmarks/results/half_layers.json
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site

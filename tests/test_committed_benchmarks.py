@@ -1,6 +1,6 @@
 """The accuracy, small-layer, model and GPU figures the performance page quotes come from
-the committed benchmarks/results/accuracy.json, small_layers.json, models.json (``make
-bench``) and cuda_bench.json (``benchmarks/gpu_check.sh``), not from memory:
+the committed benchmarks/results/accuracy.json, small_layers.json, half_layers.json,
+models.json (``make bench``) and cuda_bench.json (``benchmarks/gpu_check.sh``), not from memory:
 the tables regenerated from those files appear verbatim in docs/performance.md, and the
 files show what the page says of them."""
 
@@ -37,6 +37,15 @@ def test_performance_page_quotes_the_committed_small_layer_run():
     module = benchmark_module("small_layers")
     result = json.loads((ROOT / "benchmarks" / "results" / "small_layers.json").read_text())
     assert result["reps"] >= 41, "a full run"
+    assert module.table(result) in (ROOT / "docs" / "performance.md").read_text()
+
+
+def test_performance_page_quotes_the_committed_half_precision_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports small_layers' runner
+    module = benchmark_module("half_layers")
+    result = json.loads((ROOT / "benchmarks" / "results" / "half_layers.json").read_text())
+    assert result["reps"] >= 21, "a full run"
+    assert len(result["results"]) == 2 * 2 * len(module.CASES) * 3  # threads, dtypes, modes
     assert module.table(result) in (ROOT / "docs" / "performance.md").read_text()
 
 

@@ -1,0 +1,120 @@
+"""Per-call time of half-precision layers of moderate size: torch.nn's against this
+package's, bfloat16 and float16 inputs with float32 parameters (what ``torch.autocast("cpu")``
+gives a batch norm after a convolution).
+
+The cases are those of the dispatch rules that send half-precision calls to ATen on more
+than one thread (``batchnorm.backends.aten``: ATEN_BELOW_PLANE_HALF_THREADED,
+ATEN_BELOW_NUMEL_HALF_ROWS_THREADED, ATEN_BELOW_NUMEL_HALF_PLANES_GRAPH), with one case past
+each, on one thread and on two: module calls (``layer(x)``), eval and training forward
+without autograd, and forward + backward, alternating batch by batch as in
+``small_layers.py`` (whose runner this uses).
+
+    python benchmarks/half_layers.py [OUT.json] [--reps N]
+
+writes OUT.json (default benchmarks/results/half_layers.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from batchnorm.cli.bench import _layers as bench_layers
+from batchnorm.cli.bench import keep_freed_memory
+from batchnorm.lab.timing import time_interleaved
+from small_layers import CALLS, MODES, THREADS, _runner
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: (label, shape, channels_last): below and past each rule's threshold on two threads.
+CASES = [
+    ("(8,256,12,12)", (8, 256, 12, 12), False),  # planes under 196 values
+    ("(8,64,24,24)", (8, 64, 24, 24), False),  # NCHW training steps under 600,000 values
+    ("(32,64,28,28)", (32, 64, 28, 28), False),  # past both
+    ("(512,256)", (512, 256), False),  # (N, C) under 300,000 values
+    ("(8,512,7,7) channels_last", (8, 512, 7, 7), True),  # channels-last under 300,000
+    ("(8,128,24,24) channels_last", (8, 128, 24, 24), True),  # past it
+]
+DTYPES = ("bfloat16", "float16")
+
+
+def run(reps: int) -> list[dict]:
+    rows = []
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        for dtype in DTYPES:
+            for label, shape, channels_last in CASES:
+                g = torch.Generator().manual_seed(0)
+                x = (torch.randn(shape, generator=g) * 2 + 1).to(getattr(torch, dtype))
+                dy = torch.randn(shape, generator=g).to(x.dtype)
+                if channels_last:
+                    x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+                for mode in MODES:
+                    layers = bench_layers(shape)  # float32 parameters, one state
+                    runs = {
+                        "torch.nn": _runner(layers["aten"], mode, x, dy, False),
+                        "batchnorm": _runner(layers["ours"], mode, x, dy, False),
+                    }
+                    times = time_interleaved(runs, reps=reps, warmup=3)
+                    us = {name: statistics.median(ts) / CALLS * 1e6 for name, ts in times.items()}
+                    row = {"threads": threads, "dtype": dtype, "label": label, "mode": mode}
+                    row |= {f"{name} us": round(value, 2) for name, value in us.items()}
+                    row["torch.nn / batchnorm"] = round(us["torch.nn"] / us["batchnorm"], 3)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(result: dict) -> str:
+    """The Markdown table the performance page quotes."""
+    lines = [
+        "| threads | dtype | layer | mode | torch.nn (µs) | batchnorm (µs) "
+        "| torch.nn / batchnorm |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        lines.append(
+            f"| {r['threads']} | {r['dtype']} | {r['label']} | {r['mode']} "
+            f"| {r['torch.nn us']:.1f} | {r['batchnorm us']:.1f} "
+            f"| {r['torch.nn / batchnorm']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default=str(RESULTS / "half_layers.json"))
+    parser.add_argument("--reps", type=int, default=21, help="measures per contender")
+    args = parser.parse_args()
+    allocator = "freed memory reused (mallopt)" if keep_freed_memory() else "glibc defaults"
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    rows = run(args.reps)
+    result = {
+        "benchmark": "half-precision batch-norm layers, µs per module call (medians)",
+        "calls_per_measure": CALLS,
+        "reps": args.reps,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs (shared)",
+        "allocator": allocator,
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "seconds": round(time.perf_counter() - start, 1),
+        "notes": "Ratios above 1: faster than torch.nn. Inputs bfloat16 or float16, "
+        "parameters and running statistics float32.",
+        "results": rows,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
