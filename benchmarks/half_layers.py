@@ -16,22 +16,16 @@ writes OUT.json (default benchmarks/results/half_layers.json).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
-import time
-from pathlib import Path
 
 import torch
 
+import small_layers
 from batchnorm.cli.bench import _layers as bench_layers
-from batchnorm.cli.bench import keep_freed_memory
 from batchnorm.lab.timing import time_interleaved
 from small_layers import CALLS, MODES, THREADS, _runner
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: (label, shape, channels_last): below and past each rule's threshold on two threads.
 CASES = [
     ("(8,256,12,12)", (8, 256, 12, 12), False),  # planes under 196 values
@@ -88,32 +82,14 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", default=str(RESULTS / "half_layers.json"))
-    parser.add_argument("--reps", type=int, default=21, help="measures per contender")
-    args = parser.parse_args()
-    allocator = "freed memory reused (mallopt)" if keep_freed_memory() else "glibc defaults"
-    load_before = os.getloadavg()
-    start = time.perf_counter()
-    rows = run(args.reps)
-    result = {
-        "benchmark": "half-precision batch-norm layers, µs per module call (medians)",
-        "calls_per_measure": CALLS,
-        "reps": args.reps,
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs (shared)",
-        "allocator": allocator,
-        "load_average_before": [round(v, 2) for v in load_before],
-        "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "seconds": round(time.perf_counter() - start, 1),
-        "notes": "Ratios above 1: faster than torch.nn. Inputs bfloat16 or float16, "
-        "parameters and running statistics float32.",
-        "results": rows,
-    }
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(table(result))
-    print(f"wrote {args.out}")
+    small_layers.main(
+        "half_layers",
+        "half-precision batch-norm layers, µs per module call (medians)",
+        "Inputs bfloat16 or float16, parameters and running statistics float32.",
+        21,
+        run,
+        table,
+    )
 
 
 if __name__ == "__main__":

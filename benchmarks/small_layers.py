@@ -125,17 +125,27 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", default=str(RESULTS / "small_layers.json"))
-    parser.add_argument("--reps", type=int, default=41, help="measures per contender")
+def main(
+    name: str = "small_layers",
+    description: str = "small batch-norm layers, µs per module call (medians)",
+    notes: str = "'general path': this package's layer with the usual-call shortcut off "
+    "(eval only).",
+    reps: int = 41,
+    measure: Callable[[int], list[dict]] = run,
+    render: Callable[[dict], str] = table,
+) -> None:
+    """Parse the command line, run ``measure``, write the JSON (with the machine's facts)
+    and print ``render``'s table: this script's, and half_layers.py's with its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("out", nargs="?", default=str(RESULTS / f"{name}.json"))
+    parser.add_argument("--reps", type=int, default=reps, help="measures per contender")
     args = parser.parse_args()
     allocator = "freed memory reused (mallopt)" if keep_freed_memory() else "glibc defaults"
     load_before = os.getloadavg()
     start = time.perf_counter()
-    rows = run(args.reps)
+    rows = measure(args.reps)
     result = {
-        "benchmark": "small batch-norm layers, µs per module call (medians)",
+        "benchmark": description,
         "calls_per_measure": CALLS,
         "reps": args.reps,
         "torch": torch.__version__,
@@ -145,12 +155,11 @@ def main() -> None:
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "seconds": round(time.perf_counter() - start, 1),
-        "notes": "Ratios above 1: faster than torch.nn. 'general path': this package's "
-        "layer with the usual-call shortcut off (eval only).",
+        "notes": f"Ratios above 1: faster than torch.nn. {notes}",
         "results": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(table(result))
+    print(render(result))
     print(f"wrote {args.out}")
 
 
