@@ -17,14 +17,12 @@ writes OUT.json (default benchmarks/results/half_layers.json).
 from __future__ import annotations
 
 import json
-import statistics
 
 import torch
 
 import small_layers
 from batchnorm.cli.bench import _layers as bench_layers
-from batchnorm.lab.timing import time_interleaved
-from small_layers import CALLS, MODES, THREADS, _runner
+from small_layers import MODES, THREADS, _runner, timed_row
 
 #: (label, shape, channels_last): below and past each rule's threshold on two threads.
 CASES = [
@@ -55,11 +53,8 @@ def run(reps: int) -> list[dict]:
                         "torch.nn": _runner(layers["aten"], mode, x, dy, False),
                         "batchnorm": _runner(layers["ours"], mode, x, dy, False),
                     }
-                    times = time_interleaved(runs, reps=reps, warmup=3)
-                    us = {name: statistics.median(ts) / CALLS * 1e6 for name, ts in times.items()}
-                    row = {"threads": threads, "dtype": dtype, "label": label, "mode": mode}
-                    row |= {f"{name} us": round(value, 2) for name, value in us.items()}
-                    row["torch.nn / batchnorm"] = round(us["torch.nn"] / us["batchnorm"], 3)
+                    keys = {"threads": threads, "dtype": dtype, "label": label, "mode": mode}
+                    row, _ = timed_row(runs, reps, keys)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     return rows

@@ -94,11 +94,8 @@ def run(reps: int) -> list[dict]:
                 }
                 if mode == "eval":
                     runs["batchnorm, general path"] = _runner(layers["ours"], mode, x, dy, True)
-                times = time_interleaved(runs, reps=reps, warmup=3)
-                us = {name: statistics.median(ts) / CALLS * 1e6 for name, ts in times.items()}
-                row = {"threads": threads, "label": label, "mode": mode}
-                row |= {f"{name} us": round(value, 2) for name, value in us.items()}
-                row["torch.nn / batchnorm"] = round(us["torch.nn"] / us["batchnorm"], 3)
+                keys = {"threads": threads, "label": label, "mode": mode}
+                row, us = timed_row(runs, reps, keys)
                 if "batchnorm, general path" in us:
                     row["torch.nn / general path"] = round(
                         us["torch.nn"] / us["batchnorm, general path"], 3
@@ -106,6 +103,19 @@ def run(reps: int) -> list[dict]:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
+
+
+def timed_row(
+    runs: dict[str, Callable[[], None]], reps: int, keys: dict
+) -> tuple[dict, dict[str, float]]:
+    """A result row: ``keys``, then each contender's median µs per call (``"<name> us"``)
+    and ``"torch.nn / batchnorm"``, from ``reps`` interleaved measures of ``runs``; and the
+    medians unrounded, by contender."""
+    times = time_interleaved(runs, reps=reps, warmup=3)
+    us = {name: statistics.median(ts) / CALLS * 1e6 for name, ts in times.items()}
+    row = keys | {f"{name} us": round(value, 2) for name, value in us.items()}
+    row["torch.nn / batchnorm"] = round(us["torch.nn"] / us["batchnorm"], 3)
+    return row, us
 
 
 def table(result: dict) -> str:

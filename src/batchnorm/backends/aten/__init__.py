@@ -193,9 +193,11 @@ class AtenBackend:
                 below = ATEN_BELOW_PLANE_HALF_THREADED if half else ATEN_BELOW_PLANE_THREADED
             if x.numel() < below * x.shape[0] * x.shape[1]:
                 return True
-            if half and threaded and plain and x.numel() < ATEN_BELOW_NUMEL_HALF_PLANES_GRAPH:
-                if _records_graph(call):
-                    return True
+            if (
+                half and threaded and plain and x.numel() < ATEN_BELOW_NUMEL_HALF_PLANES_GRAPH
+                and _differentiated(x, call.weight, call.bias)
+            ):  # fmt: skip
+                return True
         elif half and threaded and x.numel() < ATEN_BELOW_NUMEL_HALF_ROWS_THREADED:
             return True
         plain_eval = plain and not call.training
@@ -221,18 +223,13 @@ def long_plain_sums(call: Call) -> bool:
         return False
     if not _channels_last_kernel(x) and values <= ATEN_MAX_PLANE * x.shape[0] * channels:
         return False
-    if call.training:
-        return True
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (call.weight, call.bias)
-    )
+    return call.training or _differentiated(call.weight, call.bias)
 
 
-def _records_graph(call: Call) -> bool:
-    """Whether autograd records the call: grad mode on and a tensor that requires grad."""
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (call.x, call.weight, call.bias)
-    )
+def _differentiated(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on these tensors (None: not given): grad mode on and
+    one of them requiring grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def safe_batch_norm(
