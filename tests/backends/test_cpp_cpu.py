@@ -1,9 +1,9 @@
 """The C++ backend (batchnorm.backends.cpp_cpu): float32 and bfloat16 (N, C) and
 channels-last calls, training and eval, in one C++ autograd node; serial loops for small
-inputs, torch's threads for large ones; NCHW inference.
+inputs, torch's threads for large ones; NCHW inference; float16 inference.
 
-The oracle is torch.nn's layer in float64 on the same float32-rounded inputs (bfloat16:
-the float64 result rounded to bfloat16, see the end of this file); every test
+The oracle is torch.nn's layer in float64 on the same float32-rounded inputs (bfloat16 and
+float16: the float64 result rounded to the dtype, see the end of this file); every test
 first checks that the dispatch really gives its calls to this backend (else it would test
 ATen). The build, its cache and its fallback: test_cpp_cpu_build.py.
 """
@@ -646,22 +646,40 @@ def test_inference_mode_and_no_grad_update_the_running_statistics():
 
 # bfloat16 inputs with float32 parameters and statistics (torch.autocast's convention): the
 # loops load bfloat16, compute in float32 (float64 sums of float32 partial sums) and round
-# their results.
+# their results (float16 in inference alike, at the end of this file).
 
 
-def test_bfloat16_results_are_rounded_as_torch_rounds():
-    """Stores round to nearest, ties to even, as torch's .to(torch.bfloat16), NaN and
-    infinities included: eval of zeros with running mean -v, running variance 1 and eps 0
-    gives v rounded, in the rows' loops and in the NCHW planes' (every value a channel)."""
-    values = torch.from_numpy(floats_to_round(torch.bfloat16))
-    expected = values.to(torch.bfloat16).float().numpy()
+def _takes_float16() -> bool:
+    x = torch.zeros(2, 1, dtype=torch.float16)
+    return extension().takes(x, None, None, torch.zeros(1), torch.ones(1), None, False)
+
+
+#: float16 inputs run here in inference where the CPU has AVX-512 (F, BW, VL) only (see the
+#: float16 tests at the end of this file)
+float16_loops = pytest.mark.skipif(
+    not _takes_float16(), reason="no AVX-512 on this CPU: float16 runs on ATen and Numba"
+)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.bfloat16, pytest.param(torch.float16, marks=float16_loops)],
+    ids=["bfloat16", "float16"],
+)
+def test_half_results_are_rounded_as_torch_rounds(dtype):
+    """Stores round to nearest, ties to even, as torch's .to(dtype), NaN and infinities
+    included (float16: overflow to infinity and subnormals too): eval of zeros with running
+    mean -v, running variance 1 and eps 0 gives v rounded, in the rows' loops and in the
+    NCHW planes' (every value a channel; planes of 2 values, float16's masked last lanes)."""
+    values = torch.from_numpy(floats_to_round(dtype))
+    expected = values.to(dtype).float().numpy()
     channels = values.numel()
     stats = (-values, torch.ones(channels))
     for shape in ((1, channels), (1, channels, 2)):
-        x = torch.zeros(shape, dtype=torch.bfloat16)
+        x = torch.zeros(shape, dtype=dtype)
         _runs_here(x, training=False)
         y = batchnorm.functional.batch_norm(x, *stats, training=False, eps=0.0)
-        assert y.dtype == torch.bfloat16
+        assert y.dtype == dtype
         for got in y.float().reshape(channels, -1).unbind(1):
             assert same_values(got.numpy(), expected).all()
 
@@ -734,25 +752,31 @@ def test_bfloat16_large_input_is_within_rounding_of_float64(activation):
 @pytest.mark.parametrize("activation", ["identity", "silu"])
 @pytest.mark.parametrize("name", ["NCHW threaded", "NCHW short planes threaded"])
 def test_bfloat16_nchw_inference_is_within_rounding_of_float64(name, activation):
-    shape = PLANES[name]
-    x = random_input(shape, seed=1, mean=3.0).to(torch.bfloat16)
-    z = random_input(shape, seed=3).to(torch.bfloat16)
+    _check_half_inference(torch.bfloat16, PLANES[name], False, True, activation)
+
+
+def _check_half_inference(dtype, shape, channels_last, residual, activation):
+    """Eval without autograd of a half-precision input here: within twice the rounding of
+    the float64 result to dtype (ELU, torch's op after the node, rounds once more), the
+    input's layout kept."""
+    x = random_input(shape, channels_last=channels_last, seed=1, mean=3.0).to(dtype)
+    z = random_input(shape, channels_last=channels_last, seed=3).to(dtype) if residual else None
     g = torch.Generator().manual_seed(2)
     weight, bias = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
     running = torch.randn(shape[1], generator=g) + 3, torch.rand(shape[1], generator=g) + 0.5
-    call = Call(x, False, activation, 0.01, True, False, True, weight, bias, *running, z)
+    call = Call(x, False, activation, 0.2, residual, False, True, weight, bias, *running, z)
     assert ops.select(call).name == "cpp_cpu"
     y = batchnorm.functional.batch_norm(x, *running, weight, bias, False, activation=activation,
-                                        residual=z)  # fmt: skip
+                                        negative_slope=0.2, residual=z)  # fmt: skip
     exact = _float64(x, weight, bias, z, False, activation, running, torch.zeros(shape))[0]
-    assert y.dtype == torch.bfloat16
-    assert_within_rounding(y, exact, torch.bfloat16)
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert_within_rounding(y, exact, dtype, 2 if activation == "elu" else 1)
 
 
 def test_bfloat16_calls_it_cannot_take_go_elsewhere():
     """bfloat16 inputs with float32 parameters, statistics, and a residual of their dtype;
     not bfloat16 parameters (a model cast with .bfloat16(): the Numba kernels), nor
-    float16 inputs."""
+    float16 inputs in training."""
     x = random_input((64, 8, 4, 4), channels_last=True).to(torch.bfloat16)
     ones = torch.ones(8)
 
@@ -800,3 +824,108 @@ def test_bfloat16_second_derivatives_match_torch():
     for mine, theirs in zip(*results, strict=True):
         scale = theirs.abs().max().item()
         torch.testing.assert_close(mine.double(), theirs, rtol=0, atol=0.05 * scale)
+
+
+# float16 inputs in inference (eval without a graph; float32 parameters and statistics):
+# loaded to float32 and rounded back with AVX-512's conversions (rows.cpp's eval_halves).
+# The loops need AVX-512 (F, BW, VL); elsewhere float16 stays on ATen and the Numba kernels.
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.split(":")[-1].split())
+
+
+def test_float16_loops_are_built_where_the_cpu_has_avx512():
+    """The float16 tests below skip only where the CPU lacks AVX-512 (F, BW, VL), never on
+    a machine that has it (a build without them would hide behind that skip)."""
+    if not {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags():
+        pytest.skip("this CPU lacks AVX-512 (F, BW, VL), or its flags are unknown")
+    assert _takes_float16()
+
+
+#: Rows and planes, serial and on torch's threads, of widths that are and are not a multiple
+#: of the 16 lanes (7x7 planes: three full vectors and one lane more).
+FLOAT16_SHAPES = {
+    "(100,128)": ((100, 128), False),
+    "(2,3)": ((2, 3), False),
+    "channels_last": ((8, 16, 3, 3), True),
+    "channels_last threaded": ((13, 24, 29, 31), True),
+    "(8203,40) threaded": ((8203, 40), False),
+    "NCHW 7x7": ((4, 6, 7, 7), False),
+    "NCDHW": ((2, 4, 3, 2, 2), False),
+    "NCHW threaded": ((3, 24, 33, 37), False),
+}
+
+
+@float16_loops
+@pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "silu", "elu"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("name", FLOAT16_SHAPES)
+def test_float16_inference_is_within_rounding_of_float64(name, residual, activation):
+    _check_half_inference(torch.float16, *FLOAT16_SHAPES[name], residual, activation)
+
+
+@float16_loops
+@pytest.mark.parametrize("name", ["(100,128)", "NCHW 7x7"])
+def test_float16_inference_keeps_its_digits_where_the_running_mean_is_large(name):
+    """The running mean folds into the shift (rows.cpp's eval_halves): at a mean of 1000
+    and a spread of 1, where float16 inputs are 0.5 apart, still within rounding."""
+    shape, _ = FLOAT16_SHAPES[name]
+    x = random_input(shape, seed=1, mean=1000.0).to(torch.float16)
+    g = torch.Generator().manual_seed(2)
+    weight, bias = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
+    running = x.double().transpose(0, 1).reshape(shape[1], -1).mean(1).float(), torch.ones(shape[1])
+    _runs_here(x, training=False)
+    y = batchnorm.functional.batch_norm(x, *running, weight, bias, False)
+    exact = _float64(x, weight, bias, None, False, "identity", running, torch.zeros(shape))[0]
+    assert_within_rounding(y, exact, torch.float16)
+
+
+@float16_loops
+@pytest.mark.parametrize("shape", [(3, 21), (3, 21, 5)], ids=["rows", "planes"])
+def test_float16_non_finite_inputs_give_torchs_results(shape):
+    """NaN, infinities and zeros through each activation of the loops, as torch's (ReLU and
+    leaky ReLU keep NaN), in the full vectors and the last lanes."""
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.5, 2.0])
+    x = specials.repeat(shape[0] * shape[1] * (shape[2] if len(shape) > 2 else 1) // 7 + 1)
+    x = x[: torch.Size(shape).numel()].reshape(shape).to(torch.float16)
+    stats = torch.zeros(shape[1]), torch.ones(shape[1])
+    _runs_here(x, training=False)
+    for activation in ("identity", "relu", "leaky_relu"):
+        y = batchnorm.functional.batch_norm(x, *stats, training=False, eps=0.0,
+                                            activation=activation, negative_slope=0.2)  # fmt: skip
+        reference = torch.nn.functional.batch_norm(x.double(), *(t.double() for t in stats),
+                                                   eps=0.0)  # fmt: skip
+        if activation != "identity":
+            reference = TORCH_ACTIVATIONS[activation](reference)
+        expected = reference.to(torch.float16)
+        assert same_values(y.float().numpy(), expected.float().numpy()).all()
+
+
+@float16_loops
+def test_float16_calls_it_cannot_take_go_elsewhere():
+    """float16 inputs in eval without a graph only: in training, with a graph to record,
+    or with float16 parameters (a model cast with .half()) they go to ATen or Numba."""
+    x = random_input((64, 8, 4, 4)).to(torch.float16)
+    ones = torch.ones(8)
+
+    def chosen(x, training=False, **tensors):
+        stats = {"running_mean": torch.zeros(8), "running_var": torch.ones(8)}
+        running = {} if training else stats
+        call = Call(x, training, "identity", 0.01, False, **running, **tensors)
+        return ops.select(call).name
+
+    for layout in (x, x.to(memory_format=torch.channels_last)):
+        assert chosen(layout, weight=ones) == "cpp_cpu"
+        assert chosen(layout, training=True, weight=ones) != "cpp_cpu"
+        assert chosen(layout, weight=ones.requires_grad_()) != "cpp_cpu"
+        assert chosen(layout.requires_grad_()) != "cpp_cpu"
+        with torch.no_grad():
+            assert chosen(layout, weight=ones) == "cpp_cpu"
+        assert chosen(layout.detach(), weight=ones.detach().half()) != "cpp_cpu"
+        ones = ones.detach()

@@ -5,7 +5,10 @@ from 65,536 values. Also NCHW inputs in eval mode when no graph is recorded (inf
 plane at a time, without a node. bfloat16 inputs take float32 parameters and statistics
 (torch.autocast's convention; a model cast to bfloat16 runs on the Numba kernels): loaded
 to float32, computed in float32 with float64 sums of float32 partial sums, rounded to
-bfloat16 (to nearest, ties to even, as torch's conversion).
+bfloat16 (to nearest, ties to even, as torch's conversion). float16 inputs (float32
+parameters and statistics) in inference only, either layout, on CPUs with AVX-512, whose
+conversions the loops use (rows.cpp's eval_halves): faster than ATen's float16 eval from
+the smallest layers on, where the call's Python shows, to level on large ones.
 
 Why: on these inputs ATen's float32 kernel loses digits as the mean grows (see
 backends.aten.safe_batch_norm), and the shift that keeps them costs two more ops; the Numba
@@ -84,6 +87,9 @@ SWITCH = "BATCHNORM_CPP"
 #: follows the node as torch's own op (C++ autograd too; see rows.cpp).
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 _ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
+#: The input dtypes of the calls the extension may take (``takes`` decides: float16 in
+#: inference only, on CPUs with AVX-512).
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _lock = threading.Lock()
 #: The built module; False once it could not be had (off, or the build failed).
@@ -100,14 +106,15 @@ class CppBackend:
     def supports(self, call: Call) -> bool:
         """Calls of float32 or bfloat16 CPU inputs (with float32 parameters and statistics,
         as under torch.autocast), the input dense with its channels innermost (or
-        NCHW-contiguous, in eval without a graph to record), a residual of its dtype and
+        NCHW-contiguous, in eval without a graph to record; float16 inputs of either layout
+        in eval without a graph, where the CPU has AVX-512), a residual of its dtype and
         strides, with any activation (see ACTIVATION_CODES), in torch's running-variance
         convention, the input saved for backward; in training more than one value per
         channel, in eval running statistics; not under forward-mode AD or torch.jit.trace
         (the node has no tangent rule and traces as nothing), and only where the extension
         builds. The tensors' checks are the extension's ``takes``."""
         if not (
-            (call.x.dtype is torch.float32 or call.x.dtype is torch.bfloat16)
+            call.x.dtype in _DTYPES
             and not call.keep_output_only
             and call.unbiased_running_var
             and forward_ad._current_level < 0
