@@ -91,6 +91,26 @@ def test_a_failed_build_warns_once_and_leaves_the_calls_on_aten(tmp_path):
     assert "BATCHNORM_CPP=0" in failed.stderr
 
 
+def test_calls_on_other_devices_never_build_it(tmp_path):
+    """The backend takes CPU inputs only, so a call on another device (a GPU's; here the
+    meta device) neither builds the extension (10-30 s) nor, without a compiler, warns
+    that it cannot be built."""
+    done = _python(
+        """
+        import torch, batchnorm
+        from batchnorm.backends import cpp_cpu
+        layer = batchnorm.BatchNorm1d(8).to("meta")
+        print(layer(torch.empty(64, 8, device="meta")).device, cpp_cpu.outcome)
+        """,
+        CXX=str(tmp_path / "no-compiler"),
+        XDG_CACHE_HOME=str(tmp_path),
+        PYTHONWARNINGS="always",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["meta", "not", "needed", "yet"]
+    assert "C++ kernels" not in done.stderr
+
+
 # Skips only where no compiler is found, as the loading test above (same guard).
 @pytest.mark.skipif(extension() is None, reason="no compiler: see the first test")
 def test_batchnorm_compile_builds_or_loads_it(capsys):

@@ -112,9 +112,11 @@ class CppBackend:
         convention, the input saved for backward; in training more than one value per
         channel, in eval running statistics; not under forward-mode AD or torch.jit.trace
         (the node has no tangent rule and traces as nothing), and only where the extension
-        builds. The tensors' checks are the extension's ``takes``."""
+        builds. The tensors' checks are the extension's ``takes``; the device comes first,
+        so that a call on another device (a GPU's) never builds the extension."""
         if not (
-            call.x.dtype in _DTYPES
+            call.x.is_cpu
+            and call.x.dtype in _DTYPES
             and not call.keep_output_only
             and call.unbiased_running_var
             and forward_ad._current_level < 0
