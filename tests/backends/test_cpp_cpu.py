@@ -14,7 +14,7 @@ import torch
 import batchnorm
 from batchnorm import ops
 from batchnorm.backends import Call
-from batchnorm.backends.cpp_cpu import ACTIVATION_BELOW_NUMEL, extension
+from batchnorm.backends.cpp_cpu import ACTIVATION_BELOW_NUMEL, TAKES, extension
 from conftest import (
     assert_close,
     assert_within_rounding,
@@ -595,11 +595,9 @@ def test_a_layers_calls_go_where_the_dispatch_sends_them(monkeypatch):
     from batchnorm.backends.cpp_cpu import CppBackend
     from batchnorm.backends.reference import ReferenceBackend
 
-    asked, computed = [], []
-    supports, batch_norm = CppBackend.supports, CppBackend.batch_norm
-    monkeypatch.setattr(
-        CppBackend, "supports", lambda self, c: asked.append(1) or supports(self, c)
-    )
+    asked, computed = [], []  # its takes (through layer_call or supports), its computing
+    kind, batch_norm = CppBackend._kind, CppBackend.batch_norm
+    monkeypatch.setattr(CppBackend, "_kind", lambda self, c: asked.append(1) or kind(self, c))
     monkeypatch.setattr(CppBackend, "batch_norm",
                         lambda self, c: computed.append(1) or batch_norm(self, c))  # fmt: skip
 
@@ -630,6 +628,52 @@ def test_a_layers_calls_go_where_the_dispatch_sends_them(monkeypatch):
     assert asked == [1] and computed == [1] and y.shape == (2, 4, 3, 3)
 
 
+def test_what_takes_calls_usual_passes_the_python_checks():
+    """A call whose tensors ``takes`` vouches for (USUAL or TAKES) skips the Python checks
+    of functional._layer_call (``_usual_tensors``), so those must pass on every such call:
+    inputs of four dtypes and five layouts, parameters and statistics of other dtypes,
+    shapes and strides, given or not, a residual of another dtype, shape or layout, in
+    training and eval, with and without a graph. Calls that no backend of ours computes
+    but ATen and Numba do (float16 training, NCHW training) are USUAL."""
+    import itertools
+
+    from batchnorm.backends.cpp_cpu import UNCHECKED, USUAL
+    from batchnorm.functional import _usual_tensors
+
+    base = random_input((6, 4, 3, 3))
+    inputs = {
+        "NCHW": base, "channels_last": base.to(memory_format=torch.channels_last),
+        "(N, C)": base[:, :, 0, 0].contiguous(), "transposed": base.transpose(2, 3),
+        "one value a channel": base[:1, :, :1, :1].contiguous(),
+    }  # fmt: skip
+    vectors = {
+        "none": None, "float32": torch.ones(4), "float16": torch.ones(4, dtype=torch.float16),
+        "float64": torch.ones(4, dtype=torch.float64), "5 values": torch.ones(5),
+        "strided": torch.ones(8)[::2], "requiring grad": torch.ones(4, requires_grad=True),
+    }  # fmt: skip
+    kinds = {UNCHECKED: 0, USUAL: 0, TAKES: 0}
+    cases = itertools.product(inputs.values(), (torch.float32, torch.bfloat16, torch.float16,
+                                                torch.float64), vectors.values(),
+                              vectors.values(), (True, False), (True, False),
+                              ("none", "same", "other dtype", "other layout"))  # fmt: skip
+    for x, dtype, weight, stat, training, graph, residual in cases:
+        x = x.to(dtype)
+        z = {"none": None, "same": x, "other dtype": x.double(),
+             "other layout": x.contiguous() if not x.is_contiguous() else x.transpose(0, 1)
+             .contiguous().transpose(0, 1)}[residual]  # fmt: skip
+        with torch.set_grad_enabled(graph):
+            kind = extension().takes(x, weight, weight, stat, stat, z, training)
+        kinds[kind] += 1
+        if kind != UNCHECKED:
+            call = Call(x, training, "identity", 0.01, z is not None, False, True, weight,
+                        weight, stat, stat, z)  # fmt: skip
+            assert _usual_tensors(call), (x.shape, x.stride(), dtype, weight, stat, training, z)
+    assert min(kinds.values()) > 100, kinds
+    ones = torch.ones(4)
+    for x in (base.half(), base):  # float16 training, NCHW training
+        assert extension().takes(x, ones, ones, ones, ones, None, True) == USUAL
+
+
 def test_inference_mode_and_no_grad_update_the_running_statistics():
     ours, ref = _pair((32, 8))
     x = random_input((32, 8), mean=2.0)
@@ -651,7 +695,7 @@ def test_inference_mode_and_no_grad_update_the_running_statistics():
 
 def _takes_float16() -> bool:
     x = torch.zeros(2, 1, dtype=torch.float16)
-    return extension().takes(x, None, None, torch.zeros(1), torch.ones(1), None, False)
+    return extension().takes(x, None, None, torch.zeros(1), torch.ones(1), None, False) == TAKES
 
 
 #: float16 inputs run here in inference where the CPU has AVX-512 (F, BW, VL) only (see the

@@ -90,6 +90,10 @@ _ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
 #: The input dtypes of the calls the extension may take (``takes`` decides: float16 in
 #: inference only, on CPUs with AVX-512).
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: What the extension's ``takes`` says of a call (rows.cpp's Kind): it computes the call
+#: (TAKES); it does not, but the call's tensors pass ``functional._layer_call``'s checks,
+#: which then need not run (USUAL); neither is known (UNCHECKED).
+UNCHECKED, USUAL, TAKES = 0, 1, 2
 
 _lock = threading.Lock()
 #: The built module; False once it could not be had (off, or the build failed).
@@ -114,6 +118,11 @@ class CppBackend:
         (the node has no tangent rule and traces as nothing), and only where the extension
         builds. The tensors' checks are the extension's ``takes``; the device comes first,
         so that a call on another device (a GPU's) never builds the extension."""
+        return self._kind(call) == TAKES
+
+    def _kind(self, call: Call) -> int:
+        """``takes``'s word on the call (UNCHECKED where the Python checks of ``supports``
+        fail first, or the extension is not built)."""
         if not (
             call.x.is_cpu
             and call.x.dtype in _DTYPES
@@ -122,9 +131,11 @@ class CppBackend:
             and forward_ad._current_level < 0
             and torch._C._get_tracing_state() is None
         ):
-            return False
+            return UNCHECKED
         built = extension()
-        return built is not None and built.takes(
+        if built is None:
+            return UNCHECKED
+        return built.takes(
             call.x, call.weight, call.bias, call.running_mean, call.running_var, call.residual,
             call.training,
         )  # fmt: skip
@@ -133,22 +144,25 @@ class CppBackend:
         below = ACTIVATION_BELOW_NUMEL.get(call.activation)
         return below is None or call.x.dtype is not torch.float32 or call.x.numel() < below
 
-    def layer_call(self, call: Call) -> Tensor | None:
+    def layer_call(self, call: Call) -> Tensor | bool:
         """``batch_norm(call)`` for a layer's call that ``functional._layer_call`` would give
-        the dispatch and the dispatch to this backend (asked first), else None: the same
-        decision in fewer steps (those steps' Python cost a tenth of a small layer's call).
-        Not under torch.compile (which traces ``_layer_call``'s own way), then ``supports``
-        (whose ``takes`` makes most of ``_layer_call``'s checks), the others (eps, the
-        activation's name) and ``preferred``."""
+        the dispatch and the dispatch to this backend (asked first): the same decision in
+        fewer steps (those steps' Python cost a tenth of a small layer's call). Not under
+        torch.compile (which traces ``_layer_call``'s own way), then ``takes`` (which makes
+        most of ``_layer_call``'s checks), the others (eps, the activation's name) and
+        ``preferred``. A call it does not compute gives whether its tensors passed
+        ``_layer_call``'s checks (USUAL), which then need not run again."""
+        if torch.compiler.is_compiling():
+            return False
+        kind = self._kind(call)
         if (
-            not torch.compiler.is_compiling()
-            and self.supports(call)
+            kind == TAKES
             and (call.eps > 0 if call.training else call.eps >= 0)
             and call.activation in reference.ACTIVATIONS
             and self.preferred(call)
         ):
             return self.batch_norm(call)
-        return None
+        return kind != UNCHECKED
 
     def batch_norm(self, call: Call) -> Tensor:
         code = ACTIVATION_CODES.get(call.activation)

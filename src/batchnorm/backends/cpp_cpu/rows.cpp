@@ -1308,31 +1308,41 @@ bool planes_layout(const Tensor& x) {
   return x.dim() > 2 && x.is_contiguous() && x.numel() > x.size(0) * x.size(1);
 }
 
-bool takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias,
-           pybind11::handle running_mean, pybind11::handle running_var,
-           pybind11::handle residual, bool training) {
-  const bool half = kHalfLoops && !training && readable(x, at::kHalf);
-  if (!(half || readable(x, at::kFloat) || readable(x, at::kBFloat16))) return false;
+// What takes says of a call (cpp_cpu's UNCHECKED, USUAL, TAKES): kTakes, rows_batch_norm
+// computes it; kUsual, it does not, but the call's tensors pass the checks of
+// functional._layer_call, which then need not make them (these are stricter: a float32,
+// bfloat16 or float16 CPU input of 2 or more dimensions, float32 parameters and statistics
+// of its channels, contiguous, a residual of its dtype, sizes and strides); kUnchecked, the
+// Python checks decide.
+enum Kind : int64_t { kUnchecked = 0, kUsual = 1, kTakes = 2 };
+
+int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias,
+              pybind11::handle running_mean, pybind11::handle running_var,
+              pybind11::handle residual, bool training) {
+  const bool half = readable(x, at::kHalf);
+  if (!(half || readable(x, at::kFloat) || readable(x, at::kBFloat16))) return kUnchecked;
   const Tensor& t = THPVariable_Unpack(x.ptr());
-  if (t.dim() < 2) return false;
+  if (t.dim() < 2) return kUnchecked;
   const int64_t channels = t.size(1), values = t.numel();
-  if (running_mean.is_none() != running_var.is_none()) return false;
-  if (training ? values <= channels : running_mean.is_none() || values == 0) return false;
+  if (running_mean.is_none() != running_var.is_none()) return kUnchecked;
+  if (training ? values <= channels : running_mean.is_none() || values == 0) return kUnchecked;
   if (!residual.is_none()) {  // read as rows of x's layout
-    if (!readable(residual, t.scalar_type())) return false;
+    if (!readable(residual, t.scalar_type())) return kUnchecked;
     const Tensor& z = THPVariable_Unpack(residual.ptr());
-    if (z.sizes() != t.sizes() || z.strides() != t.strides()) return false;
+    if (z.sizes() != t.sizes() || z.strides() != t.strides()) return kUnchecked;
   }
   if (!(per_channel(weight, channels, false) && per_channel(bias, channels, false) &&
         per_channel(running_mean, channels, true) && per_channel(running_var, channels, true)))
-    return false;
-  if (rows_layout(t) && !half) return true;
+    return kUnchecked;
+  if (rows_layout(t) && !half) return kTakes;
   auto tensor = [](pybind11::handle obj) {  // a checked tensor, or None
     return obj.is_none() ? Tensor() : THPVariable_Unpack(obj.ptr());
   };
   // NCHW, and float16 in either layout: in eval without a graph (inference) only
-  return !training && (rows_layout(t) || planes_layout(t)) &&
-         !records_graph(t, tensor(weight), tensor(bias), tensor(residual));
+  const bool inference = !training && (!half || kHalfLoops) &&
+                         (rows_layout(t) || planes_layout(t)) &&
+                         !records_graph(t, tensor(weight), tensor(bias), tensor(residual));
+  return inference ? kTakes : kUsual;
 }
 
 Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& bias,
@@ -1373,8 +1383,9 @@ Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("takes", &takes,
-        "Whether rows_batch_norm computes this call: (x, weight, bias, running_mean, "
-        "running_var, residual, training) -> bool");
+        "Whether rows_batch_norm computes this call (2), or not but its tensors pass the usual "
+        "call's checks (1), or neither is known (0): (x, weight, bias, running_mean, "
+        "running_var, residual, training) -> int");
   m.def("rows_batch_norm", &rows_batch_norm,
         "Batch norm of a float32 or bfloat16 (N, C) or channels_last input (or, in eval without "
         "autograd, an NCHW one, or a float16 one) with the fused epilogue, the running update "
