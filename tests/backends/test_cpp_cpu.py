@@ -714,7 +714,8 @@ def test_half_results_are_rounded_as_torch_rounds(dtype):
     """Stores round to nearest, ties to even, as torch's .to(dtype), NaN and infinities
     included (float16: overflow to infinity and subnormals too): eval of zeros with running
     mean -v, running variance 1 and eps 0 gives v rounded, in the rows' loops and in the
-    NCHW planes' (every value a channel; planes of 2 values, float16's masked last lanes)."""
+    NCHW planes' (every value a channel; planes of 2 values: eval_halves' masked last
+    lanes)."""
     values = torch.from_numpy(floats_to_round(dtype))
     expected = values.to(dtype).float().numpy()
     channels = values.numel()
@@ -870,9 +871,10 @@ def test_bfloat16_second_derivatives_match_torch():
         torch.testing.assert_close(mine.double(), theirs, rtol=0, atol=0.05 * scale)
 
 
-# float16 inputs in inference (eval without a graph; float32 parameters and statistics):
-# loaded to float32 and rounded back with AVX-512's conversions (rows.cpp's eval_halves).
-# The loops need AVX-512 (F, BW, VL); elsewhere float16 stays on ATen and the Numba kernels.
+# float16 and bfloat16 inputs in inference (eval without a graph; float32 parameters and
+# statistics): loaded to float32 and rounded back in AVX-512's instructions (rows.cpp's
+# eval_halves). Where the CPU lacks AVX-512 (F, BW, VL), float16 stays on ATen and the Numba
+# kernels (its tests skip) and bfloat16 on the C++ backend's other loops.
 
 
 def _cpu_flags() -> set[str]:
@@ -894,7 +896,7 @@ def test_float16_loops_are_built_where_the_cpu_has_avx512():
 
 #: Rows and planes, serial and on torch's threads, of widths that are and are not a multiple
 #: of the 16 lanes (7x7 planes: three full vectors and one lane more).
-FLOAT16_SHAPES = {
+HALF_INFERENCE_SHAPES = {
     "(100,128)": ((100, 128), False),
     "(2,3)": ((2, 3), False),
     "channels_last": ((8, 16, 3, 3), True),
@@ -906,38 +908,43 @@ FLOAT16_SHAPES = {
 }
 
 
-@float16_loops
+HALF_DTYPES = [pytest.param(torch.bfloat16, id="bfloat16"),
+               pytest.param(torch.float16, id="float16", marks=float16_loops)]  # fmt: skip
+
+
 @pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "silu", "elu"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("name", FLOAT16_SHAPES)
-def test_float16_inference_is_within_rounding_of_float64(name, residual, activation):
-    _check_half_inference(torch.float16, *FLOAT16_SHAPES[name], residual, activation)
+@pytest.mark.parametrize("name", HALF_INFERENCE_SHAPES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_inference_is_within_rounding_of_float64(dtype, name, residual, activation):
+    _check_half_inference(dtype, *HALF_INFERENCE_SHAPES[name], residual, activation)
 
 
-@float16_loops
 @pytest.mark.parametrize("name", ["(100,128)", "NCHW 7x7"])
-def test_float16_inference_keeps_its_digits_where_the_running_mean_is_large(name):
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_inference_keeps_its_digits_where_the_running_mean_is_large(dtype, name):
     """The running mean folds into the shift (rows.cpp's eval_halves): at a mean of 1000
-    and a spread of 1, where float16 inputs are 0.5 apart, still within rounding."""
-    shape, _ = FLOAT16_SHAPES[name]
-    x = random_input(shape, seed=1, mean=1000.0).to(torch.float16)
+    and a spread of 1, where float16 inputs are 0.5 apart (bfloat16 ones 4), still within
+    rounding."""
+    shape, _ = HALF_INFERENCE_SHAPES[name]
+    x = random_input(shape, seed=1, mean=1000.0).to(dtype)
     g = torch.Generator().manual_seed(2)
     weight, bias = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
     running = x.double().transpose(0, 1).reshape(shape[1], -1).mean(1).float(), torch.ones(shape[1])
     _runs_here(x, training=False)
     y = batchnorm.functional.batch_norm(x, *running, weight, bias, False)
     exact = _float64(x, weight, bias, None, False, "identity", running, torch.zeros(shape))[0]
-    assert_within_rounding(y, exact, torch.float16)
+    assert_within_rounding(y, exact, dtype)
 
 
-@float16_loops
 @pytest.mark.parametrize("shape", [(3, 21), (3, 21, 5)], ids=["rows", "planes"])
-def test_float16_non_finite_inputs_give_torchs_results(shape):
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_non_finite_inputs_give_torchs_results(dtype, shape):
     """NaN, infinities and zeros through each activation of the loops, as torch's (ReLU and
     leaky ReLU keep NaN), in the full vectors and the last lanes."""
     specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.5, 2.0])
     x = specials.repeat(shape[0] * shape[1] * (shape[2] if len(shape) > 2 else 1) // 7 + 1)
-    x = x[: torch.Size(shape).numel()].reshape(shape).to(torch.float16)
+    x = x[: torch.Size(shape).numel()].reshape(shape).to(dtype)
     stats = torch.zeros(shape[1]), torch.ones(shape[1])
     _runs_here(x, training=False)
     for activation in ("identity", "relu", "leaky_relu"):
@@ -947,7 +954,7 @@ def test_float16_non_finite_inputs_give_torchs_results(shape):
                                                    eps=0.0)  # fmt: skip
         if activation != "identity":
             reference = TORCH_ACTIVATIONS[activation](reference)
-        expected = reference.to(torch.float16)
+        expected = reference.to(dtype)
         assert same_values(y.float().numpy(), expected.float().numpy()).all()
 
 

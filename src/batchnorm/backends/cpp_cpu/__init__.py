@@ -7,8 +7,9 @@ plane at a time, without a node. bfloat16 inputs take float32 parameters and sta
 to float32, computed in float32 with float64 sums of float32 partial sums, rounded to
 bfloat16 (to nearest, ties to even, as torch's conversion). float16 inputs (float32
 parameters and statistics) in inference only, either layout, on CPUs with AVX-512, whose
-conversions the loops use (rows.cpp's eval_halves): faster than ATen's float16 eval from
-the smallest layers on, where the call's Python shows, to level on large ones.
+instructions the inference loops of both half-precision dtypes are written in (rows.cpp's
+eval_halves): faster than ATen's eval from the smallest layers on, where the call's
+Python shows, to level (float16) or faster (bfloat16) on large ones.
 
 Why: on these inputs ATen's float32 kernel loses digits as the mean grows (see
 backends.aten.safe_batch_norm), and the shift that keeps them costs two more ops; the Numba

@@ -5,7 +5,8 @@
 // tests hold the two together). Inputs of kParallelValues values or more run on torch's
 // intra-op threads (at::parallel_for), with sums that do not depend on the thread count.
 // Also NCHW inputs in eval when no graph is recorded (inference), a plane at a time
-// (eval_planes), and float16 inputs of either layout in inference (eval_halves).
+// (eval_planes); on CPUs with AVX-512, float16 and bfloat16 inputs of either layout in
+// inference run eval_halves instead.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -941,21 +942,26 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
   return y;
 }
 
-// Float16 inputs in inference (eval without a graph; float32 parameters and statistics, as
-// under torch.autocast), on CPUs with AVX-512 (F, BW, VL): y = act((x - running mean) *
-// invstd * weight + bias [+ z]) in float32 (the mean folded into the shift: eval_halves),
-// rounded to nearest, ties to even (as torch's .to(torch.float16)). GCC 12 converts
+// Float16 and bfloat16 inputs in inference (eval without a graph; float32 parameters and
+// statistics, as under torch.autocast), on CPUs with AVX-512 (F, BW, VL): y = act((x -
+// running mean) * invstd * weight + bias [+ z]) in float32 (the mean folded into the shift:
+// eval_halves), rounded to nearest, ties to even (as torch's .to()). GCC 12 converts
 // _Float16 one value at a time, and exact integer conversions cost 15-20 vector
 // instructions per 16 values (both slower than ATen's float16 loops: docs/performance.md,
-// "Tried and left out"), so these loops are written in AVX-512's conversions (an
-// instruction per 16 values): the plain, ReLU and leaky ReLU ones keep each value in a
-// register from its load to its store. SiLU, whose exp GCC vectorizes in float32 loops,
-// converts blocks of kHalfBlock values to float32 in L1, normalizes them there and converts
-// them back. Raw eval calls, µs, one thread, ATen's time -> ours (blocks for every
-// activation at 8 lanes -> registers at 8 -> at 16, before the fold): (8, 256, 12, 12) 31.3
-// -> 52.5, 39.0, 29.4; (32, 64, 28, 28) 146 -> 277, 139, 146; channels_last (8, 128, 24,
-// 24) 76 -> 121, 73, 83 (the runs' ATen times varied by 10 %). Elsewhere (no AVX-512)
-// float16 stays on ATen and the Numba kernels.
+// "Tried and left out"), so these loops are written in AVX-512's instructions, 16 values at
+// a time (float16: one conversion each way; bfloat16: a shift, and store<BF16>'s rounding):
+// the plain, ReLU and leaky ReLU ones keep each value in a register from its load to its
+// store. SiLU, whose exp GCC vectorizes in float32 loops, converts blocks of kHalfBlock
+// values to float32 in L1, normalizes them there and converts them back. Raw float16 eval
+// calls, µs, one thread, ATen's time -> ours (blocks for every activation at 8 lanes ->
+// registers at 8 -> at 16, before the fold): (8, 256, 12, 12) 31.3 -> 52.5, 39.0, 29.4;
+// (32, 64, 28, 28) 146 -> 277, 139, 146; channels_last (8, 128, 24, 24) 76 -> 121, 73, 83
+// (the runs' ATen times varied by 10 %). bfloat16, the loops of eval_planes and
+// forward_rows -> these, µs, one thread: (100, 128) 4.5 -> 3.5, (512, 256) 23.8 -> 18.0,
+// (8, 256, 12, 12) 50.7 -> 42.0, (8, 512, 7, 7) 48.3 -> 42.0, (32, 64, 28, 28) 232 -> 213,
+// channels_last (8, 128, 24, 24) 94 -> 74 and (32, 128, 32, 32) 710 -> 584, (4096, 1024)
+// 622 -> 599. Elsewhere (no AVX-512) float16 stays on ATen and the Numba kernels, and
+// bfloat16 on those loops.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 constexpr bool kHalfLoops = true;
 constexpr int64_t kHalfBlock = 256;
@@ -980,6 +986,32 @@ inline void store_halves(at::Half* p, Lanes v) {
 inline void store_halves(at::Half* p, Lanes v, Mask m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
+// bfloat16: the upper half of a float32; rounded as store<BF16> rounds (AVX-512's own
+// conversion, vcvtneps2bf16, flushes subnormals to zero, which torch's does not)
+inline Lanes widen_bf16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline Lanes load_halves(const BF16* p) {
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline Lanes load_halves(const BF16* p, Mask m) {
+  return widen_bf16(_mm256_maskz_loadu_epi16(m, p));
+}
+inline __m256i narrow_bf16(Lanes v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lowest = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lowest), 16);
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+}
+inline void store_halves(BF16* p, Lanes v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_bf16(v));
+}
+inline void store_halves(BF16* p, Lanes v, Mask m) {
+  _mm256_mask_storeu_epi16(p, m, narrow_bf16(v));
+}
 inline Lanes lanes_of(float v) { return _mm512_set1_ps(v); }
 inline Lanes lanes_at(const float* p) { return _mm512_loadu_ps(p); }
 inline Lanes lanes_at(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
@@ -1003,9 +1035,9 @@ inline Lanes activate_lanes(Lanes p, Lanes slope) {
 
 // dst[i] = act(fma(src[i], scale[i], shift[i]) [+ add[i]]) for i < n, kLanes values at a
 // time, act kCode's; kPlane: one channel's values (scale and shift point to its constants).
-template <int64_t kCode, bool kPlane>
-void normalize_halves(const at::Half* src, const at::Half* add, at::Half* dst, int64_t n,
-                      const float* scale, const float* shift, float slope) {
+template <int64_t kCode, bool kPlane, typename T>
+void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float* scale,
+                      const float* shift, float slope) {
   const Lanes slopes = lanes_of(slope);
   // the values from i on, kLanes of them, or those of `mask` (first_lanes)
   auto lanes = [&](int64_t i, auto... mask) {
@@ -1024,13 +1056,15 @@ void normalize_halves(const at::Half* src, const at::Half* add, at::Half* dst, i
 }
 
 // dst[0, n) = src[0, n) in float32, and back (the blocks of SiLU's loops).
-inline void halves_to_floats(const at::Half* src, float* __restrict dst, int64_t n) {
+template <typename T>
+void halves_to_floats(const T* src, float* __restrict dst, int64_t n) {
   for (int64_t i = 0; i < n; i += kLanes) {
     const Mask m = first_lanes(std::min(kLanes, n - i));
     _mm512_mask_storeu_ps(dst + i, m, load_halves(src + i, m));
   }
 }
-inline void floats_to_halves(const float* __restrict src, at::Half* dst, int64_t n) {
+template <typename T>
+void floats_to_halves(const float* __restrict src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; i += kLanes) {
     const Mask m = first_lanes(std::min(kLanes, n - i));
     store_halves(dst + i, lanes_at(src + i, m), m);
@@ -1052,13 +1086,14 @@ template <typename Act>
   }
 }
 
-// Eval without a graph of a float16 input whose channels are innermost (rows) or of an
-// NCHW-contiguous one (planes: every value of plane p is of channel p % C). The running
-// mean folds into the shift (x * scale + shift, the shift bias - mean * scale rounded once
-// from float64), as ATen's eval does: a subtraction and a stream of constants fewer. The
-// fold's rounding, 2^-24 |mean * scale|, is 2^-13 of what rounding x to float16 has already
-// cost there (up to 2^-11 |x * scale|, x near the mean), so the outputs stay within their
-// float16 rounding of the float64 result on float16 inputs (the tests: means 3 and 1000).
+// Eval without a graph of a float16 or bfloat16 input whose channels are innermost (rows)
+// or of an NCHW-contiguous one (planes: every value of plane p is of channel p % C). The
+// running mean folds into the shift (x * scale + shift, the shift bias - mean * scale
+// rounded once from float64), as ATen's eval does: a subtraction and a stream of constants
+// fewer. The fold's rounding, 2^-24 |mean * scale|, is 2^-13 (bfloat16: 2^-16) of what
+// rounding x to the dtype has already cost there (up to 2^-11 |x * scale|, x near the
+// mean), so the outputs stay within their rounding of the float64 result (the tests: means
+// 3 and 1000).
 // (Rows of 1024 channels, (4096, 1024), took 1.1-1.2x ATen's time with the subtraction.)
 Tensor eval_halves(const Tensor& x, const Tensor& weight, const Tensor& bias,
                    const Tensor& residual, const Running& running, double eps,
@@ -1069,57 +1104,64 @@ Tensor eval_halves(const Tensor& x, const Tensor& weight, const Tensor& bias,
   Tensor y = at::empty_like(x);
   const Affine affine = eval_affine(weight, bias, running, eps, channels, true);
   const float *scale = affine.scale.data(), *shift = affine.shift.data();
-  const at::Half* in = values_or_null<at::Half>(x);
-  const at::Half* z = values_or_null<at::Half>(residual);
-  at::Half* out = mutable_values<at::Half>(y);
   // the constants of unit u's values from `from` on (u's channel: `channel`, a plane's)
   auto constants = [&](int64_t channel, int64_t from) {
     const int64_t c = planes ? channel : from;
     return std::array<const float*, 2>{scale + c, shift + c};
   };
-  if (activation != kSilu) {  // in registers
-    auto each_unit = [&](auto code) {
-      constexpr int64_t kCode = decltype(code)::value;
+  auto run = [&](auto element) {  // the element type: at::Half or BF16
+    using T = decltype(element);
+    const T* in = values_or_null<T>(x);
+    const T* z = values_or_null<T>(residual);
+    T* out = mutable_values<T>(y);
+    if (activation != kSilu) {  // in registers
+      auto each_unit = [&](auto code) {
+        constexpr int64_t kCode = decltype(code)::value;
+        for_rows(units, width, [&](int64_t begin, int64_t end) {
+          for (int64_t u = begin, channel = begin % channels; u < end; ++u) {
+            const auto [sc, sh] = constants(channel, 0);
+            channel = channel + 1 == channels ? 0 : channel + 1;  // (a division costs more)
+            const int64_t first = u * width;
+            const T* add = z ? z + first : nullptr;
+            if (planes)
+              normalize_halves<kCode, true>(in + first, add, out + first, width, sc, sh,
+                                            static_cast<float>(slope));
+            else
+              normalize_halves<kCode, false>(in + first, add, out + first, width, sc, sh,
+                                             static_cast<float>(slope));
+          }
+        });
+      };
+      if (activation == kRelu) return each_unit(std::integral_constant<int64_t, kRelu>{});
+      if (activation == kLeakyRelu)
+        return each_unit(std::integral_constant<int64_t, kLeakyRelu>{});
+      return each_unit(std::integral_constant<int64_t, kIdentity>{});
+    }
+    // SiLU: blocks in float32 (with_activation gives its function)
+    with_activation(activation, static_cast<float>(slope), [&](auto act, auto, auto) {
       for_rows(units, width, [&](int64_t begin, int64_t end) {
-        for (int64_t u = begin, channel = begin % channels; u < end; ++u) {
-          const auto [sc, sh] = constants(channel, 0);
-          channel = channel + 1 == channels ? 0 : channel + 1;  // (a division costs more)
-          const int64_t first = u * width;
-          const at::Half* add = z ? z + first : nullptr;
-          if (planes)
-            normalize_halves<kCode, true>(in + first, add, out + first, width, sc, sh,
-                                          static_cast<float>(slope));
-          else
-            normalize_halves<kCode, false>(in + first, add, out + first, width, sc, sh,
-                                           static_cast<float>(slope));
+        alignas(64) float values[kHalfBlock], added[kHalfBlock], results[kHalfBlock];
+        const float* add = z ? added : nullptr;
+        for (int64_t u = begin; u < end; ++u) {
+          for (int64_t from = 0; from < width; from += kHalfBlock) {
+            const int64_t n = std::min(kHalfBlock, width - from), first = u * width + from;
+            const auto [sc, sh] = constants(u % channels, from);
+            halves_to_floats(in + first, values, n);
+            if (z) halves_to_floats(z + first, added, n);
+            if (planes)
+              normalize_plane<false>(values, add, results, n, 0.0f, *sc, *sh, act);
+            else
+              normalize_channels(values, add, results, n, sc, sh, act);
+            floats_to_halves(results, out + first, n);
+          }
         }
       });
-    };
-    if (activation == kRelu) each_unit(std::integral_constant<int64_t, kRelu>{});
-    else if (activation == kLeakyRelu) each_unit(std::integral_constant<int64_t, kLeakyRelu>{});
-    else each_unit(std::integral_constant<int64_t, kIdentity>{});
-    return y;
-  }
-  // SiLU: blocks in float32 (with_activation gives its function)
-  with_activation(activation, static_cast<float>(slope), [&](auto act, auto, auto) {
-    for_rows(units, width, [&](int64_t begin, int64_t end) {
-      alignas(64) float values[kHalfBlock], added[kHalfBlock], results[kHalfBlock];
-      const float* add = z ? added : nullptr;
-      for (int64_t u = begin; u < end; ++u) {
-        for (int64_t from = 0; from < width; from += kHalfBlock) {
-          const int64_t n = std::min(kHalfBlock, width - from), first = u * width + from;
-          const auto [sc, sh] = constants(u % channels, from);
-          halves_to_floats(in + first, values, n);
-          if (z) halves_to_floats(z + first, added, n);
-          if (planes)
-            normalize_plane<false>(values, add, results, n, 0.0f, *sc, *sh, act);
-          else
-            normalize_channels(values, add, results, n, sc, sh, act);
-          floats_to_halves(results, out + first, n);
-        }
-      }
     });
-  });
+  };
+  if (x.scalar_type() == at::kHalf)
+    run(at::Half{});
+  else
+    run(BF16{});
   return y;
 }
 #else
@@ -1362,7 +1404,8 @@ Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& 
               "rows_batch_norm: expected a float32, bfloat16 or float16 input (and residual of "
               "its dtype), float32 parameters and running statistics");
   const bool graph = records_graph(x, w, b, z);
-  if (half) {  // in either layout, as takes gives it
+  // float16 (in either layout, as takes gives it) and bfloat16 in inference: eval_halves
+  if (half || (kHalfLoops && x.scalar_type() == at::kBFloat16 && !training && !graph)) {
     TORCH_CHECK(!training && !graph && (rows_layout(x) || planes_layout(x)),
                 "rows_batch_norm: a float16 input is taken in eval mode without autograd only");
     return eval_halves(x, w, b, z, running, eps, activation, slope, !rows_layout(x));
