@@ -1,6 +1,6 @@
 """The C++ backend (batchnorm.backends.cpp_cpu): float32 and bfloat16 (N, C) and
 channels-last calls, training and eval, in one C++ autograd node; serial loops for small
-inputs, torch's threads for large ones; NCHW inference; float16 inference.
+inputs, torch's threads for large ones; NCHW inference; half-precision inference in AVX-512.
 
 The oracle is torch.nn's layer in float64 on the same float32-rounded inputs (bfloat16 and
 float16: the float64 result rounded to the dtype, see the end of this file); every test
