@@ -62,18 +62,12 @@ def run(reps: int) -> list[dict]:
 
 def table(result: dict) -> str:
     """The Markdown table the performance page quotes."""
-    lines = [
-        "| threads | dtype | layer | mode | torch.nn (µs) | batchnorm (µs) "
-        "| torch.nn / batchnorm |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in result["results"]:
-        lines.append(
-            f"| {r['threads']} | {r['dtype']} | {r['label']} | {r['mode']} "
-            f"| {r['torch.nn us']:.1f} | {r['batchnorm us']:.1f} "
-            f"| {r['torch.nn / batchnorm']:.2f} |"
-        )
-    return "\n".join(lines)
+    head = ["threads", "dtype", "layer", "mode", "torch.nn (µs)", "batchnorm (µs)",
+            "torch.nn / batchnorm"]  # fmt: skip
+    rows = ([str(r["threads"]), r["dtype"], r["label"], r["mode"], f"{r['torch.nn us']:.1f}",
+             f"{r['batchnorm us']:.1f}", f"{r['torch.nn / batchnorm']:.2f}"]
+            for r in result["results"])  # fmt: skip
+    return small_layers.markdown_table(head, rows)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -118,21 +118,25 @@ def timed_row(
     return row, us
 
 
+def markdown_table(head: list[str], rows: Iterable[list[str]]) -> str:
+    """A Markdown table of these column titles and rows of cells (this script's and
+    half_layers.py's, which the performance page quotes)."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     """The Markdown table the performance page quotes."""
-    lines = [
-        "| threads | layer | mode | torch.nn (µs) | batchnorm (µs) | torch.nn / batchnorm "
-        "| torch.nn / general path |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    head = ["threads", "layer", "mode", "torch.nn (µs)", "batchnorm (µs)",
+            "torch.nn / batchnorm", "torch.nn / general path"]  # fmt: skip
+    rows = []
     for r in result["results"]:
         general = r.get("torch.nn / general path")
-        lines.append(
-            f"| {r['threads']} | {r['label']} | {r['mode']} | {r['torch.nn us']:.1f} "
-            f"| {r['batchnorm us']:.1f} | {r['torch.nn / batchnorm']:.2f} "
-            f"| {'' if general is None else f'{general:.2f}'} |"
-        )
-    return "\n".join(lines)
+        rows.append([str(r["threads"]), r["label"], r["mode"], f"{r['torch.nn us']:.1f}",
+                     f"{r['batchnorm us']:.1f}", f"{r['torch.nn / batchnorm']:.2f}",
+                     "" if general is None else f"{general:.2f}"])  # fmt: skip
+    return markdown_table(head, rows)
 
 
 def main(

@@ -699,7 +699,9 @@ def _takes_float16() -> bool:
 
 
 #: float16 inputs run here in inference where the CPU has AVX-512 (F, BW, VL) only (see the
-#: float16 tests at the end of this file)
+#: float16 tests at the end of this file): elsewhere there is nothing of ours to test, and
+#: test_float16_loops_are_built_where_the_cpu_has_avx512 fails if they skip on a CPU that has
+#: it
 float16_loops = pytest.mark.skipif(
     not _takes_float16(), reason="no AVX-512 on this CPU: float16 runs on ATen and Numba"
 )
@@ -890,6 +892,8 @@ def test_float16_loops_are_built_where_the_cpu_has_avx512():
     """The float16 tests below skip only where the CPU lacks AVX-512 (F, BW, VL), never on
     a machine that has it (a build without them would hide behind that skip)."""
     if not {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags():
+        # no loops to expect there (-march=native leaves them out): nothing to check; our
+        # machines and CI have AVX-512, so this runs there
         pytest.skip("this CPU lacks AVX-512 (F, BW, VL), or its flags are unknown")
     assert _takes_float16()
 

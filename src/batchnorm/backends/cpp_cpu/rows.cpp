@@ -1376,13 +1376,13 @@ int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias
   if (!(per_channel(weight, channels, false) && per_channel(bias, channels, false) &&
         per_channel(running_mean, channels, true) && per_channel(running_var, channels, true)))
     return kUnchecked;
-  if (rows_layout(t) && !half) return kTakes;
+  const bool rows = rows_layout(t);
+  if (rows && !half) return kTakes;
   auto tensor = [](pybind11::handle obj) {  // a checked tensor, or None
     return obj.is_none() ? Tensor() : THPVariable_Unpack(obj.ptr());
   };
   // NCHW, and float16 in either layout: in eval without a graph (inference) only
-  const bool inference = !training && (!half || kHalfLoops) &&
-                         (rows_layout(t) || planes_layout(t)) &&
+  const bool inference = !training && (!half || kHalfLoops) && (rows || planes_layout(t)) &&
                          !records_graph(t, tensor(weight), tensor(bias), tensor(residual));
   return inference ? kTakes : kUsual;
 }
@@ -1407,7 +1407,8 @@ Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& 
   // float16 (in either layout, as takes gives it) and bfloat16 in inference: eval_halves
   if (half || (kHalfLoops && x.scalar_type() == at::kBFloat16 && !training && !graph)) {
     TORCH_CHECK(!training && !graph && (rows_layout(x) || planes_layout(x)),
-                "rows_batch_norm: a float16 input is taken in eval mode without autograd only");
+                "rows_batch_norm: a half-precision input is taken here in eval mode without "
+                "autograd only");
     return eval_halves(x, w, b, z, running, eps, activation, slope, !rows_layout(x));
   }
   if (!rows_layout(x)) {  // NCHW in eval without a graph: the one such call takes gives
