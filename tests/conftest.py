@@ -41,6 +41,23 @@ def backend(request):
         yield request.param
 
 
+@pytest.fixture
+def cpp_declines_nchw_training(monkeypatch):
+    """The C++ backend declining NCHW calls in training, as it does above its
+    ``planes_up_to`` values (and did at any size before 2026-12-06): the dispatch among ATen
+    and the Numba kernels for those calls, on small inputs."""
+    from batchnorm.backends import cpp_cpu
+
+    kind = cpp_cpu.CppBackend._kind
+
+    def declining(self, call):
+        x, given = call.x, kind(self, call)
+        nchw = x.dim() > 2 and x.is_contiguous() and x.numel() > x.shape[0] * x.shape[1]
+        return cpp_cpu.USUAL if given == cpp_cpu.TAKES and nchw and call.training else given
+
+    monkeypatch.setattr(cpp_cpu.CppBackend, "_kind", declining)
+
+
 def assert_close(actual, expected, dtype=None, **overrides):
     dtype = dtype or expected.dtype
     tol = {**TOLERANCES.get(dtype, TOLERANCES[torch.float32])}

@@ -728,6 +728,7 @@ def test_size1_dims_with_odd_strides_on_the_aten_path(odd, training):
         _assert_close(actual, wanted)
 
 
+@pytest.mark.usefixtures("cpp_declines_nchw_training")
 @pytest.mark.parametrize("training", [True, False])
 def test_expanded_output_gradient_of_many_planes_on_the_aten_path(training):
     """Found by the fuzzer (20,000 examples): given an output gradient expanded along the

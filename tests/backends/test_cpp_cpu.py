@@ -1,6 +1,7 @@
 """The C++ backend (batchnorm.backends.cpp_cpu): float32 and bfloat16 (N, C) and
 channels-last calls, training and eval, in one C++ autograd node; serial loops for small
-inputs, torch's threads for large ones; NCHW inference; half-precision inference in AVX-512.
+inputs, torch's threads for large ones; NCHW inference, and NCHW training up to 524,288
+values; half-precision inference in AVX-512.
 
 The oracle is torch.nn's layer in float64 on the same float32-rounded inputs (bfloat16 and
 float16: the float64 result rounded to the dtype, see the end of this file); every test
@@ -30,8 +31,10 @@ from conftest import (
 # build, so that this skip cannot hide a broken build on our machines and CI.
 pytestmark = pytest.mark.skipif(extension() is None, reason="the C++ extension did not build")
 
-TORCH_LAYERS = {2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
-OURS = {2: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d, 5: batchnorm.BatchNorm3d}
+TORCH_LAYERS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+                5: torch.nn.BatchNorm3d}  # fmt: skip
+OURS = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d,
+        5: batchnorm.BatchNorm3d}  # fmt: skip
 FUSED = {2: batchnorm.BatchNormAct1d, 4: batchnorm.BatchNormAct2d}
 SHAPES = {
     "(100,128)": ((100, 128), False),
@@ -48,6 +51,13 @@ SHAPES = {
     # values, and the backward's only, over 2,097,152
     "(32771,130) prefetched": ((32771, 130), False),
     "channels_last prefetched": ((3, 136, 73, 71), True),
+    # NCHW in training or with a graph (rows.cpp's forward_planes, a channel at a time; up to
+    # kPlanesUpTo values): planes shorter than kShortPlane (SiLU through a buffer) and
+    # longer, (N, C, L) and NCDHW, and over 65,536 values (channels on torch's threads)
+    "NCHW": ((8, 16, 3, 3), False),
+    "(N,C,L)": ((4, 6, 7), False),
+    "NCDHW": ((2, 4, 3, 2, 2), False),
+    "NCHW threaded": ((3, 24, 33, 37), False),
 }
 
 
@@ -101,7 +111,7 @@ def test_training_steps_match_torch_in_float64(name, options):
         assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked)
 
 
-@pytest.mark.parametrize("name", ["(100,128)", "channels_last", "(N,C,1,1)"])
+@pytest.mark.parametrize("name", ["(100,128)", "channels_last", "(N,C,1,1)", "NCHW"])
 def test_eval_matches_torch_in_float64_gradients_included(name):
     """Eval normalizes with the running statistics, which stay as they are; dx, dweight and
     dbias (fine-tuning with frozen statistics) match torch's."""
@@ -154,7 +164,7 @@ RESIDUALS = {
 @pytest.mark.parametrize("activation", TORCH_ACTIVATIONS)
 @pytest.mark.parametrize("residual", **RESIDUALS)
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
-@pytest.mark.parametrize("name", ["(100,128)", "channels_last"])
+@pytest.mark.parametrize("name", ["(100,128)", "channels_last", "NCHW", "NCHW threaded"])
 def test_fused_epilogue_matches_torch_in_float64(name, training, residual, activation):
     """act(BN(x) + residual) (in one pass for ReLU and leaky ReLU, SiLU and ELU as torch's
     ops after it) against torch.nn's BN, the addition and torch's activation in float64:
@@ -207,17 +217,20 @@ def test_fused_epilogue_of_a_large_input_matches_torch_in_float64(training, acti
                                                      residual, activation)  # fmt: skip
 
 
+@pytest.mark.parametrize("shape", [(16, 4), (4, 4, 5)], ids=["rows", "planes"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
-def test_non_finite_inputs_give_torchs_results(training):
+def test_non_finite_inputs_give_torchs_results(training, shape):
     """An infinite and a NaN value: torch's outputs and input gradient, NaN where torch's
     are (training: the whole channel) and finite where torch's are (eval: dx = dy weight
     invstd does not read x; the 5,000-example fuzz run found x entering it as inf * 0)."""
-    ours, ref = _pair((16, 4))
+    ours, ref = _pair(shape)
     ours.train(training), ref.train(training)
-    x = random_input((16, 4))
+    x = random_input(shape)
     # channel 0's first value is the origin its sums are centred on: an infinite origin
     # gave a running mean of inf - inf = NaN where torch's is inf
-    x[0, 0], x[3, 1], x[5, 2] = float("-inf"), float("inf"), float("nan")
+    x[(0, 0) + (0,) * (x.dim() - 2)] = float("-inf")
+    x[(3 % shape[0], 1) + (1,) * (x.dim() - 2)] = float("inf")
+    x[(5 % shape[0], 2) + (2,) * (x.dim() - 2)] = float("nan")
     _runs_here(x, training)
     xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()
     y, yd = ours(xs), ref(xd)
@@ -229,10 +242,12 @@ def test_non_finite_inputs_give_torchs_results(training):
         torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
-@pytest.mark.parametrize("shape", [(300, 24), (5000, 24)], ids=["serial", "threaded"])
+@pytest.mark.parametrize("shape", [(300, 24), (5000, 24), (8, 24, 20, 21)],
+                         ids=["serial", "threaded", "NCHW threaded"])  # fmt: skip
 def test_same_results_on_any_number_of_threads(shape):
     """The sums run in blocks of rows whose number depends on the input's size only, added
-    in order: one and two threads give the same bits."""
+    in order (NCHW: a channel's sums in one thread): one and two threads give the same
+    bits."""
     x = random_input(shape, mean=3.0)
     _runs_here(x)
     g = torch.randn(shape, generator=torch.Generator().manual_seed(3))
@@ -499,18 +514,24 @@ def test_calls_it_cannot_take_go_elsewhere():
 
     assert chosen(x) == "cpp_cpu"
     assert chosen(x.t().contiguous().t()) != "cpp_cpu"  # channels not innermost
-    assert chosen(random_input((4, 3, 5))) != "cpp_cpu"  # (N, C, L) contiguous
+    assert chosen(random_input((4, 3, 5)).transpose(0, 2)) != "cpp_cpu"  # neither layout
+    assert chosen(random_input((4, 3, 5))) == "cpp_cpu"  # (N, C, L) contiguous
+    large_planes = random_input((2, 3, extension().planes_up_to // 6 + 1))
+    assert chosen(large_planes) != "cpp_cpu"  # NCHW training: up to planes_up_to values
     assert chosen(random_input((4, 3, 5)).transpose(1, 2).contiguous().transpose(1, 2)) == (
         "cpp_cpu"  # (N, C, L) with the channels innermost
     )
     assert chosen(x.double()) != "cpp_cpu"
     planes, stats = random_input((4, 3, 5)), (torch.zeros(3), torch.ones(3))
-    with torch.no_grad():  # NCHW: in eval without autograd only
+    with torch.no_grad():  # NCHW: large ones in eval without autograd only
         assert chosen(planes, False, running_mean=stats[0], running_var=stats[1]) == "cpp_cpu"
-        assert chosen(planes, running_mean=stats[0], running_var=stats[1]) != "cpp_cpu"
+        assert chosen(large_planes, False, running_mean=stats[0],
+                      running_var=stats[1]) == "cpp_cpu"  # fmt: skip
         assert chosen(random_input((4, 3, 1)), False, running_mean=stats[0],
                       running_var=stats[1]) == "cpp_cpu"  # (N, C, 1): rows  # fmt: skip
     assert chosen(planes.requires_grad_(), False, running_mean=stats[0],
+                  running_var=stats[1]) == "cpp_cpu"  # fmt: skip
+    assert chosen(large_planes.requires_grad_(), False, running_mean=stats[0],
                   running_var=stats[1]) != "cpp_cpu"  # fmt: skip
     assert chosen(x[:1]) != "cpp_cpu"  # training on one value a channel
     assert chosen(x, training=False) != "cpp_cpu"  # eval without running statistics
@@ -557,8 +578,9 @@ PLANES = {"NCHW": (8, 16, 3, 3), "NCDHW": (2, 4, 3, 2, 2), "NCHW threaded": (3, 
 @pytest.mark.parametrize("name", PLANES)
 def test_nchw_inference_matches_torch_in_float64(name, residual, activation):
     """NCHW inputs in eval mode without autograd (inference) run here a plane at a time
-    (eval_planes), fused activation and residual included; with a graph to record they go
-    elsewhere (this backend's backward takes channels-innermost inputs only)."""
+    (eval_planes), fused activation and residual included; with a graph to record, these
+    small ones run in the node (forward_planes: test_fused_epilogue_matches_torch_in_float64
+    and test_eval_matches_torch_in_float64_gradients_included check it)."""
     shape = PLANES[name]
     fused = batchnorm.BatchNormAct3d if len(shape) == 5 else batchnorm.BatchNormAct2d
     ours = fused(shape[1], activation=activation, negative_slope=0.2).eval()
@@ -579,7 +601,6 @@ def test_nchw_inference_matches_torch_in_float64(name, residual, activation):
     expected = TORCH_ACTIVATIONS[activation](pre) if activation != "identity" else pre
     assert y.stride() == x.stride()
     assert_close(y, expected, torch.float32)
-    assert ops.select(call).name != "cpp_cpu"  # the parameters require grad: a graph
     with torch.inference_mode():
         assert ops.select(call).name == "cpp_cpu"
     x.requires_grad_()
@@ -624,8 +645,9 @@ def test_a_layers_calls_go_where_the_dispatch_sends_them(monkeypatch):
     assert Front.calls == 1 and computed == [1]
     asked.clear()
     layer2d = batchnorm.BatchNorm2d(4)
-    y = layer2d(random_input((2, 4, 3, 3)))  # NCHW training: not this backend's
-    assert asked == [1] and computed == [1] and y.shape == (2, 4, 3, 3)
+    shape = (2, 4, 8, extension().planes_up_to // 64 + 1)  # NCHW training, too large here
+    y = layer2d(random_input(shape))
+    assert asked == [1] and computed == [1] and y.shape == shape
 
 
 def test_what_takes_calls_usual_passes_the_python_checks():
@@ -634,7 +656,7 @@ def test_what_takes_calls_usual_passes_the_python_checks():
     inputs of four dtypes and five layouts, parameters and statistics of other dtypes,
     shapes and strides, given or not, a residual of another dtype, shape or layout, in
     training and eval, with and without a graph. Calls that no backend of ours computes
-    but ATen and Numba do (float16 training, NCHW training) are USUAL."""
+    but ATen and Numba do (float16 training, large NCHW training) are USUAL."""
     import itertools
 
     from batchnorm.backends.cpp_cpu import UNCHECKED, USUAL
@@ -670,8 +692,10 @@ def test_what_takes_calls_usual_passes_the_python_checks():
             assert _usual_tensors(call), (x.shape, x.stride(), dtype, weight, stat, training, z)
     assert min(kinds.values()) > 100, kinds
     ones = torch.ones(4)
-    for x in (base.half(), base):  # float16 training, NCHW training
+    large = random_input((2, 4, 8, extension().planes_up_to // 64 + 1))
+    for x in (base.half(), large):  # float16 training, large NCHW training
         assert extension().takes(x, ones, ones, ones, ones, None, True) == USUAL
+    assert extension().takes(base, ones, ones, ones, ones, None, True) == TAKES
 
 
 def test_inference_mode_and_no_grad_update_the_running_statistics():
@@ -737,7 +761,8 @@ def _float64(x, weight, bias, z, training, activation, running, dy):
     return float64_batch_norm(x, weight, bias, z, running, training, act, dy)
 
 
-BFLOAT16_SHAPES = ["(100,128)", "channels_last", "(8203,40) threaded", "channels_last threaded"]
+BFLOAT16_SHAPES = ["(100,128)", "channels_last", "(8203,40) threaded", "channels_last threaded",
+                   "NCHW", "NCHW threaded"]  # fmt: skip
 #: Over the forward's and the backward's prefetch thresholds in bfloat16 (16 and 8 MiB of
 #: input: twice as many values as in float32).
 BFLOAT16_LARGE = {"(64543,130) prefetched": ((64543, 130), False)}
@@ -835,7 +860,7 @@ def test_bfloat16_calls_it_cannot_take_go_elsewhere():
     assert chosen(x, residual=torch.zeros_like(x)) == "cpp_cpu"
     assert chosen(x, residual=torch.zeros_like(x, dtype=torch.float32)) != "cpp_cpu"
     assert chosen(x.half(), weight=ones) != "cpp_cpu"
-    assert chosen(x.contiguous()) != "cpp_cpu"  # NCHW training
+    assert chosen(x.contiguous()) == "cpp_cpu"  # NCHW training (small: forward_planes)
 
 
 def test_bfloat16_statistics_keep_their_digits_with_a_far_first_row():

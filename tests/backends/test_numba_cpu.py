@@ -470,10 +470,12 @@ def test_import_works_when_the_cache_folders_are_read_only(tmp_path, temp_writab
 
 
 @pytest.mark.auto_dispatch
-def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
-    """A model's late small planes go to ATen (see ATEN_BELOW_PLANE, which depends on the
-    thread count); large planes stay on the Numba kernels in training, and the same small
-    values channels-last go to the C++ backend where it builds (else the Numba kernels)."""
+def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba(request):
+    """Where the C++ backend does not take an NCHW training call (it takes those of up to
+    its ``planes_up_to`` values where it builds; declined here), a model's late small planes go
+    to ATen (see ATEN_BELOW_PLANE, which depends on the thread count); large planes stay on
+    the Numba kernels in training, and the same small values channels-last go to the C++
+    backend where it builds (else the Numba kernels)."""
     from batchnorm.backends import Call, cpp_cpu
     from batchnorm.ops.dispatch import select
 
@@ -481,9 +483,11 @@ def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
         return select(Call(x, True, "silu", 0.01, False, False, True)).name
 
     small = torch.zeros(8, 1152, 3, 3)
-    assert chosen(small) == "aten"
     channels_last = small.contiguous(memory_format=torch.channels_last)
+    assert chosen(small) == ("cpp_cpu" if cpp_cpu.extension() else "aten")
     assert chosen(channels_last) == ("cpp_cpu" if cpp_cpu.extension() else "numba")
+    request.getfixturevalue("cpp_declines_nchw_training")  # from here on
+    assert chosen(small) == "aten"
     assert chosen(torch.zeros(8, 96, 24, 24)) == "numba"
     # 5x5 and 6x6 planes: ours on one thread, ATen's on more (see ATEN_BELOW_PLANE_THREADED)
     threads = torch.get_num_threads()
@@ -507,6 +511,7 @@ def test_dispatch_small_nchw_planes_to_aten_large_ones_to_numba():
 
 @pytest.mark.auto_dispatch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.usefixtures("cpp_declines_nchw_training")
 def test_default_dispatch_runs_silu_after_the_kernels_bn(dtype, monkeypatch):
     """On the Numba kernels, float32 and float64 SiLU calls below SILU_FUSED_FROM values
     run as the kernels' BN (the residual included) followed by torch's SiLU
@@ -534,9 +539,9 @@ def test_default_dispatch_runs_silu_after_the_kernels_bn(dtype, monkeypatch):
     torch.testing.assert_close(layer.running_mean, 0.1 * x.mean((0, 2, 3)))
     with ops.use_backend("numba"):
         assert grad_fn(x.clone()) != "SiluBackward0"
-    monkeypatch.setattr(cpu, "SILU_FUSED_FROM", x.numel())
-    assert grad_fn(x.clone()) != "SiluBackward0"
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:  # (undo() would undo the fixture's patch too)
+        patched.setattr(cpu, "SILU_FUSED_FROM", x.numel())
+        assert grad_fn(x.clone()) != "SiluBackward0"
     half = x.to(torch.bfloat16)
     assert select(Call(half, True, "silu", 0.01, True)).name == "numba"
     assert grad_fn(half) != "SiluBackward0"

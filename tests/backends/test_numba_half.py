@@ -134,6 +134,7 @@ def test_bfloat16_channel_by_channel_keeps_silus_gradient_in_float32():
 
 
 @pytest.mark.auto_dispatch
+@pytest.mark.usefixtures("cpp_declines_nchw_training")
 def test_large_half_inputs_dispatch_to_the_kernels():
     """Training on a large enough bfloat16/float16 input (as torch.autocast("cpu") gives a
     BatchNorm after a convolution) goes to the Numba kernels, not to ATen."""
@@ -180,6 +181,7 @@ def test_half_inputs_of_rows_go_to_aten_below_their_threshold_on_more_threads():
 
 @pytest.mark.auto_dispatch
 @pytest.mark.parametrize("dtype", HALF.values(), ids=HALF.keys())
+@pytest.mark.usefixtures("cpp_declines_nchw_training")
 def test_half_nchw_training_steps_go_to_aten_below_their_threshold_on_more_threads(dtype):
     """Plain BN on a half-precision NCHW input below ATEN_BELOW_NUMEL_HALF_PLANES_GRAPH
     values whose call autograd records goes to ATen with more than one thread; without

@@ -1,8 +1,10 @@
 """The C++ backend: batch norm of float32 and bfloat16 CPU inputs whose channels are the
 innermost dimension ((N, C) and channels_last), fused activation and residual included, as
 one C++ autograd node (rows.cpp): serial loops for small inputs, torch's intra-op threads
-from 65,536 values. Also NCHW inputs in eval mode when no graph is recorded (inference), a
-plane at a time, without a node. bfloat16 inputs take float32 parameters and statistics
+from 65,536 values. Also NCHW inputs: in eval mode when no graph is recorded (inference), a
+plane at a time, without a node; in training (or eval with a graph) up to 524,288 values
+(the extension's ``planes_up_to``) in the same node, a channel at a time, where the Numba
+kernels' Python costs as much as their loops. bfloat16 inputs take float32 parameters and statistics
 (torch.autocast's convention; a model cast to bfloat16 runs on the Numba kernels): loaded
 to float32, computed in float32 with float64 sums of float32 partial sums, rounded to
 bfloat16 (to nearest, ties to even, as torch's conversion). float16 inputs (float32
@@ -110,9 +112,10 @@ class CppBackend:
 
     def supports(self, call: Call) -> bool:
         """Calls of float32 or bfloat16 CPU inputs (with float32 parameters and statistics,
-        as under torch.autocast), the input dense with its channels innermost (or
-        NCHW-contiguous, in eval without a graph to record; float16 inputs of either layout
-        in eval without a graph, where the CPU has AVX-512), a residual of its dtype and
+        as under torch.autocast), the input dense with its channels innermost or
+        NCHW-contiguous (NCHW in training or with a graph to record: up to ``planes_up_to``
+        values; float16 inputs of either layout in eval without a graph, where the CPU has
+        AVX-512), a residual of its dtype and
         strides, with any activation (see ACTIVATION_CODES), in torch's running-variance
         convention, the input saved for backward; in training more than one value per
         channel, in eval running statistics; not under forward-mode AD or torch.jit.trace

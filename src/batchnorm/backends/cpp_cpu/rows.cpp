@@ -4,9 +4,10 @@
 // the backward, no shift, no temporary tensor. The math is batchnorm.reference's (the
 // tests hold the two together). Inputs of kParallelValues values or more run on torch's
 // intra-op threads (at::parallel_for), with sums that do not depend on the thread count.
-// Also NCHW inputs in eval when no graph is recorded (inference), a plane at a time
-// (eval_planes); on CPUs with AVX-512, float16 and bfloat16 inputs of either layout in
-// inference run eval_halves instead.
+// NCHW inputs: in eval when no graph is recorded (inference), a plane at a time
+// (eval_planes), and small ones in training or with a graph in the same node, a channel at
+// a time (forward_planes). On CPUs with AVX-512, float16 and bfloat16 inputs of either
+// layout in inference run eval_halves instead.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -175,18 +177,20 @@ struct Centre {
   std::vector<float> origin, offset;
 };
 
-// The centre of an input whose first row is `first_row`, from `saved` (what forward_rows
-// saves for backward): in training the offset (null: 0, until the statistics give it), in
-// eval the running mean as the forward read it.
+// The centre of an input x whose channel c has its first value at x[c * stride] (1 for
+// rows; the plane's size for NCHW), from `saved` (what the forward saves for backward): in
+// training the offset (null: 0, until the statistics give it), in eval the running mean as
+// the forward read it.
 template <typename T>
-Centre centre_of(const T* first_row, const float* saved, int64_t channels, bool training) {
+Centre centre_of(const T* x, int64_t stride, const float* saved, int64_t channels,
+                 bool training) {
   Centre centre{std::vector<float>(channels, 0.0f), std::vector<float>(channels, 0.0f)};
   for (int64_t c = 0; c < channels; ++c) {
     if (!training) {
       centre.origin[c] = saved[c];
       continue;
     }
-    const float first = load(first_row[c]);
+    const float first = load(x[c * stride]);
     if (std::isfinite(first)) centre.origin[c] = first;
     if (saved) centre.offset[c] = saved[c];
   }
@@ -306,11 +310,16 @@ struct Affine {
   Affine(int64_t channels, const float* invstd, const float* weight, const float* bias,
          const float* offset)
       : scale(channels), shift(channels) {
-    for (int64_t c = 0; c < channels; ++c) {
-      scale[c] = weight ? invstd[c] * weight[c] : invstd[c];
-      const double shift_c = (bias ? bias[c] : 0.0) - (offset ? offset[c] : 0.0) * scale[c];
-      shift[c] = static_cast<float>(shift_c);
-    }
+    for (int64_t c = 0; c < channels; ++c)
+      std::tie(scale[c], shift[c]) = of(c, invstd[c], weight, bias, offset ? offset[c] : 0.0f);
+  }
+
+  // Channel c's scale and shift.
+  static std::pair<float, float> of(int64_t c, float invstd, const float* weight,
+                                    const float* bias, float offset) {
+    const float scale = weight ? invstd * weight[c] : invstd;
+    const double shift = (bias ? bias[c] : 0.0) - static_cast<double>(offset) * scale;
+    return {scale, static_cast<float>(shift)};
   }
 };
 
@@ -481,6 +490,29 @@ constexpr int64_t kRowsAtOnce = 8;
 constexpr int64_t kPairsFrom = 32 << 20;
 constexpr int64_t kPairsAhead = 16;
 
+// Adds the terms of `count` rows from r0 on to each channel's sums (see column_sums): first
+// and second_sums[c] += Σ term(r, c)[0] and [1] over those rows, summed in registers (in
+// term's type). count: a compile-time constant (std::integral_constant), so that the loop
+// over the rows unrolls in full, also with an activation's derivative in term: a loop left
+// inside the loop over the channels keeps that one scalar (5-8x slower).
+template <typename Term, typename Count>
+[[gnu::always_inline]] inline void add_rows_to(const Term& term, int64_t r0, Count,
+                                               int64_t channels, double* __restrict first_sums,
+                                               double* __restrict second_sums) {
+  using Terms = std::invoke_result_t<const Term&, int64_t, int64_t>;
+  for (int64_t c = 0; c < channels; ++c) {
+    typename Terms::value_type first = 0, second = 0;
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < Count::value; ++i) {
+      const Terms t = term(r0 + i, c);
+      first += t[0];
+      second += t[1];
+    }
+    first_sums[c] += first;
+    second_sums[c] += second;
+  }
+}
+
 // Per-channel float64 sums of two terms over rows: sums[k][c] = sum over r of term(r, c)[k]
 // for the value at r * channels + c (term returns an array of two terms of the type it
 // chooses: float or double for the statistics, see batch_statistics; float for the
@@ -515,21 +547,8 @@ std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, T
     // through a reference, leaky ReLU's slope was loaded where p <= 0 only: see
     // with_activation)
     const std::decay_t<Term> local_term(term);
-    // count: a compile-time constant, so that the loop over the rows unrolls
     auto add_rows = [&](int64_t r0, auto count) {
-      for (int64_t c = 0; c < channels; ++c) {
-        typename Terms::value_type first = 0, second = 0;
-        // unrolled in full, also with an activation's derivative in term: a loop left inside
-        // the loop over the channels keeps that one scalar (5-8x slower)
-#pragma GCC unroll 8
-        for (int64_t i = 0; i < decltype(count)::value; ++i) {
-          const Terms t = local_term(r0 + i, c);
-          first += t[0];
-          second += t[1];
-        }
-        first_sums[c] += first;
-        second_sums[c] += second;
-      }
+      add_rows_to(local_term, r0, count, channels, first_sums, second_sums);
     };
     const int64_t begin = rows * block / blocks, end = rows * (block + 1) / blocks;
     int64_t r0 = begin;
@@ -693,6 +712,29 @@ struct ActivationGradient {
   std::array<Stream, 2> streams() const { return {dy, z}; }
 };
 
+// The constants of a channel's dx = k (g - a - (x - origin) b) (see input_gradients), and
+// its dweight[c] and dbias[c] where asked for (not null), from its sums {Σ g, Σ g (x - mean)}
+// over `count` values (in training, or where dweight or dbias is asked for), invstd, and the
+// offset of its origin (Centre's). The offset's term, (x - mean) b = (x - origin) b - offset
+// b, folds into a (as Affine's shift: of g's size).
+struct ChannelGradients {
+  float k, a, b;
+};
+inline ChannelGradients channel_gradients(int64_t c, std::array<double, 2> sums, double invstd,
+                                          const float* weight, float offset, int64_t count,
+                                          bool training, float* dweight, float* dbias) {
+  const auto [sum_g, sum_g_xmu] = sums;
+  if (dweight) dweight[c] = static_cast<float>(sum_g_xmu * invstd);
+  if (dbias) dbias[c] = static_cast<float>(sum_g);
+  ChannelGradients out{static_cast<float>(weight ? invstd * weight[c] : invstd), 0.0f, 0.0f};
+  if (training) {
+    const double b = sum_g_xmu * invstd * invstd / count;
+    out.a = static_cast<float>(sum_g / count - offset * b);
+    out.b = static_cast<float>(b);
+  }
+  return out;
+}
+
 // From g = dpre (gradient: GivenGradient or ActivationGradient): dweight =
 // Σ g (x - mean) invstd, dbias = Σ g; in training dx = weight invstd (g - Σg / M
 // - (x - mean) invstd² Σ g (x - mean) / M), in eval dx = weight invstd g (the running
@@ -720,24 +762,16 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
       const float gi = gradient(i, c, d);
       return std::array<float, 2>{gi, gi * (d - offset[c])};
     }, kBackward, {x, g_streams[0], g_streams[1]});
-  const std::vector<double>&sum_g = sums[0], &sum_g_xmu = sums[1];
+  std::vector<float> k(channels), a(channels), b(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    if (dweight) dweight[c] = static_cast<float>(sum_g_xmu[c] * invstd[c]);
-    if (dbias) dbias[c] = static_cast<float>(sum_g[c]);
+    const std::array<double, 2> sums_c = sums[0].empty()
+                                             ? std::array<double, 2>{0.0, 0.0}
+                                             : std::array<double, 2>{sums[0][c], sums[1][c]};
+    const ChannelGradients g = channel_gradients(c, sums_c, invstd[c], weight, offset[c], rows,
+                                                 training, dweight, dbias);
+    k[c] = g.k, a[c] = g.a, b[c] = g.b;
   }
   if (!dx) return;
-  // dx = k (g - a - (x - origin) b): the offset's term, (x - mean) b = (x - origin) b -
-  // offset b, folds into a (as Affine's shift: of g's size)
-  std::vector<float> k(channels), a(channels, 0.0f), b(channels, 0.0f);
-  for (int64_t c = 0; c < channels; ++c) {
-    double s = invstd[c];
-    k[c] = static_cast<float>(weight ? s * weight[c] : s);
-    if (training) {
-      const double b_c = sum_g_xmu[c] * s * s / rows;
-      a[c] = static_cast<float>(sum_g[c] / rows - offset[c] * b_c);
-      b[c] = static_cast<float>(b_c);
-    }
-  }
   for_rows(rows, channels, [&](int64_t begin, int64_t end) {
     const float *__restrict ks = k.data(), *__restrict as = a.data(), *__restrict bs = b.data();
     const T* __restrict xs = x;
@@ -809,7 +843,7 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
     using T = decltype(element);
     const T* first_row = values_or_null<T>(x);
     const float *rm = values_or_null(running.mean), *rv = values_or_null(running.var);
-    Centre centre = centre_of(first_row, training ? nullptr : rm, channels, training);
+    Centre centre = centre_of(first_row, 1, training ? nullptr : rm, channels, training);
     if (training) {
       std::vector<double> mean(channels), var(channels);
       const float* origin = centre.origin.data();
@@ -940,6 +974,252 @@ Tensor eval_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
     });
   });
   return y;
+}
+
+// Dense with the channels innermost: dimensions 1, d-1, ..., 2, 0 (innermost first) each of
+// stride the product of the sizes before them in that order, dimensions of size 1 aside.
+bool rows_layout(const Tensor& x) {
+  int64_t expected = 1;
+  auto next = [&](int64_t dim) {
+    if (x.size(dim) == 1) return true;
+    if (x.stride(dim) != expected) return false;
+    expected *= x.size(dim);
+    return true;
+  };
+  if (!next(1)) return false;
+  for (int64_t dim = x.dim() - 1; dim >= 2; --dim)
+    if (!next(dim)) return false;
+  return next(0);
+}
+
+// NCHW-contiguous with planes of more than one value: the eval_planes layout.
+bool planes_layout(const Tensor& x) {
+  return x.dim() > 2 && x.is_contiguous() && x.numel() > x.size(0) * x.size(1);
+}
+
+// Training (and eval with a graph) of NCHW-contiguous inputs: x seen as (N, C, S), planes
+// of S values, a channel's N planes C * S values apart. Channel by channel, on torch's
+// threads from kParallelValues values on: a channel's statistics, then its planes
+// normalized while they are still in the caches (the forward reads x from memory once); in
+// the backward its sums, then its dx. The math is forward_rows' and input_gradients' (the
+// same centre: the channel's first value, or the running mean in eval); a channel's sums
+// are float64 sums of float32 sums of 8 planes' values (PlaneShape::channel_sums), in an
+// order that does not depend on the thread count; the statistics two passes, the mean and
+// then the variance around it, the second over values still in the caches. Why: on small and medium inputs the Numba kernels'
+// Python (a Python autograd node, a kernel call each way) cost as much as their loops.
+// Module calls, two threads, µs, forward / forward + backward, the Numba kernels (forced)
+// -> these [torch.nn's], 2026-12-06: float32 (8, 256, 12, 12) 149 / 522 -> 108 / 441 [349 /
+// 666], (8, 64, 24, 24) 121 / 258 -> 98 / 208 [316 / 433], (8, 512, 7, 7) 145 / 329 -> 97 /
+// 205 [245 / 361], (8, 1152, 3, 3) 160 / 423 -> 110 / 216 [146 / 258], (100, 32, 50) 131 /
+// 316 -> 78 / 181 [205 / 325]; bfloat16 (8, 256, 12, 12) 144 / 309 -> 114 / 235 [115 /
+// 252], (8, 512, 7, 7) 150 / 327 -> 107 / 222 [110 / 289]. Inputs over kPlanesUpTo values
+// stay on the Numba kernels (see takes), whose passes read memory in order: from 1.6
+// million values on, a channel's planes C * S values apart cost these loops more ((32, 64,
+// 28, 28) forward 509 -> 543 µs on two threads, 721 -> 1013 on one; bfloat16 336 -> 376).
+constexpr int64_t kPlanesUpTo = 1 << 19;
+
+// Σ values, in kPartialSums interleaved float64 sums (one chain of additions, each waiting
+// on the last, took 4 cycles a value: most of a small forward's time).
+constexpr int64_t kPartialSums = 8;
+inline double sum_of(const double* values, int64_t n) {
+  double partial[kPartialSums] = {};
+  int64_t i = 0;
+  for (; i + kPartialSums <= n; i += kPartialSums)
+    for (int64_t k = 0; k < kPartialSums; ++k) partial[k] += values[i + k];
+  for (int64_t k = 0; i < n; ++i, ++k) partial[k] += values[i];
+  double sum = 0.0;
+  for (double p : partial) sum += p;
+  return sum;
+}
+
+// An NCHW input's shape as planes.
+struct PlaneShape {
+  int64_t batch, channels, size;
+
+  explicit PlaneShape(const Tensor& x)
+      : batch(x.size(0)), channels(x.size(1)), size(x.numel() / (x.size(0) * x.size(1))) {}
+
+  // The index of the first value of plane (n, c).
+  int64_t start(int64_t n, int64_t c) const { return (n * channels + c) * size; }
+
+  // {Σ term(i)[0], Σ term(i)[1]} over the values i of channel c (term returns
+  // std::array<float, 2>): its planes summed as column_sums sums rows (add_rows_to), into
+  // float64 sums of each position of a plane (in `scratch`, reused from channel to
+  // channel), which are then summed.
+  template <typename Term>
+  std::array<double, 2> channel_sums(int64_t c, const Term& term,
+                                     std::vector<double>& scratch) const {
+    scratch.assign(2 * size, 0.0);
+    double *first_sums = scratch.data(), *second_sums = first_sums + size;
+    const int64_t stride = channels * size, base = c * size;
+    const auto local_term = [term, stride, base](int64_t n, int64_t s) {
+      return term(base + n * stride + s);
+    };
+    int64_t n = 0;
+    for (; n + kRowsAtOnce <= batch; n += kRowsAtOnce)
+      add_rows_to(local_term, n, std::integral_constant<int64_t, kRowsAtOnce>{}, size,
+                  first_sums, second_sums);
+    for (; n < batch; ++n)
+      add_rows_to(local_term, n, std::integral_constant<int64_t, 1>{}, size, first_sums,
+                  second_sums);
+    return {sum_of(first_sums, size), sum_of(second_sums, size)};
+  }
+};
+
+// What the backward's passes over planes read, as Rows (its members of the same names).
+template <typename T>
+struct Planes : PlaneShape {
+  const T* x;
+  const T* z;
+  Centre centre;
+  Affine affine;
+
+  Planes(const Tensor& x, const T* z, const float* saved, bool training, const float* invstd,
+         const float* weight, const float* bias)
+      : PlaneShape(x), x(values_or_null<T>(x)), z(z),
+        centre(centre_of(this->x, size, saved, channels, training)),
+        affine(channels, invstd, weight, bias, centre.offset.data()) {}
+};
+
+// values[i] = act(values[i]) for i < n (flattened: see normalize_plane).
+template <typename Act>
+[[gnu::flatten]] inline void activate_in_place(float* __restrict values, int64_t n, Act act) {
+  for (int64_t i = 0; i < n; ++i) values[i] = act(values[i]);
+}
+
+// The forward of NCHW inputs (see above), as forward_rows'.
+Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                          const Tensor& residual, Running& running, bool training,
+                          double momentum, double eps, int64_t activation, double slope) {
+  const PlaneShape shape(x);
+  const int64_t channels = shape.channels, size = shape.size, count = shape.batch * size;
+  const auto floats = x.options().dtype(at::kFloat);
+  Normalized out{at::empty_like(x), at::empty({channels}, floats), at::empty({channels}, floats)};
+  float *inv = out.invstd.data_ptr<float>(), *off = out.offset.data_ptr<float>();
+  const float *rm = values_or_null(running.mean), *rv = values_or_null(running.var);
+  const float *w = values_or_null(weight), *b = values_or_null(bias);
+  std::vector<double> mean(channels), var(channels);
+  with_storage(x, [&](auto element) {
+    using T = decltype(element);
+    const T *xs = values_or_null<T>(x), *z = values_or_null<T>(residual);
+    T* y = mutable_values<T>(out.y);
+    const Centre centre = centre_of(xs, size, training ? nullptr : rm, channels, training);
+    with_activation(activation, static_cast<float>(slope), [&](auto act, auto, auto memory_bound) {
+      // SiLU on short planes: a channel's pre-activations into a buffer, activated there in
+      // one loop (see kShortPlane), then rounded into its planes
+      const bool buffered = !memory_bound && size < kShortPlane;
+      for_rows(channels, count, [&](int64_t begin, int64_t end) {
+        std::vector<float> pre(buffered ? count : 0);
+        std::vector<double> scratch;
+        for (int64_t c = begin; c < end; ++c) {
+          const float origin = centre.origin[c];
+          float offset = 0.0f;
+          if (training) {  // the mean, then the variance around it: a second pass, in cache
+            const double sum = shape.channel_sums(c, [=](int64_t i) {
+              return std::array<float, 2>{load(xs[i]) - origin, 0.0f};
+            }, scratch)[0];
+            mean[c] = origin + sum / count;
+            offset = off[c] = static_cast<float>(mean[c] - origin);
+            const auto [e, e2] = shape.channel_sums(c, [=](int64_t i) {
+              const float d = (load(xs[i]) - origin) - offset;
+              return std::array<float, 2>{d, d * d};
+            }, scratch);
+            const double v = e2 / count - (e / count) * (e / count);
+            var[c] = v < 0.0 ? 0.0 : v;  // NaN stays NaN, as torch's
+            inv[c] = invstd_of(var[c], eps);
+          } else {  // a copy of the running mean: backward needs it as it is now
+            off[c] = rm[c];
+            inv[c] = invstd_of(rv[c], eps);
+          }
+          const auto [scale, shift] = Affine::of(c, inv[c], w, b, offset);
+          for (int64_t n = 0; n < shape.batch; ++n) {
+            const int64_t first = shape.start(n, c);
+            const T* add = z ? z + first : nullptr;
+            if (buffered)
+              normalize_plane<false>(xs + first, add, pre.data() + n * size, size, origin, scale,
+                                     shift, [](float p) { return p; });
+            else
+              normalize_plane<decltype(memory_bound)::value>(xs + first, add, y + first, size,
+                                                             origin, scale, shift, act);
+          }
+          if (!buffered) continue;
+          activate_in_place(pre.data(), count, act);
+          for (int64_t n = 0; n < shape.batch; ++n) {
+            T* dst = y + shape.start(n, c);
+            for (int64_t i = 0; i < size; ++i) dst[i] = store<T>(pre[n * size + i]);
+          }
+        }
+      });
+    });
+  });
+  if (training && running.mean.defined())
+    update_running(running.mean, running.var, mean.data(), var.data(), count, channels,
+                   momentum);
+  return out;
+}
+
+// The input gradients of NCHW inputs, as input_gradients' of rows, channel by channel: its
+// sums, then its dx.
+template <bool kMemoryBound, typename T, typename Gradient>
+void input_gradients(const Planes<T>& in, const Gradient& gradient, const float* invstd,
+                     const float* weight, bool training, T* dx, float* dweight, float* dbias) {
+  const int64_t count = in.batch * in.size;
+  for_rows(in.channels, count, [&](int64_t begin, int64_t end) {
+    const Gradient g(gradient);  // a local copy: see Rows::each_pre's
+    const T* __restrict xs = in.x;
+    std::vector<double> scratch;
+    for (int64_t c = begin; c < end; ++c) {
+      const float origin = in.centre.origin[c], offset = in.centre.offset[c];
+      std::array<double, 2> sums{0.0, 0.0};
+      if (training || dweight || dbias)
+        sums = in.channel_sums(c, [=](int64_t i) {
+          const float d = load(xs[i]) - origin, gi = g(i, c, d);
+          return std::array<float, 2>{gi, gi * (d - offset)};
+        }, scratch);
+      const ChannelGradients k = channel_gradients(c, sums, invstd[c], weight, offset, count,
+                                                   training, dweight, dbias);
+      if (!dx) continue;
+      for (int64_t n = 0; n < in.batch; ++n) {
+        const int64_t first = in.start(n, c);
+        T* __restrict out = dx + first;
+        if (!training) {  // x enters through the activation only (see input_gradients)
+          for_channels<kMemoryBound, T>(in.size, [&](int64_t j) {
+            out[j] = store<T>(k.k * g(first + j, c, load(xs[first + j]) - origin));
+          });
+          continue;
+        }
+        for_channels<kMemoryBound, T>(in.size, [&](int64_t j) {
+          const float d = load(xs[first + j]) - origin;
+          out[j] = store<T>(k.k * (g(first + j, c, d) - k.a - d * k.b));
+        });
+      }
+    }
+  });
+}
+
+// dpre = dL/d(pre-activation) of NCHW inputs, as pre_gradient's of rows, channel by channel.
+template <bool kMemoryBound, typename T, typename Derivative>
+void pre_gradient(const Planes<T>& in, const T* dy, Derivative derivative, float* dpre) {
+  const float *scale = in.affine.scale.data(), *shift = in.affine.shift.data();
+  auto write = [&](const auto& gradient) {
+    for_rows(in.channels, in.batch * in.size, [&](int64_t begin, int64_t end) {
+      const auto g(gradient);  // a local copy: see Rows::each_pre's
+      const T* __restrict xs = in.x;
+      float* __restrict out = dpre;
+      for (int64_t c = begin; c < end; ++c) {
+        const float origin = in.centre.origin[c];
+        for (int64_t n = 0; n < in.batch; ++n) {
+          const int64_t first = in.start(n, c);
+          for_channels<kMemoryBound, T>(in.size, [&](int64_t j) {
+            out[first + j] = g(first + j, c, load(xs[first + j]) - origin);
+          });
+        }
+      }
+    });
+  };
+  if (in.z) return write(ActivationGradient<T, true, Derivative>{dy, in.z, scale, shift,
+                                                                  derivative});
+  write(ActivationGradient<T, false, Derivative>{dy, nullptr, scale, shift, derivative});
 }
 
 // Float16 and bfloat16 inputs in inference (eval without a graph; float32 parameters and
@@ -1173,6 +1453,17 @@ Tensor eval_halves(const Tensor&, const Tensor&, const Tensor&, const Tensor&, c
 }
 #endif
 
+// The forward of either layout: forward_rows, or forward_planes (NCHW).
+Normalized forward_of(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                      const Tensor& residual, Running& running, bool training, double momentum,
+                      double eps, int64_t activation, double slope) {
+  if (rows_layout(x))
+    return forward_rows(x, weight, bias, residual, running, training, momentum, eps,
+                        activation, slope);
+  return forward_planes(x, weight, bias, residual, running, training, momentum, eps,
+                        activation, slope);
+}
+
 // The optional inputs are std::optional: autograd takes one that is not given for no input.
 using Optional = std::optional<Tensor>;
 
@@ -1183,8 +1474,7 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
                         double slope) {
     const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor()),
                  z = residual.value_or(Tensor());
-    Normalized out =
-        forward_rows(x, w, b, z, running, training, momentum, eps, activation, slope);
+    Normalized out = forward_of(x, w, b, z, running, training, momentum, eps, activation, slope);
     ctx->save_for_backward({x, w, b, z, out.offset, out.invstd});
     // the options in two entries (each costs a hash-map insert): activation and training
     // in one code, then eps and the slope
@@ -1252,45 +1542,51 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
     // dL/dresidual is it rounded.
     with_storage(x, [&](auto element) {
       using T = decltype(element);
-      const T* first_row = values_or_null<T>(x);
-      const float* inv = values_or_null(invstd);
-      Rows<T> in(first_row, values_or_null<T>(residual), rows, channels,
-                 centre_of(first_row, values_or_null(offset), channels, training), inv,
-                 values_or_null(weight), values_or_null(bias));
+      const T *x_values = values_or_null<T>(x), *z = values_or_null<T>(residual);
+      const float *inv = values_or_null(invstd), *saved = values_or_null(offset);
+      const float *w = values_or_null(weight), *b = values_or_null(bias);
       const T* dy_values = values_or_null<T>(dy);
-      auto writable = [](Tensor& t, auto type) {  // t's values as decltype(type), or null
-        return t.defined() ? mutable_values<decltype(type)>(t) : nullptr;
-      };
-      auto gradients_from = [&](auto memory_bound, const auto& gradient) {
-        input_gradients<memory_bound>(in, gradient, inv, values_or_null(weight), training,
-                                      writable(out[kX], T{}), writable(out[kWeight], float{}),
-                                      writable(out[kBias], float{}));
-      };
-      if (activation == kIdentity) {
-        if (need[3]) out[kResidual] = dy.clone();  // dL/dresidual is dy
-        return gradients_from(std::true_type{}, GivenGradient<T>{dy_values});
-      }
-      with_activation(activation, static_cast<float>(slope), [&](auto, auto derivative,
-                                                                 auto memory_bound) {
-        using Derivative = decltype(derivative);
-        if constexpr (decltype(memory_bound)::value) {
-          if (!need[3]) {  // no dL/dresidual asked for (none without a residual)
-            const float *scale = in.affine.scale.data(), *shift = in.affine.shift.data();
-            if (in.z)
-              return gradients_from(memory_bound, ActivationGradient<T, true, Derivative>{
-                                                      dy_values, in.z, scale, shift, derivative});
-            return gradients_from(memory_bound, ActivationGradient<T, false, Derivative>{
-                                                    dy_values, nullptr, scale, shift, derivative});
-          }
+      // the passes over `in`: Rows<T>, or Planes<T> (NCHW)
+      auto gradients = [&](const auto& in) {
+        auto writable = [](Tensor& t, auto type) {  // t's values as decltype(type), or null
+          return t.defined() ? mutable_values<decltype(type)>(t) : nullptr;
+        };
+        auto gradients_from = [&](auto memory_bound, const auto& gradient) {
+          input_gradients<memory_bound>(in, gradient, inv, w, training,
+                                        writable(out[kX], T{}), writable(out[kWeight], float{}),
+                                        writable(out[kBias], float{}));
+        };
+        if (activation == kIdentity) {
+          if (need[3]) out[kResidual] = dy.clone();  // dL/dresidual is dy
+          return gradients_from(std::true_type{}, GivenGradient<T>{dy_values});
         }
-        constexpr bool kFloat = std::is_same_v<T, float>;
-        Tensor dpre = need[3] && kFloat ? (out[kResidual] = at::empty_like(x))
-                                        : at::empty_like(x, x.options().dtype(at::kFloat));
-        float* dpre_values = mutable_values<float>(dpre);
-        pre_gradient<memory_bound>(in, dy_values, derivative, dpre_values);
-        gradients_from(std::true_type{}, GivenGradient<float>{dpre_values});
-        if (need[3] && !kFloat) out[kResidual] = dpre.to(x.scalar_type());
-      });
+        with_activation(activation, static_cast<float>(slope), [&](auto, auto derivative,
+                                                                   auto memory_bound) {
+          using Derivative = decltype(derivative);
+          if constexpr (decltype(memory_bound)::value) {
+            if (!need[3]) {  // no dL/dresidual asked for (none without a residual)
+              const float *scale = in.affine.scale.data(), *shift = in.affine.shift.data();
+              if (in.z)
+                return gradients_from(memory_bound, ActivationGradient<T, true, Derivative>{
+                                                        dy_values, in.z, scale, shift, derivative});
+              return gradients_from(memory_bound,
+                                    ActivationGradient<T, false, Derivative>{
+                                        dy_values, nullptr, scale, shift, derivative});
+            }
+          }
+          constexpr bool kFloat = std::is_same_v<T, float>;
+          Tensor dpre = need[3] && kFloat ? (out[kResidual] = at::empty_like(x))
+                                          : at::empty_like(x, x.options().dtype(at::kFloat));
+          float* dpre_values = mutable_values<float>(dpre);
+          pre_gradient<memory_bound>(in, dy_values, derivative, dpre_values);
+          gradients_from(std::true_type{}, GivenGradient<float>{dpre_values});
+          if (need[3] && !kFloat) out[kResidual] = dpre.to(x.scalar_type());
+        });
+      };
+      if (rows_layout(x))
+        return gradients(Rows<T>(x_values, z, rows, channels,
+                                 centre_of(x_values, 1, saved, channels, training), inv, w, b));
+      gradients(Planes<T>(x, z, saved, training, inv, w, b));
     });
     return out;
   }
@@ -1320,22 +1616,6 @@ bool per_channel(pybind11::handle obj, int64_t channels, bool statistic) {
          !(statistic && t.requires_grad());
 }
 
-// Dense with the channels innermost: dimensions 1, d-1, ..., 2, 0 (innermost first) each of
-// stride the product of the sizes before them in that order, dimensions of size 1 aside.
-bool rows_layout(const Tensor& x) {
-  int64_t expected = 1;
-  auto next = [&](int64_t dim) {
-    if (x.size(dim) == 1) return true;
-    if (x.stride(dim) != expected) return false;
-    expected *= x.size(dim);
-    return true;
-  };
-  if (!next(1)) return false;
-  for (int64_t dim = x.dim() - 1; dim >= 2; --dim)
-    if (!next(dim)) return false;
-  return next(0);
-}
-
 // Whether autograd records a graph of a call on these inputs (undefined: not given).
 bool records_graph(const Tensor& x, const Tensor& weight, const Tensor& bias,
                    const Tensor& residual) {
@@ -1343,11 +1623,6 @@ bool records_graph(const Tensor& x, const Tensor& weight, const Tensor& bias,
   for (const Tensor* t : {&x, &weight, &bias, &residual})
     if (t->defined() && t->requires_grad()) return true;
   return false;
-}
-
-// NCHW-contiguous with planes of more than one value: the eval_planes layout.
-bool planes_layout(const Tensor& x) {
-  return x.dim() > 2 && x.is_contiguous() && x.numel() > x.size(0) * x.size(1);
 }
 
 // What takes says of a call (cpp_cpu's UNCHECKED, USUAL, TAKES): kTakes, rows_batch_norm
@@ -1378,13 +1653,15 @@ int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias
     return kUnchecked;
   const bool rows = rows_layout(t);
   if (rows && !half) return kTakes;
+  if (!rows && !planes_layout(t)) return kUsual;
   auto tensor = [](pybind11::handle obj) {  // a checked tensor, or None
     return obj.is_none() ? Tensor() : THPVariable_Unpack(obj.ptr());
   };
-  // NCHW, and float16 in either layout: in eval without a graph (inference) only
-  const bool inference = !training && (!half || kHalfLoops) && (rows || planes_layout(t)) &&
-                         !records_graph(t, tensor(weight), tensor(bias), tensor(residual));
-  return inference ? kTakes : kUsual;
+  // float16 in either layout: in eval without a graph (inference) only
+  if (!training && !records_graph(t, tensor(weight), tensor(bias), tensor(residual)))
+    return !half || kHalfLoops ? kTakes : kUsual;
+  // NCHW in training or with a graph: up to kPlanesUpTo values
+  return !half && !rows && values <= kPlanesUpTo ? kTakes : kUsual;
 }
 
 Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& bias,
@@ -1411,14 +1688,14 @@ Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& 
                 "autograd only");
     return eval_halves(x, w, b, z, running, eps, activation, slope, !rows_layout(x));
   }
-  if (!rows_layout(x)) {  // NCHW in eval without a graph: the one such call takes gives
-    TORCH_CHECK(!training && !graph && planes_layout(x),
-                "rows_batch_norm: an input whose channels are not innermost is taken in eval "
-                "mode without autograd only");
+  const bool rows = rows_layout(x);
+  TORCH_CHECK(rows || planes_layout(x),
+              "rows_batch_norm: expected an input whose channels are innermost or an "
+              "NCHW-contiguous one, got strides ", x.strides());
+  if (!rows && !training && !graph)  // NCHW inference: no centre to save for a backward
     return eval_planes(x, w, b, z, running, eps, activation, slope);
-  }
   if (!graph)  // the forward alone, without the node autograd would make anyway
-    return forward_rows(x, w, b, z, running, training, momentum, eps, activation, slope).y;
+    return forward_of(x, w, b, z, running, training, momentum, eps, activation, slope).y;
   return RowsBatchNorm::apply(x, weight, bias, residual, running, training, momentum, eps,
                               activation, slope);
 }
@@ -1430,9 +1707,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether rows_batch_norm computes this call (2), or not but its tensors pass the usual "
         "call's checks (1), or neither is known (0): (x, weight, bias, running_mean, "
         "running_var, residual, training) -> int");
+  m.attr("planes_up_to") = kPlanesUpTo;
   m.def("rows_batch_norm", &rows_batch_norm,
-        "Batch norm of a float32 or bfloat16 (N, C) or channels_last input (or, in eval without "
-        "autograd, an NCHW one, or a float16 one) with the fused epilogue, the running update "
-        "included in training: (x, weight, bias, running_mean, running_var, residual, "
-        "training, momentum, eps, activation code, negative slope) -> y");
+        "Batch norm of a float32 or bfloat16 (N, C), channels_last or NCHW input (or, in eval "
+        "without autograd, a float16 one) with the fused epilogue, the running update included "
+        "in training: (x, weight, bias, running_mean, running_var, residual, training, "
+        "momentum, eps, activation code, negative slope) -> y");
 }
