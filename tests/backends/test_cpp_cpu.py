@@ -289,10 +289,17 @@ def _variance_error(x: torch.Tensor) -> float:
     """The batch variance's largest error relative to float64's, read in the running
     variance (momentum 1), whose float32 rounding is 6e-8 of it."""
     _runs_here(x)
-    layer = batchnorm.BatchNorm1d(x.shape[1], momentum=1.0, affine=False)
+    layer = OURS[x.dim()](x.shape[1], momentum=1.0, affine=False)
     layer(x)
-    exact = x.double().var(0)
+    exact = x.double().transpose(0, 1).reshape(x.shape[1], -1).var(1)
     return ((layer.running_var.double() - exact).abs() / exact).max().item()
+
+
+def _as_planes(x: torch.Tensor) -> torch.Tensor:
+    """(4096, C) rows as NCHW (16, C, 16, 16) whose channels hold the same values in the
+    same order (row t: plane t // 256, position t % 256), the order in which rows.cpp's
+    PlaneShape::sampled_centre samples them."""
+    return x.reshape(16, 256, x.shape[1]).permute(0, 2, 1).reshape(16, -1, 16, 16).contiguous()
 
 
 def _sampled_rows(rows: int) -> list[int]:
@@ -301,28 +308,31 @@ def _sampled_rows(rows: int) -> list[int]:
     return [k * rows // samples + (k + 1) * 2654435761 % (rows // samples) for k in range(samples)]
 
 
+@pytest.mark.parametrize("layout", ["rows", "planes"])
 @pytest.mark.parametrize("far", ["first row", "every 256th row", "none"])
-def test_batch_variance_keeps_float32s_digits(far):
+def test_batch_variance_keeps_float32s_digits(far, layout):
     """The statistics sum float32 terms around a mean of 16 sampled rows: within a few
     float32 roundings of float64's variance, also where the first row lies 1e3 std from the
     mean and where every 256th row does (float32 terms centred on the first row, as the
-    backward's are, and kept, lost 4e-5 and 2.4e-6 of the variance there)."""
+    backward's are, and kept, lost 4e-5 and 2.4e-6 of the variance there). The same values
+    as NCHW planes (forward_planes: a channel at a time)."""
     x = random_input((4096, 64), mean=3.0, seed=6)
     if far == "first row":
         x[0] += 1e3
     elif far == "every 256th row":
         x[::256] += 1e3
-    assert _variance_error(x) < 3e-7
+    assert _variance_error(x if layout == "rows" else _as_planes(x)) < 3e-7
 
 
-def test_batch_variance_keeps_its_digits_where_the_sampled_rows_are_far():
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+def test_batch_variance_keeps_its_digits_where_the_sampled_rows_are_far(layout):
     """Where the sampled rows themselves lie far from the mean (here 16 of 4096, 1e3 std
     away: the centre then lies 16 of the batch's std from its mean), the float32 terms
-    would lose 1e-5 of the variance; the check sees it, and the sums are done again in
-    float64 terms."""
+    would lose 1e-5 of the variance; the check sees it, and the sums are done again (rows:
+    in float64 terms; planes: around the mean, in a second pass)."""
     x = random_input((4096, 64), mean=3.0, seed=7)
     x[_sampled_rows(4096)] += 1e3
-    assert _variance_error(x) < 3e-7
+    assert _variance_error(x if layout == "rows" else _as_planes(x)) < 3e-7
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])

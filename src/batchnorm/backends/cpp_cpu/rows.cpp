@@ -595,15 +595,19 @@ constexpr double kCentreSpread = 2.0;
 // to the next (a fixed offset would sample the same pixel of every image of a channels_last
 // batch; offset 0, the corner, which padding makes unlike the rest); `fallback`'s value
 // where that mean is not finite.
+// (sample_position: the k-th of `samples` such positions among n.)
+inline int64_t sample_position(int64_t k, int64_t samples, int64_t n) {
+  const int64_t offset = (k + 1) * 2654435761LL % (n / samples);  // also in the first stratum
+  return k * n / samples + offset;
+}
 template <typename T>
 std::vector<float> sampled_centre(const T* x, const float* fallback, int64_t rows,
                                   int64_t channels) {
-  const int64_t samples = std::min(rows, kCentreSamples), stratum = rows / samples;
+  const int64_t samples = std::min(rows, kCentreSamples);
   std::vector<float> centre(channels, 0.0f);
   float* __restrict sum = centre.data();
   for (int64_t k = 0; k < samples; ++k) {
-    const int64_t offset = (k + 1) * 2654435761LL % stratum;  // also in the first stratum
-    const T* __restrict row = x + (k * rows / samples + offset) * channels;
+    const T* __restrict row = x + sample_position(k, samples, rows) * channels;
     for (int64_t c = 0; c < channels; ++c) sum[c] += load(row[c]);
   }
   for (int64_t c = 0; c < channels; ++c) {
@@ -1004,9 +1008,10 @@ bool planes_layout(const Tensor& x) {
 // the backward its sums, then its dx. The math is forward_rows' and input_gradients' (the
 // same centre: the channel's first value, or the running mean in eval); a channel's sums
 // are float64 sums of float32 sums of 8 planes' values (PlaneShape::channel_sums), in an
-// order that does not depend on the thread count; the statistics two passes, the mean and
-// then the variance around it, the second over values still in the caches. Why: on small and medium inputs the Numba kernels'
-// Python (a Python autograd node, a kernel call each way) cost as much as their loops.
+// order that does not depend on the thread count; the statistics take two passes, the mean
+// and then the variance around it, the second over values still in the caches. Why: on
+// small and medium inputs the Numba kernels' Python (a Python autograd node, a kernel call
+// each way) cost as much as their loops.
 // Module calls, two threads, µs, forward / forward + backward, the Numba kernels (forced)
 // -> these [torch.nn's], 2026-12-06: float32 (8, 256, 12, 12) 149 / 522 -> 108 / 441 [349 /
 // 666], (8, 64, 24, 24) 121 / 258 -> 98 / 208 [316 / 433], (8, 512, 7, 7) 145 / 329 -> 97 /
@@ -1017,6 +1022,12 @@ bool planes_layout(const Tensor& x) {
 // million values on, a channel's planes C * S values apart cost these loops more ((32, 64,
 // 28, 28) forward 509 -> 543 µs on two threads, 721 -> 1013 on one; bfloat16 336 -> 376).
 constexpr int64_t kPlanesUpTo = 1 << 19;
+
+// Channels of at least this many values take their statistics in one pass around a
+// sampled centre (forward_planes); smaller ones, in L1, in two passes, which cost less than
+// the sampling: (8, 1152, 3, 3), 72 values a channel, module forward 110 µs on two threads
+// in two passes, 140 with the sampling; (8, 64, 28, 28) 121 -> 88 µs the other way (raw).
+constexpr int64_t kSampledFrom = 1024;
 
 // Σ values, in kPartialSums interleaved float64 sums (one chain of additions, each waiting
 // on the last, took 4 cycles a value: most of a small forward's time).
@@ -1041,6 +1052,21 @@ struct PlaneShape {
 
   // The index of the first value of plane (n, c).
   int64_t start(int64_t n, int64_t c) const { return (n * channels + c) * size; }
+
+  // Channel c's mean over kCentreSamples of its values, as sampled_centre's of rows (its
+  // strata and offsets over the channel's values in their order: plane by plane); `fallback`
+  // where that mean is not finite.
+  template <typename T>
+  float sampled_centre(const T* x, int64_t c, float fallback) const {
+    const int64_t count = batch * size, samples = std::min(count, kCentreSamples);
+    float sum = 0.0f;
+    for (int64_t k = 0; k < samples; ++k) {
+      const int64_t t = sample_position(k, samples, count);
+      sum += load(x[start(t / size, c) + t % size]);
+    }
+    const float mean = sum / samples;
+    return std::isfinite(mean) ? mean : fallback;
+  }
 
   // {Σ term(i)[0], Σ term(i)[1]} over the values i of channel c (term returns
   // std::array<float, 2>): its planes summed as column_sums sums rows (add_rows_to), into
@@ -1114,18 +1140,35 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
         for (int64_t c = begin; c < end; ++c) {
           const float origin = centre.origin[c];
           float offset = 0.0f;
-          if (training) {  // the mean, then the variance around it: a second pass, in cache
-            const double sum = shape.channel_sums(c, [=](int64_t i) {
-              return std::array<float, 2>{load(xs[i]) - origin, 0.0f};
-            }, scratch)[0];
-            mean[c] = origin + sum / count;
+          if (training) {
+            // a channel of kSampledFrom values or more: one pass around a sampled centre
+            // where it lies near the mean (see batch_statistics); else the mean, then the
+            // variance around it (a second pass, over values still in the caches)
+            auto moments = [&](float centre_c) {
+              const auto [d, d2] = shape.channel_sums(c, [=](int64_t i) {
+                const float v = load(xs[i]) - centre_c;
+                return std::array<float, 2>{v, v * v};
+              }, scratch);
+              const double shift = d / count, v = d2 / count - shift * shift;
+              mean[c] = centre_c + shift;
+              var[c] = v < 0.0 ? 0.0 : v;  // NaN stays NaN, as torch's
+            };
+            bool near = false;
+            if (count >= kSampledFrom) {
+              const float sampled = shape.sampled_centre(xs, c, origin);
+              moments(sampled);
+              const double far = mean[c] - sampled;
+              near = far * far <= kCentreSpread * var[c];  // not for NaN
+            }
+            if (!near) {
+              const double sum = shape.channel_sums(c, [=](int64_t i) {
+                return std::array<float, 2>{load(xs[i]) - origin, 0.0f};
+              }, scratch)[0];
+              const double direct = origin + sum / count;
+              moments(static_cast<float>(direct));
+              mean[c] = direct;  // inf where x has one (around inf, moments' mean is NaN)
+            }
             offset = off[c] = static_cast<float>(mean[c] - origin);
-            const auto [e, e2] = shape.channel_sums(c, [=](int64_t i) {
-              const float d = (load(xs[i]) - origin) - offset;
-              return std::array<float, 2>{d, d * d};
-            }, scratch);
-            const double v = e2 / count - (e / count) * (e / count);
-            var[c] = v < 0.0 ? 0.0 : v;  // NaN stays NaN, as torch's
             inv[c] = invstd_of(var[c], eps);
           } else {  // a copy of the running mean: backward needs it as it is now
             off[c] = rm[c];
