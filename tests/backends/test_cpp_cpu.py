@@ -52,12 +52,14 @@ SHAPES = {
     "(32771,130) prefetched": ((32771, 130), False),
     "channels_last prefetched": ((3, 136, 73, 71), True),
     # NCHW in training or with a graph (rows.cpp's forward_planes, a channel at a time; up to
-    # kPlanesUpTo values): planes shorter than kShortPlane (SiLU through a buffer) and
-    # longer, (N, C, L) and NCDHW, and over 65,536 values (channels on torch's threads)
+    # kPlanesUpTo values): planes shorter than kShortPlane (SiLU through a buffer, its
+    # backward in blocks of planes) and longer, (N, C, L) and NCDHW, and over 65,536 values
+    # (channels, or blocks of short planes, on torch's threads)
     "NCHW": ((8, 16, 3, 3), False),
     "(N,C,L)": ((4, 6, 7), False),
     "NCDHW": ((2, 4, 3, 2, 2), False),
     "NCHW threaded": ((3, 24, 33, 37), False),
+    "NCHW short planes threaded": ((16, 600, 3, 3), False),
 }
 
 
@@ -164,7 +166,9 @@ RESIDUALS = {
 @pytest.mark.parametrize("activation", TORCH_ACTIVATIONS)
 @pytest.mark.parametrize("residual", **RESIDUALS)
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
-@pytest.mark.parametrize("name", ["(100,128)", "channels_last", "NCHW", "NCHW threaded"])
+@pytest.mark.parametrize(
+    "name", ["(100,128)", "channels_last", "NCHW", "NCHW threaded", "NCHW short planes threaded"]
+)
 def test_fused_epilogue_matches_torch_in_float64(name, training, residual, activation):
     """act(BN(x) + residual) (in one pass for ReLU and leaky ReLU, SiLU and ELU as torch's
     ops after it) against torch.nn's BN, the addition and torch's activation in float64:
