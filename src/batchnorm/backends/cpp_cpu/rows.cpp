@@ -1008,19 +1008,20 @@ bool planes_layout(const Tensor& x) {
 // the backward its sums, then its dx. The math is forward_rows' and input_gradients' (the
 // same centre: the channel's first value, or the running mean in eval); a channel's sums
 // are float64 sums of float32 sums of 8 planes' values (PlaneShape::channel_sums), in an
-// order that does not depend on the thread count; the statistics take two passes, the mean
-// and then the variance around it, the second over values still in the caches. Why: on
-// small and medium inputs the Numba kernels' Python (a Python autograd node, a kernel call
-// each way) cost as much as their loops.
-// Module calls, two threads, µs, forward / forward + backward, the Numba kernels (forced)
-// -> these [torch.nn's], 2026-12-06: float32 (8, 256, 12, 12) 149 / 522 -> 108 / 441 [349 /
-// 666], (8, 64, 24, 24) 121 / 258 -> 98 / 208 [316 / 433], (8, 512, 7, 7) 145 / 329 -> 97 /
-// 205 [245 / 361], (8, 1152, 3, 3) 160 / 423 -> 110 / 216 [146 / 258], (100, 32, 50) 131 /
-// 316 -> 78 / 181 [205 / 325]; bfloat16 (8, 256, 12, 12) 144 / 309 -> 114 / 235 [115 /
-// 252], (8, 512, 7, 7) 150 / 327 -> 107 / 222 [110 / 289]. Inputs over kPlanesUpTo values
-// stay on the Numba kernels (see takes), whose passes read memory in order: from 1.6
-// million values on, a channel's planes C * S values apart cost these loops more ((32, 64,
-// 28, 28) forward 509 -> 543 µs on two threads, 721 -> 1013 on one; bfloat16 336 -> 376).
+// order that does not depend on the thread count; the statistics take one pass around a
+// sampled centre (kSampledFrom), or two, the mean and then the variance around it, the
+// second over values still in the caches. Why: on small and medium inputs the Numba
+// kernels' Python (a Python autograd node, a kernel call each way) cost as much as their
+// loops. Module calls, two threads, µs, forward / forward + backward, the Numba kernels
+// (forced) -> these in two passes [torch.nn's], 2026-12-06: float32 (8, 256, 12, 12) 149 /
+// 522 -> 108 / 441 [349 / 666], (8, 64, 24, 24) 121 / 258 -> 98 / 208 [316 / 433], (8, 512,
+// 7, 7) 145 / 329 -> 97 / 205 [245 / 361], (8, 1152, 3, 3) 160 / 423 -> 110 / 216 [146 /
+// 258], (100, 32, 50) 131 / 316 -> 78 / 181 [205 / 325]; bfloat16 (8, 256, 12, 12) 144 /
+// 309 -> 114 / 235 [115 / 252], (8, 512, 7, 7) 150 / 327 -> 107 / 222 [110 / 289]. Inputs
+// over kPlanesUpTo values stay on the Numba kernels (see takes), whose passes read memory
+// in order: from 1.6 million values on, a channel's planes C * S values apart cost these
+// loops more ((32, 64, 28, 28) forward 509 -> 543 µs on two threads, 721 -> 1013 on one;
+// bfloat16 336 -> 376).
 constexpr int64_t kPlanesUpTo = 1 << 19;
 
 // Channels of at least this many values take their statistics in one pass around a
