@@ -1755,18 +1755,17 @@ Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& 
                   floats(b) && floats(running.mean) && floats(running.var),
               "rows_batch_norm: expected a float32, bfloat16 or float16 input (and residual of "
               "its dtype), float32 parameters and running statistics");
-  const bool graph = records_graph(x, w, b, z);
-  // float16 (in either layout, as takes gives it) and bfloat16 in inference: eval_halves
-  if (half || (kHalfLoops && x.scalar_type() == at::kBFloat16 && !training && !graph)) {
-    TORCH_CHECK(!training && !graph && (rows_layout(x) || planes_layout(x)),
-                "rows_batch_norm: a half-precision input is taken here in eval mode without "
-                "autograd only");
-    return eval_halves(x, w, b, z, running, eps, activation, slope, !rows_layout(x));
-  }
-  const bool rows = rows_layout(x);
+  const bool graph = records_graph(x, w, b, z), rows = rows_layout(x);
   TORCH_CHECK(rows || planes_layout(x),
               "rows_batch_norm: expected an input whose channels are innermost or an "
               "NCHW-contiguous one, got strides ", x.strides());
+  // float16 (in either layout, as takes gives it) and bfloat16 in inference: eval_halves
+  if (half || (kHalfLoops && x.scalar_type() == at::kBFloat16 && !training && !graph)) {
+    TORCH_CHECK(!training && !graph,
+                "rows_batch_norm: a half-precision input is taken here in eval mode without "
+                "autograd only");
+    return eval_halves(x, w, b, z, running, eps, activation, slope, !rows);
+  }
   if (!rows && !training && !graph)  // NCHW inference: no centre to save for a backward
     return eval_planes(x, w, b, z, running, eps, activation, slope);
   if (!graph)  // the forward alone, without the node autograd would make anyway
