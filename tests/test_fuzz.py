@@ -44,6 +44,7 @@ from batchnorm import ops
 from batchnorm.backends import Call
 from batchnorm.backends.aten import ATEN_BELOW_NUMEL
 from batchnorm.nn.base import DIMS_OF_INPUT_RANK
+from conftest import zero_near_kink
 
 #: Examples of the default (CI) run: ~15 s of one core once Numba's cache is warm, and
 #: ~30 s more while it finds failures (shrinking them).
@@ -313,13 +314,10 @@ def _grad_output(case: Case, pre: torch.Tensor, band: float) -> torch.Tensor:
     layout = case.layout("grad_output")
     if layout.kind == "expand":
         dy = dy.narrow(layout.dim, 0, 1).expand(case.shape).contiguous()
-    if case.activation in ("relu", "leaky_relu") and case.negative_slope != 1.0:
-        kink = pre.abs() < band
-        if kink.any():
-            dy = dy.masked_fill(kink, 0.0)
-            if layout.kind == "expand":
-                layout = Layout(odd=layout.odd)
-    return _lay_out(dy.to(case.dtype), layout)
+    kink_free = zero_near_kink(dy, pre, case.activation, band, case.negative_slope)
+    if kink_free is not dy and layout.kind == "expand":
+        layout = Layout(odd=layout.odd)
+    return _lay_out(kink_free.to(case.dtype), layout)
 
 
 # ---------------------------------------------------------------------------------------

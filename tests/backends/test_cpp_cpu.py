@@ -17,12 +17,14 @@ from batchnorm import ops
 from batchnorm.backends import Call
 from batchnorm.backends.cpp_cpu import ACTIVATION_BELOW_NUMEL, TAKES, extension
 from conftest import (
+    TOLERANCES,
     assert_close,
     assert_within_rounding,
     float64_batch_norm,
     floats_to_round,
     random_input,
     same_values,
+    zero_near_kink,
 )
 
 # The backend is optional: where no C++ compiler is found it is not built, and its calls run
@@ -198,6 +200,11 @@ def test_fused_epilogue_matches_torch_in_float64(name, training, residual, activ
     pre = ref(xd) + zd if residual else ref(xd)
     yd = TORCH_ACTIVATIONS[activation](pre)
     g = torch.randn(yd.shape, generator=torch.Generator().manual_seed(7), dtype=yd.dtype)
+    # dL/dy 0 within 4x the output's tolerance (test_fuzz's KINK_MARGIN) of ReLU's kink: the
+    # large eval ReLU call had a pre-activation of 2.7e-8 that rounded to the other side on
+    # 8 of 300 seeds
+    band = 4 * TOLERANCES[torch.float32]["atol"] * max(1.0, yd.abs().max().item())
+    g = zero_near_kink(g, pre.detach(), activation, band, slope=0.2)
     y.backward(g.float())
     yd.backward(g)
     assert_close(y, yd, torch.float32)
