@@ -200,9 +200,9 @@ def test_fused_epilogue_matches_torch_in_float64(name, training, residual, activ
     pre = ref(xd) + zd if residual else ref(xd)
     yd = TORCH_ACTIVATIONS[activation](pre)
     g = torch.randn(yd.shape, generator=torch.Generator().manual_seed(7), dtype=yd.dtype)
-    # dL/dy 0 within 4x the output's tolerance (test_fuzz's KINK_MARGIN) of ReLU's kink: the
-    # large eval ReLU call had a pre-activation of 2.7e-8 that rounded to the other side on
-    # 8 of 300 seeds
+    # dL/dy 0 within 4x the output's tolerance (test_fuzz's KINK_MARGIN) of ReLU's kink: on 8
+    # of 300 seeds the large eval ReLU call had a pre-activation (2.7e-8 in one) that float32
+    # rounded to the other side
     band = 4 * TOLERANCES[torch.float32]["atol"] * max(1.0, yd.abs().max().item())
     g = zero_near_kink(g, pre.detach(), activation, band, slope=0.2)
     y.backward(g.float())
