@@ -588,10 +588,12 @@ def test_calls_it_cannot_take_go_elsewhere():
     torch.testing.assert_close(traced(x + 1), torch.nn.BatchNorm1d(4)(x + 1))
 
 
-#: Planes of 9 and 12 values are short (SiLU: blocks of planes, rows.cpp's kShortPlane), the
-#: threaded short ones in 22 blocks, the last one partial.
-PLANES = {"NCHW": (8, 16, 3, 3), "NCDHW": (2, 4, 3, 2, 2), "NCHW threaded": (3, 24, 33, 37),
-          "NCHW short planes threaded": (16, 600, 3, 3)}  # fmt: skip
+#: SHAPES' NCHW inputs. Planes of 9 and 12 values are short (SiLU: blocks of planes,
+#: rows.cpp's kShortPlane), the threaded short ones in 22 blocks, the last one partial.
+PLANES = {
+    name: SHAPES[name][0]
+    for name in ("NCHW", "NCDHW", "NCHW threaded", "NCHW short planes threaded")
+}
 
 
 @pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "silu", "elu"])
