@@ -33,6 +33,18 @@ def test_relu_flips_explain_the_gradient_errors_through_a_relu():
         assert row["dx_without_flipped_channels"] < 1e-5
 
 
+def test_performance_page_quotes_the_committed_cpu_kernel_run():
+    """`make bench`'s batchnorm bench run: its tables, as batchnorm.cli.bench.markdown
+    writes them, are the page's, and it is a full run (every case, every mode)."""
+    from batchnorm.cli import bench
+
+    result = json.loads((ROOT / "benchmarks" / "results" / "cpu_kernels.json").read_text())
+    assert not result["quick"]
+    cases = {(row["label"], row["mode"]) for row in result["results"]}
+    assert cases == {(case[0], mode) for case in bench.SHAPES for mode in bench.MODES}
+    assert bench.markdown(result) in (ROOT / "docs" / "performance.md").read_text()
+
+
 def test_performance_page_quotes_the_committed_small_layer_run():
     module = benchmark_module("small_layers")
     result = json.loads((ROOT / "benchmarks" / "results" / "small_layers.json").read_text())

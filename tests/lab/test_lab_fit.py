@@ -312,6 +312,10 @@ def test_epoch_seconds_reports_each_implementation():
     assert result["ratio_batchnorm_to_torch"] == pytest.approx(
         medians["batchnorm"] / medians["torch"]
     )
+    ours, theirs = (result["epoch_seconds"][k]["samples"] for k in ("batchnorm", "torch"))
+    assert result["paired_ratio_batchnorm_to_torch"] == pytest.approx(
+        np.median(np.array(ours) / np.array(theirs))
+    )
     assert result["steps_per_epoch"] == 3 and result["threads"] == 1
     json.dumps(result)
     with pytest.raises(ValueError, match="unknown implementations"):

@@ -429,6 +429,63 @@ def table(results: dict, verdicts: bool = True) -> str:
     return "\n".join(lines)
 
 
+#: The markdown tables' headings and column titles (docs/performance.md quotes them).
+_ACTIVATION_TITLES = {"relu": ("ReLU", "torch.relu"), "silu": ("SiLU", "F.silu")}
+
+
+def markdown(results: dict) -> str:
+    """The results as docs/performance.md's four markdown tables: forward + backward (every
+    contender, ours' share of copy bandwidth), training forward and eval (ATen's time and
+    ours), and BN + ReLU and BN + SiLU forward + backward (fused against unfused)."""
+    rows = results["results"]
+    labels = list(dict.fromkeys(row["label"] for row in rows))
+
+    def ms(label: str, mode: str, contender: str) -> str:
+        return f"{_find(rows, label, mode, contender)['median_ms']:.3g} ms"
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    def grid(head: list[str], body: list[list[str]]) -> list[str]:
+        return [line(head), "|" + "---|" * len(head), *map(line, body)]
+
+    fb = "forward_backward"
+    out = ["### Forward + backward", ""]
+    body = []
+    for label in labels:
+        ours = _find(rows, label, fb, "ours")
+        cells = [ms(label, fb, c) for c in ("aten", "ours", "ours_numba", "compiled_reference")]
+        share = f"{ours['fraction_of_copy']:.0%}"
+        body.append([label, *cells, f"{ours['speedup_vs_baseline']:.2f}×", share])
+    out += grid(["shape", "ATen", "ours", "ours, Numba forced",
+                 "torch.compile of the reference", "ours vs ATen",
+                 "ours, share of copy bandwidth"], body)  # fmt: skip
+    out += ["", "### Training forward and eval", "", "ATen → ours:", ""]
+    body = []
+    for label in labels:
+        cells = [label]
+        for mode in ("forward_train", "eval"):
+            aten, ours = _find(rows, label, mode, "aten"), _find(rows, label, mode, "ours")
+            cells.append(f"{aten['median_ms']:.3g} → {ours['median_ms']:.3g} ms "
+                         f"({ours['speedup_vs_baseline']:.2f}×)")  # fmt: skip
+        body.append(cells)
+    out += grid(["shape", "forward (training)", "eval"], body)
+    for mode, activation in ACTIVATION_MODES.items():
+        title, op = _ACTIVATION_TITLES[activation]
+        body = []
+        for label in labels:
+            fused = _find(rows, label, mode, "ours_fused")
+            cells = [ms(label, mode, c) for c in (f"aten+{activation}", f"ours+{activation}")]
+            body.append([label, *cells, ms(label, mode, "ours_fused"),
+                         f"{fused['speedup_vs_ours_unfused']:.2f}×",
+                         f"{fused['speedup_vs_baseline']:.2f}×"])  # fmt: skip
+        out += ["", f"### BN + {title}, forward + backward", ""]
+        out += grid(["shape", f"torch.nn + {op}", f"ours + {op}", "`BatchNormAct` (fused)",
+                     f"fused vs ours + {activation}", f"fused vs torch.nn + {activation}"],
+                    body)  # fmt: skip
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="batchnorm bench", description=__doc__.split("\n")[0])
     add_arguments(parser)
@@ -477,11 +534,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     out = Path(
         args.out or default_out_folder() / f"cpu_kernels{'_quick' if args.quick else ''}.json"
     )
-    busy = load_warning()
+    busy, load_before = load_warning(), _load_average()
     if busy:
         print(f"warning: {busy}", file=sys.stderr, flush=True)
     results = run(quick=args.quick, compile_reference=not (args.quick or args.no_compile))
-    results["environment"]["allocator"] = allocator
+    # The environment's load_average is read at the end, when the run is the load.
+    results["environment"] |= {"allocator": allocator, "load_average_before": load_before}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results, verdicts=not args.quick))
