@@ -1,6 +1,7 @@
-"""The accuracy, small-layer, model and GPU figures the performance page quotes come from
-the committed benchmarks/results/accuracy.json, small_layers.json, half_layers.json,
-models.json (``make bench``) and cuda_bench.json (``benchmarks/gpu_check.sh``), not from memory:
+"""The CPU-kernel, accuracy, small-layer, model and GPU figures the performance page quotes
+come from the committed benchmarks/results/cpu_kernels.json, accuracy.json,
+small_layers.json, half_layers.json, models.json (``make bench``) and cuda_bench.json
+(``benchmarks/gpu_check.sh``), not from memory:
 the tables regenerated from those files appear verbatim in docs/performance.md, and the
 files show what the page says of them."""
 
@@ -34,15 +35,15 @@ def test_relu_flips_explain_the_gradient_errors_through_a_relu():
 
 
 def test_performance_page_quotes_the_committed_cpu_kernel_run():
-    """`make bench`'s batchnorm bench run: its tables, as batchnorm.cli.bench.markdown
+    """`make bench`'s batchnorm bench run: its tables, as batchnorm.cli.bench_report.markdown
     writes them, are the page's, and it is a full run (every case, every mode)."""
-    from batchnorm.cli import bench
+    from batchnorm.cli import bench, bench_report
 
     result = json.loads((ROOT / "benchmarks" / "results" / "cpu_kernels.json").read_text())
     assert not result["quick"]
     cases = {(row["label"], row["mode"]) for row in result["results"]}
     assert cases == {(case[0], mode) for case in bench.SHAPES for mode in bench.MODES}
-    assert bench.markdown(result) in (ROOT / "docs" / "performance.md").read_text()
+    assert bench_report.markdown(result) in (ROOT / "docs" / "performance.md").read_text()
 
 
 def test_performance_page_quotes_the_committed_small_layer_run():
