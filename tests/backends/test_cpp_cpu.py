@@ -15,7 +15,7 @@ import torch
 import batchnorm
 from batchnorm import ops
 from batchnorm.backends import Call
-from batchnorm.backends.cpp_cpu import ACTIVATION_BELOW_NUMEL, TAKES, extension
+from batchnorm.backends.cpp_cpu import TAKES, extension
 from conftest import (
     TOLERANCES,
     assert_close,
@@ -220,8 +220,7 @@ def test_fused_epilogue_matches_torch_in_float64(name, training, residual, activ
 def test_fused_epilogue_of_a_large_input_matches_torch_in_float64(training, activation):
     """The prefetching loops with every stream they read: x, the residual and, in the
     backward of an activation, dy (SiLU's written out with dL/dresidual; ReLU's with a
-    constant residual, computed again in each pass). Float32 ReLU calls of this size go to
-    the Numba kernels (ACTIVATION_BELOW_NUMEL): forced here."""
+    constant residual, computed again in each pass)."""
     residual = True if activation == "silu" else "constant"
     with ops.use_backend("cpp_cpu"):
         test_fused_epilogue_matches_torch_in_float64("channels_last prefetched", training,
@@ -567,16 +566,12 @@ def test_calls_it_cannot_take_go_elsewhere():
     assert chosen(x, bias=torch.nn.Buffer(torch.ones(4))) == "cpp_cpu"
     stats = torch.zeros(4, requires_grad=True), torch.ones(4)
     assert chosen(x, running_mean=stats[0], running_var=stats[1]) != "cpp_cpu"
-    big = torch.zeros(2_000_000 // 8, 8)  # plain, SiLU and ELU calls: any size
+    big = torch.zeros(2_000_000 // 8, 8)  # every activation at any size, either dtype
     stats = torch.zeros(8), torch.ones(8)
-    assert chosen(big) == "cpp_cpu"
     assert chosen(big, False, running_mean=stats[0], running_var=stats[1]) == "cpp_cpu"
-    assert chosen(big, activation="silu") == chosen(big, activation="elu") == "cpp_cpu"
-    for activation, below in ACTIVATION_BELOW_NUMEL.items():  # fused: Numba's from there
-        assert chosen(torch.zeros(below // 8 - 1, 8), activation=activation) == "cpp_cpu"
-        assert chosen(torch.zeros(below // 8, 8), activation=activation) != "cpp_cpu"
-        big_half = torch.zeros(below // 8, 8, dtype=torch.bfloat16)  # any size in bfloat16
-        assert chosen(big_half, activation=activation) == "cpp_cpu"
+    for activation in ("identity", "relu", "leaky_relu", "silu", "elu"):
+        assert chosen(big, activation=activation) == "cpp_cpu"
+        assert chosen(big.to(torch.bfloat16), activation=activation) == "cpp_cpu"
     with torch.autograd.forward_ad.dual_level():
         assert ops.select(Call(x, True, "identity", 0.01, False)).name != "cpp_cpu"
         dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))

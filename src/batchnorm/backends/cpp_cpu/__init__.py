@@ -53,24 +53,6 @@ from batchnorm import reference
 from batchnorm._cache import cache_root
 from batchnorm.backends import Call
 
-#: Float32 calls with ReLU or leaky ReLU run here below this many values, above on the Numba
-#: kernels; the other calls (bfloat16 ones, SiLU, none) run here at any size. Both compute
-#: dL/d(pre-activation) again in each backward pass (rows.cpp's ActivationGradient); SiLU's
-#: node writes it out instead (its exp costs more than the pass), and is still faster than
-#: Numba's fused SiLU and than torch's BN + F.silu (whose time is 0.96-1.15x ours). Module
-#: forward + backward, Numba's time / ours, 2 threads (1 thread), 2026-12-05, float32 ReLU:
-#: channels_last (8, 240, 12, 12) 1.18 (0.95), (8, 144, 24, 24) 1.09 (0.93), (8, 64, 48, 48)
-#: 1.28 (1.19-1.30), (8, 96, 48, 48) 1.09-1.19 (1.14-1.23), (8, 256, 28, 28) 1.04 (0.98),
-#: (16, 512, 14, 14) 1.09 (0.96); from 3 million values on, rows of 128 channels keep
-#: winning ((32, 128, 32, 32) 1.00-1.15 (1.06-1.42), (32768, 128) 1.06-1.08 (0.97-1.06)) and
-#: longer ones lose ((16, 256, 28, 28) 0.91-0.95 (0.94-0.95), (8, 512, 28, 28) 0.95 (0.87),
-#: (64, 256, 28, 28) 0.88-0.94 (0.87-0.88), (4096, 1024) 0.87-0.88 (0.82-0.91)). Leaky ReLU
-#: alike: 1.02-1.21 (0.99-1.19) below 2 million, (16, 256, 28, 28) 0.94 (0.97). bfloat16
-#: ReLU 1.09-1.22 (0.98-1.20) on the same shapes up to (32, 128, 32, 32). SiLU:
-#: (8, 144, 24, 24) 1.39 (1.32), (8, 96, 48, 48) 1.20 (1.24), (32, 128, 32, 32) 1.04 (1.11);
-#: bfloat16 1.32-1.54 (1.35-1.47). ELU follows the node as torch's op: the Numba kernels do
-#: not take it.
-ACTIVATION_BELOW_NUMEL = {"relu": 2_000_000, "leaky_relu": 2_000_000}
 #: Compiler flags: the loops vectorize over the channels for this machine's CPU (its name and
 #: flags are part of the cache key). Without -march=native the float64 sums ran at 0.9x of
 #: ATen's speed at (100, 128) instead of 1.4x. -fopenmp-simd: the `omp simd` pragma that sets
@@ -145,17 +127,27 @@ class CppBackend:
         )  # fmt: skip
 
     def preferred(self, call: Call) -> bool:
-        below = ACTIVATION_BELOW_NUMEL.get(call.activation)
-        return below is None or call.x.dtype is not torch.float32 or call.x.numel() < below
+        """Every call it supports, fused ReLU and leaky ReLU at any size included (both
+        compute dL/d(pre-activation) again in each backward pass: rows.cpp's
+        ActivationGradient; SiLU's node writes it out, its exp costing more than the pass).
+        Until 2026-12-06 float32 ones of 2,000,000 values or more went to the Numba kernels,
+        measured faster there on rows of 256 channels or more on 2026-12-05 (0.87-0.95); on
+        the loops of 2026-12-06 ours are the faster or level. Same-process A/B, module
+        forward + backward, Numba's time / ours, 2 threads (1): ReLU (4096, 1024) 1.07-1.15
+        (1.00-1.24), (32768, 128) 1.13 (0.99-1.00), channels_last (32, 128, 32, 32)
+        1.22-1.27 (1.08), (16, 256, 28, 28) 1.02 (1.03), (64, 256, 28, 28) 1.18 (1.24),
+        (8, 512, 28, 28) 1.03 (0.92-1.01); leaky ReLU (4096, 1024) 1.11 (1.04-1.24),
+        channels_last (64, 256, 28, 28) 1.21 (1.09), (8, 512, 28, 28) 1.01 (0.92-1.01)."""
+        return True
 
     def layer_call(self, call: Call) -> Tensor | bool:
         """``batch_norm(call)`` for a layer's call that ``functional._layer_call`` would give
         the dispatch and the dispatch to this backend (asked first): the same decision in
         fewer steps (those steps' Python cost a tenth of a small layer's call). Not under
         torch.compile (which traces ``_layer_call``'s own way), then ``takes`` (which makes
-        most of ``_layer_call``'s checks), the others (eps, the activation's name) and
-        ``preferred``. A call it does not compute gives whether its tensors passed
-        ``_layer_call``'s checks (USUAL), which then need not run again."""
+        most of ``_layer_call``'s checks) and the others (eps, the activation's name; it
+        prefers every call it takes). A call it does not compute gives whether its tensors
+        passed ``_layer_call``'s checks (USUAL), which then need not run again."""
         if torch.compiler.is_compiling():
             return False
         kind = self._kind(call)
@@ -163,7 +155,6 @@ class CppBackend:
             kind == TAKES
             and (call.eps > 0 if call.training else call.eps >= 0)
             and call.activation in reference.ACTIVATIONS
-            and self.preferred(call)
         ):
             return self.batch_norm(call)
         return kind != UNCHECKED
