@@ -132,7 +132,8 @@ class CppBackend:
         ActivationGradient; SiLU's node writes it out, its exp costing more than the pass).
         Until 2026-12-06 float32 ones of 2,000,000 values or more went to the Numba kernels,
         measured faster there on rows of 256 channels or more on 2026-12-05 (0.87-0.95); on
-        the loops of 2026-12-06 ours are the faster or level. Same-process A/B, module
+        the loops of 2026-12-06 ours are the faster on two threads and, but for rows of 512
+        channels (0.92-1.01), the faster or level on one. Same-process A/B, module
         forward + backward, Numba's time / ours, 2 threads (1): ReLU (4096, 1024) 1.07-1.15
         (1.00-1.24), (32768, 128) 1.13 (0.99-1.00), channels_last (32, 128, 32, 32)
         1.22-1.27 (1.08), (16, 256, 28, 28) 1.02 (1.03), (64, 256, 28, 28) 1.18 (1.24),
