@@ -65,7 +65,7 @@ from torch import Tensor, nn
 
 from batchnorm import ops, reference
 from batchnorm._cache import cache_root
-from batchnorm.cli.bench_report import table, targets
+from batchnorm.cli.bench_report import ACTIVATION_MODES, table, targets
 from batchnorm.lab.timing import time_interleaved
 from batchnorm.nn import dims_of_input, flavour
 
@@ -90,8 +90,6 @@ QUICK_SHAPES: list[Case] = [
     ("(16,32,16,16)", (16, 32, 16, 16), False),
     ("(16,32,16,16) channels_last", (16, 32, 16, 16), True),
 ]
-#: The modes of a fused activation, and its name.
-ACTIVATION_MODES = {"bn_relu_forward_backward": "relu", "bn_silu_forward_backward": "silu"}
 MODES = ("forward_train", "eval", "forward_backward", *ACTIVATION_MODES)
 #: torch's activation, which torch.nn's layer and our unfused one are followed by.
 TORCH_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": torch.relu, "silu": F.silu}

@@ -78,7 +78,10 @@ def table(results: dict, verdicts: bool = True) -> str:
     return "\n".join(lines)
 
 
-#: The markdown tables' headings and column titles (docs/performance.md quotes them).
+#: The modes of a fused activation, and its name (the benchmark's contenders "aten+relu",
+#: "ours+relu", ... are named after it).
+ACTIVATION_MODES = {"bn_relu_forward_backward": "relu", "bn_silu_forward_backward": "silu"}
+#: Each activation's name in the markdown tables' headings, and torch's function for it.
 _ACTIVATION_TITLES = {"relu": ("ReLU", "torch.relu"), "silu": ("SiLU", "F.silu")}
 
 
@@ -88,9 +91,10 @@ def markdown(results: dict) -> str:
     ours), and BN + ReLU and BN + SiLU forward + backward (fused against unfused)."""
     rows = results["results"]
     labels = list(dict.fromkeys(row["label"] for row in rows))
+    row = {(r["label"], r["mode"], r["contender"]): r for r in rows}
 
     def ms(label: str, mode: str, contender: str) -> str:
-        return f"{_find(rows, label, mode, contender)['median_ms']:.3g} ms"
+        return f"{row[label, mode, contender]['median_ms']:.3g} ms"
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(cells) + " |"
@@ -102,7 +106,7 @@ def markdown(results: dict) -> str:
     out = ["### Forward + backward", ""]
     body = []
     for label in labels:
-        ours = _find(rows, label, fb, "ours")
+        ours = row[label, fb, "ours"]
         cells = [ms(label, fb, c) for c in ("aten", "ours", "ours_numba", "compiled_reference")]
         share = f"{ours['fraction_of_copy']:.0%}"
         body.append([label, *cells, f"{ours['speedup_vs_baseline']:.2f}×", share])
@@ -114,19 +118,19 @@ def markdown(results: dict) -> str:
     for label in labels:
         cells = [label]
         for mode in ("forward_train", "eval"):
-            aten, ours = _find(rows, label, mode, "aten"), _find(rows, label, mode, "ours")
+            aten, ours = row[label, mode, "aten"], row[label, mode, "ours"]
             cells.append(f"{aten['median_ms']:.3g} → {ours['median_ms']:.3g} ms "
                          f"({ours['speedup_vs_baseline']:.2f}×)")  # fmt: skip
         body.append(cells)
     out += grid(["shape", "forward (training)", "eval"], body)
-    for activation, (title, op) in _ACTIVATION_TITLES.items():
-        mode = f"bn_{activation}_forward_backward"
+    for mode, activation in ACTIVATION_MODES.items():
+        title, op = _ACTIVATION_TITLES[activation]
         body = []
         for label in labels:
-            fused = _find(rows, label, mode, "ours_fused")
-            cells = [ms(label, mode, c) for c in (f"aten+{activation}", f"ours+{activation}")]
-            body.append([label, *cells, ms(label, mode, "ours_fused"),
-                         f"{fused['speedup_vs_ours_unfused']:.2f}×",
+            fused = row[label, mode, "ours_fused"]
+            cells = [ms(label, mode, c) for c in (f"aten+{activation}", f"ours+{activation}",
+                                                  "ours_fused")]  # fmt: skip
+            body.append([label, *cells, f"{fused['speedup_vs_ours_unfused']:.2f}×",
                          f"{fused['speedup_vs_baseline']:.2f}×"])  # fmt: skip
         out += ["", f"### BN + {title}, forward + backward", ""]
         out += grid(["shape", f"torch.nn + {op}", f"ours + {op}", "`BatchNormAct` (fused)",
