@@ -68,7 +68,7 @@ def _takes(name: str, x: Tensor, w: Tensor, b: Tensor) -> bool:
     only)."""
     if name != "ours_cpp":
         return True
-    return cpp_cpu.extension().takes(x, w, b, None, None, None, True) == cpp_cpu.TAKES
+    return cpp_cpu.extension().takes(x, w, b, None, None, None, True, 0) == cpp_cpu.TAKES
 
 
 def _step(norm: Norm, x: Tensor, dy: Tensor, w: Tensor, b: Tensor, relu: bool = False):

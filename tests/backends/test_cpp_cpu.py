@@ -1,13 +1,16 @@
 """The C++ backend (batchnorm.backends.cpp_cpu): float32 and bfloat16 (N, C) and
 channels-last calls, training and eval, in one C++ autograd node; serial loops for small
 inputs, torch's threads for large ones; NCHW inference, and NCHW training up to 524,288
-values; half-precision inference in AVX-512.
+values (bfloat16 with a fused ReLU or leaky ReLU: any size); half-precision inference in
+AVX-512.
 
 The oracle is torch.nn's layer in float64 on the same float32-rounded inputs (bfloat16 and
 float16: the float64 result rounded to the dtype, see the end of this file); every test
 first checks that the dispatch really gives its calls to this backend (else it would test
 ATen). The build, its cache and its fallback: test_cpp_cpu_build.py.
 """
+
+import math
 
 import pytest
 import torch
@@ -65,9 +68,9 @@ SHAPES = {
 }
 
 
-def _runs_here(x: torch.Tensor, training: bool = True) -> None:
+def _runs_here(x: torch.Tensor, training: bool = True, activation: str = "identity") -> None:
     stats = (None, None) if training else (torch.zeros(x.shape[1]), torch.ones(x.shape[1]))
-    call = Call(x, training, "identity", 0.01, False, False, True, None, None, *stats)
+    call = Call(x, training, activation, 0.01, False, False, True, None, None, *stats)
     assert ops.select(call).name == "cpp_cpu"
 
 
@@ -702,7 +705,7 @@ def test_what_takes_calls_usual_passes_the_python_checks():
              "other layout": x.contiguous() if not x.is_contiguous() else x.transpose(0, 1)
              .contiguous().transpose(0, 1)}[residual]  # fmt: skip
         with torch.set_grad_enabled(graph):
-            kind = extension().takes(x, weight, weight, stat, stat, z, training)
+            kind = extension().takes(x, weight, weight, stat, stat, z, training, 0)
         kinds[kind] += 1
         if kind != UNCHECKED:
             call = Call(x, training, "identity", 0.01, z is not None, False, True, weight,
@@ -712,8 +715,8 @@ def test_what_takes_calls_usual_passes_the_python_checks():
     ones = torch.ones(4)
     large = random_input((2, 4, 8, extension().planes_up_to // 64 + 1))
     for x in (base.half(), large):  # float16 training, large NCHW training
-        assert extension().takes(x, ones, ones, ones, ones, None, True) == USUAL
-    assert extension().takes(base, ones, ones, ones, ones, None, True) == TAKES
+        assert extension().takes(x, ones, ones, ones, ones, None, True, 0) == USUAL
+    assert extension().takes(base, ones, ones, ones, ones, None, True, 0) == TAKES
 
 
 def test_inference_mode_and_no_grad_update_the_running_statistics():
@@ -737,7 +740,7 @@ def test_inference_mode_and_no_grad_update_the_running_statistics():
 
 def _takes_float16() -> bool:
     x = torch.zeros(2, 1, dtype=torch.float16)
-    return extension().takes(x, None, None, torch.zeros(1), torch.ones(1), None, False) == TAKES
+    return extension().takes(x, None, None, torch.zeros(1), torch.ones(1), None, False, 0) == TAKES
 
 
 #: float16 inputs run here in inference where the CPU has AVX-512 (F, BW, VL) only (see the
@@ -784,6 +787,10 @@ BFLOAT16_SHAPES = ["(100,128)", "channels_last", "(8203,40) threaded", "channels
 #: Over the forward's and the backward's prefetch thresholds in bfloat16 (16 and 8 MiB of
 #: input: twice as many values as in float32).
 BFLOAT16_LARGE = {"(64543,130) prefetched": ((64543, 130), False)}
+#: NCHW training above the extension's planes_up_to (524,288 values), which the node takes
+#: in bfloat16 with a fused ReLU or leaky ReLU and no residual (rows.cpp's planes_fused).
+LARGE_PLANES = (2, 4, 8, 8200)
+BFLOAT16_LARGE["NCHW above planes_up_to"] = (LARGE_PLANES, False)
 
 
 @pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "silu", "elu"])
@@ -807,7 +814,7 @@ def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activa
     dy = dy.to(memory_format=torch.channels_last) if channels_last else dy
     running = None if training else (torch.randn(channels, generator=g) + 3,
                                      torch.rand(channels, generator=g) + 0.5)  # fmt: skip
-    _runs_here(x, training)
+    _runs_here(x, training, activation)
     leaves = [t.clone().requires_grad_(t is not z or residual is True) if t is not None else None
               for t in (x, weight, bias, z)]  # fmt: skip
     y = batchnorm.functional.batch_norm(
@@ -837,6 +844,34 @@ def test_bfloat16_large_input_is_within_rounding_of_float64(activation):
     residual = "constant" if activation == "relu" else False
     test_bfloat16_is_within_rounding_of_float64("(64543,130) prefetched", True, residual,
                                                 activation)  # fmt: skip
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_bfloat16_large_nchw_fused_training_is_within_rounding_of_float64(activation):
+    """bfloat16 NCHW training above planes_up_to with a fused ReLU or leaky ReLU: the node's
+    planes (channel by channel), dL/d(pre-activation) computed again in both passes."""
+    assert math.prod(LARGE_PLANES) > extension().planes_up_to
+    test_bfloat16_is_within_rounding_of_float64("NCHW above planes_up_to", True, False,
+                                                activation)  # fmt: skip
+
+
+def test_bfloat16_large_nchw_training_goes_to_the_node_only_fused():
+    """Above planes_up_to, NCHW training runs here in bfloat16 with ReLU or leaky ReLU and no
+    residual only: not plain, SiLU, with a residual, in float32, nor eval with a graph."""
+    x = random_input(LARGE_PLANES).to(torch.bfloat16)
+    weight = torch.ones(LARGE_PLANES[1], requires_grad=True)
+
+    def chosen(x, activation, training=True, residual=None):
+        call = Call(x, training, activation, 0.01, residual is not None, False, True, weight,
+                    None, None if training else torch.zeros(4),
+                    None if training else torch.ones(4), residual)  # fmt: skip
+        return ops.select(call).name
+
+    assert chosen(x, "relu") == chosen(x, "leaky_relu") == "cpp_cpu"
+    assert "cpp_cpu" not in (
+        chosen(x, "identity"), chosen(x, "silu"), chosen(x, "relu", residual=torch.zeros_like(x)),
+        chosen(x.float(), "relu"), chosen(x, "relu", training=False),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("activation", ["identity", "silu"])

@@ -4,7 +4,10 @@ one C++ autograd node (rows.cpp): serial loops for small inputs, torch's intra-o
 from 65,536 values. Also NCHW inputs: in eval mode when no graph is recorded (inference), a
 plane at a time, without a node; in training (or eval with a graph) up to 524,288 values
 (the extension's ``planes_up_to``) in the same node, a channel at a time, where the Numba
-kernels' Python costs as much as their loops. bfloat16 inputs take float32 parameters and statistics
+kernels' Python costs as much as their loops; in bfloat16 training with a fused ReLU or leaky
+ReLU and no residual at any size (rows.cpp's planes_fused: faster than the Numba kernels'
+loops, which the activation makes compute-bound). bfloat16 inputs take float32 parameters and
+statistics
 (torch.autocast's convention; a model cast to bfloat16 runs on the Numba kernels): loaded
 to float32, computed in float32 with float64 sums of float32 partial sums, rounded to
 bfloat16 (to nearest, ties to even, as torch's conversion). float16 inputs (float32
@@ -96,7 +99,8 @@ class CppBackend:
         """Calls of float32 or bfloat16 CPU inputs (with float32 parameters and statistics,
         as under torch.autocast), the input dense with its channels innermost or
         NCHW-contiguous (NCHW in training or with a graph to record: up to ``planes_up_to``
-        values; float16 inputs of either layout in eval without a graph, where the CPU has
+        values, bfloat16 training with ReLU or leaky ReLU and no residual at any size;
+        float16 inputs of either layout in eval without a graph, where the CPU has
         AVX-512), a residual of its dtype and
         strides, with any activation (see ACTIVATION_CODES), in torch's running-variance
         convention, the input saved for backward; in training more than one value per
@@ -123,7 +127,7 @@ class CppBackend:
             return UNCHECKED
         return built.takes(
             call.x, call.weight, call.bias, call.running_mean, call.running_var, call.residual,
-            call.training,
+            call.training, ACTIVATION_CODES.get(call.activation, 0),
         )  # fmt: skip
 
     def preferred(self, call: Call) -> bool:

@@ -1035,6 +1035,19 @@ bool planes_layout(const Tensor& x) {
 // loops more ((32, 64, 28, 28) forward 509 -> 543 µs on two threads, 721 -> 1013 on one;
 // bfloat16 336 -> 376).
 constexpr int64_t kPlanesUpTo = 1 << 19;
+// ... except bfloat16 training with a fused ReLU or leaky ReLU and no residual, at any size:
+// the node computes dL/d(pre-activation) again in each backward pass (ActivationGradient),
+// where the Numba kernels' bfloat16 loops with the activation are bound by arithmetic.
+// Module forward + backward through the dispatch, the Numba kernels' time / the node's,
+// medians of interleaved calls, two threads (one), 2026-12-07: ReLU (32, 128, 32, 32) 1.25
+// (1.10), (64, 256, 28, 28) 1.06 (1.02), (8, 64, 56, 56) 1.23 (1.21), (32, 64, 28, 28) 1.47
+// (1.24); leaky ReLU 1.12 (1.04), 1.11 (1.13), 1.15 (1.14), 1.32 (1.15). Raw calls, not
+// taken: float32 (one thread 0.81-1.14), a residual (0.51-1.14, most below 0.9: dL/dresidual
+// is written out), plain BN (0.81-0.85 at bfloat16 (32, 128, 32, 32)), SiLU (0.92-0.99).
+inline bool planes_fused(at::ScalarType dtype, int64_t activation, bool residual) {
+  return dtype == at::kBFloat16 && (activation == kRelu || activation == kLeakyRelu) &&
+         !residual;
+}
 
 // Channels of at least this many values take their statistics in one pass around a
 // sampled centre (forward_planes); smaller ones, in L1, in two passes, which cost less than
@@ -1719,7 +1732,7 @@ enum Kind : int64_t { kUnchecked = 0, kUsual = 1, kTakes = 2 };
 
 int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias,
               pybind11::handle running_mean, pybind11::handle running_var,
-              pybind11::handle residual, bool training) {
+              pybind11::handle residual, bool training, int64_t activation) {
   const bool half = readable(x, at::kHalf);
   if (!(half || readable(x, at::kFloat) || readable(x, at::kBFloat16))) return kUnchecked;
   const Tensor& t = THPVariable_Unpack(x.ptr());
@@ -1744,8 +1757,10 @@ int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias
   // float16 in either layout: in eval without a graph (inference) only
   if (!training && !records_graph(t, tensor(weight), tensor(bias), tensor(residual)))
     return !half || kHalfLoops ? kTakes : kUsual;
-  // NCHW in training or with a graph: up to kPlanesUpTo values
-  return !half && !rows && values <= kPlanesUpTo ? kTakes : kUsual;
+  // NCHW in training or with a graph: up to kPlanesUpTo values (see planes_fused)
+  if (half || rows) return kUsual;
+  const bool fused = training && planes_fused(t.scalar_type(), activation, !residual.is_none());
+  return values <= kPlanesUpTo || fused ? kTakes : kUsual;
 }
 
 Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& bias,
@@ -1789,7 +1804,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("takes", &takes,
         "Whether rows_batch_norm computes this call (2), or not but its tensors pass the usual "
         "call's checks (1), or neither is known (0): (x, weight, bias, running_mean, "
-        "running_var, residual, training) -> int");
+        "running_var, residual, training, activation code) -> int");
   m.attr("planes_up_to") = kPlanesUpTo;
   m.def("rows_batch_norm", &rows_batch_norm,
         "Batch norm of a float32 or bfloat16 (N, C), channels_last or NCHW input (or, in eval "
