@@ -119,7 +119,7 @@ def _batch_norm(
     return ops.batch_norm(call, reduction)
 
 
-def _layer_call(call: Call) -> Tensor | None:
+def _layer_call(call: Call | tuple, steps: Tensor | None = None) -> Tensor | None:
     """A layer's call (an input the layer has checked: type, rank, channels) done the way
     ``_batch_norm`` would end up doing it, without the Python between: the checks of
     ``check_inputs`` that pass in the usual case, then the dispatch, then the picked
@@ -139,19 +139,26 @@ def _layer_call(call: Call) -> Tensor | None:
     work (ops.batch_norm treats those apart).
 
     Where the C++ backend is the one the dispatch asks first (the default), its calls take
-    a shorter way: CppBackend.layer_call makes the same decision with fewer Python steps
+    a shorter way: CppBackend.call_fields makes the same decision with fewer Python steps
     (a (100, 128) eval call 10.7 -> 9.6 µs, torch.nn's 11.1); the calls it does not take
-    skip the tensors' checks here (``_usual_tensors``) where its own, stricter, passed."""
+    skip the tensors' checks here (``_usual_tensors``) where its own, stricter, passed.
+
+    ``steps``: the layer's num_batches_tracked, counted (one up) where the call is made here,
+    by the C++ node itself where it takes the call; left to the caller on None. ``call``
+    may be a Call's fields in its order, as a layer gives them: a call that the C++ backend
+    takes needs no Call built."""
     declined = 0  # backends at the registry's front that do not take the call
     front = ops.first_backend()
     usual = False  # whether the call's tensors are known to pass _usual_tensors
-    if type(front) is CppBackend and call.x.is_cpu:  # in one step (CppBackend.layer_call)
-        y = front.layer_call(call)
+    if type(front) is CppBackend and call[0].is_cpu:  # in one step (CppBackend.call_fields)
+        y = front.call_fields(*call, steps)
         if not isinstance(y, bool):
             return y
         # the C++ backend does not take the call (or a check below fails): the dispatch need
         # not ask it again, nor check again the tensors that its checks passed
         declined, usual = 1, y
+    if type(call) is not Call:
+        call = Call(*call)
     (input, training, activation, _, _, keep_output_only, _, weight, bias, running_mean,
      running_var, residual, momentum, eps) = call  # fmt: skip
     if not (usual or _usual_tensors(call)):
@@ -164,6 +171,8 @@ def _layer_call(call: Call) -> Tensor | None:
     if keep_output_only or forward_ad._current_level >= 0 or torch.compiler.is_compiling():
         return None
     backend = ops.select(call, declined=declined)
+    if steps is not None:
+        steps.add_(1)
     if not backend.operator:
         return ops.run_kernels(call, backend)  # type: ignore[arg-type]
     if not plain or backend.name != "aten":

@@ -631,17 +631,17 @@ def test_nchw_inference_matches_torch_in_float64(name, residual, activation):
 
 def test_a_layers_calls_go_where_the_dispatch_sends_them(monkeypatch):
     """A layer's calls reach this backend by a shorter way than the dispatch
-    (CppBackend.layer_call), which must send them where ops.select would: here by default,
+    (CppBackend.call_fields), which must send them where ops.select would: here by default,
     to a backend registered ahead of it or forced with use_backend, and those it does not
     take to the next backend, without asking it twice."""
-    from batchnorm.backends.cpp_cpu import CppBackend
+    from batchnorm.backends import cpp_cpu
     from batchnorm.backends.reference import ReferenceBackend
 
-    asked, computed = [], []  # its takes (through layer_call or supports), its computing
-    kind, batch_norm = CppBackend._kind, CppBackend.batch_norm
-    monkeypatch.setattr(CppBackend, "_kind", lambda self, c: asked.append(1) or kind(self, c))
-    monkeypatch.setattr(CppBackend, "batch_norm",
-                        lambda self, c: computed.append(1) or batch_norm(self, c))  # fmt: skip
+    asked, computed = [], []  # its takes (through call_fields or supports), its computing
+    kind_of, node_call = cpp_cpu._kind_of, cpp_cpu._node_call
+    monkeypatch.setattr(cpp_cpu, "_kind_of", lambda *args: asked.append(1) or kind_of(*args))
+    monkeypatch.setattr(cpp_cpu, "_node_call",
+                        lambda *args: computed.append(1) or node_call(*args))  # fmt: skip
 
     class Front(ReferenceBackend):
         name = "front"

@@ -166,6 +166,48 @@ def test_half_precision_matches_torch():
         assert_close(ours.running_var.float(), theirs.running_var.float(), rtol=1e-2, atol=1e-2)
 
 
+#: Calls that count their training step on each path of a layer's call: the C++ node's
+#: count_step ((N, C) float32), ATen's and the Numba kernels' (counted in _layer_call:
+#: float16 on a small layer, NCHW float32 above the node's planes_up_to); momentum None
+#: counts in _momentum_factor; without tracked statistics no step is counted.
+STEP_CASES = {
+    "cpp node": ((16, 6), torch.float32, {}),
+    "aten (float16)": ((16, 6), torch.float16, {}),
+    "numba (large NCHW)": ((2, 4, 8, 8200), torch.float32, {}),
+    "cumulative average": ((16, 6), torch.float32, {"momentum": None}),
+    "untracked": ((16, 6), torch.float32, {"track_running_stats": False}),
+}
+
+
+@pytest.mark.parametrize("general_path", [False, True], ids=["usual", "general path"])
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_training_steps_are_counted_once_as_torch_counts_them(case, general_path, monkeypatch):
+    """num_batches_tracked goes up by one a training step (and its version counter, as
+    torch.nn's in-place add_ bumps it), not in eval, on the usual call's every path and on
+    the general one (_layer_call declining): as torch.nn's, as are the running statistics."""
+    from batchnorm.nn import base
+
+    shape, dtype, config = STEP_CASES[case]
+    theirs, ours = make_pair(shape, torch.float32, **config)
+    if general_path:
+        monkeypatch.setattr(base, "_layer_call", lambda *args: None)
+    x = random_input(shape, torch.float32, seed=5).to(dtype)
+    for step, mode in enumerate(["train", "train", "eval", "train"]):
+        versions = []
+        for m in (theirs, ours):
+            m.train(mode == "train")
+            count = m.num_batches_tracked
+            before = None if count is None else count._version
+            m(x)
+            versions.append(None if count is None else count._version - before)
+        assert versions[0] == versions[1], (step, versions)
+        if theirs.num_batches_tracked is not None:
+            assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked), step
+    if theirs.running_mean is not None:
+        assert_close(ours.running_mean, theirs.running_mean, dtype)
+        assert_close(ours.running_var, theirs.running_var, dtype)
+
+
 class _Doubled(nn.Module):
     def forward(self, t):
         return 2 * t

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.backends import Call
 from batchnorm.functional import ArgumentTypeError, InputError, _batch_norm, _layer_call
 from batchnorm.nn.tracing import GraphFriendly, script_batch_norm, script_check_rank
 
@@ -227,25 +226,47 @@ class _BatchNormBase(GraphFriendly, _BatchNorm):
     def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
         """The eager path of ``forward``: what variants override."""
         self._check_input_dim(input)
-        momentum = self._momentum_factor()
+        weight, bias, running_mean, running_var, steps = self._call_tensors()
+        momentum = self._momentum_factor() if steps is None else self.momentum
         if not self._keep_output_only:  # the usual call: the dispatch's pick directly
-            running_mean, running_var = self._tracked_statistics()
-            activation = self.activation
-            call = Call(input, self.training, "identity" if activation is None else activation,
-                        self.negative_slope, residual is not None, False,
-                        self.unbiased_running_var, _own(self, "weight"), _own(self, "bias"),
-                        running_mean, running_var, residual, momentum, self.eps)  # fmt: skip
-            y = _layer_call(call)
+            activation = "identity" if self.activation is None else self.activation
+            # a Call's fields (_layer_call builds the Call where it needs one)
+            call = (input, self.training, activation, self.negative_slope, residual is not None,
+                    False, self.unbiased_running_var, weight, bias, running_mean, running_var,
+                    residual, momentum, self.eps)  # fmt: skip
+            y = _layer_call(call, steps)  # steps counted where it makes the call
             if y is not None:
                 return y
+        if steps is not None:
+            steps.add_(1)
         return self._normalize(input, residual, momentum)
+
+    def _call_tensors(self) -> tuple[Tensor | None, ...]:
+        """(weight, bias, running_mean, running_var, steps) of this call, in one step (a
+        small layer's call felt the seven it took): the parameters, the running statistics
+        torch.nn's rule gives (the layer's own, except in training with track_running_stats
+        off), each read as ``_own`` reads it; and steps, num_batches_tracked where this
+        training step counts it and its momentum is fixed, for the call to count
+        (``_layer_call``: in C++ where the C++ backend takes it, which saves torch's add_
+        from Python, 4-5 µs of a small layer's 25), else None (``_momentum_factor`` counts
+        the step: a cumulative average's factor reads the count)."""
+        params, buffers = self._parameters, self._buffers
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        training = self.training
+        if training and not self.track_running_stats:
+            return weight, bias, None, None, None
+        mean = buffers["running_mean"] if "running_mean" in buffers else self.running_mean
+        var = buffers["running_var"] if "running_var" in buffers else self.running_var
+        steps = None
+        if training and self.momentum is not None:
+            steps = _own(self, "num_batches_tracked")
+        return weight, bias, mean, var, steps
 
     def _tracked_statistics(self) -> tuple[Tensor | None, Tensor | None]:
         """The running statistics a call reads (eval) or updates (training), torch.nn's
         rule: the layer's own, except in training with track_running_stats off."""
-        if self.training and not self.track_running_stats:
-            return None, None
-        return _own(self, "running_mean"), _own(self, "running_var")
+        return self._call_tensors()[2:4]
 
     def _forward_script(self, input: Tensor, residual: Tensor | None) -> Tensor:
         """The TorchScript path of ``forward``: the plain layer's function in torch ops."""

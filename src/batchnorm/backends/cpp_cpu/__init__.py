@@ -113,22 +113,9 @@ class CppBackend:
     def _kind(self, call: Call) -> int:
         """``takes``'s word on the call (UNCHECKED where the Python checks of ``supports``
         fail first, or the extension is not built)."""
-        if not (
-            call.x.is_cpu
-            and call.x.dtype in _DTYPES
-            and not call.keep_output_only
-            and call.unbiased_running_var
-            and forward_ad._current_level < 0
-            and torch._C._get_tracing_state() is None
-        ):
-            return UNCHECKED
-        built = extension()
-        if built is None:
-            return UNCHECKED
-        return built.takes(
-            call.x, call.weight, call.bias, call.running_mean, call.running_var, call.residual,
-            call.training, ACTIVATION_CODES.get(call.activation, 0),
-        )  # fmt: skip
+        return _kind_of(call.x, call.training, call.activation, call.keep_output_only,
+                        call.unbiased_running_var, call.weight, call.bias, call.running_mean,
+                        call.running_var, call.residual)  # fmt: skip
 
     def preferred(self, call: Call) -> bool:
         """Every call it supports, fused ReLU and leaky ReLU at any size included (both
@@ -145,35 +132,72 @@ class CppBackend:
         channels_last (64, 256, 28, 28) 1.21 (1.09), (8, 512, 28, 28) 1.01 (0.92-1.01)."""
         return True
 
-    def layer_call(self, call: Call) -> Tensor | bool:
-        """``batch_norm(call)`` for a layer's call that ``functional._layer_call`` would give
-        the dispatch and the dispatch to this backend (asked first): the same decision in
-        fewer steps (those steps' Python cost a tenth of a small layer's call). Not under
-        torch.compile (which traces ``_layer_call``'s own way), then ``takes`` (which makes
-        most of ``_layer_call``'s checks) and the others (eps, the activation's name; it
-        prefers every call it takes). A call it does not compute gives whether its tensors
-        passed ``_layer_call``'s checks (USUAL), which then need not run again."""
+    def call_fields(self, x: Tensor, training: bool, activation: str, negative_slope: float,
+                    has_residual: bool, keep_output_only: bool, unbiased_running_var: bool,
+                    weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                    running_var: Tensor | None, residual: Tensor | None, momentum: float,
+                    eps: float, steps: Tensor | None = None) -> Tensor | bool:  # fmt: skip
+        """``batch_norm(Call(*fields), steps)`` for a layer's call that
+        ``functional._layer_call`` would give the dispatch and the dispatch to this backend
+        (asked first): the same decision in fewer steps (those steps' Python cost a tenth of
+        a small layer's call), from the call's fields (a Call's, in its order: the layer
+        builds no Call for a call this backend takes). Not under torch.compile (which traces
+        ``_layer_call``'s own way), then ``takes`` (which makes most of ``_layer_call``'s
+        checks) and the others (eps, the activation's name; it prefers every call it takes).
+        A call it does not compute gives whether its tensors passed ``_layer_call``'s checks
+        (USUAL), which then need not run again, and leaves ``steps`` uncounted."""
         if torch.compiler.is_compiling():
             return False
-        kind = self._kind(call)
-        if (
-            kind == TAKES
-            and (call.eps > 0 if call.training else call.eps >= 0)
-            and call.activation in reference.ACTIVATIONS
-        ):
-            return self.batch_norm(call)
+        kind = _kind_of(x, training, activation, keep_output_only, unbiased_running_var, weight,
+                        bias, running_mean, running_var, residual)  # fmt: skip
+        valid = (eps > 0 if training else eps >= 0) and activation in reference.ACTIVATIONS
+        if kind == TAKES and valid:
+            return _node_call(x, weight, bias, running_mean, running_var, residual, training,
+                              momentum, eps, activation, negative_slope, steps)  # fmt: skip
         return kind != UNCHECKED
 
-    def batch_norm(self, call: Call) -> Tensor:
-        code = ACTIVATION_CODES.get(call.activation)
-        y = extension().rows_batch_norm(  # type: ignore[union-attr]
-            call.x, call.weight, call.bias, call.running_mean, call.running_var, call.residual,
-            call.training, float(call.momentum), float(call.eps), 0 if code is None else code,
-            float(call.negative_slope),
-        )  # fmt: skip
-        if code is None:  # ELU: torch's own op after the node (see ACTIVATION_CODES)
-            y = reference.activate(y, call.activation, call.negative_slope)
-        return y
+    def batch_norm(self, call: Call, steps: Tensor | None = None) -> Tensor:
+        return _node_call(call.x, call.weight, call.bias, call.running_mean, call.running_var,
+                          call.residual, call.training, call.momentum, call.eps, call.activation,
+                          call.negative_slope, steps)  # fmt: skip
+
+
+def _kind_of(x: Tensor, training: bool, activation: str, keep_output_only: bool,
+             unbiased_running_var: bool, weight: Tensor | None, bias: Tensor | None,
+             running_mean: Tensor | None, running_var: Tensor | None,
+             residual: Tensor | None) -> int:  # fmt: skip
+    """CppBackend._kind of a call of these fields."""
+    if not (
+        x.is_cpu
+        and x.dtype in _DTYPES
+        and not keep_output_only
+        and unbiased_running_var
+        and forward_ad._current_level < 0
+        and torch._C._get_tracing_state() is None
+    ):
+        return UNCHECKED
+    built = extension()
+    if built is None:
+        return UNCHECKED
+    return built.takes(x, weight, bias, running_mean, running_var, residual, training,
+                       ACTIVATION_CODES.get(activation, 0))  # fmt: skip
+
+
+def _node_call(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+               running_mean: Tensor | None, running_var: Tensor | None,
+               residual: Tensor | None, training: bool, momentum: float, eps: float,
+               activation: str, negative_slope: float, steps: Tensor | None) -> Tensor:  # fmt: skip
+    """The call in the node (CppBackend.batch_norm); ``steps`` (a layer's
+    num_batches_tracked, or None) counted there, one up: from Python, torch's add_ costs
+    4-5 µs, a sixth of a small layer's call (rows.cpp's count_step)."""
+    code = ACTIVATION_CODES.get(activation)
+    y = extension().rows_batch_norm(  # type: ignore[union-attr]
+        x, weight, bias, running_mean, running_var, residual, training, float(momentum),
+        float(eps), 0 if code is None else code, float(negative_slope), steps,
+    )  # fmt: skip
+    if code is None:  # ELU: torch's own op after the node (see ACTIVATION_CODES)
+        y = reference.activate(y, activation, negative_slope)
+    return y
 
 
 def differentiable_backward(
