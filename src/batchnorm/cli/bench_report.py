@@ -15,17 +15,16 @@ LARGE_BYTES = 16 << 20
 COPY_SHARE = 0.85
 
 
-def _find(rows, label, mode, contender):
-    for row in rows:
-        if (row["label"], row["mode"], row["contender"]) == (label, mode, contender):
-            return row
-    return None
+def _by_case(rows: list[dict]) -> dict[tuple[str, str, str], dict]:
+    """The result rows by (label, mode, contender)."""
+    return {(row["label"], row["mode"], row["contender"]): row for row in rows}
 
 
 def targets(rows: list[dict]) -> list[dict]:
     """The project's CPU performance targets, evaluated on these results (absent shapes are
     skipped). docs/performance.md says which a committed run met."""
     checks = []
+    find = _by_case(rows).get
 
     def add(name, row, key, goal):
         if row is not None:
@@ -39,9 +38,9 @@ def targets(rows: list[dict]) -> list[dict]:
         ("fwd+bwd (32,128,32,32) channels_last >= 1.5x ATen", "(32,128,32,32) channels_last", 1.5),
         ("fwd+bwd (4096,1024) >= 2x ATen", "(4096,1024)", 2.0),
     ]:
-        add(name, _find(rows, label, fb, "ours"), "speedup_vs_baseline", goal)
+        add(name, find((label, fb, "ours")), "speedup_vs_baseline", goal)
     for mode in ("forward_train", "eval", fb):
-        add(f"{mode} (100,128) no slower than ATen", _find(rows, "(100,128)", mode, "ours"),
+        add(f"{mode} (100,128) no slower than ATen", find(("(100,128)", mode, "ours")),
             "speedup_vs_baseline", 1.0)  # fmt: skip
     for row in rows:
         if row["contender"] == "ours_fused" and row["mode"] == "bn_relu_forward_backward":
@@ -91,7 +90,7 @@ def markdown(results: dict) -> str:
     ours), and BN + ReLU and BN + SiLU forward + backward (fused against unfused)."""
     rows = results["results"]
     labels = list(dict.fromkeys(row["label"] for row in rows))
-    row = {(r["label"], r["mode"], r["contender"]): r for r in rows}
+    row = _by_case(rows)
 
     def ms(label: str, mode: str, contender: str) -> str:
         return f"{row[label, mode, contender]['median_ms']:.3g} ms"

@@ -1692,15 +1692,18 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
 // The checks of whether a call is one for these kernels, in C++: written in Python they
 // cost 2 µs, as much as the kernels of a small eval call save.
 
-// A tensor the kernels can read: a torch.Tensor or Parameter (not a subclass, whose
-// methods could mean something else) of `dtype` on the CPU, whose memory holds its values
-// (not a torch.func wrapper, nor a fake tensor, nor a lazily negated view).
-bool readable(pybind11::handle obj, at::ScalarType dtype) {
-  if (!THPVariable_CheckExact(obj.ptr())) return false;
-  const Tensor& t = THPVariable_Unpack(obj.ptr());
+// Whether t's memory holds its values, of `dtype` on the CPU (not a torch.func wrapper,
+// nor a fake tensor, nor a lazily negated view).
+bool holds_values(const Tensor& t, at::ScalarType dtype) {
   return t.layout() == at::kStrided && !t.is_nested() && t.device().is_cpu() &&
          t.scalar_type() == dtype && t.has_storage() && !t.is_neg() &&
          !t.key_set().has(c10::DispatchKey::Python);
+}
+
+// A tensor the kernels can read: a torch.Tensor or Parameter (not a subclass, whose
+// methods could mean something else) that holds its values.
+bool readable(pybind11::handle obj, at::ScalarType dtype) {
+  return THPVariable_CheckExact(obj.ptr()) && holds_values(THPVariable_Unpack(obj.ptr()), dtype);
 }
 
 // None, or a readable contiguous float32 (C,) tensor (running statistics: not requiring
@@ -1766,11 +1769,9 @@ int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias
 // steps += 1 (a layer's num_batches_tracked, as torch.nn's training step counts it):
 // torch's add_ called from Python cost 4-5 µs, a sixth of a small layer's call; here the
 // value and its version counter (as an in-place op bumps it) are set directly where steps
-// is a plain int64 scalar outside inference mode, else by ATen's add_.
+// is an int64 scalar that holds its value, outside inference mode, else by ATen's add_.
 void count_step(Tensor& steps) {
-  if (steps.scalar_type() == at::kLong && steps.numel() == 1 && steps.is_cpu() &&
-      steps.layout() == at::kStrided && !steps.is_inference() && steps.has_storage() &&
-      !steps.key_set().has(c10::DispatchKey::Python)) {
+  if (holds_values(steps, at::kLong) && steps.numel() == 1 && !steps.is_inference()) {
     ++*steps.data_ptr<int64_t>();
     steps.unsafeGetTensorImpl()->bump_version();
   } else {
