@@ -60,10 +60,12 @@ def _channel_major(n_batch, channels, size, itemsize, threads, short_rows):
 
 
 @njit(inline="always", **INLINE)
-def _cf_piece(p, channels, chunks, size):
-    """(n, c, start, stop) of piece p: chunk p % chunks of row (n, c) = p // chunks."""
-    row, k = p // chunks, p % chunks
-    return row // channels, row % channels, k * CHUNK, min(size, k * CHUNK + CHUNK)
+def _cf_piece(p, chunks, size):
+    """(row, start, stop) of piece p: chunk p % chunks of row p // chunks (of the (N * C)
+    rows of S values)."""
+    row = p // chunks
+    start = (p - row * chunks) * CHUNK
+    return row, start, min(size, start + CHUNK)
 
 
 @njit(**INLINE)
@@ -76,11 +78,11 @@ def _cf_lengths(n_batch, size, chunks):
 
 
 @njit(inline="always", **INLINE)
-def _cf_row(a, n, c, start, stop, chunks):
-    """The piece [start, stop) of row (n, c) of a: the whole row, without a slice, when the
-    rows are single pieces (a slice per row cost more than the work of rows of a few dozen
-    values)."""
-    return a[n, c] if chunks == 1 else a[n, c, start:stop]
+def _cf_row(a, row, start, stop, chunks):
+    """The piece [start, stop) of row ``row`` of a (rows of a 2-D view, or (n, c) of a 3-D
+    one): the whole row, without a slice, when the rows are single pieces (a slice per row
+    cost more than the work of rows of a few dozen values)."""
+    return a[row] if chunks == 1 else a[row][start:stop]
 
 
 @njit(inline="always", **INLINE)
@@ -157,6 +159,79 @@ def _cf_dx(gr, xr, zr, dxr, m, a, b, k0, k2, act, neg, has_z, training, dpre_onl
         dxr[i] = _st(d if dpre_only else jit._dx(d, xc, a, k0, k2, training), dxr)
 
 
+# The kernels' parallel loops run over blocks, one per thread (the contiguous ranges of
+# prange's static schedule), each a call of one of the functions below, in which the helpers
+# above are inlined once. Numba's parallel pass compiles each prange body as a function of
+# its own, and with the helpers' loops written out in the bodies it took most of a kernel's
+# compile: cf_backward float32 took 22-25 s parallel, 8-12 s serial in the test suite; its
+# forward and backward on one input, parallel then serial, 31.5 + 10.7 s before, 21.6 +
+# 3.4 s after (the serial kernels call the same compiled functions). The functions make
+# their views from the kernel's addresses and shape, rows of (N * C, S) where they go row by
+# row, and start from a bound known to be >= 0: given the kernel's arrays, whose shapes and
+# strides they cannot know to be the same, and indexing them by (n, c), they took 1.10x
+# (training forward) and 1.14x (backward) the time on (128, 1024, 7, 7), one thread.
+
+
+@njit(inline="always", **INLINE)
+def _block(t, blocks, total):
+    """[start, stop) of block t of ``blocks`` equal blocks of range(total)."""
+    return total * t // blocks, total * (t + 1) // blocks
+
+
+@njit(inline="always", **INLINE)
+def _views(like, shape, a_at, b_at, c_at):
+    """The arrays of ``shape`` at these three addresses (see jit._view)."""
+    return jit._view(a_at, like, shape), jit._view(b_at, like, shape), jit._view(c_at, like, shape)
+
+
+@njit(**INLINE)
+def _cf_stats_pieces(p0, p1, like, shape, x_at, piece_mean, piece_m2, stats):
+    """(mean, M2) of pieces [p0, p1) (see _cf_piece) into piece_mean and piece_m2."""
+    rows, size = shape[0] * shape[1], shape[2]
+    chunks = (size + CHUNK - 1) // CHUNK
+    x = jit._view(x_at, like, (rows, size))
+    means, m2s = piece_mean.reshape(rows * chunks), piece_m2.reshape(rows * chunks)
+    p0 = max(p0, 0)  # known to be >= 0: no negative-index tests (see above)
+    for p in range(p0, p1):
+        row, start, stop = _cf_piece(p, chunks, size)
+        means[p], m2s[p] = _cf_piece_stats(_cf_row(x, row, start, stop, chunks), stats)
+
+
+@njit(**INLINE)
+def _cf_epilogue_rows(r0, r1, like, shape, x_at, z_at, y_at, mean, scale, shift, act, neg,
+                      has_z):  # fmt: skip
+    """The epilogue of rows [r0, r1) of (N, C) rows."""
+    channels = shape[1]
+    x, z, y = _views(like, (shape[0] * channels, shape[2]), x_at, z_at, y_at)
+    r0 = max(r0, 0)  # known to be >= 0: no negative-index tests (see above)
+    for row in range(r0, r1):
+        c = row % channels
+        _cf_epilogue(x[row], z[row], y[row], mean[c], scale[c], shift[c], act, neg, has_z)
+
+
+@njit(**INLINE)
+def _cf_forward_channels(c0, c1, like, shape, x_at, z_at, y_at, piece_mean, piece_m2, lengths,
+                         mean, var, invstd, weight, bias, stats, eps, act, neg, has_weight,
+                         has_bias, has_z):  # fmt: skip
+    """Channels [c0, c1) one at a time: the statistics, then the epilogue of its rows while
+    they are still in a cache (see CHANNELS_PER_THREAD)."""
+    x, z, y = _views(like, shape, x_at, z_at, y_at)
+    n_batch, size, chunks = shape[0], shape[2], piece_mean.shape[2]
+    c0 = max(c0, 0)  # known to be >= 0: no negative-index tests (see above)
+    for c in range(c0, c1):
+        for n in range(n_batch):
+            for k in range(chunks):
+                start, stop = k * CHUNK, min(size, k * CHUNK + CHUNK)
+                piece_mean[n, c, k], piece_m2[n, c, k] = _cf_piece_stats(
+                    _cf_row(x[n], c, start, stop, chunks), stats
+                )
+        mean64, var64 = jit._merge_stats(piece_mean, piece_m2, lengths, c, n_batch * size)
+        jit._finish_stats(c, mean64, var64, eps, mean, var, invstd)
+        a, b = jit._channel_coefficients(c, invstd, weight, bias, has_weight, has_bias)
+        for n in range(n_batch):
+            _cf_epilogue(x[n, c], z[n, c], y[n, c], mean[c], a, b, act, neg, has_z)
+
+
 @jit._Kernel
 def cf_forward(like, stats, n_batch, channels, size, x_at, z_at, y_at, weight_at, bias_at,
                mean_at, var_at, invstd_at, neg, eps, act, has_weight, has_bias,
@@ -167,9 +242,9 @@ def cf_forward(like, stats, n_batch, channels, size, x_at, z_at, y_at, weight_at
     there is none (see jit._given): ``like`` gives the dtype of x, y and z, ``stats`` that
     of the per-channel vectors."""
     shape = (n_batch, channels, size)
-    x, y = jit._view(x_at, like, shape), jit._view(y_at, like, shape)
+    # the views are made in the row functions, from the addresses (see _views)
     has_z = jit._given(z_at)
-    z = jit._view(jit._given_or(z_at, x_at), like, shape)
+    z_or_x = jit._given_or(z_at, x_at)
     var = jit._view(var_at, stats, (channels,))
     mean, invstd, weight, bias = jit._vectors(stats, channels, mean_at, invstd_at, weight_at,
                                               bias_at, has_weight, has_bias)  # fmt: skip
@@ -179,37 +254,109 @@ def cf_forward(like, stats, n_batch, channels, size, x_at, z_at, y_at, weight_at
         piece_mean = np.empty((n_batch, channels, chunks), np.float64)
         piece_m2 = np.empty((n_batch, channels, chunks), np.float64)
         lengths = _cf_lengths(n_batch, size, chunks)
-        if _channel_major(n_batch, channels, size, x.itemsize, threads, True):
-            # channel by channel: its statistics, then its rows' epilogue while they are
-            # still in a cache (see CHANNELS_PER_THREAD)
-            for c in prange(channels):
-                for n in range(n_batch):
-                    for k in range(chunks):
-                        start, stop = k * CHUNK, min(size, k * CHUNK + CHUNK)
-                        piece_mean[n, c, k], piece_m2[n, c, k] = _cf_piece_stats(
-                            _cf_row(x, n, c, start, stop, chunks), stats
-                        )
-                mean64, var64 = jit._merge_stats(piece_mean, piece_m2, lengths, c,
-                                                 n_batch * size)  # fmt: skip
-                jit._finish_stats(c, mean64, var64, eps, mean, var, invstd)
-                a, b = jit._channel_coefficients(c, invstd, weight, bias, has_weight, has_bias)
-                for n in range(n_batch):
-                    _cf_epilogue(x[n, c], z[n, c], y[n, c], mean[c], a, b, act, neg, has_z)
+        if _channel_major(n_batch, channels, size, like.itemsize, threads, True):
+            for t in prange(threads):
+                c0, c1 = _block(t, threads, channels)
+                _cf_forward_channels(c0, c1, like, shape, x_at, z_or_x, y_at, piece_mean, piece_m2,
+                                     lengths, mean, var, invstd, weight, bias, stats, eps, act,
+                                     neg, has_weight, has_bias, has_z)  # fmt: skip
             return
-        for p in prange(n_batch * channels * chunks):
-            n, c, start, stop = _cf_piece(p, channels, chunks, size)
-            k = p % chunks
-            piece_mean[n, c, k], piece_m2[n, c, k] = _cf_piece_stats(
-                _cf_row(x, n, c, start, stop, chunks), stats
-            )
+        for t in prange(threads):
+            p0, p1 = _block(t, threads, n_batch * channels * chunks)
+            _cf_stats_pieces(p0, p1, like, shape, x_at, piece_mean, piece_m2, stats)
         for c in prange(channels):
             mean64, var64 = jit._merge_stats(piece_mean, piece_m2, lengths, c, n_batch * size)
             jit._finish_stats(c, mean64, var64, eps, mean, var, invstd)
     scale, shift = jit._coefficients(mean, invstd, weight, bias, has_weight, has_bias)
-    for row in prange(n_batch * channels):
-        n, c = row // channels, row % channels
-        _cf_epilogue(x[n, c], z[n, c], y[n, c], mean[c], scale[c], shift[c], act, neg,
-                     has_z)  # fmt: skip
+    for t in prange(threads):
+        r0, r1 = _block(t, threads, n_batch * channels)
+        _cf_epilogue_rows(r0, r1, like, shape, x_at, z_or_x, y_at, mean, scale, shift, act, neg,
+                          has_z)  # fmt: skip
+
+
+@njit(**INLINE)
+def _cf_grad_pieces(p0, p1, like, shape, dy_at, x_at, z_at, dpre, piece_g, piece_gx, stats,
+                    mean, scale, shift, act, neg, has_z, write_dpre):  # fmt: skip
+    """(sum dpre, sum dpre * (x - mean)) of pieces [p0, p1) into piece_g and piece_gx, dpre
+    written if write_dpre (see _cf_grad_sums)."""
+    channels, rows, size = shape[1], shape[0] * shape[1], shape[2]
+    chunks = (size + CHUNK - 1) // CHUNK
+    dy, x, z = _views(like, (rows, size), dy_at, x_at, z_at)
+    pre = dpre.reshape((rows, size))  # a view (dpre is C-contiguous)
+    sums_g, sums_gx = piece_g.reshape(rows * chunks), piece_gx.reshape(rows * chunks)
+    p0 = max(p0, 0)  # known to be >= 0: no negative-index tests (see above)
+    for p in range(p0, p1):
+        row, start, stop = _cf_piece(p, chunks, size)
+        c = row % channels
+        sums_g[p], sums_gx[p] = _cf_grad_sums(
+            _cf_row(dy, row, start, stop, chunks), _cf_row(x, row, start, stop, chunks),
+            _cf_row(z, row, start, stop, chunks), _cf_row(pre, row, start, stop, chunks),
+            stats, mean[c], scale[c], shift[c], act, neg, has_z, write_dpre,
+        )  # fmt: skip
+
+
+@njit(**INLINE)
+def _cf_dx_rows(r0, r1, like, shape, g, x_at, z_at, dx_at, mean, scale, shift, k0, k2, act, neg,
+                has_z, training):  # fmt: skip
+    """dx of rows [r0, r1) of (N, C) rows from g (see _cf_dx)."""
+    channels, rows = shape[1], shape[0] * shape[1]
+    x, z, dx = _views(like, (rows, shape[2]), x_at, z_at, dx_at)
+    g_rows = g.reshape((rows, shape[2]))  # a view (g is C-contiguous)
+    r0 = max(r0, 0)  # known to be >= 0: no negative-index tests (see above)
+    for row in range(r0, r1):
+        c = row % channels
+        _cf_dx(g_rows[row], x[row], z[row], dx[row], mean[c], scale[c], shift[c], k0[c], k2[c],
+               act, neg, has_z, training)  # fmt: skip
+
+
+@njit(**INLINE)
+def _cf_backward_channels(c0, c1, like, shape, dy_at, x_at, z_at, dx_at, dpre_at, g_at, piece_g,
+                          piece_gx, mean, scale, shift, invstd, dweight, dbias, stats, act, neg,
+                          act2, neg2, has_z, write_dpre, keep, training):  # fmt: skip
+    """Channels [c0, c1) one at a time: the sums, dweight and dbias, then dx of its rows
+    while they are still in a cache (see CHANNELS_PER_THREAD). With ``keep``, dpre is kept
+    for dx in a scratch of the statistics' dtype, in the thread's caches: one exp a value
+    instead of two (SiLU's; see cf_backward)."""
+    dy, x, z = _views(like, shape, dy_at, x_at, z_at)
+    dx, dpre, g_rows = _views(like, shape, dx_at, dpre_at, g_at)
+    n_batch, size, chunks = shape[0], shape[2], piece_g.shape[2]
+    count, zero, one = n_batch * size, stats.dtype.type(0), stats.dtype.type(1)
+    kept = np.empty((n_batch, size) if keep else (1, 1), stats.dtype)
+    c0 = max(c0, 0)  # known to be >= 0: no negative-index tests (see above)
+    for c in range(c0, c1):
+        for n in range(n_batch):
+            for k in range(chunks):
+                start, stop = k * CHUNK, min(size, k * CHUNK + CHUNK)
+                if keep:
+                    piece_g[n, c, k], piece_gx[n, c, k] = _cf_grad_sums(
+                        _cf_row(dy[n], c, start, stop, chunks),
+                        _cf_row(x[n], c, start, stop, chunks),
+                        _cf_row(z[n], c, start, stop, chunks),
+                        kept[n] if chunks == 1 else kept[n, start:stop], stats, mean[c],
+                        scale[c], shift[c], act, neg, has_z, True,
+                    )  # fmt: skip
+                    continue
+                piece_g[n, c, k], piece_gx[n, c, k] = _cf_grad_sums(
+                    _cf_row(dy[n], c, start, stop, chunks),
+                    _cf_row(x[n], c, start, stop, chunks),
+                    _cf_row(z[n], c, start, stop, chunks),
+                    _cf_row(dpre[n], c, start, stop, chunks), stats, mean[c], scale[c],
+                    shift[c], act, neg, has_z, write_dpre,
+                )  # fmt: skip
+        sum_g, sum_gx = jit._grad_sums(piece_g, piece_gx, c)
+        jit._finish_grad_sums(c, sum_g, sum_gx, invstd, dweight, dbias)
+        k0c, k2c = zero, zero  # eval: x does not enter (see jit._dx)
+        if training:
+            k0, k2 = jit._channel_grad_coefficients(scale[c], invstd[c], dweight[c],
+                                                    dbias[c], count)  # fmt: skip
+            k0c, k2c = stats.dtype.type(k0), stats.dtype.type(k2)  # as _grad_coefficients
+        for n in range(n_batch):
+            if keep:
+                _cf_dx(kept[n], x[n, c], z[n, c], dx[n, c], mean[c], scale[c], shift[c], k0c,
+                       k2c, jit._IDENTITY, one, has_z, training)  # fmt: skip
+            else:
+                _cf_dx(g_rows[n, c], x[n, c], z[n, c], dx[n, c], mean[c], scale[c], shift[c],
+                       k0c, k2c, act2, neg2, has_z, training)  # fmt: skip
 
 
 @jit._Kernel
@@ -225,10 +372,12 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
     Channel by channel, SiLU's dpre is kept for the channel's dx in its caches; row by
     row, a half-precision input's in a float32 tensor."""
     shape, vector = (n_batch, channels, size), (channels,)
-    dy, x = jit._view(dy_at, like, shape), jit._view(x_at, like, shape)
+    # the views of the (N, C, S) tensors are made in the row functions (see _views), but
+    # dpre's, which the row-by-row sums take as one of their arrays (or kept_all)
     has_z = jit._given(z_at)
-    dx, z = jit._view(dx_at, like, shape), jit._view(jit._given_or(z_at, x_at), like, shape)
-    dpre = jit._view(dpre_at if write_dpre else dx_at, like, shape)
+    z_or_x = jit._given_or(z_at, x_at)
+    dpre_at = dpre_at if write_dpre else dx_at
+    dpre = jit._view(dpre_at, like, shape)
     mean, invstd, weight, bias = jit._vectors(stats, channels, mean_at, invstd_at, weight_at,
                                               bias_at, has_weight, has_bias)  # fmt: skip
     dweight, dbias = jit._view(dweight_at, stats, vector), jit._view(dbias_at, stats, vector)
@@ -237,85 +386,49 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
     chunks = (size + CHUNK - 1) // CHUNK
     piece_g = np.empty((n_batch, channels, chunks), np.float64)
     piece_gx = np.empty((n_batch, channels, chunks), np.float64)
-    reread = write_dpre and x.itemsize > 2  # see the docstring
-    g_rows = dpre if reread else dy
+    reread = write_dpre and like.itemsize > 2  # see the docstring
+    g_at = dpre_at if reread else dy_at
     # identity is the linear activation of slope 1 (see jit._act): dx from a dpre read back
     one = stats.dtype.type(1)
     act2, neg2 = (jit._IDENTITY, one) if reread else (act, neg)
-    if _channel_major(n_batch, channels, size, x.itemsize, threads, False):  # see cf_forward
-        count, zero = n_batch * size, stats.dtype.type(0)
-        # SiLU's dpre is kept for the channel's dx in a scratch of the statistics' dtype, in
-        # the thread's caches (where dL/dresidual does not hold it already): one exp a value
-        # instead of two. Forward + backward, (64, 256, 28, 28) float32, two threads,
-        # 11.5-13.8 -> 9.4-9.6 ms (bfloat16 13.0 -> 10.1); one thread level (2026-12-04,
-        # when rows of 784 values ran channel by channel: see LONG_ROW_BYTES).
+    if _channel_major(n_batch, channels, size, like.itemsize, threads, False):  # see cf_forward
+        # SiLU's dpre kept for the channel's dx (see _cf_backward_channels): forward +
+        # backward, (64, 256, 28, 28) float32, two threads, 11.5-13.8 -> 9.4-9.6 ms (bfloat16
+        # 13.0 -> 10.1); one thread level (2026-12-04, when rows of 784 values ran channel
+        # by channel: see LONG_ROW_BYTES).
         keep = act == jit._SILU and not write_dpre
-        for c in prange(channels):
-            kept = np.empty((n_batch, size) if keep else (1, 1), stats.dtype)
-            for n in range(n_batch):
-                for k in range(chunks):
-                    start, stop = k * CHUNK, min(size, k * CHUNK + CHUNK)
-                    if keep:
-                        piece_g[n, c, k], piece_gx[n, c, k] = _cf_grad_sums(
-                            _cf_row(dy, n, c, start, stop, chunks),
-                            _cf_row(x, n, c, start, stop, chunks),
-                            _cf_row(z, n, c, start, stop, chunks),
-                            kept[n] if chunks == 1 else kept[n, start:stop], stats, mean[c],
-                            scale[c], shift[c], act, neg, has_z, True,
-                        )  # fmt: skip
-                        continue
-                    piece_g[n, c, k], piece_gx[n, c, k] = _cf_grad_sums(
-                        _cf_row(dy, n, c, start, stop, chunks),
-                        _cf_row(x, n, c, start, stop, chunks),
-                        _cf_row(z, n, c, start, stop, chunks),
-                        _cf_row(dpre, n, c, start, stop, chunks), stats, mean[c], scale[c],
-                        shift[c], act, neg, has_z, write_dpre,
-                    )  # fmt: skip
-            sum_g, sum_gx = jit._grad_sums(piece_g, piece_gx, c)
-            jit._finish_grad_sums(c, sum_g, sum_gx, invstd, dweight, dbias)
-            k0c, k2c = zero, zero  # eval: x does not enter (see jit._dx)
-            if training:
-                k0, k2 = jit._channel_grad_coefficients(scale[c], invstd[c], dweight[c],
-                                                        dbias[c], count)  # fmt: skip
-                k0c, k2c = stats.dtype.type(k0), stats.dtype.type(k2)  # as _grad_coefficients
-            for n in range(n_batch):
-                if keep:
-                    _cf_dx(kept[n], x[n, c], z[n, c], dx[n, c], mean[c], scale[c], shift[c],
-                           k0c, k2c, jit._IDENTITY, one, has_z, training)  # fmt: skip
-                else:
-                    _cf_dx(g_rows[n, c], x[n, c], z[n, c], dx[n, c], mean[c], scale[c],
-                           shift[c], k0c, k2c, act2, neg2, has_z, training)  # fmt: skip
+        for t in prange(threads):
+            c0, c1 = _block(t, threads, channels)
+            _cf_backward_channels(c0, c1, like, shape, dy_at, x_at, z_or_x, dx_at, dpre_at, g_at,
+                                  piece_g, piece_gx, mean, scale, shift, invstd, dweight, dbias,
+                                  stats, act, neg, act2, neg2, has_z, write_dpre, keep,
+                                  training)  # fmt: skip
         return
     # Row by row, a half-precision input's SiLU keeps its dpre too, in a tensor of float32:
     # one exp a value fewer for 4 more bytes written and read (bfloat16 forward + backward,
     # two threads, (32, 128, 32, 32) 3.20 -> 2.77 ms, (8, 96, 48, 48) 1.35 -> 1.05,
     # (16, 256, 24, 24) 1.84 -> 1.44; float16 alike). Float32 inputs lost 10-20 %.
-    keep_all = act == jit._SILU and not write_dpre and _is_half(x)
+    keep_all = act == jit._SILU and not write_dpre and _is_half(dpre)
     kept_all = np.empty((n_batch, channels, size) if keep_all else (1, 1, 1), stats.dtype)
-    for p in prange(n_batch * channels * chunks):
-        n, c, start, stop = _cf_piece(p, channels, chunks, size)
-        k = p % chunks
+    pieces = n_batch * channels * chunks
+    for t in prange(threads):
+        p0, p1 = _block(t, threads, pieces)
         if keep_all:
-            piece_g[n, c, k], piece_gx[n, c, k] = _cf_grad_sums(
-                _cf_row(dy, n, c, start, stop, chunks), _cf_row(x, n, c, start, stop, chunks),
-                _cf_row(z, n, c, start, stop, chunks), _cf_row(kept_all, n, c, start, stop, chunks),
-                stats, mean[c], scale[c], shift[c], act, neg, has_z, True,
-            )  # fmt: skip
-            continue
-        piece_g[n, c, k], piece_gx[n, c, k] = _cf_grad_sums(
-            _cf_row(dy, n, c, start, stop, chunks), _cf_row(x, n, c, start, stop, chunks),
-            _cf_row(z, n, c, start, stop, chunks), _cf_row(dpre, n, c, start, stop, chunks),
-            stats, mean[c], scale[c], shift[c], act, neg, has_z, write_dpre,
-        )  # fmt: skip
+            _cf_grad_pieces(p0, p1, like, shape, dy_at, x_at, z_or_x, kept_all, piece_g, piece_gx,
+                            stats, mean, scale, shift, act, neg, has_z, True)  # fmt: skip
+        else:
+            _cf_grad_pieces(p0, p1, like, shape, dy_at, x_at, z_or_x, dpre, piece_g, piece_gx,
+                            stats, mean, scale, shift, act, neg, has_z, write_dpre)  # fmt: skip
     for c in prange(channels):
         sum_g, sum_gx = jit._grad_sums(piece_g, piece_gx, c)
         jit._finish_grad_sums(c, sum_g, sum_gx, invstd, dweight, dbias)
     k0, k2 = jit._grad_coefficients(scale, invstd, dweight, dbias, n_batch * size, training)
-    for row in prange(n_batch * channels):
-        n, c = row // channels, row % channels
+    g_rows = jit._view(g_at, like, shape)
+    for t in prange(threads):
+        r0, r1 = _block(t, threads, n_batch * channels)
         if keep_all:
-            _cf_dx(kept_all[n, c], x[n, c], z[n, c], dx[n, c], mean[c], scale[c], shift[c], k0[c],
-                   k2[c], jit._IDENTITY, one, has_z, training)  # fmt: skip
+            _cf_dx_rows(r0, r1, like, shape, kept_all, x_at, z_or_x, dx_at, mean, scale, shift, k0,
+                        k2, jit._IDENTITY, one, has_z, training)  # fmt: skip
         else:
-            _cf_dx(g_rows[n, c], x[n, c], z[n, c], dx[n, c], mean[c], scale[c], shift[c], k0[c],
-                   k2[c], act2, neg2, has_z, training)  # fmt: skip
+            _cf_dx_rows(r0, r1, like, shape, g_rows, x_at, z_or_x, dx_at, mean, scale, shift, k0,
+                        k2, act2, neg2, has_z, training)  # fmt: skip
