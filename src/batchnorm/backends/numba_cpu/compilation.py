@@ -8,9 +8,10 @@ per statistics dtype (float32 serves the halves). Nothing compiles at import: a 
 compiles only the specializations it runs, each saved to the disk cache, from which later
 processes load it in well under a second.
 
-A compile takes seconds (a minute for all of them on a slow machine), so the first one of
-a process says so, once, on stderr: the notice listens to Numba's ``numba:compile`` event,
-which Numba fires only when it really compiles, never when it loads from the cache.
+A compile takes seconds (all of them, ``batchnorm compile``, about 5 minutes on 2 cores:
+docs/performance.md), so the first one of a process says so, once, on stderr: the notice
+listens to Numba's ``numba:compile`` event, which Numba fires only when it really compiles,
+never when it loads from the cache.
 """
 
 from __future__ import annotations
