@@ -164,8 +164,8 @@ def _cf_dx(gr, xr, zr, dxr, m, a, b, k0, k2, act, neg, has_z, training, dpre_onl
 # above are inlined once. Numba's parallel pass compiles each prange body as a function of
 # its own, and with the helpers' loops written out in the bodies it took most of a kernel's
 # compile: cf_backward float32 took 22-25 s parallel, 8-12 s serial in the test suite; its
-# forward and backward on one input, parallel then serial, 31.5 + 10.7 s before, 21.6 +
-# 3.4 s after (the serial kernels call the same compiled functions). The functions make
+# forward and backward on one input, parallel then serial, 25.2 + 8.3 s before, 20.6 +
+# 3.7 s after (the serial kernels call the same compiled functions). The functions make
 # their views from the kernel's addresses and shape, rows of (N * C, S) where they go row by
 # row, and start from a bound known to be >= 0: given the kernel's arrays, whose shapes and
 # strides they cannot know to be the same, and indexing them by (n, c), they took 1.10x
