@@ -63,6 +63,8 @@ def _channel_major(n_batch, channels, size, itemsize, threads, short_rows):
 def _cf_piece(p, chunks, size):
     """(row, start, stop) of piece p: chunk p % chunks of row p // chunks (of the (N * C)
     rows of S values)."""
+    if chunks == 1:
+        return p, 0, size
     row = p // chunks
     start = (p - row * chunks) * CHUNK
     return row, start, min(size, start + CHUNK)
