@@ -60,6 +60,12 @@ def _channel_major(n_batch, channels, size, itemsize, threads, short_rows):
 
 
 @njit(inline="always", **INLINE)
+def _cf_chunks(size):
+    """The pieces of CHUNK values (the last one shorter) a row of ``size`` values is summed in."""
+    return (size + CHUNK - 1) // CHUNK
+
+
+@njit(inline="always", **INLINE)
 def _cf_piece(p, chunks, size):
     """(row, start, stop) of piece p: chunk p % chunks of row p // chunks (of the (N * C)
     rows of S values)."""
@@ -190,7 +196,7 @@ def _views(like, shape, a_at, b_at, c_at):
 def _cf_stats_pieces(p0, p1, like, shape, x_at, piece_mean, piece_m2, stats):
     """(mean, M2) of pieces [p0, p1) (see _cf_piece) into piece_mean and piece_m2."""
     rows, size = shape[0] * shape[1], shape[2]
-    chunks = (size + CHUNK - 1) // CHUNK
+    chunks = _cf_chunks(size)
     x = jit._view(x_at, like, (rows, size))
     means, m2s = piece_mean.reshape(rows * chunks), piece_m2.reshape(rows * chunks)
     p0 = max(p0, 0)  # known to be >= 0: no negative-index tests (see above)
@@ -218,7 +224,8 @@ def _cf_forward_channels(c0, c1, like, shape, x_at, z_at, y_at, piece_mean, piec
     """Channels [c0, c1) one at a time: the statistics, then the epilogue of its rows while
     they are still in a cache (see CHANNELS_PER_THREAD)."""
     x, z, y = _views(like, shape, x_at, z_at, y_at)
-    n_batch, size, chunks = shape[0], shape[2], piece_mean.shape[2]
+    n_batch, size = shape[0], shape[2]
+    chunks = _cf_chunks(size)
     c0 = max(c0, 0)  # known to be >= 0: no negative-index tests (see above)
     for c in range(c0, c1):
         for n in range(n_batch):
@@ -252,7 +259,7 @@ def cf_forward(like, stats, n_batch, channels, size, x_at, z_at, y_at, weight_at
                                               bias_at, has_weight, has_bias)  # fmt: skip
     neg = stats.dtype.type(neg)
     if training:
-        chunks = (size + CHUNK - 1) // CHUNK
+        chunks = _cf_chunks(size)
         piece_mean = np.empty((n_batch, channels, chunks), np.float64)
         piece_m2 = np.empty((n_batch, channels, chunks), np.float64)
         lengths = _cf_lengths(n_batch, size, chunks)
@@ -282,7 +289,7 @@ def _cf_grad_pieces(p0, p1, like, shape, dy_at, x_at, z_at, dpre, piece_g, piece
     """(sum dpre, sum dpre * (x - mean)) of pieces [p0, p1) into piece_g and piece_gx, dpre
     written if write_dpre (see _cf_grad_sums)."""
     channels, rows, size = shape[1], shape[0] * shape[1], shape[2]
-    chunks = (size + CHUNK - 1) // CHUNK
+    chunks = _cf_chunks(size)
     dy, x, z = _views(like, (rows, size), dy_at, x_at, z_at)
     pre = dpre.reshape((rows, size))  # a view (dpre is C-contiguous)
     sums_g, sums_gx = piece_g.reshape(rows * chunks), piece_gx.reshape(rows * chunks)
@@ -321,7 +328,8 @@ def _cf_backward_channels(c0, c1, like, shape, dy_at, x_at, z_at, dx_at, dpre_at
     instead of two (SiLU's; see cf_backward)."""
     dy, x, z = _views(like, shape, dy_at, x_at, z_at)
     dx, dpre, g_rows = _views(like, shape, dx_at, dpre_at, g_at)
-    n_batch, size, chunks = shape[0], shape[2], piece_g.shape[2]
+    n_batch, size = shape[0], shape[2]
+    chunks = _cf_chunks(size)
     count, zero, one = n_batch * size, stats.dtype.type(0), stats.dtype.type(1)
     kept = np.empty((n_batch, size) if keep else (1, 1), stats.dtype)
     c0 = max(c0, 0)  # known to be >= 0: no negative-index tests (see above)
@@ -385,7 +393,7 @@ def cf_backward(like, stats, n_batch, channels, size, dy_at, x_at, z_at, dx_at, 
     dweight, dbias = jit._view(dweight_at, stats, vector), jit._view(dbias_at, stats, vector)
     neg = stats.dtype.type(neg)
     scale, shift = jit._coefficients(mean, invstd, weight, bias, has_weight, has_bias)
-    chunks = (size + CHUNK - 1) // CHUNK
+    chunks = _cf_chunks(size)
     piece_g = np.empty((n_batch, channels, chunks), np.float64)
     piece_gx = np.empty((n_batch, channels, chunks), np.float64)
     reread = write_dpre and like.itemsize > 2  # see the docstring
