@@ -456,20 +456,30 @@ def test_eval_keeps_its_digits_where_the_running_mean_is_large(activation):
     assert (xs.grad.double() - xd.grad).abs().max() / xd.grad.abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("activation", ["identity", "silu"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 @pytest.mark.parametrize("need", ["x", "weight", "x and bias"])
-def test_computes_only_the_gradients_asked_for(need):
+def test_computes_only_the_gradients_asked_for(need, training, activation):
+    """Also SiLU's dL/d(pre-activation), which the backward of rows writes in the pass of
+    the sums where that pass runs, else (eval, dx alone: a frozen layer) in its own."""
     shape = (32, 8)
     ours, ref = _pair(shape)
+    if activation == "silu":
+        fused = batchnorm.BatchNormAct1d(8, activation="silu")
+        fused.load_state_dict(ours.state_dict())
+        ours = fused
+    act = torch.nn.functional.silu if activation == "silu" else (lambda t: t)
     x = random_input(shape)
-    _runs_here(x)
+    _runs_here(x, training, activation)
     xs, xd = x.clone(), x.double()
     xs.requires_grad_("x" in need)
     xd.requires_grad_("x" in need)
     for layer in (ours, ref):
+        layer.train(training)
         layer.weight.requires_grad_("weight" in need)
         layer.bias.requires_grad_("bias" in need)
     ours(xs).square().sum().backward()
-    ref(xd).square().sum().backward()
+    act(ref(xd)).square().sum().backward()
     for mine, theirs in ((xs, xd), (ours.weight, ref.weight), (ours.bias, ref.bias)):
         assert (mine.grad is None) == (theirs.grad is None)
         if theirs.grad is not None:

@@ -528,10 +528,16 @@ template <typename Term, typename Count>
 // (the vectorized loop is versioned for aliasing). For a large input of `pass` (see
 // sums_prefetch: T is the input's element type), the arrays of `reads` (the rows term
 // reads) are prefetched two groups of rows ahead; the backward's sums over an input of
-// kPairsFrom bytes or more add pairs of rows instead (see there).
-template <typename T, typename Term>
+// kPairsFrom bytes or more add pairs of rows instead (see there). prepare(r0, count), where
+// given, runs before the terms of rows [r0, r0 + count) are read: it writes what they read
+// (input_gradients' SiLU dpre), which they then find in L1.
+struct Unprepared {
+  void operator()(int64_t, int64_t) const {}
+};
+template <typename T, typename Term, typename Prepare = Unprepared>
 std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, Term&& term,
-                                               Pass pass, std::initializer_list<Stream> reads) {
+                                               Pass pass, std::initializer_list<Stream> reads,
+                                               const Prepare& prepare = Prepare{}) {
   using Terms = std::invoke_result_t<Term&, int64_t, int64_t>;  // std::array<term type, 2>
   const int64_t blocks =
       std::clamp<int64_t>(rows * channels / (kParallelValues / 2), 1,
@@ -558,6 +564,7 @@ std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, T
       constexpr int64_t n = decltype(count)::value;
       for (; r0 + n <= end; r0 += n) {
         if (prefetching && r0 + ahead + n <= rows) prefetch_rows(reads, r0 + ahead, n, channels);
+        prepare(r0, n);
         add_rows(r0, count);
       }
     };
@@ -565,7 +572,10 @@ std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, T
       in_groups(std::integral_constant<int64_t, 2>{}, kPairsAhead);
     else  // the group two groups on
       in_groups(std::integral_constant<int64_t, kRowsAtOnce>{}, 2 * kRowsAtOnce);
-    for (; r0 < end; ++r0) add_rows(r0, std::integral_constant<int64_t, 1>{});
+    for (; r0 < end; ++r0) {
+      prepare(r0, int64_t{1});
+      add_rows(r0, std::integral_constant<int64_t, 1>{});
+    }
   };
   if (blocks == 1)
     sum_block(0);
@@ -708,6 +718,18 @@ struct GivenGradient {
   std::array<Stream, 2> streams() const { return {g, nullptr}; }  // the arrays it reads
 };
 
+// ... or dpre as the sums' prepare step writes it from dy (and z) a group of rows at a time,
+// just before the group's terms read it (see RowsBatchNorm::backward): the arrays that
+// stream from memory are dy and z.
+template <typename T>
+struct PreparedGradient {
+  const float* dpre;
+  const T* dy;
+  const T* z;
+  float operator()(int64_t i, int64_t, float) const { return dpre[i]; }
+  std::array<Stream, 2> streams() const { return {dy, z}; }
+};
+
 // ... or the derivative of the activation (with_activation's) at dy and the pre-activation,
 // computed from d (and the residual z) in each pass: no dpre to write and read back.
 template <typename T, bool kResidual, typename Derivative>
@@ -751,10 +773,11 @@ inline ChannelGradients channel_gradients(int64_t c, std::array<double, 2> sums,
 // A value's dx in training from its channel's constants: k (g - a - d b), d = x - origin.
 inline float dx_of(float k, float a, float b, float g, float d) { return k * (g - a - d * b); }
 
-// From g = dpre (gradient: GivenGradient or ActivationGradient): dweight =
+// From g = dpre (gradient: GivenGradient, PreparedGradient or ActivationGradient): dweight =
 // Σ g (x - mean) invstd, dbias = Σ g; in training dx = weight invstd (g - Σg / M
 // - (x - mean) invstd² Σ g (x - mean) / M), in eval dx = weight invstd g (the running
-// statistics are constants). kMemoryBound: the dx loop's (for_channels).
+// statistics are constants). kMemoryBound: the dx loop's (for_channels). prepare: the sums'
+// (column_sums), which write what gradient reads.
 // The sums: float64 sums of float32 terms summed over kRowsAtOnce rows in registers. The
 // terms are centred, so no mean cancels in their sum (ATen's Σ g x - mean Σ g loses digits
 // to it), and a group's float32 roundings, each of the group's own size, add up over the
@@ -763,9 +786,10 @@ inline float dx_of(float k, float a, float b, float g, float d) { return k * (g 
 // against 1.3e-7 with float64 terms. Float64 terms left the loop compute-bound: raw forward
 // + backward, one thread (two), channels_last (32, 128, 32, 32) 8.5 -> 7.6 ms (4.36 ->
 // 3.88), (4096, 1024) 7.0 -> 6.5 ms (3.55 -> 3.43).
-template <bool kMemoryBound, typename T, typename Gradient>
+template <bool kMemoryBound, typename T, typename Gradient, typename Prepare = Unprepared>
 void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* invstd,
-                     const float* weight, bool training, T* dx, float* dweight, float* dbias) {
+                     const float* weight, bool training, T* dx, float* dweight, float* dbias,
+                     const Prepare& prepare = Prepare{}) {
   const int64_t rows = in.rows, channels = in.channels;
   const T* x = in.x;
   const float *origin = in.centre.origin.data(), *offset = in.centre.offset.data();
@@ -777,7 +801,7 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
       const float d = load(x[i]) - origin[c];
       const float gi = gradient(i, c, d);
       return std::array<float, 2>{gi, gi * (d - offset[c])};
-    }, kBackward, {x, g_streams[0], g_streams[1]});
+    }, kBackward, {x, g_streams[0], g_streams[1]}, prepare);
   std::vector<float> k(channels), a(channels), b(channels);
   for (int64_t c = 0; c < channels; ++c) {
     const std::array<double, 2> sums_c = sums[0].empty()
@@ -1632,11 +1656,20 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
     // (32, 128, 32, 32) 4.31 -> 4.03 (2.16 -> 2.00), (8, 96, 48, 48) 1.66 -> 1.47 (0.80 ->
     // 0.65); leaky ReLU 6.9 -> 6.2, 4.5 -> 4.1, 1.67 -> 1.49 on one thread. SiLU's exp
     // costs more than the passes saved (5.9 -> 6.7 and 5.5 -> 6.8 ms on the first two),
-    // and dL/dresidual is dpre: both are written out (pre_gradient), to dL/dresidual when
-    // that is asked for, else to a buffer (torch's allocator's, not zero-filled as a
-    // std::vector's). A bfloat16 input's dpre is written in float32 (rounded to bfloat16,
-    // it would cost the parameters' gradients, summed from it, their float32 accuracy), and
-    // dL/dresidual is it rounded.
+    // and dL/dresidual is dpre: both are written out, to dL/dresidual when that is asked
+    // for, else to a buffer (torch's allocator's, not zero-filled as a std::vector's). Of
+    // rows, in the pass of the sums, a group of rows at a time just before the group's
+    // terms read it back from L1 (column_sums' prepare), where that pass runs (training, or
+    // dweight or dbias asked for): a pass of its own (pre_gradient, as for NCHW planes and
+    // the others) read x and dy, and the sums then read x and dpre again. Raw forward +
+    // backward with SiLU, ms, its own pass -> in the sums', one thread (two), medians of three
+    // rounds taking turns (2026-12-07): (4096, 1024) 10.11 -> 9.03 (7.66 -> 6.78), bfloat16
+    // 9.42 -> 8.82 (6.83 -> 6.16), (32768, 128) 10.47 -> 9.70 (5.06 -> 4.60); channels_last
+    // (32, 128, 32, 32) 10.35 -> 9.39 (5.26 -> 4.75), bfloat16 8.61 -> 7.88 (4.67 -> 4.46),
+    // (64, 256, 28, 28) 27.6 -> 25.5 (17.2 -> 15.1); the same bits.
+    // A bfloat16 input's dpre is written in float32 (rounded to bfloat16, it would cost the
+    // parameters' gradients, summed from it, their float32 accuracy), and dL/dresidual is
+    // it rounded.
     with_storage(x, [&](auto element) {
       using T = decltype(element);
       const T *x_values = values_or_null<T>(x), *z = values_or_null<T>(residual);
@@ -1648,10 +1681,11 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
         auto writable = [](Tensor& t, auto type) {  // t's values as decltype(type), or null
           return t.defined() ? mutable_values<decltype(type)>(t) : nullptr;
         };
-        auto gradients_from = [&](auto memory_bound, const auto& gradient) {
+        auto gradients_from = [&](auto memory_bound, const auto& gradient,
+                                  const auto&... prepare) {
           input_gradients<memory_bound>(in, gradient, inv, w, training,
                                         writable(out[kX], T{}), writable(out[kWeight], float{}),
-                                        writable(out[kBias], float{}));
+                                        writable(out[kBias], float{}), prepare...);
         };
         if (activation == kIdentity) {
           if (need[3]) out[kResidual] = dy.clone();  // dL/dresidual is dy
@@ -1675,8 +1709,24 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
           Tensor dpre = need[3] && kFloat ? (out[kResidual] = at::empty_like(x))
                                           : at::empty_like(x, x.options().dtype(at::kFloat));
           float* dpre_values = mutable_values<float>(dpre);
-          pre_gradient<memory_bound>(in, dy_values, derivative, dpre_values);
-          gradients_from(std::true_type{}, GivenGradient<float>{dpre_values});
+          bool written = false;  // dpre and the input gradients from it
+          if constexpr (std::is_same_v<std::decay_t<decltype(in)>, Rows<T>>) {
+            if (training || need[1] || need[2]) {  // the pass of the sums runs: dpre in it
+              auto prepare = [&](int64_t first, int64_t count) {
+                in.template each_pre<decltype(memory_bound)::value>(
+                    first, first + count, [=](int64_t i, float pre) {
+                      dpre_values[i] = derivative(load(dy_values[i]), pre);
+                    });
+              };
+              gradients_from(std::true_type{},
+                             PreparedGradient<T>{dpre_values, dy_values, in.z}, prepare);
+              written = true;
+            }
+          }
+          if (!written) {
+            pre_gradient<memory_bound>(in, dy_values, derivative, dpre_values);
+            gradients_from(std::true_type{}, GivenGradient<float>{dpre_values});
+          }
           if (need[3] && !kFloat) out[kResidual] = dpre.to(x.scalar_type());
         });
       };
