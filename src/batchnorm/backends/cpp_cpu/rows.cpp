@@ -1656,22 +1656,22 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
     // (32, 128, 32, 32) 4.31 -> 4.03 (2.16 -> 2.00), (8, 96, 48, 48) 1.66 -> 1.47 (0.80 ->
     // 0.65); leaky ReLU 6.9 -> 6.2, 4.5 -> 4.1, 1.67 -> 1.49 on one thread. SiLU's exp
     // costs more than the passes saved (5.9 -> 6.7 and 5.5 -> 6.8 ms on the first two),
-    // and dL/dresidual is dpre: both are written out, to dL/dresidual when that is asked
-    // for, else to a buffer (torch's allocator's, not zero-filled as a std::vector's). Of
-    // rows, in the pass of the sums, a group of rows at a time just before the group's
-    // terms read it back from L1 (column_sums' prepare), where that pass runs (training, or
-    // dweight or dbias asked for): a pass of its own (pre_gradient, as for NCHW planes and
-    // the others) read x and dy, and the sums then read x and dpre again. Raw forward +
-    // backward with SiLU, ms, its own pass -> in the sums', one thread (two), medians of three
-    // rounds taking turns (2026-12-07): (4096, 1024) 10.11 -> 9.03 (7.66 -> 6.78), bfloat16
-    // 9.42 -> 8.82 (6.83 -> 6.16), (32768, 128) 10.47 -> 9.70 (5.06 -> 4.60); channels_last
-    // (32, 128, 32, 32) 10.35 -> 9.39 (5.26 -> 4.75), bfloat16 8.61 -> 7.88 (4.67 -> 4.46),
-    // (64, 256, 28, 28) 27.6 -> 25.5 (17.2 -> 15.1); the same bits. So for ReLU and leaky
-    // ReLU where dL/dresidual is asked for: ReLU, (4096, 1024) 9.42 -> 8.79 (7.44 -> 6.92),
-    // channels_last (32, 128, 32, 32) 10.53 -> 10.27 (6.00 -> 5.47).
+    // and dL/dresidual is dpre: both are written out, to dL/dresidual when that is asked for, else
+    // to a buffer (torch's allocator's, not zero-filled as a std::vector's). For rows, where the
+    // pass of the sums runs (training, or dweight or dbias asked for), dpre is written in that
+    // pass, a group of rows at a time just before the group's terms read it back from L1
+    // (column_sums' prepare); before, a pass of its own (pre_gradient, still for NCHW planes and
+    // the others) read x and dy, and the sums read x and dpre again. Raw forward + backward with
+    // SiLU, ms, its own pass -> in the sums', one thread (two), medians of three rounds taking
+    // turns (2026-12-07): (4096, 1024) 10.11 -> 9.03 (7.66 -> 6.78), bfloat16 9.42 -> 8.82 (6.83
+    // -> 6.16), (32768, 128) 10.47 -> 9.70 (5.06 -> 4.60); channels_last (32, 128, 32, 32) 10.35
+    // -> 9.39 (5.26 -> 4.75), bfloat16 8.61 -> 7.88 (4.67 -> 4.46), (64, 256, 28, 28) 27.6 -> 25.5
+    // (17.2 -> 15.1); the same bits. So for ReLU and leaky ReLU where dL/dresidual is asked for:
+    // ReLU, (4096, 1024) 9.42 -> 8.79 (7.44 -> 6.92), channels_last (32, 128, 32, 32) 10.53 ->
+    // 10.27 (6.00 -> 5.47).
     // A bfloat16 input's dpre is written in float32 (rounded to bfloat16, it would cost the
-    // parameters' gradients, summed from it, their float32 accuracy), and dL/dresidual is
-    // it rounded.
+    // parameters' gradients, summed from it, their float32 accuracy), and dL/dresidual is it
+    // rounded.
     with_storage(x, [&](auto element) {
       using T = decltype(element);
       const T *x_values = values_or_null<T>(x), *z = values_or_null<T>(residual);
