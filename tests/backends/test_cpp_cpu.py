@@ -389,7 +389,7 @@ def test_keeps_its_digits_where_the_mean_is_large():
     assert (xs.grad.double() - xd.grad).abs().max() / xd.grad.abs().max() < 1e-3
 
 
-#: Float32 outputs of 32 MiB or more (rows.cpp's kStreamFrom: 8,388,608 values), which the
+#: Float32 outputs of 16 MiB or more (rows.cpp's kStreamFrom: 4,194,304 values), which the
 #: loops stage 64 values at a time and write with non-temporal stores (stream_rows): rows
 #: longer than a block and not a multiple of 8 floats (segments, stores not aligned to 32
 #: bytes), rows shorter than a block (several rows a block), and NCHW planes in eval, long

@@ -395,19 +395,25 @@ void for_rows(int64_t rows, int64_t channels, F&& f) {
 }
 
 // Float32 outputs of at least this many bytes are written with non-temporal stores
-// (stream_rows, through write_rows): one larger than our machines' L3 (32 MiB) leaves the
-// caches as it is written, so no later read finds it there, and a store to a line out of
-// the caches first reads that line from memory (read for ownership), which a non-temporal
-// store does not: a pass that reads x and writes y moves a third less. Raw calls with a 64
-// MiB copy between them, ms, one thread (two), plain stores -> non-temporal [ATen]: eval
-// (64, 256, 28, 28) 4.23 -> 2.98 (2.99 -> 2.32) [3.93 (2.97)], (8, 64, 16, 56, 56) 8.49 ->
-// 6.58 (5.87 -> 4.38) [7.93 (5.79)], (16384, 1024) 5.42 -> 4.81 (4.16 -> 3.14) [5.21
-// (4.26)]; (16384, 1024) training forward 10.6 -> 9.95 (6.84 -> 5.63) [10.8 (8.55)],
-// forward + backward 24.7 -> 24.2 (16.0 -> 14.4) [30.6 (19.2)]; channels_last (64, 256, 28,
-// 28), rows of 256 values: training forward 8.6 -> 9.0 (4.4 -> 4.6), forward + backward
-// 21.7 -> 21.0 (14.7 -> 13.4), eval 4.2 -> 4.5 (3.1 -> 2.6). Below it, plain stores: an
-// output that fits in L3 may still be there when the next layer reads it.
-constexpr int64_t kStreamFrom = 32 << 20;
+// (stream_rows, through write_rows): from half our machines' L3 (32 MiB), where the output
+// and an input as large no longer fit in it together, the output's lines leave the caches
+// before a later read finds most of them, and a store to a line out of the caches first
+// reads that line from memory (read for ownership), which a non-temporal store does not: a
+// pass that reads x and writes y moves a third less. Raw calls with a 64 MiB copy between
+// them, ms, one thread (two), plain stores -> non-temporal [ATen]: eval (64, 256, 28, 28)
+// 4.23 -> 2.98 (2.99 -> 2.32) [3.93 (2.97)], (8, 64, 16, 56, 56) 8.49 -> 6.58 (5.87 ->
+// 4.38) [7.93 (5.79)], (16384, 1024) 5.42 -> 4.81 (4.16 -> 3.14) [5.21 (4.26)]; (16384,
+// 1024) training forward 10.6 -> 9.95 (6.84 -> 5.63) [10.8 (8.55)], forward + backward 24.7
+// -> 24.2 (16.0 -> 14.4) [30.6 (19.2)]; channels_last (64, 256, 28, 28), rows of 256 values:
+// training forward 8.6 -> 9.0 (4.4 -> 4.6), forward + backward 21.7 -> 21.0 (14.7 -> 13.4),
+// eval 4.2 -> 4.5 (3.1 -> 2.6). From 16 MiB rather than 32 since 2026-12-07: eval calls
+// taking turns with ATen's, ms, medians of three rounds, one thread (two), plain ->
+// non-temporal, alone and with a ReLU after it (reading y): (4096, 1024) 1.66 -> 1.31 (0.77
+// -> 0.75), with ReLU 2.67 -> 2.33 (1.58 -> 1.61); (6144, 1024) 2.39 -> 1.78 (1.33 ->
+// 1.14), 4.35 -> 4.02 (2.48 -> 2.35); channels_last (32, 128, 32, 32) 1.58 -> 1.16 (0.87 ->
+// 0.75), 2.57 -> 2.21 (1.98 -> 1.86). At 8 MiB plain stores stay: (2048, 1024) with its
+// ReLU 1.07 -> 1.14 (0.31 -> 0.45), the output still in L3 for the ReLU.
+constexpr int64_t kStreamFrom = 16 << 20;
 // Values computed into a buffer (in L1) and then streamed out, at a time: 256 bytes. The
 // loads of the next values then overlap the stores of the last; blocks of 4096 values read,
 // then wrote, in turn (an eval of (8, 64, 16, 56, 56), one thread: 9.86 ms, against 8.39
