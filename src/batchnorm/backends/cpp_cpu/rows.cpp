@@ -536,7 +536,7 @@ template <typename Term, typename Count>
 // reads) are prefetched two groups of rows ahead; the backward's sums over an input of
 // kPairsFrom bytes or more add pairs of rows instead (see there). prepare(r0, count), where
 // given, runs before the terms of rows [r0, r0 + count) are read: it writes what they read
-// (input_gradients' SiLU dpre), which they then find in L1.
+// (the backward's dpre: RowsBatchNorm::backward), which they then find in L1.
 struct Unprepared {
   void operator()(int64_t, int64_t) const {}
 };
