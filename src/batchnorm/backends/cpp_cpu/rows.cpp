@@ -263,22 +263,22 @@ inline void prefetch_rows(std::initializer_list<Stream> streams, int64_t r, int6
 }
 
 // Calls f(c) for c in [0, n), a loop over a row's channels of element type T that
-// vectorizes. A float32 loop bound by memory (kMemoryBound: it streams values from memory to
-// memory, as normalize and pre_gradient with a cheap activation and the input gradient do)
-// runs at 8 lanes (256-bit vectors) instead of -march=native's widest (512-bit where the
-// CPU has AVX-512). On our machines (AMD EPYC)
-// 512-bit stores to memory that is not in the caches are slow, and in a model it is not:
-// training keeps every layer's output, so each new one is written where the last step's
-// were freed. SiLU's exp is bound by arithmetic and keeps the widest vectors, and so do the
-// bfloat16 loops (their rounding at 8 lanes took 2.5-4x the time). Measured, one thread,
-// 512 -> 256-bit: the channels_last BN layers alone of resnet18, mobilenet_v2 and
-// efficientnet_b0 (benchmarks/models.py), our time / torch.nn's, training 1.00 -> 0.97,
-// 1.04 -> 0.98, 1.00 -> 0.98 (fused 0.86 -> 0.82, 0.90 -> 0.84, 0.84 -> 0.84), eval 0.87 ->
-// 0.84, 0.99 -> 0.91, 0.97 -> 0.91; a raw (8, 96, 48, 48) channels_last call whose
-// outputs stay alive, µs, eval 406 -> 307 and training forward 565 -> 458 (ATen's 338,
-// 584). With the output's memory in cache, as make bench's loops reuse it: level (its
-// large cases, taking turns call by call), 58 -> 65 µs at (8, 144, 24, 24) eval. (The
-// pragma needs -fopenmp or -fopenmp-simd, cpp_cpu.FLAGS; a compiler without them ignores it.)
+// vectorizes. A float32 loop bound by memory (kMemoryBound: it streams values from memory
+// to memory, as normalize and dL/d(pre-activation) with a cheap activation and the input
+// gradient do) runs at 8 lanes (256-bit vectors) instead of -march=native's widest (512-bit
+// where the CPU has AVX-512). On our machines (AMD EPYC) 512-bit stores to memory that is
+// not in the caches are slow, and in a model it is not: training keeps every layer's
+// output, so each new one is written where the last step's were freed. SiLU's exp is bound
+// by arithmetic and keeps the widest vectors, and so do the bfloat16 loops (their rounding
+// at 8 lanes took 2.5-4x the time). Measured, one thread, 512 -> 256-bit: the channels_last
+// BN layers alone of resnet18, mobilenet_v2 and efficientnet_b0 (benchmarks/models.py), our
+// time / torch.nn's, training 1.00 -> 0.97, 1.04 -> 0.98, 1.00 -> 0.98 (fused 0.86 -> 0.82,
+// 0.90 -> 0.84, 0.84 -> 0.84), eval 0.87 -> 0.84, 0.99 -> 0.91, 0.97 -> 0.91; a raw (8, 96,
+// 48, 48) channels_last call whose outputs stay alive, µs, eval 406 -> 307 and training
+// forward 565 -> 458 (ATen's 338, 584). With the output's memory in cache, as make bench's
+// loops reuse it: level (its large cases, taking turns call by call), 58 -> 65 µs at (8,
+// 144, 24, 24) eval. (The pragma needs -fopenmp or -fopenmp-simd, cpp_cpu.FLAGS; a compiler
+// without them ignores it.)
 template <bool kMemoryBound, typename T, typename F>
 [[gnu::always_inline]] inline void for_channels(int64_t n, F&& f) {
   if constexpr (kMemoryBound && std::is_same_v<T, float>) {
@@ -703,20 +703,9 @@ void normalize(const Rows<T>& in, int64_t activation, float slope, T* y) {
   });
 }
 
-// dpre = dL/d(pre-activation) of an activation (derivative: with_activation's), in
-// float32, from dy and the pre-activation recomputed from x (and z).
-template <bool kMemoryBound, typename T, typename Derivative>
-void pre_gradient(const Rows<T>& in, const T* dy, Derivative derivative, float* dpre) {
-  for_rows(in.rows, in.channels, [&](int64_t begin, int64_t end) {
-    in.template each_pre<kMemoryBound>(begin, end, [&, derivative](int64_t i, float pre) {
-      dpre[i] = derivative(load(dy[i]), pre);
-    });
-  });
-}
-
 // g = dL/d(pre-activation) as input_gradients' passes read it, a value at a time:
 // g(i, c, d), with d = x - origin (Centre's) at value i of channel c. Either g's values
-// (dy without an activation, or pre_gradient's dpre) ...
+// (dy without an activation, or the dpre of NCHW planes' pre_gradient) ...
 template <typename G>
 struct GivenGradient {
   const G* g;
@@ -783,7 +772,8 @@ inline float dx_of(float k, float a, float b, float g, float d) { return k * (g 
 // Σ g (x - mean) invstd, dbias = Σ g; in training dx = weight invstd (g - Σg / M
 // - (x - mean) invstd² Σ g (x - mean) / M), in eval dx = weight invstd g (the running
 // statistics are constants). kMemoryBound: the dx loop's (for_channels). prepare: the sums'
-// (column_sums), which write what gradient reads.
+// (column_sums), which writes what gradient reads; where no sums are asked for, it runs
+// alone over the rows first, a pass of its own.
 // The sums: float64 sums of float32 terms summed over kRowsAtOnce rows in registers. The
 // terms are centred, so no mean cancels in their sum (ATen's Σ g x - mean Σ g loses digits
 // to it), and a group's float32 roundings, each of the group's own size, add up over the
@@ -808,6 +798,8 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
       const float gi = gradient(i, c, d);
       return std::array<float, 2>{gi, gi * (d - offset[c])};
     }, kBackward, {x, g_streams[0], g_streams[1]}, prepare);
+  else if constexpr (!std::is_same_v<Prepare, Unprepared>)
+    for_rows(rows, channels, [&](int64_t begin, int64_t end) { prepare(begin, end - begin); });
   std::vector<float> k(channels), a(channels), b(channels);
   for (int64_t c = 0; c < channels; ++c) {
     const std::array<double, 2> sums_c = sums[0].empty()
@@ -1301,7 +1293,8 @@ template <typename T, typename Derivative>
   for (int64_t i = 0; i < n; ++i) out[i] = derivative(load(dy[i]), pre[i]);
 }
 
-// dpre = dL/d(pre-activation) of NCHW inputs, as pre_gradient's of rows, channel by channel;
+// dpre = dL/d(pre-activation) of NCHW inputs (derivative: with_activation's), in float32,
+// from dy and the pre-activation recomputed from x (and z), channel by channel;
 // SiLU's on planes shorter than kShortPlane in blocks of planes in memory order instead,
 // their pre-activations first (as eval_planes'): on one short plane its loop ran scalar,
 // (8, 1152, 3, 3) module forward + backward 528 -> 478 µs, (8, 480, 6, 6) 516 -> 444 (one
@@ -1666,8 +1659,9 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
     // to a buffer (torch's allocator's, not zero-filled as a std::vector's). For rows, where the
     // pass of the sums runs (training, or dweight or dbias asked for), dpre is written in that
     // pass, a group of rows at a time just before the group's terms read it back from L1
-    // (column_sums' prepare); before, a pass of its own (pre_gradient, still for NCHW planes and
-    // the others) read x and dy, and the sums read x and dpre again. Raw forward + backward with
+    // (column_sums' prepare; input_gradients runs it alone where no sums run); before, a pass
+    // of its own (still NCHW planes' pre_gradient) read x and dy, and the sums read x and
+    // dpre again. Raw forward + backward with
     // SiLU, ms, its own pass -> in the sums', one thread (two), medians of three rounds taking
     // turns (2026-12-07): (4096, 1024) 10.11 -> 9.03 (7.66 -> 6.78), bfloat16 9.42 -> 8.82 (6.83
     // -> 6.16), (32768, 128) 10.47 -> 9.70 (5.06 -> 4.60); channels_last (32, 128, 32, 32) 10.35
@@ -1717,21 +1711,16 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
           Tensor dpre = need[3] && kFloat ? (out[kResidual] = at::empty_like(x))
                                           : at::empty_like(x, x.options().dtype(at::kFloat));
           float* dpre_values = mutable_values<float>(dpre);
-          bool written = false;  // dpre and the input gradients from it
           if constexpr (std::is_same_v<std::decay_t<decltype(in)>, Rows<T>>) {
-            if (training || need[1] || need[2]) {  // the pass of the sums runs: dpre in it
-              auto prepare = [&](int64_t first, int64_t count) {
-                in.template each_pre<decltype(memory_bound)::value>(
-                    first, first + count, [=](int64_t i, float pre) {
-                      dpre_values[i] = derivative(load(dy_values[i]), pre);
-                    });
-              };
-              gradients_from(std::true_type{},
-                             PreparedGradient<T>{dpre_values, dy_values, in.z}, prepare);
-              written = true;
-            }
-          }
-          if (!written) {
+            auto prepare = [&](int64_t first, int64_t count) {  // dpre of these rows
+              in.template each_pre<decltype(memory_bound)::value>(
+                  first, first + count, [=](int64_t i, float pre) {
+                    dpre_values[i] = derivative(load(dy_values[i]), pre);
+                  });
+            };
+            gradients_from(std::true_type{}, PreparedGradient<T>{dpre_values, dy_values, in.z},
+                           prepare);
+          } else {
             pre_gradient<memory_bound>(in, dy_values, derivative, dpre_values);
             gradients_from(std::true_type{}, GivenGradient<float>{dpre_values});
           }
