@@ -786,6 +786,23 @@ def test_half_results_are_rounded_as_torch_rounds(dtype):
             assert same_values(got.numpy(), expected).all()
 
 
+def test_bfloat16_training_results_are_rounded_as_torch_rounds():
+    """The bfloat16 training forward of rows rounds as torch's .to(torch.bfloat16) too
+    (AVX-512's conversion where there is one, the exact rounding on vectors with a
+    subnormal): with weight 0 and bias v, every output of channel c is v[c] rounded,
+    whatever x's statistics, in every row."""
+    values = torch.from_numpy(floats_to_round(torch.bfloat16))
+    expected = values.to(torch.bfloat16).float().numpy()
+    x = torch.randn(3, values.numel(), generator=torch.Generator().manual_seed(0))
+    x = x.to(torch.bfloat16)
+    _runs_here(x)
+    weight = torch.zeros(values.numel())
+    y = batchnorm.functional.batch_norm(x, None, None, weight, values, training=True)
+    assert y.dtype == torch.bfloat16
+    for got in y.float().unbind(0):
+        assert same_values(got.numpy(), expected).all()
+
+
 def _float64(x, weight, bias, z, training, activation, running, dy):
     """float64_batch_norm with the activation named as in the layers."""
     act = TORCH_ACTIVATIONS[activation] if activation != "identity" else None

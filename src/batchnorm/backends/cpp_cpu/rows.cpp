@@ -123,6 +123,14 @@ void with_activation(int64_t code, float slope, F&& f) {
 // ATen and the Numba kernels (LLVM: F16C in vectors) compute float16.
 using BF16 = uint16_t;
 
+// Whether the loops of half-precision values written in AVX-512's instructions (F, BW, VL)
+// are built: float16 in eval, and bfloat16's normalizing loops (see eval_halves).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+constexpr bool kHalfLoops = true;
+#else
+constexpr bool kHalfLoops = false;
+#endif
+
 inline float load(float v) { return v; }
 inline float load(BF16 v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -870,6 +878,11 @@ struct Normalized {
   Tensor y, invstd, offset;
 };
 
+template <typename T>
+void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
+                     int64_t channels, bool planes, const float* origin, const float* scale,
+                     const float* shift, int64_t activation, float slope);
+
 Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bias,
                         const Tensor& residual, Running& running, bool training,
                         double momentum, double eps, int64_t activation, double slope) {
@@ -901,6 +914,18 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
     }
     Rows<T> in(first_row, values_or_null<T>(residual), rows, channels, std::move(centre), inv,
                values_or_null(weight), values_or_null(bias));
+    // bfloat16 with a memory-bound activation: the same bits from AVX-512's loops, rounded
+    // by its conversion (see narrow_bf16). Raw training forwards taking turns with the
+    // generic loop's, time / before, one thread (two): (4096, 1024) 0.86-0.94 (0.84-0.88),
+    // channels_last (32, 128, 32, 32) 0.84-0.85 (0.83), (512, 256) 0.86 (0.90-0.92); with
+    // ReLU 0.84-0.86 (0.85-0.88), 0.81-0.82 (0.80), 0.84 (0.89-0.91). (SiLU, bound by its
+    // exp, took 0.94-0.99 in blocks as eval_halves' SiLU: it stays in the generic loop.)
+    if constexpr (kHalfLoops && std::is_same_v<T, BF16>) {
+      if (activation != kSilu)
+        return normalize_units(in.x, in.z, mutable_values<T>(out.y), rows, channels, channels,
+                               false, in.centre.origin.data(), in.affine.scale.data(),
+                               in.affine.shift.data(), activation, static_cast<float>(slope));
+    }
     normalize(in, activation, static_cast<float>(slope), mutable_values<T>(out.y));
   });
   return out;
@@ -1345,11 +1370,12 @@ void pre_gradient(const Planes<T>& in, const T* dy, Derivative derivative, float
 // Float16 and bfloat16 inputs in inference (eval without a graph; float32 parameters and
 // statistics, as under torch.autocast), on CPUs with AVX-512 (F, BW, VL): y = act((x -
 // running mean) * invstd * weight + bias [+ z]) in float32 (the mean folded into the shift:
-// eval_halves), rounded to nearest, ties to even (as torch's .to()). GCC 12 converts
+// eval_halves), rounded to nearest, ties to even (as torch's .to()); and the bfloat16
+// training forward of rows (normalize_units, from forward_rows). GCC 12 converts
 // _Float16 one value at a time, and exact integer conversions cost 15-20 vector
 // instructions per 16 values (both slower than ATen's float16 loops: docs/performance.md,
 // "Tried and left out"), so these loops are written in AVX-512's instructions, 16 values at
-// a time (float16: one conversion each way; bfloat16: a shift, and store<BF16>'s rounding):
+// a time (float16: one conversion each way; bfloat16: a shift, and narrow_bf16's rounding):
 // the plain, ReLU and leaky ReLU ones keep each value in a register from its load to its
 // store. SiLU, whose exp GCC vectorizes in float32 loops, converts blocks of kHalfBlock
 // values to float32 in L1, normalizes them there and converts them back. Raw float16 eval
@@ -1363,7 +1389,6 @@ void pre_gradient(const Planes<T>& in, const T* dy, Derivative derivative, float
 // 622 -> 599. Elsewhere (no AVX-512) float16 stays on ATen and the Numba kernels, and
 // bfloat16 on those loops.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-constexpr bool kHalfLoops = true;
 constexpr int64_t kHalfBlock = 256;
 
 // 16 lanes of float32, converted from and to float16 (the stores 256-bit wide: see
@@ -1386,8 +1411,7 @@ inline void store_halves(at::Half* p, Lanes v) {
 inline void store_halves(at::Half* p, Lanes v, Mask m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
-// bfloat16: the upper half of a float32; rounded as store<BF16> rounds (AVX-512's own
-// conversion, vcvtneps2bf16, flushes subnormals to zero, which torch's does not)
+// bfloat16: the upper half of a float32 (see narrow_bf16 for the way back)
 inline Lanes widen_bf16(__m256i bits) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
@@ -1397,7 +1421,8 @@ inline Lanes load_halves(const BF16* p) {
 inline Lanes load_halves(const BF16* p, Mask m) {
   return widen_bf16(_mm256_maskz_loadu_epi16(m, p));
 }
-inline __m256i narrow_bf16(Lanes v) {
+// v rounded to bfloat16 as store<BF16> rounds, in integer instructions ...
+inline __m256i narrow_bf16_exactly(Lanes v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lowest = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_srli_epi32(
@@ -1405,6 +1430,20 @@ inline __m256i narrow_bf16(Lanes v) {
   const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+}
+// ... and where the CPU has AVX512_BF16, by its conversion, vcvtneps2bf16, whose bits are
+// those (NaN included) but for subnormal values, which it flushes to zero and torch's
+// rounding does not: a vector with one (fpclass: the subnormal lanes) takes the integer
+// rounding. Raw bfloat16 eval calls taking turns, time / before, one thread (two): (4096,
+// 1024) 0.74-0.76 (0.78-0.80), channels_last (32, 128, 32, 32) 0.74 (0.75), (512, 1024)
+// 0.75 (0.78), (100, 128) 0.90 (0.91); the training forward of rows: see forward_rows.
+constexpr int kSubnormalClass = 0x20;
+inline __m256i narrow_bf16(Lanes v) {
+#ifdef __AVX512BF16__
+  if (__builtin_expect(_mm512_fpclass_ps_mask(v, kSubnormalClass) == 0, 1))
+    return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#endif
+  return narrow_bf16_exactly(v);
 }
 inline void store_halves(BF16* p, Lanes v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_bf16(v));
@@ -1417,6 +1456,7 @@ inline Lanes lanes_at(const float* p) { return _mm512_loadu_ps(p); }
 inline Lanes lanes_at(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
 inline Lanes fma_lanes(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
 inline Lanes add_lanes(Lanes a, Lanes b) { return _mm512_add_ps(a, b); }
+inline Lanes sub_lanes(Lanes a, Lanes b) { return _mm512_sub_ps(a, b); }
 inline Lanes mul_lanes(Lanes a, Lanes b) { return _mm512_mul_ps(a, b); }
 // below where p < 0 (not where it is NaN), elsewhere p
 inline Lanes below_zero(Lanes p, Lanes below) {
@@ -1433,20 +1473,26 @@ inline Lanes activate_lanes(Lanes p, Lanes slope) {
     return below_zero(p, kCode == kRelu ? lanes_of(0.0f) : mul_lanes(p, slope));
 }
 
-// dst[i] = act(fma(src[i], scale[i], shift[i]) [+ add[i]]) for i < n, kLanes values at a
-// time, act kCode's; kPlane: one channel's values (scale and shift point to its constants).
-template <int64_t kCode, bool kPlane, typename T>
-void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float* scale,
-                      const float* shift, float slope) {
+// dst[i] = act(fma(src[i] [- origin[i]], scale[i], shift[i]) [+ add[i]]) for i < n, kLanes
+// values at a time, act kCode's; kPlane: one channel's values (origin, scale and shift point
+// to its constants). kCentred: with the origin, Rows::each_pre's very bits (the training
+// forward); without (origin unread), its values with the origin folded into the shift
+// (eval_halves). (A test of origin in the loop made float16 eval 1-7 % slower.)
+template <int64_t kCode, bool kPlane, bool kCentred, typename T>
+void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float* origin,
+                      const float* scale, const float* shift, float slope) {
   const Lanes slopes = lanes_of(slope);
   // the values from i on, kLanes of them, or those of `mask` (first_lanes)
   auto lanes = [&](int64_t i, auto... mask) {
+    Lanes v = load_halves(src + i, mask...);
     Lanes p;
-    if constexpr (kPlane)
-      p = fma_lanes(load_halves(src + i, mask...), lanes_of(*scale), lanes_of(*shift));
-    else
-      p = fma_lanes(load_halves(src + i, mask...), lanes_at(scale + i, mask...),
-                    lanes_at(shift + i, mask...));
+    if constexpr (kPlane) {
+      if constexpr (kCentred) v = sub_lanes(v, lanes_of(*origin));
+      p = fma_lanes(v, lanes_of(*scale), lanes_of(*shift));
+    } else {
+      if constexpr (kCentred) v = sub_lanes(v, lanes_at(origin + i, mask...));
+      p = fma_lanes(v, lanes_at(scale + i, mask...), lanes_at(shift + i, mask...));
+    }
     if (add) p = add_lanes(p, load_halves(add + i, mask...));
     store_halves(dst + i, activate_lanes<kCode>(p, slopes), mask...);
   };
@@ -1486,6 +1532,43 @@ template <typename Act>
   }
 }
 
+// y = act((x [- origin]) * scale + shift [+ z]) in registers (normalize_halves), act the
+// plain, ReLU or leaky ReLU (activation's code), over `units` rows or (planes) NCHW planes
+// of `width` values each: the constants a row's values' (channel c at c), a plane's those
+// of its channel (unit u's: u % channels). origin: null where the shift holds it.
+template <typename T>
+void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
+                     int64_t channels, bool planes, const float* origin, const float* scale,
+                     const float* shift, int64_t activation, float slope) {
+  auto each_unit = [&](auto code, auto centred) {
+    constexpr int64_t kCode = decltype(code)::value;
+    constexpr bool kCentred = decltype(centred)::value;
+    for_rows(units, width, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin, channel = begin % channels; u < end; ++u) {
+        const int64_t c = planes ? channel : 0;  // the unit's first constants
+        channel = channel + 1 == channels ? 0 : channel + 1;  // (a division costs more)
+        const int64_t first = u * width;
+        const T* add = z ? z + first : nullptr;
+        if (planes)
+          normalize_halves<kCode, true, kCentred>(x + first, add, y + first, width, origin + c,
+                                                  scale + c, shift + c, slope);
+        else
+          normalize_halves<kCode, false, kCentred>(x + first, add, y + first, width, origin,
+                                                   scale, shift, slope);
+      }
+    });
+  };
+  auto with_code = [&](auto centred) {
+    if (activation == kRelu)
+      return each_unit(std::integral_constant<int64_t, kRelu>{}, centred);
+    if (activation == kLeakyRelu)
+      return each_unit(std::integral_constant<int64_t, kLeakyRelu>{}, centred);
+    each_unit(std::integral_constant<int64_t, kIdentity>{}, centred);
+  };
+  if (origin) return with_code(std::true_type{});
+  with_code(std::false_type{});
+}
+
 // Eval without a graph of a float16 or bfloat16 input whose channels are innermost (rows)
 // or of an NCHW-contiguous one (planes: every value of plane p is of channel p % C). The
 // running mean folds into the shift (x * scale + shift, the shift bias - mean * scale
@@ -1514,29 +1597,9 @@ Tensor eval_halves(const Tensor& x, const Tensor& weight, const Tensor& bias,
     const T* in = values_or_null<T>(x);
     const T* z = values_or_null<T>(residual);
     T* out = mutable_values<T>(y);
-    if (activation != kSilu) {  // in registers
-      auto each_unit = [&](auto code) {
-        constexpr int64_t kCode = decltype(code)::value;
-        for_rows(units, width, [&](int64_t begin, int64_t end) {
-          for (int64_t u = begin, channel = begin % channels; u < end; ++u) {
-            const auto [sc, sh] = constants(channel, 0);
-            channel = channel + 1 == channels ? 0 : channel + 1;  // (a division costs more)
-            const int64_t first = u * width;
-            const T* add = z ? z + first : nullptr;
-            if (planes)
-              normalize_halves<kCode, true>(in + first, add, out + first, width, sc, sh,
-                                            static_cast<float>(slope));
-            else
-              normalize_halves<kCode, false>(in + first, add, out + first, width, sc, sh,
-                                             static_cast<float>(slope));
-          }
-        });
-      };
-      if (activation == kRelu) return each_unit(std::integral_constant<int64_t, kRelu>{});
-      if (activation == kLeakyRelu)
-        return each_unit(std::integral_constant<int64_t, kLeakyRelu>{});
-      return each_unit(std::integral_constant<int64_t, kIdentity>{});
-    }
+    if (activation != kSilu)  // in registers
+      return normalize_units(in, z, out, units, width, channels, planes, nullptr, scale, shift,
+                             activation, static_cast<float>(slope));
     // SiLU: blocks in float32 (with_activation gives its function)
     with_activation(activation, static_cast<float>(slope), [&](auto act, auto, auto) {
       for_rows(units, width, [&](int64_t begin, int64_t end) {
@@ -1565,8 +1628,6 @@ Tensor eval_halves(const Tensor& x, const Tensor& weight, const Tensor& bias,
   return y;
 }
 #else
-constexpr bool kHalfLoops = false;
-
 Tensor eval_halves(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Running&,
                    double, int64_t, double, bool) {
   TORCH_CHECK(false, "rows_batch_norm: float16 inputs need a CPU with AVX-512");
