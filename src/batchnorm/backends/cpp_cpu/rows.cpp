@@ -126,10 +126,11 @@ using BF16 = uint16_t;
 // Whether the loops of half-precision values written in AVX-512's instructions (F, BW, VL)
 // are built: float16 in eval, and bfloat16's normalizing loops (see eval_halves).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-constexpr bool kHalfLoops = true;
+#define BATCHNORM_HALF_LOOPS 1
 #else
-constexpr bool kHalfLoops = false;
+#define BATCHNORM_HALF_LOOPS 0
 #endif
+constexpr bool kHalfLoops = BATCHNORM_HALF_LOOPS;
 
 inline float load(float v) { return v; }
 inline float load(BF16 v) {
@@ -1388,7 +1389,7 @@ void pre_gradient(const Planes<T>& in, const T* dy, Derivative derivative, float
 // channels_last (8, 128, 24, 24) 94 -> 74 and (32, 128, 32, 32) 710 -> 584, (4096, 1024)
 // 622 -> 599. Elsewhere (no AVX-512) float16 stays on ATen and the Numba kernels, and
 // bfloat16 on those loops.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if BATCHNORM_HALF_LOOPS
 constexpr int64_t kHalfBlock = 256;
 
 // 16 lanes of float32, converted from and to float16 (the stores 256-bit wide: see
@@ -1534,8 +1535,9 @@ template <typename Act>
 
 // y = act((x [- origin]) * scale + shift [+ z]) in registers (normalize_halves), act the
 // plain, ReLU or leaky ReLU (activation's code), over `units` rows or (planes) NCHW planes
-// of `width` values each: the constants a row's values' (channel c at c), a plane's those
-// of its channel (unit u's: u % channels). origin: null where the shift holds it.
+// of `width` values each. The constants are per channel: a row's value c takes channel c's,
+// a plane's values those of its channel (unit u's: u % channels). origin: null where the
+// shift holds it.
 template <typename T>
 void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
                      int64_t channels, bool planes, const float* origin, const float* scale,
@@ -1550,8 +1552,9 @@ void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
         const int64_t first = u * width;
         const T* add = z ? z + first : nullptr;
         if (planes)
-          normalize_halves<kCode, true, kCentred>(x + first, add, y + first, width, origin + c,
-                                                  scale + c, shift + c, slope);
+          normalize_halves<kCode, true, kCentred>(x + first, add, y + first, width,
+                                                  kCentred ? origin + c : nullptr, scale + c,
+                                                  shift + c, slope);
         else
           normalize_halves<kCode, false, kCentred>(x + first, add, y + first, width, origin,
                                                    scale, shift, slope);
