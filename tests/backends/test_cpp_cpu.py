@@ -68,9 +68,11 @@ SHAPES = {
 }
 
 
-def _runs_here(x: torch.Tensor, training: bool = True, activation: str = "identity") -> None:
+def _runs_here(x: torch.Tensor, training: bool = True, activation: str = "identity",
+               graph: bool = False) -> None:  # fmt: skip
     stats = (None, None) if training else (torch.zeros(x.shape[1]), torch.ones(x.shape[1]))
-    call = Call(x, training, activation, 0.01, False, False, True, None, None, *stats)
+    weight = torch.ones(x.shape[1], requires_grad=True) if graph else None
+    call = Call(x, training, activation, 0.01, False, False, True, weight, None, *stats)
     assert ops.select(call).name == "cpp_cpu"
 
 
@@ -786,21 +788,56 @@ def test_half_results_are_rounded_as_torch_rounds(dtype):
             assert same_values(got.numpy(), expected).all()
 
 
-def test_bfloat16_training_results_are_rounded_as_torch_rounds():
-    """The bfloat16 training forward of rows rounds as torch's .to(torch.bfloat16) too
-    (AVX-512's conversion where there is one, the exact rounding on vectors with a
-    subnormal): with weight 0 and bias v, every output of channel c is v[c] rounded,
-    whatever x's statistics, in every row."""
-    values = torch.from_numpy(floats_to_round(torch.bfloat16))
-    expected = values.to(torch.bfloat16).float().numpy()
-    x = torch.randn(3, values.numel(), generator=torch.Generator().manual_seed(0))
-    x = x.to(torch.bfloat16)
-    _runs_here(x)
-    weight = torch.zeros(values.numel())
-    y = batchnorm.functional.batch_norm(x, None, None, weight, values, training=True)
-    assert y.dtype == torch.bfloat16
-    for got in y.float().unbind(0):
-        assert same_values(got.numpy(), expected).all()
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.bfloat16, pytest.param(torch.float16, marks=float16_loops)],
+    ids=["bfloat16", "float16"],
+)
+def test_half_training_results_are_rounded_as_torch_rounds(dtype):
+    """The half-precision training forward of rows rounds as torch's .to(dtype) too (its
+    loops are eval's; bfloat16 by AVX512_BF16's conversion where there is one, the exact
+    rounding on vectors with a subnormal): with weight 0 and bias v, every output of
+    channel c is v[c] rounded, whatever x's statistics, in every row (float16 in calls of
+    up to float16_rows_up_to values)."""
+    values = torch.from_numpy(floats_to_round(dtype))
+    expected = values.to(dtype).float().numpy()
+    g = torch.Generator().manual_seed(0)
+    for first in range(0, values.numel(), 80_000):
+        part = values[first : first + 80_000]
+        x = torch.randn(3, part.numel(), generator=g).to(dtype)
+        _runs_here(x)
+        weight = torch.zeros(part.numel())
+        y = batchnorm.functional.batch_norm(x, None, None, weight, part, training=True)
+        assert y.dtype == dtype
+        for got in y.float().unbind(0):
+            assert same_values(got.numpy(), expected[first : first + 80_000]).all()
+
+
+@float16_loops
+def test_float16_integer_conversions_are_exact():
+    """load(F16) and store<F16>, the conversions of the loops not written in AVX-512's
+    instructions, are torch's: every float16 value back to itself (an NCHW eval with a
+    graph and an identity affine part: forward_planes' loops), and every value of
+    floats_to_round rounded as .to(torch.float16) (an NCHW training forward, weight 0 and
+    bias v). The extension computes these calls; the dispatch sends them elsewhere (float16
+    NCHW training is slower here than on the Numba kernels)."""
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    channels = every.numel()
+    x = every.reshape(1, channels, 1, 1).clone().requires_grad_()
+    identity = (torch.ones(channels), torch.zeros(channels), torch.zeros(channels),
+                torch.ones(channels) - 1e-5)  # fmt: skip
+    y = extension().rows_batch_norm(x, *identity, None, False, 0.1, 1e-5, 0, 0.0, None)
+    assert same_values(y.detach().float().numpy(), every.float().numpy()[None, :, None, None]).all()
+    values = torch.from_numpy(floats_to_round(torch.float16))
+    expected = values.to(torch.float16).float().numpy()
+    g = torch.Generator().manual_seed(0)
+    for first in range(0, values.numel(), 200_000):
+        part = values[first : first + 200_000]
+        x = torch.randn(2, part.numel(), 1, 1, generator=g).to(torch.float16)
+        y = extension().rows_batch_norm(x, torch.zeros(part.numel()), part, None, None, None,
+                                        True, 0.1, 1e-5, 0, 0.0, None)  # fmt: skip
+        for got in y.float().reshape(2, -1).unbind(0):
+            assert same_values(got.numpy(), expected[first : first + 200_000]).all()
 
 
 def _float64(x, weight, bias, z, training, activation, running, dy):
@@ -831,17 +868,46 @@ def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activa
     torch.nn's BN followed by F.elu: its output and gradient are rounded to bfloat16 once
     more (the parameters' gradients summed from the rounded one)."""
     shape, channels_last = SHAPES.get(name) or BFLOAT16_LARGE[name]
-    x = random_input(shape, channels_last=channels_last, seed=1, mean=3.0).to(torch.bfloat16)
+    _half_step_is_within_rounding(shape, channels_last, torch.bfloat16, training, residual,
+                                  activation)  # fmt: skip
+
+
+#: float16 training runs here on (N, C) and channels_last inputs of up to the extension's
+#: float16_rows_up_to (262,144) values: below and above the threads' 65,536.
+FLOAT16_TRAINING_SHAPES = {
+    "(100,128)": ((100, 128), False),
+    "channels_last": ((8, 16, 3, 3), True),
+    "(4099,60) threaded": ((4099, 60), False),
+    "channels_last threaded": ((11, 24, 29, 31), True),
+}
+
+
+@float16_loops
+@pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "silu", "elu"])
+@pytest.mark.parametrize("residual", **RESIDUALS)
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("name", FLOAT16_TRAINING_SHAPES)
+def test_float16_training_is_within_rounding_of_float64(name, training, residual, activation):
+    """As the bfloat16 test above, in float16 (its statistics and sums read float16 through
+    load(F16)'s integer conversion, its output and dx rounded by F16C or store<F16>); eval
+    here with a graph."""
+    shape, channels_last = FLOAT16_TRAINING_SHAPES[name]
+    _half_step_is_within_rounding(shape, channels_last, torch.float16, training, residual,
+                                  activation)  # fmt: skip
+
+
+def _half_step_is_within_rounding(shape, channels_last, dtype, training, residual, activation):
+    x = random_input(shape, channels_last=channels_last, seed=1, mean=3.0).to(dtype)
     channels = shape[1]
     g = torch.Generator().manual_seed(2)
     weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
-    z = random_input(shape, channels_last=channels_last, seed=3).to(torch.bfloat16)
+    z = random_input(shape, channels_last=channels_last, seed=3).to(dtype)
     z = z if residual else None
-    dy = torch.randn(shape, generator=g).to(torch.bfloat16)  # of mean 0 (see test_numba_half)
+    dy = torch.randn(shape, generator=g).to(dtype)  # of mean 0 (see test_numba_half)
     dy = dy.to(memory_format=torch.channels_last) if channels_last else dy
     running = None if training else (torch.randn(channels, generator=g) + 3,
                                      torch.rand(channels, generator=g) + 0.5)  # fmt: skip
-    _runs_here(x, training, activation)
+    _runs_here(x, training, activation, graph=True)
     leaves = [t.clone().requires_grad_(t is not z or residual is True) if t is not None else None
               for t in (x, weight, bias, z)]  # fmt: skip
     y = batchnorm.functional.batch_norm(
@@ -849,17 +915,18 @@ def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activa
         activation=activation, negative_slope=0.2, residual=leaves[3],
     )  # fmt: skip
     y.backward(dy)
-    assert y.dtype == torch.bfloat16 and y.stride() == x.stride()
-    assert leaves[0].grad.dtype == torch.bfloat16 and leaves[1].grad.dtype == torch.float32
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert leaves[0].grad.dtype == dtype and leaves[1].grad.dtype == torch.float32
     exact_y, exact_grads = _float64(x, weight, bias, z, training, activation, running, dy)
     roundings = 2 if activation == "elu" else 1
-    assert_within_rounding(y, exact_y, torch.bfloat16, roundings)
+    assert_within_rounding(y, exact_y, dtype, roundings)
     got = [t.grad for t in leaves if t is not None and t.requires_grad]
     for i, (grad, exact) in enumerate(zip(got, exact_grads[: len(got)], strict=True)):
         if i not in (1, 2):
-            assert_within_rounding(grad, exact, torch.bfloat16, roundings)
-        elif activation == "elu":  # sums of the rounded gradient: bfloat16's relative error
-            assert_close(grad, exact, torch.float32, rtol=0, atol=2**-8 * exact.abs().max())
+            assert_within_rounding(grad, exact, dtype, roundings)
+        elif activation == "elu":  # sums of the rounded gradient: the dtype's relative error
+            roundoff = torch.finfo(dtype).eps / 2  # bfloat16 2^-8, float16 2^-11
+            assert_close(grad, exact, torch.float32, rtol=0, atol=roundoff * exact.abs().max())
         else:
             assert_close(grad, exact, torch.float32)
 
@@ -928,7 +995,7 @@ def _check_half_inference(dtype, shape, channels_last, residual, activation):
 def test_bfloat16_calls_it_cannot_take_go_elsewhere():
     """bfloat16 inputs with float32 parameters, statistics, and a residual of their dtype;
     not bfloat16 parameters (a model cast with .bfloat16(): the Numba kernels), nor
-    float16 inputs in training."""
+    float16 inputs in training but small rows (see the next test)."""
     x = random_input((64, 8, 4, 4), channels_last=True).to(torch.bfloat16)
     ones = torch.ones(8)
 
@@ -939,8 +1006,24 @@ def test_bfloat16_calls_it_cannot_take_go_elsewhere():
     assert chosen(x, weight=ones.bfloat16()) != "cpp_cpu"
     assert chosen(x, residual=torch.zeros_like(x)) == "cpp_cpu"
     assert chosen(x, residual=torch.zeros_like(x, dtype=torch.float32)) != "cpp_cpu"
-    assert chosen(x.half(), weight=ones) != "cpp_cpu"
+    assert chosen(x.half().contiguous(), weight=ones) != "cpp_cpu"  # NCHW float16
     assert chosen(x.contiguous()) == "cpp_cpu"  # NCHW training (small: forward_planes)
+
+
+@float16_loops
+def test_float16_training_runs_here_on_small_rows_only():
+    """float16 in training: (N, C) and channels_last inputs of up to float16_rows_up_to
+    values; larger and NCHW ones go to the Numba kernels and ATen."""
+    limit = extension().float16_rows_up_to
+
+    def chosen(x):
+        return ops.select(Call(x, True, "identity", 0.01, False)).name
+
+    small = random_input((64, 8, 4, 4), channels_last=True).half()
+    assert chosen(small) == "cpp_cpu"
+    assert chosen(small.contiguous()) != "cpp_cpu"
+    assert chosen(torch.zeros(limit // 64, 64, dtype=torch.float16)) == "cpp_cpu"
+    assert chosen(torch.zeros(limit // 64 + 1, 64, dtype=torch.float16)) != "cpp_cpu"
 
 
 def test_bfloat16_statistics_keep_their_digits_with_a_far_first_row():
@@ -1069,8 +1152,9 @@ def test_half_non_finite_inputs_give_torchs_results(dtype, shape):
 
 @float16_loops
 def test_float16_calls_it_cannot_take_go_elsewhere():
-    """float16 inputs in eval without a graph only: in training, with a graph to record,
-    or with float16 parameters (a model cast with .half()) they go to ATen or Numba."""
+    """float16 inputs in eval without a graph, and channels_last ones (small rows) in
+    training or with a graph too; NCHW ones in training or with a graph to record, and any
+    with float16 parameters (a model cast with .half()), go to ATen or Numba."""
     x = random_input((64, 8, 4, 4)).to(torch.float16)
     ones = torch.ones(8)
 
@@ -1081,10 +1165,11 @@ def test_float16_calls_it_cannot_take_go_elsewhere():
         return ops.select(call).name
 
     for layout in (x, x.to(memory_format=torch.channels_last)):
+        rows = layout.is_contiguous(memory_format=torch.channels_last)
         assert chosen(layout, weight=ones) == "cpp_cpu"
-        assert chosen(layout, training=True, weight=ones) != "cpp_cpu"
-        assert chosen(layout, weight=ones.requires_grad_()) != "cpp_cpu"
-        assert chosen(layout.requires_grad_()) != "cpp_cpu"
+        assert (chosen(layout, training=True, weight=ones) == "cpp_cpu") == rows
+        assert (chosen(layout, weight=ones.requires_grad_()) == "cpp_cpu") == rows
+        assert (chosen(layout.requires_grad_()) == "cpp_cpu") == rows
         with torch.no_grad():
             assert chosen(layout, weight=ones) == "cpp_cpu"
         assert chosen(layout.detach(), weight=ones.detach().half()) != "cpp_cpu"

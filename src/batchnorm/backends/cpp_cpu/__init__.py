@@ -11,10 +11,12 @@ statistics
 (torch.autocast's convention; a model cast to bfloat16 runs on the Numba kernels): loaded
 to float32, computed in float32 with float64 sums of float32 partial sums, rounded to
 bfloat16 (to nearest, ties to even, as torch's conversion). float16 inputs (float32
-parameters and statistics) in inference only, either layout, on CPUs with AVX-512, whose
-instructions the inference loops of both half-precision dtypes are written in (rows.cpp's
-eval_halves): faster than ATen's eval from the smallest layers on, where the call's
-Python shows, to level (float16) or faster (bfloat16) on large ones.
+parameters and statistics) on CPUs with AVX-512, whose instructions the inference loops of
+both half-precision dtypes are written in (rows.cpp's eval_halves): in inference, either
+layout, faster than ATen's eval from the smallest layers on, where the call's Python shows,
+to level (float16) or faster (bfloat16) on large ones; in training, ``(N, C)`` and
+channels_last inputs of up to 262,144 values (rows.cpp's kFloat16RowsUpTo), where they were
+faster than ATen's float16 kernels and the Numba kernels.
 
 Why: on these inputs ATen's float32 kernel loses digits as the mean grows (see
 backends.aten.safe_batch_norm), and the shift that keeps them costs two more ops; the Numba
@@ -75,8 +77,8 @@ SWITCH = "BATCHNORM_CPP"
 #: follows the node as torch's own op (C++ autograd too; see rows.cpp).
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 _ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
-#: The input dtypes of the calls the extension may take (``takes`` decides: float16 in
-#: inference only, on CPUs with AVX-512).
+#: The input dtypes of the calls the extension may take (``takes`` decides: float16 on
+#: CPUs with AVX-512, in training small rows only).
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: What the extension's ``takes`` says of a call (rows.cpp's Kind): it computes the call
 #: (TAKES); it does not, but the call's tensors pass ``functional._layer_call``'s checks,
@@ -100,14 +102,15 @@ class CppBackend:
         as under torch.autocast), the input dense with its channels innermost or
         NCHW-contiguous (NCHW in training or with a graph to record: up to ``planes_up_to``
         values, bfloat16 training with ReLU or leaky ReLU and no residual at any size;
-        float16 inputs of either layout in eval without a graph, where the CPU has
-        AVX-512), a residual of its dtype and
-        strides, with any activation (see ACTIVATION_CODES), in torch's running-variance
-        convention, the input saved for backward; in training more than one value per
-        channel, in eval running statistics; not under forward-mode AD or torch.jit.trace
-        (the node has no tangent rule and traces as nothing), and only where the extension
-        builds. The tensors' checks are the extension's ``takes``; the device comes first,
-        so that a call on another device (a GPU's) never builds the extension."""
+        float16 inputs where the CPU has AVX-512: of either layout in eval without a graph,
+        ``(N, C)`` and channels_last ones of up to 262,144 values in training or with a
+        graph), a residual of its dtype and strides, with any activation (see
+        ACTIVATION_CODES), in torch's running-variance convention, the input saved for
+        backward; in training more than one value per channel, in eval running statistics;
+        not under forward-mode AD or torch.jit.trace (the node has no tangent rule and
+        traces as nothing), and only where the extension builds. The tensors' checks are
+        the extension's ``takes``; the device comes first, so that a call on another
+        device (a GPU's) never builds the extension."""
         return self._kind(call) == TAKES
 
     def _kind(self, call: Call) -> int:

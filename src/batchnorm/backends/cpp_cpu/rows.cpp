@@ -7,7 +7,8 @@
 // NCHW inputs: in eval when no graph is recorded (inference), a plane at a time
 // (eval_planes), and small ones in training or with a graph in the same node, a channel at
 // a time (forward_planes). On CPUs with AVX-512, float16 and bfloat16 inputs of either
-// layout in inference run eval_halves instead.
+// layout in inference run eval_halves instead, and small float16 rows run in training too
+// (kFloat16RowsUpTo).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -117,10 +118,11 @@ void with_activation(int64_t code, float slope, F&& f) {
 // sums of float32 partial sums) and round the results to bfloat16, as torch's
 // half-precision kernels do with float32 parameters and statistics (torch.autocast's
 // convention). (GCC 12 has no bfloat16 arithmetic type; these integer conversions
-// vectorize.) Not float16: GCC 12 converts _Float16 one value at a time, and exact integer
-// conversions (15-20 vector instructions per 16 values each way) made these loops 2-3x
-// slower than in bfloat16 and slower than ATen's float16 loops, which convert with F16C;
-// ATen and the Numba kernels (LLVM: F16C in vectors) compute float16.
+// vectorize.) float16 (F16, below) only on small rows in training: GCC 12 converts
+// _Float16 one value at a time, and exact integer conversions (about 8 vector instructions
+// per 16 values to float32, 16 back) made these loops 2-3x slower than in bfloat16 and
+// slower than ATen's float16 loops, which convert with F16C, where every pass converted
+// so; ATen and the Numba kernels (LLVM: F16C in vectors) compute the larger ones.
 using BF16 = uint16_t;
 
 // Whether the loops of half-precision values written in AVX-512's instructions (F, BW, VL)
@@ -156,10 +158,40 @@ inline BF16 store<BF16>(float v) {
   return static_cast<BF16>(v != v ? quiet : rounded);
 }
 
-// Calls f(T{}) with T the element type of x: BF16 for bfloat16, else float.
+// float16 as its bits (F16), converted in integer and float32 operations that vectorize
+// (GCC 12 converts _Float16 one value at a time: see above), exactly, as F16C's
+// conversions and torch's .to() convert: x 2^112 moves the exponent from float16's bias to
+// float32's (subnormals included); the way back rounds to nearest, ties to even (half an
+// ulp minus one plus the kept lowest bit, the exponent moved back; under 2^-14 a sum with
+// 0.5, whose ulp is float16's smallest subnormal, rounds), past 65504 to inf, NaN to
+// torch's quiet NaN (0x7E00) of its sign. The loops written in AVX-512's instructions
+// convert with F16C instead (see eval_halves).
+enum class F16 : uint16_t {};
+inline float load(F16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v);
+  const float scaled = __builtin_bit_cast(float, (bits & 0x7FFFu) << 13) * 0x1p112f;
+  const uint32_t special = (bits & 0x7C00u) == 0x7C00u ? 0x7F800000u : 0u;  // inf, NaN
+  return __builtin_bit_cast(
+      float, __builtin_bit_cast(uint32_t, scaled) | special | ((bits & 0x8000u) << 16));
+}
+template <>
+inline F16 store<F16>(float v) {
+  const uint32_t bits = __builtin_bit_cast(uint32_t, v), magnitude = bits & 0x7FFFFFFFu;
+  const uint32_t normal = std::min<uint32_t>(
+      (magnitude - (112u << 23) + 0xFFFu + ((magnitude >> 13) & 1u)) >> 13, 0x7C00u);
+  const uint32_t subnormal =
+      __builtin_bit_cast(uint32_t, __builtin_bit_cast(float, magnitude) + 0.5f) - 0x3F000000u;
+  const uint32_t kept = magnitude > 0x7F800000u    ? 0x7E00u
+                        : magnitude < 0x38800000u ? subnormal
+                                                  : normal;
+  return static_cast<F16>(((bits >> 16) & 0x8000u) | kept);
+}
+
+// Calls f(T{}) with T the element type of x: BF16 for bfloat16, F16 for float16, else float.
 template <typename F>
 decltype(auto) with_storage(const Tensor& x, F&& f) {
   if (x.scalar_type() == at::kBFloat16) return f(BF16{});
+  if (x.scalar_type() == at::kHalf) return f(F16{});
   return f(float{});
 }
 
@@ -719,6 +751,7 @@ template <typename G>
 struct GivenGradient {
   const G* g;
   float operator()(int64_t i, int64_t, float) const { return load(g[i]); }
+  const G* values() const { return g; }
   std::array<Stream, 2> streams() const { return {g, nullptr}; }  // the arrays it reads
 };
 
@@ -731,6 +764,7 @@ struct PreparedGradient {
   const T* dy;
   const T* z;
   float operator()(int64_t i, int64_t, float) const { return dpre[i]; }
+  const float* values() const { return dpre; }
   std::array<Stream, 2> streams() const { return {dy, z}; }
 };
 
@@ -776,6 +810,19 @@ inline ChannelGradients channel_gradients(int64_t c, std::array<double, 2> sums,
 
 // A value's dx in training from its channel's constants: k (g - a - d b), d = x - origin.
 inline float dx_of(float k, float a, float b, float g, float d) { return k * (g - a - d * b); }
+
+// Whether a Gradient is a given array of g's values (GivenGradient, PreparedGradient):
+// then the half-precision dx loop is dx_halves.
+template <typename Gradient>
+constexpr bool given_values = false;
+template <typename G>
+constexpr bool given_values<GivenGradient<G>> = true;
+template <typename T>
+constexpr bool given_values<PreparedGradient<T>> = true;
+
+template <typename T, typename G>
+void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
+               const float* a, const float* b);
 
 // From g = dpre (gradient: GivenGradient, PreparedGradient or ActivationGradient): dweight =
 // Σ g (x - mean) invstd, dbias = Σ g; in training dx = weight invstd (g - Σg / M
@@ -837,6 +884,11 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
             const int64_t c = from + j;
             out[j] = store<T>(ks[c] * g(base + c, c, load(xs[base + c]) - origins[c]));
           });
+          continue;
+        }
+        if constexpr (kHalfLoops && !std::is_same_v<T, float> && given_values<Gradient>) {
+          dx_halves(xs + base + from, g.values() + base + from, out, to - from, origins + from,
+                    ks + from, as + from, bs + from);
           continue;
         }
         for_channels<kMemoryBound, T>(to - from, [&](int64_t j) {
@@ -921,7 +973,7 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
     // channels_last (32, 128, 32, 32) 0.84-0.85 (0.83), (512, 256) 0.86 (0.90-0.92); with
     // ReLU 0.84-0.86 (0.85-0.88), 0.81-0.82 (0.80), 0.84 (0.89-0.91). (SiLU, bound by its
     // exp, took 0.94-0.99 in blocks as eval_halves' SiLU: it stays in the generic loop.)
-    if constexpr (kHalfLoops && std::is_same_v<T, BF16>) {
+    if constexpr (kHalfLoops && (std::is_same_v<T, BF16> || std::is_same_v<T, F16>)) {
       if (activation != kSilu)
         return normalize_units(in.x, in.z, mutable_values<T>(out.y), rows, channels, channels,
                                false, in.centre.origin.data(), in.affine.scale.data(),
@@ -1083,6 +1135,16 @@ bool planes_layout(const Tensor& x) {
 // loops more ((32, 64, 28, 28) forward 509 -> 543 µs on two threads, 721 -> 1013 on one;
 // bfloat16 336 -> 376).
 constexpr int64_t kPlanesUpTo = 1 << 19;
+// float16 (N, C) and channels_last inputs in training (or with a graph) of up to this many
+// values run here; larger ones on the Numba kernels and ATen. Their statistics and sums
+// convert float16 by load(F16)'s integer operations (only the AVX-512 loops, the output's
+// and dx's, convert with F16C): from 524,288 values on the Numba kernels were the faster.
+// Module calls taking turns, two threads, ATen's time / ours and the Numba kernels' / ours,
+// forward + backward (training forward): (512, 256) 1.06 (1.21), channels_last (8, 512, 7,
+// 7) 1.02 (1.08), (1024, 256) 1.02 and 1.15 (1.04 and 1.11); (512, 1024) 0.98 and 0.96
+// (0.92 and 0.92), (1024, 1024) 0.99 and 0.85 (0.89 and 0.91), channels_last (16, 128, 24,
+// 24) 1.05 and 0.89 (1.05 and 0.86).
+constexpr int64_t kFloat16RowsUpTo = 1 << 18;
 // ... except bfloat16 training with a fused ReLU or leaky ReLU and no residual, at any size:
 // the node computes dL/d(pre-activation) again in each backward pass (ActivationGradient),
 // where the Numba kernels' bfloat16 loops with the activation are bound by arithmetic.
@@ -1399,17 +1461,17 @@ using Lanes = __m512;
 using Mask = __mmask16;
 constexpr int64_t kLanes = 16;
 inline Mask first_lanes(int64_t n) { return static_cast<Mask>((1u << n) - 1); }
-inline Lanes load_halves(const at::Half* p) {
+inline Lanes load_halves(const F16* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-inline Lanes load_halves(const at::Half* p, Mask m) {
+inline Lanes load_halves(const F16* p, Mask m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
-inline void store_halves(at::Half* p, Lanes v) {
+inline void store_halves(F16* p, Lanes v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
-inline void store_halves(at::Half* p, Lanes v, Mask m) {
+inline void store_halves(F16* p, Lanes v, Mask m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 // bfloat16: the upper half of a float32 (see narrow_bf16 for the way back)
@@ -1496,6 +1558,35 @@ void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float
     }
     if (add) p = add_lanes(p, load_halves(add + i, mask...));
     store_halves(dst + i, activate_lanes<kCode>(p, slopes), mask...);
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) lanes(i);
+  if (i < n) lanes(i, first_lanes(n - i));
+}
+
+// g's values: half-precision (dy) or float32 (a prepared dpre).
+template <typename T>
+inline Lanes gradient_lanes(const T* g, int64_t i) { return load_halves(g + i); }
+template <typename T>
+inline Lanes gradient_lanes(const T* g, int64_t i, Mask m) { return load_halves(g + i, m); }
+inline Lanes gradient_lanes(const float* g, int64_t i) { return lanes_at(g + i); }
+inline Lanes gradient_lanes(const float* g, int64_t i, Mask m) { return lanes_at(g + i, m); }
+
+// dx[i] = k[i] (g[i] - a[i] - (x[i] - origin[i]) b[i]) for i < n, kLanes values at a time:
+// input_gradients' training dx of a row's values (dx_of's very bits: GCC contracts its
+// g - a - d b to a fused negative multiply-add), its loads and stores F16C's or
+// narrow_bf16's. Raw forward + backward, time / the generic loop's, bfloat16, one thread
+// (two): (4096, 1024) 0.99-1.00 (0.97-0.99), channels_last (32, 128, 32, 32) 0.97-0.98
+// (0.97-0.99), (512, 256) 0.95 (0.96-0.97); float16's generic loop rounds in 16
+// integer operations per 16 values (store<F16>), F16C in one.
+template <typename T, typename G>
+void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
+               const float* a, const float* b) {
+  auto lanes = [&](int64_t i, auto... mask) {
+    const Lanes d = sub_lanes(load_halves(x + i, mask...), lanes_at(origin + i, mask...));
+    const Lanes t = sub_lanes(gradient_lanes(g, i, mask...), lanes_at(a + i, mask...));
+    const Lanes u = _mm512_fnmadd_ps(d, lanes_at(b + i, mask...), t);
+    store_halves(dx + i, mul_lanes(lanes_at(k + i, mask...), u), mask...);
   };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) lanes(i);
@@ -1595,7 +1686,7 @@ Tensor eval_halves(const Tensor& x, const Tensor& weight, const Tensor& bias,
     const int64_t c = planes ? channel : from;
     return std::array<const float*, 2>{scale + c, shift + c};
   };
-  auto run = [&](auto element) {  // the element type: at::Half or BF16
+  auto run = [&](auto element) {  // the element type: F16 or BF16
     using T = decltype(element);
     const T* in = values_or_null<T>(x);
     const T* z = values_or_null<T>(residual);
@@ -1625,7 +1716,7 @@ Tensor eval_halves(const Tensor& x, const Tensor& weight, const Tensor& bias,
     });
   };
   if (x.scalar_type() == at::kHalf)
-    run(at::Half{});
+    run(F16{});
   else
     run(BF16{});
   return y;
@@ -1863,16 +1954,17 @@ int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias
         per_channel(running_mean, channels, true) && per_channel(running_var, channels, true)))
     return kUnchecked;
   const bool rows = rows_layout(t);
-  if (rows && !half) return kTakes;
+  if (half && !kHalfLoops) return kUsual;  // float16 only where the CPU has AVX-512
   if (!rows && !planes_layout(t)) return kUsual;
   auto tensor = [](pybind11::handle obj) {  // a checked tensor, or None
     return obj.is_none() ? Tensor() : THPVariable_Unpack(obj.ptr());
   };
-  // float16 in either layout: in eval without a graph (inference) only
+  if (rows && !half) return kTakes;
   if (!training && !records_graph(t, tensor(weight), tensor(bias), tensor(residual)))
-    return !half || kHalfLoops ? kTakes : kUsual;
+    return kTakes;
+  // float16 in training or with a graph: rows of up to kFloat16RowsUpTo values
+  if (half) return rows && values <= kFloat16RowsUpTo ? kTakes : kUsual;
   // NCHW in training or with a graph: up to kPlanesUpTo values (see planes_fused)
-  if (half || rows) return kUsual;
   const bool fused = training && planes_fused(t.scalar_type(), activation, !residual.is_none());
   return values <= kPlanesUpTo || fused ? kTakes : kUsual;
 }
@@ -1911,13 +2003,10 @@ Tensor rows_batch_norm(const Tensor& x, const Optional& weight, const Optional& 
   TORCH_CHECK(rows || planes_layout(x),
               "rows_batch_norm: expected an input whose channels are innermost or an "
               "NCHW-contiguous one, got strides ", x.strides());
-  // float16 (in either layout, as takes gives it) and bfloat16 in inference: eval_halves
-  if (half || (kHalfLoops && x.scalar_type() == at::kBFloat16 && !training && !graph)) {
-    TORCH_CHECK(!training && !graph,
-                "rows_batch_norm: a half-precision input is taken here in eval mode without "
-                "autograd only");
+  TORCH_CHECK(!half || kHalfLoops, "rows_batch_norm: float16 inputs need a CPU with AVX-512");
+  // float16 and bfloat16 in inference: eval_halves
+  if (kHalfLoops && x.scalar_type() != at::kFloat && !training && !graph)
     return eval_halves(x, w, b, z, running, eps, activation, slope, !rows);
-  }
   if (!rows && !training && !graph)  // NCHW inference: no centre to save for a backward
     return eval_planes(x, w, b, z, running, eps, activation, slope);
   if (!graph)  // the forward alone, without the node autograd would make anyway
@@ -1934,10 +2023,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "call's checks (1), or neither is known (0): (x, weight, bias, running_mean, "
         "running_var, residual, training, activation code) -> int");
   m.attr("planes_up_to") = kPlanesUpTo;
+  m.attr("float16_rows_up_to") = kFloat16RowsUpTo;
   m.def("rows_batch_norm", &rows_batch_norm,
-        "Batch norm of a float32 or bfloat16 (N, C), channels_last or NCHW input (or, in eval "
-        "without autograd, a float16 one) with the fused epilogue, the running update included "
-        "in training, and num_batches_tracked (steps, or None) counted: (x, weight, bias, "
+        "Batch norm of a float32 or bfloat16 (N, C), channels_last or NCHW input (or a float16 "
+        "one: in eval without autograd, or (N, C) and channels_last) with the fused epilogue, "
+        "the running update included in training, and num_batches_tracked (steps, or None) "
+        "counted: (x, weight, bias, "
         "running_mean, running_var, residual, training, momentum, eps, activation code, "
         "negative slope, steps) -> y");
 }
