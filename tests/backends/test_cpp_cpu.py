@@ -762,13 +762,11 @@ def _takes_float16() -> bool:
 float16_loops = pytest.mark.skipif(
     not _takes_float16(), reason="no AVX-512 on this CPU: float16 runs on ATen and Numba"
 )
+#: Both half-precision dtypes, float16 where its loops are built.
+HALF_DTYPES = [torch.bfloat16, pytest.param(torch.float16, marks=float16_loops)]
 
 
-@pytest.mark.parametrize(
-    "dtype",
-    [torch.bfloat16, pytest.param(torch.float16, marks=float16_loops)],
-    ids=["bfloat16", "float16"],
-)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bfloat16", "float16"])
 def test_half_results_are_rounded_as_torch_rounds(dtype):
     """Stores round to nearest, ties to even, as torch's .to(dtype), NaN and infinities
     included (float16: overflow to infinity and subnormals too): eval of zeros with running
@@ -788,11 +786,7 @@ def test_half_results_are_rounded_as_torch_rounds(dtype):
             assert same_values(got.numpy(), expected).all()
 
 
-@pytest.mark.parametrize(
-    "dtype",
-    [torch.bfloat16, pytest.param(torch.float16, marks=float16_loops)],
-    ids=["bfloat16", "float16"],
-)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bfloat16", "float16"])
 def test_half_training_results_are_rounded_as_torch_rounds(dtype):
     """The half-precision training forward of rows rounds as torch's .to(dtype) too (its
     loops are eval's; bfloat16 by AVX512_BF16's conversion where there is one, the exact

@@ -126,7 +126,7 @@ void with_activation(int64_t code, float slope, F&& f) {
 using BF16 = uint16_t;
 
 // Whether the loops of half-precision values written in AVX-512's instructions (F, BW, VL)
-// are built: float16 in eval, and bfloat16's normalizing loops (see eval_halves).
+// are built (eval_halves, normalize_units, dx_halves): without them float16 runs elsewhere.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define BATCHNORM_HALF_LOOPS 1
 #else
@@ -967,9 +967,9 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
     }
     Rows<T> in(first_row, values_or_null<T>(residual), rows, channels, std::move(centre), inv,
                values_or_null(weight), values_or_null(bias));
-    // bfloat16 with a memory-bound activation: the same bits from AVX-512's loops, rounded
-    // by its conversion (see narrow_bf16). Raw training forwards taking turns with the
-    // generic loop's, time / before, one thread (two): (4096, 1024) 0.86-0.94 (0.84-0.88),
+    // bfloat16 and float16 with a memory-bound activation: the same bits from AVX-512's
+    // loops, rounded by their conversions (see narrow_bf16). Raw bfloat16 training forwards
+    // taking turns with the generic loop's, time / before, one thread (two): (4096, 1024) 0.86-0.94 (0.84-0.88),
     // channels_last (32, 128, 32, 32) 0.84-0.85 (0.83), (512, 256) 0.86 (0.90-0.92); with
     // ReLU 0.84-0.86 (0.85-0.88), 0.81-0.82 (0.80), 0.84 (0.89-0.91). (SiLU, bound by its
     // exp, took 0.94-0.99 in blocks as eval_halves' SiLU: it stays in the generic loop.)
@@ -1433,8 +1433,9 @@ void pre_gradient(const Planes<T>& in, const T* dy, Derivative derivative, float
 // Float16 and bfloat16 inputs in inference (eval without a graph; float32 parameters and
 // statistics, as under torch.autocast), on CPUs with AVX-512 (F, BW, VL): y = act((x -
 // running mean) * invstd * weight + bias [+ z]) in float32 (the mean folded into the shift:
-// eval_halves), rounded to nearest, ties to even (as torch's .to()); and the bfloat16
-// training forward of rows (normalize_units, from forward_rows). GCC 12 converts
+// eval_halves), rounded to nearest, ties to even (as torch's .to()); and the half-precision
+// training forward and dx of rows (normalize_units from forward_rows, dx_halves from
+// input_gradients). GCC 12 converts
 // _Float16 one value at a time, and exact integer conversions cost 15-20 vector
 // instructions per 16 values (both slower than ATen's float16 loops: docs/performance.md,
 // "Tried and left out"), so these loops are written in AVX-512's instructions, 16 values at
@@ -1810,23 +1811,23 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
     // (32, 128, 32, 32) 4.31 -> 4.03 (2.16 -> 2.00), (8, 96, 48, 48) 1.66 -> 1.47 (0.80 ->
     // 0.65); leaky ReLU 6.9 -> 6.2, 4.5 -> 4.1, 1.67 -> 1.49 on one thread. SiLU's exp
     // costs more than the passes saved (5.9 -> 6.7 and 5.5 -> 6.8 ms on the first two),
-    // and dL/dresidual is dpre: both are written out, to dL/dresidual when that is asked for, else
-    // to a buffer (torch's allocator's, not zero-filled as a std::vector's). For rows, where the
-    // pass of the sums runs (training, or dweight or dbias asked for), dpre is written in that
-    // pass, a group of rows at a time just before the group's terms read it back from L1
-    // (column_sums' prepare; input_gradients runs it alone where no sums run); before, a pass
-    // of its own (still NCHW planes' pre_gradient) read x and dy, and the sums read x and
-    // dpre again. Raw forward + backward with
-    // SiLU, ms, its own pass -> in the sums', one thread (two), medians of three rounds taking
-    // turns (2026-12-07): (4096, 1024) 10.11 -> 9.03 (7.66 -> 6.78), bfloat16 9.42 -> 8.82 (6.83
-    // -> 6.16), (32768, 128) 10.47 -> 9.70 (5.06 -> 4.60); channels_last (32, 128, 32, 32) 10.35
-    // -> 9.39 (5.26 -> 4.75), bfloat16 8.61 -> 7.88 (4.67 -> 4.46), (64, 256, 28, 28) 27.6 -> 25.5
-    // (17.2 -> 15.1); the same bits. So for ReLU and leaky ReLU where dL/dresidual is asked for:
-    // ReLU, (4096, 1024) 9.42 -> 8.79 (7.44 -> 6.92), channels_last (32, 128, 32, 32) 10.53 ->
-    // 10.27 (6.00 -> 5.47).
-    // A bfloat16 input's dpre is written in float32 (rounded to bfloat16, it would cost the
-    // parameters' gradients, summed from it, their float32 accuracy), and dL/dresidual is it
-    // rounded.
+    // and dL/dresidual is dpre: both are written out, to dL/dresidual when that is asked
+    // for, else to a buffer (torch's allocator's, not zero-filled as a std::vector's). For
+    // rows, where the pass of the sums runs (training, or dweight or dbias asked for), dpre
+    // is written in that pass, a group of rows at a time just before the group's terms read
+    // it back from L1 (column_sums' prepare; input_gradients runs it alone where no sums
+    // run); before, a pass of its own (still NCHW planes' pre_gradient) read x and dy, and
+    // the sums read x and dpre again. Raw forward + backward with SiLU, ms, its own pass ->
+    // in the sums', one thread (two), medians of three rounds taking turns (2026-12-07):
+    // (4096, 1024) 10.11 -> 9.03 (7.66 -> 6.78), bfloat16 9.42 -> 8.82 (6.83 -> 6.16),
+    // (32768, 128) 10.47 -> 9.70 (5.06 -> 4.60); channels_last (32, 128, 32, 32) 10.35 ->
+    // 9.39 (5.26 -> 4.75), bfloat16 8.61 -> 7.88 (4.67 -> 4.46), (64, 256, 28, 28) 27.6 ->
+    // 25.5 (17.2 -> 15.1); the same bits. So for ReLU and leaky ReLU where dL/dresidual is
+    // asked for: ReLU, (4096, 1024) 9.42 -> 8.79 (7.44 -> 6.92), channels_last (32, 128,
+    // 32, 32) 10.53 -> 10.27 (6.00 -> 5.47).
+    // A half-precision input's dpre is written in float32 (rounded to its dtype, it would
+    // cost the parameters' gradients, summed from it, their float32 accuracy), and
+    // dL/dresidual is it rounded.
     with_storage(x, [&](auto element) {
       using T = decltype(element);
       const T *x_values = values_or_null<T>(x), *z = values_or_null<T>(residual);
