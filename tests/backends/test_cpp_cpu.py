@@ -18,7 +18,7 @@ import torch
 import batchnorm
 from batchnorm import ops
 from batchnorm.backends import Call
-from batchnorm.backends.cpp_cpu import TAKES, extension
+from batchnorm.backends.cpp_cpu import ACTIVATION_CODES, TAKES, extension
 from conftest import (
     TOLERANCES,
     assert_close,
@@ -810,28 +810,28 @@ def test_half_training_results_are_rounded_as_torch_rounds(dtype):
 @float16_loops
 def test_float16_integer_conversions_are_exact():
     """load(F16) and store<F16>, the conversions of the loops not written in AVX-512's
-    instructions, are torch's: every float16 value back to itself (an NCHW eval with a
-    graph and an identity affine part: forward_planes' loops), and every value of
-    floats_to_round rounded as .to(torch.float16) (an NCHW training forward, weight 0 and
-    bias v). The extension computes these calls; the dispatch sends them elsewhere (float16
-    NCHW training is slower here than on the Numba kernels)."""
+    instructions, are torch's. The dx of rows in eval with a graph and a fused ReLU (its
+    derivative computed in the dx loop: load(F16) of dy, store<F16> of dx), where x = 0,
+    the running statistics are the identity's and the bias 1 (every pre-activation is 1, or
+    NaN with a weight that is not finite: ReLU passes the gradient there), is weight * dy:
+    with weight 1 every float16 value of dy comes back as itself, and with dy 1 every value
+    of floats_to_round as weight is rounded as .to(torch.float16)."""
+
+    def dx(weight, dy):
+        channels = weight.numel()
+        x = torch.zeros(dy.shape, dtype=torch.float16, requires_grad=True)
+        stats = (torch.zeros(channels), torch.ones(channels) - 1e-5)
+        y = extension().rows_batch_norm(x, weight, torch.ones(channels), *stats, None, False,
+                                        0.1, 1e-5, ACTIVATION_CODES["relu"], 0.0, None)  # fmt: skip
+        (grad,) = torch.autograd.grad(y, x, dy)
+        return grad.float().numpy()
+
     every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
-    channels = every.numel()
-    x = every.reshape(1, channels, 1, 1).clone().requires_grad_()
-    identity = (torch.ones(channels), torch.zeros(channels), torch.zeros(channels),
-                torch.ones(channels) - 1e-5)  # fmt: skip
-    y = extension().rows_batch_norm(x, *identity, None, False, 0.1, 1e-5, 0, 0.0, None)
-    assert same_values(y.detach().float().numpy(), every.float().numpy()[None, :, None, None]).all()
+    assert same_values(dx(torch.ones(every.numel()), every[None]), every.float().numpy()).all()
     values = torch.from_numpy(floats_to_round(torch.float16))
-    expected = values.to(torch.float16).float().numpy()
-    g = torch.Generator().manual_seed(0)
-    for first in range(0, values.numel(), 200_000):
-        part = values[first : first + 200_000]
-        x = torch.randn(2, part.numel(), 1, 1, generator=g).to(torch.float16)
-        y = extension().rows_batch_norm(x, torch.zeros(part.numel()), part, None, None, None,
-                                        True, 0.1, 1e-5, 0, 0.0, None)  # fmt: skip
-        for got in y.float().reshape(2, -1).unbind(0):
-            assert same_values(got.numpy(), expected[first : first + 200_000]).all()
+    for part in values.split(200_000):
+        got = dx(part, torch.ones(2, part.numel(), dtype=torch.float16))
+        assert same_values(got, part.to(torch.float16).float().numpy()[None]).all()
 
 
 def _float64(x, weight, bias, z, training, activation, running, dy):
@@ -867,12 +867,17 @@ def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activa
 
 
 #: float16 training runs here on (N, C) and channels_last inputs of up to the extension's
-#: float16_rows_up_to (262,144) values: below and above the threads' 65,536.
+#: float16_rows_up_to (262,144) values, and on NCHW batches of 8 or more planes of up to
+#: float16_planes_up_to (196) values: below and above the threads' 65,536. The NCHW ones
+#: end their channels' sums with groups of fewer than 8 planes (9: 8 + 1; 14: 8 + 4 + 2);
+#: the threaded one's channels of 2,016 values take their statistics around a sampled centre.
 FLOAT16_TRAINING_SHAPES = {
     "(100,128)": ((100, 128), False),
     "channels_last": ((8, 16, 3, 3), True),
+    "NCHW": ((9, 6, 5, 5), False),
     "(4099,60) threaded": ((4099, 60), False),
     "channels_last threaded": ((11, 24, 29, 31), True),
+    "NCHW threaded": ((14, 40, 12, 12), False),
 }
 
 
@@ -882,9 +887,10 @@ FLOAT16_TRAINING_SHAPES = {
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 @pytest.mark.parametrize("name", FLOAT16_TRAINING_SHAPES)
 def test_float16_training_is_within_rounding_of_float64(name, training, residual, activation):
-    """As the bfloat16 test above, in float16 (its statistics and sums read float16 through
-    load(F16)'s integer conversion, its output and dx rounded by F16C or store<F16>); eval
-    here with a graph."""
+    """As the bfloat16 test above, in float16 (the statistics and sums of rows read float16
+    through load(F16)'s integer conversion, their output and dx rounded by F16C or
+    store<F16>; NCHW planes go through float32 buffers a channel at a time, converted by
+    F16C both ways); eval here with a graph."""
     shape, channels_last = FLOAT16_TRAINING_SHAPES[name]
     _half_step_is_within_rounding(shape, channels_last, torch.float16, training, residual,
                                   activation)  # fmt: skip
@@ -1000,24 +1006,36 @@ def test_bfloat16_calls_it_cannot_take_go_elsewhere():
     assert chosen(x, weight=ones.bfloat16()) != "cpp_cpu"
     assert chosen(x, residual=torch.zeros_like(x)) == "cpp_cpu"
     assert chosen(x, residual=torch.zeros_like(x, dtype=torch.float32)) != "cpp_cpu"
-    assert chosen(x.half().contiguous(), weight=ones) != "cpp_cpu"  # NCHW float16
+    long_planes = random_input((8, 8, 16, 16)).half()  # planes over float16_planes_up_to
+    assert chosen(long_planes, weight=ones) != "cpp_cpu"
     assert chosen(x.contiguous()) == "cpp_cpu"  # NCHW training (small: forward_planes)
 
 
 @float16_loops
-def test_float16_training_runs_here_on_small_rows_only():
+def test_float16_training_runs_here_on_small_rows_and_short_planes_only():
     """float16 in training: (N, C) and channels_last inputs of up to float16_rows_up_to
-    values; larger and NCHW ones go to the Numba kernels and ATen."""
-    limit = extension().float16_rows_up_to
+    values, NCHW batches of 8 or more planes of up to float16_planes_up_to values (and up
+    to planes_up_to values in all); the others go to the Numba kernels and ATen."""
+    ext = extension()
+    limit, plane = ext.float16_rows_up_to, ext.float16_planes_up_to
 
     def chosen(x):
         return ops.select(Call(x, True, "identity", 0.01, False)).name
 
+    def zeros(*shape):
+        return torch.zeros(shape, dtype=torch.float16)
+
     small = random_input((64, 8, 4, 4), channels_last=True).half()
     assert chosen(small) == "cpp_cpu"
-    assert chosen(small.contiguous()) != "cpp_cpu"
-    assert chosen(torch.zeros(limit // 64, 64, dtype=torch.float16)) == "cpp_cpu"
-    assert chosen(torch.zeros(limit // 64 + 1, 64, dtype=torch.float16)) != "cpp_cpu"
+    assert chosen(zeros(limit // 64, 64)) == "cpp_cpu"
+    assert chosen(zeros(limit // 64 + 1, 64)) != "cpp_cpu"
+    assert chosen(small.contiguous()) == "cpp_cpu"  # NCHW, planes of 16 values
+    assert chosen(zeros(8, 4, plane)) == "cpp_cpu"
+    assert chosen(zeros(8, 4, plane + 1)) != "cpp_cpu"
+    assert chosen(zeros(7, 4, plane)) != "cpp_cpu"  # a batch of fewer than 8 planes
+    channels = ext.planes_up_to // (8 * plane)
+    assert chosen(zeros(8, channels, plane)) == "cpp_cpu"
+    assert chosen(zeros(8, channels + 1, plane)) != "cpp_cpu"  # over planes_up_to values
 
 
 def test_bfloat16_statistics_keep_their_digits_with_a_far_first_row():
@@ -1147,9 +1165,10 @@ def test_half_non_finite_inputs_give_torchs_results(dtype, shape):
 @float16_loops
 def test_float16_calls_it_cannot_take_go_elsewhere():
     """float16 inputs in eval without a graph, and channels_last ones (small rows) in
-    training or with a graph too; NCHW ones in training or with a graph to record, and any
-    with float16 parameters (a model cast with .half()), go to ATen or Numba."""
-    x = random_input((64, 8, 4, 4)).to(torch.float16)
+    training or with a graph too; NCHW ones of long planes (over float16_planes_up_to
+    values) in training or with a graph to record, and any with float16 parameters (a model
+    cast with .half()), go to ATen or Numba."""
+    x = random_input((8, 8, 16, 16)).to(torch.float16)
     ones = torch.ones(8)
 
     def chosen(x, training=False, **tensors):

@@ -118,15 +118,17 @@ void with_activation(int64_t code, float slope, F&& f) {
 // sums of float32 partial sums) and round the results to bfloat16, as torch's
 // half-precision kernels do with float32 parameters and statistics (torch.autocast's
 // convention). (GCC 12 has no bfloat16 arithmetic type; these integer conversions
-// vectorize.) float16 (F16, below) only on small rows in training: GCC 12 converts
-// _Float16 one value at a time, and exact integer conversions (about 8 vector instructions
-// per 16 values to float32, 16 back) made these loops 2-3x slower than in bfloat16 and
-// slower than ATen's float16 loops, which convert with F16C, where every pass converted
-// so; ATen and the Numba kernels (LLVM: F16C in vectors) compute the larger ones.
+// vectorize.) float16 (F16, below) only on small rows and short NCHW planes in training:
+// GCC 12 converts _Float16 one value at a time, and exact integer conversions (about 8
+// vector instructions per 16 values to float32, 16 back) made these loops 2-3x slower than
+// in bfloat16 and slower than ATen's float16 loops, which convert with F16C, where every
+// pass converted so (NCHW planes now convert a channel at a time with F16C: ChannelBuffers);
+// ATen and the Numba kernels (LLVM: F16C in vectors) compute the larger ones.
 using BF16 = uint16_t;
 
 // Whether the loops of half-precision values written in AVX-512's instructions (F, BW, VL)
-// are built (eval_halves, normalize_units, dx_halves): without them float16 runs elsewhere.
+// are built (eval_halves, normalize_units, dx_halves, ChannelBuffers' conversions): without
+// them float16 runs elsewhere.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define BATCHNORM_HALF_LOOPS 1
 #else
@@ -1145,6 +1147,17 @@ constexpr int64_t kPlanesUpTo = 1 << 19;
 // (0.92 and 0.92), (1024, 1024) 0.99 and 0.85 (0.89 and 0.91), channels_last (16, 128, 24,
 // 24) 1.05 and 0.89 (1.05 and 0.86).
 constexpr int64_t kFloat16RowsUpTo = 1 << 18;
+// float16 NCHW inputs in training (or with a graph) run here, a channel at a time through
+// float32 buffers (kBufferedPlanes), up to kPlanesUpTo values in batches of at least
+// kRowsAtOnce planes of at most this many values; others on ATen and the Numba kernels.
+// Module calls taking turns, two threads, torch.nn's time / ours, training forward without
+// autograd and forward + backward (2026-12-07): (8, 256, 12, 12) 1.17-1.20 and 1.01-1.04,
+// (8, 512, 7, 7) 1.05 and 1.17, (16, 96, 10, 10) 1.21 and 1.12, (8, 256, 14, 14) 1.09-1.13
+// and 1.05-1.06, (32, 256, 7, 7) 0.99 and 1.43; forward + backward with a fused ReLU
+// (torch.nn's BN and ReLU) 1.23-1.37, SiLU 1.07-1.19. Longer planes and smaller batches
+// lost, the conversions costing what the node gains over ATen's float16 loops: (8, 128, 16,
+// 16) 1.12 and 0.92, (8, 64, 24, 24) 1.16 and 0.91, (4, 256, 14, 14) 0.78 and 0.86.
+constexpr int64_t kFloat16PlanesUpTo = 196;
 // ... except bfloat16 training with a fused ReLU or leaky ReLU and no residual, at any size:
 // the node computes dL/d(pre-activation) again in each backward pass (ActivationGradient),
 // where the Numba kernels' bfloat16 loops with the activation are bound by arithmetic.
@@ -1218,12 +1231,16 @@ struct PlaneShape {
       return term(base + n * stride + s);
     };
     int64_t n = 0;
-    for (; n + kRowsAtOnce <= batch; n += kRowsAtOnce)
-      add_rows_to(local_term, n, std::integral_constant<int64_t, kRowsAtOnce>{}, size,
-                  first_sums, second_sums);
-    for (; n < batch; ++n)
-      add_rows_to(local_term, n, std::integral_constant<int64_t, 1>{}, size, first_sums,
-                  second_sums);
+    auto add_planes = [&](auto count) {  // `count` planes from plane n on
+      add_rows_to(local_term, n, count, size, first_sums, second_sums);
+      n += decltype(count)::value;
+    };
+    while (n + kRowsAtOnce <= batch) add_planes(std::integral_constant<int64_t, kRowsAtOnce>{});
+    // the last planes 4, 2 and 1 at a time: a plane at a time, a batch of 4 had each term
+    // added to the float64 sums in memory, and took longer than the Numba kernels
+    if (n + 4 <= batch) add_planes(std::integral_constant<int64_t, 4>{});
+    if (n + 2 <= batch) add_planes(std::integral_constant<int64_t, 2>{});
+    if (n < batch) add_planes(std::integral_constant<int64_t, 1>{});
     return {sum_of(first_sums, size), sum_of(second_sums, size)};
   }
 };
@@ -1249,7 +1266,51 @@ template <typename Act>
   for (int64_t i = 0; i < n; ++i) values[i] = act(values[i]);
 }
 
-// The forward of NCHW inputs (see above), as forward_rows'.
+template <typename T>
+void halves_to_floats(const T* src, float* __restrict dst, int64_t n);
+template <typename T>
+void floats_to_halves(const float* __restrict src, T* dst, int64_t n);
+
+// Whether NCHW planes of element type T are read and written a channel at a time through
+// float32 buffers (ChannelBuffers): float16, where F16C converts it (kHalfLoops). load(F16)'s
+// integer conversions, in every pass over the planes, made a float16 (8, 256, 12, 12)
+// training step take 1.55x ATen's time; its planes are too short for the AVX-512 loops.
+template <typename T>
+constexpr bool kBufferedPlanes = kHalfLoops && std::is_same_v<T, F16>;
+
+// A channel's planes as one float32 array, its batch planes one after another, which the
+// loops then read as a one-channel input of the same planes (shape: PlaneShape's, with one
+// channel): gathered from an input, or scattered back to an output, converted with F16C
+// (float16, rounded to nearest even: torch's .to()) or copied (float32).
+struct ChannelBuffers {
+  PlaneShape shape;
+  int64_t channels;  // the input's
+
+  explicit ChannelBuffers(const PlaneShape& input)
+      : shape(input), channels(input.channels) {
+    shape.channels = 1;
+  }
+  int64_t count() const { return shape.batch * shape.size; }
+  template <typename T>
+  void gather(const T* x, int64_t c, float* dst) const {
+    for (int64_t n = 0; n < shape.batch; ++n) {
+      const T* plane = x + (n * channels + c) * shape.size;
+      if constexpr (std::is_same_v<T, float>)
+        std::memcpy(dst + n * shape.size, plane, shape.size * sizeof(float));
+      else
+        halves_to_floats(plane, dst + n * shape.size, shape.size);
+    }
+  }
+  template <typename T>
+  void scatter(const float* src, int64_t c, T* y) const {
+    for (int64_t n = 0; n < shape.batch; ++n)
+      floats_to_halves(src + n * shape.size, y + (n * channels + c) * shape.size, shape.size);
+  }
+};
+
+// The forward of NCHW inputs (see above), as forward_rows'. float16 a channel at a time
+// through float32 buffers (kBufferedPlanes): the same float32 operations on the same values,
+// so the same results as a float32 input's, rounded once.
 Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
                           const Tensor& residual, Running& running, bool training,
                           double momentum, double eps, int64_t activation, double slope) {
@@ -1273,7 +1334,11 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
       for_rows(channels, count, [&](int64_t begin, int64_t end) {
         std::vector<float> pre(buffered ? count : 0);
         std::vector<double> scratch;
-        for (int64_t c = begin; c < end; ++c) {
+        // channel c, whose values `in` (and `add`) hold as channel `k` of planes `view`
+        // (the input's, or a ChannelBuffers' of one channel), normalized into `to` (alike)
+        auto normalize_channel = [&](int64_t c, const PlaneShape& view, int64_t k,
+                                     const auto* in, const auto* add, auto* to) {
+          using O = std::remove_pointer_t<decltype(to)>;
           const float origin = centre.origin[c];
           float offset = 0.0f;
           if (training) {
@@ -1281,21 +1346,21 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
             // where it lies near the mean (see batch_statistics); else the mean, then the
             // variance around it (a second pass, over values still in the caches)
             auto moments = [&](float centre_c) {
-              const auto [d, d2] = shape.channel_sums(c, [=](int64_t i) {
-                const float v = load(xs[i]) - centre_c;
+              const auto [d, d2] = view.channel_sums(k, [=](int64_t i) {
+                const float v = load(in[i]) - centre_c;
                 return std::array<float, 2>{v, v * v};
               }, scratch);
               std::tie(mean[c], var[c]) = moments_about(centre_c, d, d2, count);
             };
             bool near = false;
             if (count >= kSampledFrom) {
-              const float sampled = shape.sampled_centre(xs, c, origin);
+              const float sampled = view.sampled_centre(in, k, origin);
               moments(sampled);
               near = near_centre(mean[c], sampled, var[c]);
             }
             if (!near) {
-              const double sum = shape.channel_sums(c, [=](int64_t i) {
-                return std::array<float, 2>{load(xs[i]) - origin, 0.0f};
+              const double sum = view.channel_sums(k, [=](int64_t i) {
+                return std::array<float, 2>{load(in[i]) - origin, 0.0f};
               }, scratch)[0];
               const double direct = origin + sum / count;
               moments(static_cast<float>(direct));
@@ -1308,22 +1373,35 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
             inv[c] = invstd_of(rv[c], eps);
           }
           const auto [scale, shift] = Affine::of(c, inv[c], w, b, offset);
-          for (int64_t n = 0; n < shape.batch; ++n) {
-            const int64_t first = shape.start(n, c);
-            const T* add = z ? z + first : nullptr;
+          for (int64_t n = 0; n < view.batch; ++n) {
+            const int64_t first = view.start(n, k);
+            const auto* added = add ? add + first : nullptr;
             if (buffered)
-              normalize_plane<false>(xs + first, add, pre.data() + n * size, size, origin, scale,
-                                     shift, [](float p) { return p; });
+              normalize_plane<false>(in + first, added, pre.data() + n * size, size, origin,
+                                     scale, shift, [](float p) { return p; });
             else
-              normalize_plane<decltype(memory_bound)::value>(xs + first, add, y + first, size,
+              normalize_plane<decltype(memory_bound)::value>(in + first, added, to + first, size,
                                                              origin, scale, shift, act);
           }
-          if (!buffered) continue;
+          if (!buffered) return;
           activate_in_place(pre.data(), count, act);
-          for (int64_t n = 0; n < shape.batch; ++n) {
-            T* dst = y + shape.start(n, c);
-            for (int64_t i = 0; i < size; ++i) dst[i] = store<T>(pre[n * size + i]);
+          for (int64_t n = 0; n < view.batch; ++n) {
+            O* dst = to + view.start(n, k);
+            for (int64_t i = 0; i < size; ++i) dst[i] = store<O>(pre[n * size + i]);
           }
+        };
+        if constexpr (kBufferedPlanes<T>) {
+          const ChannelBuffers buffers(shape);
+          std::vector<float> values(count), added(z ? count : 0), results(count);
+          for (int64_t c = begin; c < end; ++c) {
+            buffers.gather(xs, c, values.data());
+            if (z) buffers.gather(z, c, added.data());
+            normalize_channel(c, buffers.shape, 0, values.data(), z ? added.data() : nullptr,
+                              results.data());
+            buffers.scatter(results.data(), c, y);
+          }
+        } else {
+          for (int64_t c = begin; c < end; ++c) normalize_channel(c, shape, c, xs, z, y);
         }
       });
     });
@@ -1334,41 +1412,77 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
   return out;
 }
 
+// A Gradient's arrays for channel c of planes as ChannelBuffers' (see input_gradients'
+// float16 planes): gathered into `values` (and `added`, a residual's), float32.
+template <typename G>
+GivenGradient<float> channel_gradient(const GivenGradient<G>& gradient,
+                                      const ChannelBuffers& buffers, int64_t c, float* values,
+                                      float*) {
+  buffers.gather(gradient.g, c, values);
+  return {values};
+}
+template <typename T, bool kResidual, typename Derivative>
+ActivationGradient<float, kResidual, Derivative> channel_gradient(
+    const ActivationGradient<T, kResidual, Derivative>& gradient, const ChannelBuffers& buffers,
+    int64_t c, float* values, float* added) {
+  buffers.gather(gradient.dy, c, values);
+  if constexpr (kResidual) buffers.gather(gradient.z, c, added);
+  return {values, kResidual ? added : nullptr, gradient.scale, gradient.shift,
+          gradient.derivative};
+}
+
 // The input gradients of NCHW inputs, as input_gradients' of rows, channel by channel: its
-// sums, then its dx.
+// sums, then its dx. float16 a channel at a time through float32 buffers, as forward_planes'.
 template <bool kMemoryBound, typename T, typename Gradient>
 void input_gradients(const Planes<T>& in, const Gradient& gradient, const float* invstd,
                      const float* weight, bool training, T* dx, float* dweight, float* dbias) {
   const int64_t count = in.batch * in.size;
   for_rows(in.channels, count, [&](int64_t begin, int64_t end) {
-    const Gradient g(gradient);  // a local copy: see Rows::each_pre's
-    const T* __restrict xs = in.x;
+    const Gradient local(gradient);  // a local copy: see Rows::each_pre's
     std::vector<double> scratch;
-    for (int64_t c = begin; c < end; ++c) {
+    // channel c, whose values xs and g read as channel k of planes `view` (the input's, or
+    // a ChannelBuffers' of one channel); its dx into `out` (alike)
+    auto channel_gradients_of = [&](int64_t c, const PlaneShape& view, int64_t k,
+                                    const auto* __restrict xs, const auto& g, auto* out) {
+      using O = std::remove_pointer_t<decltype(out)>;
       const float origin = in.centre.origin[c], offset = in.centre.offset[c];
       std::array<double, 2> sums{0.0, 0.0};
       if (training || dweight || dbias)
-        sums = in.channel_sums(c, [=](int64_t i) {
+        sums = view.channel_sums(k, [=](int64_t i) {
           const float d = load(xs[i]) - origin, gi = g(i, c, d);
           return std::array<float, 2>{gi, gi * (d - offset)};
         }, scratch);
-      const ChannelGradients k = channel_gradients(c, sums, invstd[c], weight, offset, count,
-                                                   training, dweight, dbias);
-      if (!dx) continue;
-      for (int64_t n = 0; n < in.batch; ++n) {
-        const int64_t first = in.start(n, c);
-        T* __restrict out = dx + first;
+      const ChannelGradients kc = channel_gradients(c, sums, invstd[c], weight, offset, count,
+                                                    training, dweight, dbias);
+      if (!out) return;
+      for (int64_t n = 0; n < view.batch; ++n) {
+        const int64_t first = view.start(n, k);
+        O* __restrict plane = out + first;
         if (!training) {  // x enters through the activation only (see input_gradients)
-          for_channels<kMemoryBound, T>(in.size, [&](int64_t j) {
-            out[j] = store<T>(k.k * g(first + j, c, load(xs[first + j]) - origin));
+          for_channels<kMemoryBound, O>(view.size, [&](int64_t j) {
+            plane[j] = store<O>(kc.k * g(first + j, c, load(xs[first + j]) - origin));
           });
           continue;
         }
-        for_channels<kMemoryBound, T>(in.size, [&](int64_t j) {
+        for_channels<kMemoryBound, O>(view.size, [&](int64_t j) {
           const float d = load(xs[first + j]) - origin;
-          out[j] = store<T>(dx_of(k.k, k.a, k.b, g(first + j, c, d), d));
+          plane[j] = store<O>(dx_of(kc.k, kc.a, kc.b, g(first + j, c, d), d));
         });
       }
+    };
+    if constexpr (kBufferedPlanes<T>) {
+      const ChannelBuffers buffers(in);
+      std::vector<float> values(count), g_values(count), added(in.z ? count : 0),
+          results(dx ? count : 0);
+      for (int64_t c = begin; c < end; ++c) {
+        buffers.gather(in.x, c, values.data());
+        const auto g = channel_gradient(local, buffers, c, g_values.data(), added.data());
+        channel_gradients_of(c, buffers.shape, 0, values.data(), g,
+                             dx ? results.data() : nullptr);
+        if (dx) buffers.scatter(results.data(), c, dx);
+      }
+    } else {
+      for (int64_t c = begin; c < end; ++c) channel_gradients_of(c, in, c, in.x, local, dx);
     }
   });
 }
@@ -1963,8 +2077,14 @@ int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias
   if (rows && !half) return kTakes;
   if (!training && !records_graph(t, tensor(weight), tensor(bias), tensor(residual)))
     return kTakes;
-  // float16 in training or with a graph: rows of up to kFloat16RowsUpTo values
-  if (half) return rows && values <= kFloat16RowsUpTo ? kTakes : kUsual;
+  // float16 in training or with a graph: rows of up to kFloat16RowsUpTo values, NCHW
+  // batches of short planes (see kFloat16PlanesUpTo)
+  if (half && rows) return values <= kFloat16RowsUpTo ? kTakes : kUsual;
+  if (half)
+    return values <= kPlanesUpTo && t.size(0) >= kRowsAtOnce &&
+                   values / (t.size(0) * channels) <= kFloat16PlanesUpTo
+               ? kTakes
+               : kUsual;
   // NCHW in training or with a graph: up to kPlanesUpTo values (see planes_fused)
   const bool fused = training && planes_fused(t.scalar_type(), activation, !residual.is_none());
   return values <= kPlanesUpTo || fused ? kTakes : kUsual;
@@ -2025,9 +2145,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "running_var, residual, training, activation code) -> int");
   m.attr("planes_up_to") = kPlanesUpTo;
   m.attr("float16_rows_up_to") = kFloat16RowsUpTo;
+  m.attr("float16_planes_up_to") = kFloat16PlanesUpTo;
   m.def("rows_batch_norm", &rows_batch_norm,
-        "Batch norm of a float32 or bfloat16 (N, C), channels_last or NCHW input (or a float16 "
-        "one: in eval without autograd, or (N, C) and channels_last) with the fused epilogue, "
+        "Batch norm of a float32, bfloat16 or float16 (N, C), channels_last or NCHW input with the fused epilogue, "
         "the running update included in training, and num_batches_tracked (steps, or None) "
         "counted: (x, weight, bias, "
         "running_mean, running_var, residual, training, momentum, eps, activation code, "
