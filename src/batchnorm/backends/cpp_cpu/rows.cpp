@@ -822,7 +822,7 @@ constexpr bool given_values<GivenGradient<G>> = true;
 template <typename T>
 constexpr bool given_values<PreparedGradient<T>> = true;
 
-template <typename T, typename G>
+template <bool kPlane = false, typename T, typename G>
 void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
                const float* a, const float* b);
 
@@ -1147,16 +1147,18 @@ constexpr int64_t kPlanesUpTo = 1 << 19;
 // (0.92 and 0.92), (1024, 1024) 0.99 and 0.85 (0.89 and 0.91), channels_last (16, 128, 24,
 // 24) 1.05 and 0.89 (1.05 and 0.86).
 constexpr int64_t kFloat16RowsUpTo = 1 << 18;
-// float16 NCHW inputs in training (or with a graph) run here, a channel at a time through
-// float32 buffers (kBufferedPlanes), up to kPlanesUpTo values in batches of at least
-// kRowsAtOnce planes of at most this many values; others on ATen and the Numba kernels.
-// Module calls taking turns, two threads, torch.nn's time / ours, training forward without
-// autograd and forward + backward (2026-12-07): (8, 256, 12, 12) 1.17-1.20 and 1.01-1.04,
-// (8, 512, 7, 7) 1.05 and 1.17, (16, 96, 10, 10) 1.21 and 1.12, (8, 256, 14, 14) 1.09-1.13
-// and 1.05-1.06, (32, 256, 7, 7) 0.99 and 1.43; forward + backward with a fused ReLU
-// (torch.nn's BN and ReLU) 1.23-1.37, SiLU 1.07-1.19. Longer planes and smaller batches
-// lost, the conversions costing what the node gains over ATen's float16 loops: (8, 128, 16,
-// 16) 1.12 and 0.92, (8, 64, 24, 24) 1.16 and 0.91, (4, 256, 14, 14) 0.78 and 0.86.
+// float16 NCHW inputs in training (or with a graph) run here (see kBufferedPlanes), up to
+// kPlanesUpTo values in batches of at least kRowsAtOnce planes of at most this many values;
+// others on ATen and the Numba kernels. Module calls taking turns, two threads, torch.nn's
+// time / ours, training forward without autograd and forward + backward (2026-12-07,
+// every output through float32 buffers): (8, 256, 12, 12) 1.17-1.20 and 1.01-1.04, (8,
+// 512, 7, 7) 1.05 and 1.17, (16, 96, 10, 10) 1.21 and 1.12, (8, 256, 14, 14) 1.09-1.13 and
+// 1.05-1.06, (32, 256, 7, 7) 0.99 and 1.43; forward + backward with a fused ReLU (torch.nn's
+// BN and ReLU) 1.23-1.37, SiLU 1.07-1.19. Longer planes and smaller batches lost: (8, 128,
+// 16, 16) 1.12 and 0.92, (8, 64, 24, 24) 1.16 and 0.91, (4, 256, 14, 14) 0.78 and 0.86; with
+// the output and dx in AVX-512's loops, on two threads 1.17-1.24 and 0.92-1.02 (0.95-1.02
+// on one, against the Numba kernels' 0.94-0.97 there: where the dispatch sends them), (4,
+// 256, 14, 14) 0.99 and 0.99 (on one thread 0.89 and 0.95).
 constexpr int64_t kFloat16PlanesUpTo = 196;
 // ... except bfloat16 training with a fused ReLU or leaky ReLU and no residual, at any size:
 // the node computes dL/d(pre-activation) again in each backward pass (ActivationGradient),
@@ -1270,11 +1272,20 @@ template <typename T>
 void halves_to_floats(const T* src, float* __restrict dst, int64_t n);
 template <typename T>
 void floats_to_halves(const float* __restrict src, T* dst, int64_t n);
+template <typename T>
+void normalize_channel_halves(const PlaneShape& shape, int64_t c, const T* x, const T* z, T* y,
+                              float origin, float scale, float shift, int64_t activation,
+                              float slope);
 
-// Whether NCHW planes of element type T are read and written a channel at a time through
-// float32 buffers (ChannelBuffers): float16, where F16C converts it (kHalfLoops). load(F16)'s
+// Whether the statistics and sums of NCHW planes of element type T read a float32 copy of
+// each channel (ChannelBuffers): float16, which F16C converts (kHalfLoops); load(F16)'s
 // integer conversions, in every pass over the planes, made a float16 (8, 256, 12, 12)
-// training step take 1.55x ATen's time; its planes are too short for the AVX-512 loops.
+// training step take 1.55x ATen's time. The output, and a training dx from given values
+// (dy, or dpre), are computed from the planes themselves in AVX-512's loops
+// (normalize_channel_halves, dx_halves); SiLU's output and the other dx into float32 and
+// converted back (raw calls, two threads, time / that way for every output: training
+// forward 0.93, 0.86, 0.95 and forward + backward 0.94, 0.89, 0.96 at (8, 256, 12, 12),
+// (8, 64, 24, 24) and (8, 512, 7, 7), the same bits).
 template <typename T>
 constexpr bool kBufferedPlanes = kHalfLoops && std::is_same_v<T, F16>;
 
@@ -1334,11 +1345,10 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
       for_rows(channels, count, [&](int64_t begin, int64_t end) {
         std::vector<float> pre(buffered ? count : 0);
         std::vector<double> scratch;
-        // channel c, whose values `in` (and `add`) hold as channel `k` of planes `view`
-        // (the input's, or a ChannelBuffers' of one channel), normalized into `to` (alike)
-        auto normalize_channel = [&](int64_t c, const PlaneShape& view, int64_t k,
-                                     const auto* in, const auto* add, auto* to) {
-          using O = std::remove_pointer_t<decltype(to)>;
+        // channel c's statistics (in training; else the running ones), its values `in`
+        // channel `k` of planes `view` (the input's, or a ChannelBuffers' of one channel):
+        // the scale and shift of its pre-activations (x - origin) * scale + shift
+        auto statistics = [&](int64_t c, const PlaneShape& view, int64_t k, const auto* in) {
           const float origin = centre.origin[c];
           float offset = 0.0f;
           if (training) {
@@ -1372,7 +1382,14 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
             off[c] = rm[c];
             inv[c] = invstd_of(rv[c], eps);
           }
-          const auto [scale, shift] = Affine::of(c, inv[c], w, b, offset);
+          return Affine::of(c, inv[c], w, b, offset);
+        };
+        // channel c (as statistics' `in`, and `add` alike) normalized into `to` (alike)
+        auto normalize_channel = [&](int64_t c, const PlaneShape& view, int64_t k,
+                                     const auto* in, const auto* add, auto* to) {
+          using O = std::remove_pointer_t<decltype(to)>;
+          const float origin = centre.origin[c];
+          const auto [scale, shift] = statistics(c, view, k, in);
           for (int64_t n = 0; n < view.batch; ++n) {
             const int64_t first = view.start(n, k);
             const auto* added = add ? add + first : nullptr;
@@ -1391,10 +1408,20 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
           }
         };
         if constexpr (kBufferedPlanes<T>) {
+          // the statistics from a float32 copy of the channel; the output in AVX-512's loops
+          // from x, or (SiLU) from the copy into float32, then converted
           const ChannelBuffers buffers(shape);
-          std::vector<float> values(count), added(z ? count : 0), results(count);
+          const bool halves = memory_bound;
+          std::vector<float> values(count), added(z && !halves ? count : 0),
+              results(halves ? 0 : count);
           for (int64_t c = begin; c < end; ++c) {
             buffers.gather(xs, c, values.data());
+            if (halves) {
+              const auto [scale, shift] = statistics(c, buffers.shape, 0, values.data());
+              normalize_channel_halves(shape, c, xs, z, y, centre.origin[c], scale, shift,
+                                       activation, static_cast<float>(slope));
+              continue;
+            }
             if (z) buffers.gather(z, c, added.data());
             normalize_channel(c, buffers.shape, 0, values.data(), z ? added.data() : nullptr,
                               results.data());
@@ -1441,7 +1468,8 @@ void input_gradients(const Planes<T>& in, const Gradient& gradient, const float*
     const Gradient local(gradient);  // a local copy: see Rows::each_pre's
     std::vector<double> scratch;
     // channel c, whose values xs and g read as channel k of planes `view` (the input's, or
-    // a ChannelBuffers' of one channel); its dx into `out` (alike)
+    // a ChannelBuffers' of one channel): its constants, and its dx into `out` (alike; none
+    // where null)
     auto channel_gradients_of = [&](int64_t c, const PlaneShape& view, int64_t k,
                                     const auto* __restrict xs, const auto& g, auto* out) {
       using O = std::remove_pointer_t<decltype(out)>;
@@ -1454,7 +1482,7 @@ void input_gradients(const Planes<T>& in, const Gradient& gradient, const float*
         }, scratch);
       const ChannelGradients kc = channel_gradients(c, sums, invstd[c], weight, offset, count,
                                                     training, dweight, dbias);
-      if (!out) return;
+      if (!out) return kc;
       for (int64_t n = 0; n < view.batch; ++n) {
         const int64_t first = view.start(n, k);
         O* __restrict plane = out + first;
@@ -1469,14 +1497,31 @@ void input_gradients(const Planes<T>& in, const Gradient& gradient, const float*
           plane[j] = store<O>(dx_of(kc.k, kc.a, kc.b, g(first + j, c, d), d));
         });
       }
+      return kc;
     };
     if constexpr (kBufferedPlanes<T>) {
+      // the sums from float32 copies of the channel; a training dx from given values (dy,
+      // or dpre) in AVX-512's loop from x and them, else into float32, then converted
       const ChannelBuffers buffers(in);
+      const bool halves = given_values<Gradient> && dx && training;
       std::vector<float> values(count), g_values(count), added(in.z ? count : 0),
-          results(dx ? count : 0);
+          results(dx && !halves ? count : 0);
       for (int64_t c = begin; c < end; ++c) {
         buffers.gather(in.x, c, values.data());
         const auto g = channel_gradient(local, buffers, c, g_values.data(), added.data());
+        if constexpr (given_values<Gradient>) {
+          if (halves) {
+            const ChannelGradients kc = channel_gradients_of(c, buffers.shape, 0, values.data(),
+                                                             g, static_cast<float*>(nullptr));
+            const float origin = in.centre.origin[c];
+            for (int64_t n = 0; n < in.batch; ++n) {
+              const int64_t first = in.start(n, c);
+              dx_halves<true>(in.x + first, local.values() + first, dx + first, in.size,
+                              &origin, &kc.k, &kc.a, &kc.b);
+            }
+            continue;
+          }
+        }
         channel_gradients_of(c, buffers.shape, 0, values.data(), g,
                              dx ? results.data() : nullptr);
         if (dx) buffers.scatter(results.data(), c, dx);
@@ -1690,18 +1735,22 @@ inline Lanes gradient_lanes(const float* g, int64_t i, Mask m) { return lanes_at
 // dx[i] = k[i] (g[i] - a[i] - (x[i] - origin[i]) b[i]) for i < n, kLanes values at a time:
 // input_gradients' training dx of a row's values (dx_of's very bits: GCC contracts its
 // g - a - d b to a fused negative multiply-add), its loads and stores F16C's or
-// narrow_bf16's. Raw forward + backward, time / the generic loop's, bfloat16, one thread
+// narrow_bf16's; kPlane: of a plane's values, the constants its channel's (*origin, *k...). Raw forward + backward, time / the generic loop's, bfloat16, one thread
 // (two): (4096, 1024) 0.99-1.00 (0.97-0.99), channels_last (32, 128, 32, 32) 0.97-0.98
 // (0.97-0.99), (512, 256) 0.95 (0.96-0.97); float16's generic loop rounds in 16
 // integer operations per 16 values (store<F16>), F16C in one.
-template <typename T, typename G>
+template <bool kPlane, typename T, typename G>
 void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
                const float* a, const float* b) {
   auto lanes = [&](int64_t i, auto... mask) {
-    const Lanes d = sub_lanes(load_halves(x + i, mask...), lanes_at(origin + i, mask...));
-    const Lanes t = sub_lanes(gradient_lanes(g, i, mask...), lanes_at(a + i, mask...));
-    const Lanes u = _mm512_fnmadd_ps(d, lanes_at(b + i, mask...), t);
-    store_halves(dx + i, mul_lanes(lanes_at(k + i, mask...), u), mask...);
+    auto constant = [&](const float* values) {
+      if constexpr (kPlane) return lanes_of(*values);
+      else return lanes_at(values + i, mask...);
+    };
+    const Lanes d = sub_lanes(load_halves(x + i, mask...), constant(origin));
+    const Lanes t = sub_lanes(gradient_lanes(g, i, mask...), constant(a));
+    const Lanes u = _mm512_fnmadd_ps(d, constant(b), t);
+    store_halves(dx + i, mul_lanes(constant(k), u), mask...);
   };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) lanes(i);
@@ -1744,6 +1793,8 @@ template <typename Act>
 // of `width` values each. The constants are per channel: a row's value c takes channel c's,
 // a plane's values those of its channel (unit u's: u % channels). origin: null where the
 // shift holds it.
+template <typename F>
+void with_lanes_activation(int64_t activation, F&& f);
 template <typename T>
 void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
                      int64_t channels, bool planes, const float* origin, const float* scale,
@@ -1768,14 +1819,36 @@ void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
     });
   };
   auto with_code = [&](auto centred) {
-    if (activation == kRelu)
-      return each_unit(std::integral_constant<int64_t, kRelu>{}, centred);
-    if (activation == kLeakyRelu)
-      return each_unit(std::integral_constant<int64_t, kLeakyRelu>{}, centred);
-    each_unit(std::integral_constant<int64_t, kIdentity>{}, centred);
+    with_lanes_activation(activation, [&](auto code) { each_unit(code, centred); });
   };
   if (origin) return with_code(std::true_type{});
   with_code(std::false_type{});
+}
+
+// Calls f(code), the activation's code as a std::integral_constant: normalize_halves'
+// activations (ReLU, leaky ReLU, else the identity).
+template <typename F>
+void with_lanes_activation(int64_t activation, F&& f) {
+  if (activation == kRelu) return f(std::integral_constant<int64_t, kRelu>{});
+  if (activation == kLeakyRelu) return f(std::integral_constant<int64_t, kLeakyRelu>{});
+  f(std::integral_constant<int64_t, kIdentity>{});
+}
+
+// y = act((x - origin) * scale + shift [+ z]) over channel c's planes of an NCHW input, in
+// registers (normalize_halves; act plain, ReLU or leaky ReLU): forward_planes' output of
+// float16 planes (kBufferedPlanes).
+template <typename T>
+void normalize_channel_halves(const PlaneShape& shape, int64_t c, const T* x, const T* z, T* y,
+                              float origin, float scale, float shift, int64_t activation,
+                              float slope) {
+  with_lanes_activation(activation, [&](auto code) {
+    for (int64_t n = 0; n < shape.batch; ++n) {
+      const int64_t first = shape.start(n, c);
+      normalize_halves<decltype(code)::value, true, true>(
+          x + first, z ? z + first : nullptr, y + first, shape.size, &origin, &scale, &shift,
+          slope);
+    }
+  });
 }
 
 // Eval without a graph of a float16 or bfloat16 input whose channels are innermost (rows)
