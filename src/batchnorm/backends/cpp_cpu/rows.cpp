@@ -464,12 +464,24 @@ constexpr int64_t kStreamFrom = 16 << 20;
 constexpr int64_t kStreamBlock = 64;
 
 // dst[0, n) = src[0, n) (float32) with non-temporal stores where the CPU has AVX (else
-// plain ones).
+// plain ones): with AVX-512 a whole cache line a store, with AVX half of one. Line-wide
+// stores, raw eval calls taking turns with ATen's, time / half-line stores, two threads
+// (one), 2026-12-07: (4096, 1024) 0.92-0.93 (0.94), channels_last (32, 128, 32, 32) 0.87
+// (0.90), NCHW (32, 128, 32, 32) and (64, 256, 28, 28) 0.98-1.00 (0.99-1.00); training
+// forward and forward + backward 0.97-1.02.
 inline void stream_out(float* __restrict dst, const float* __restrict src, int64_t n) {
 #ifdef __AVX__
+#ifdef __AVX512F__
+  constexpr int64_t kWidth = 16;
+  auto stream = [](float* to, const float* from) { _mm512_stream_ps(to, _mm512_loadu_ps(from)); };
+#else
+  constexpr int64_t kWidth = 8;
+  auto stream = [](float* to, const float* from) { _mm256_stream_ps(to, _mm256_loadu_ps(from)); };
+#endif
+  constexpr std::uintptr_t kAlign = kWidth * sizeof(float);  // what the stores require
   int64_t i = 0;
-  for (; i < n && reinterpret_cast<std::uintptr_t>(dst + i) % 32 != 0; ++i) dst[i] = src[i];
-  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n && reinterpret_cast<std::uintptr_t>(dst + i) % kAlign != 0; ++i) dst[i] = src[i];
+  for (; i + kWidth <= n; i += kWidth) stream(dst + i, src + i);
   for (; i < n; ++i) dst[i] = src[i];
 #else
   std::memcpy(dst, src, n * sizeof(float));
@@ -971,10 +983,11 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
                values_or_null(weight), values_or_null(bias));
     // bfloat16 and float16 with a memory-bound activation: the same bits from AVX-512's
     // loops, rounded by their conversions (see narrow_bf16). Raw bfloat16 training forwards
-    // taking turns with the generic loop's, time / before, one thread (two): (4096, 1024) 0.86-0.94 (0.84-0.88),
-    // channels_last (32, 128, 32, 32) 0.84-0.85 (0.83), (512, 256) 0.86 (0.90-0.92); with
-    // ReLU 0.84-0.86 (0.85-0.88), 0.81-0.82 (0.80), 0.84 (0.89-0.91). (SiLU, bound by its
-    // exp, took 0.94-0.99 in blocks as eval_halves' SiLU: it stays in the generic loop.)
+    // taking turns with the generic loop's, time / before, one thread (two): (4096, 1024)
+    // 0.86-0.94 (0.84-0.88), channels_last (32, 128, 32, 32) 0.84-0.85 (0.83), (512, 256)
+    // 0.86 (0.90-0.92); with ReLU 0.84-0.86 (0.85-0.88), 0.81-0.82 (0.80), 0.84 (0.89-0.91).
+    // (SiLU, bound by its exp, took 0.94-0.99 in blocks as eval_halves' SiLU: it stays in the
+    // generic loop.)
     if constexpr (kHalfLoops && (std::is_same_v<T, BF16> || std::is_same_v<T, F16>)) {
       if (activation != kSilu)
         return normalize_units(in.x, in.z, mutable_values<T>(out.y), rows, channels, channels,
@@ -1735,10 +1748,11 @@ inline Lanes gradient_lanes(const float* g, int64_t i, Mask m) { return lanes_at
 // dx[i] = k[i] (g[i] - a[i] - (x[i] - origin[i]) b[i]) for i < n, kLanes values at a time:
 // input_gradients' training dx of a row's values (dx_of's very bits: GCC contracts its
 // g - a - d b to a fused negative multiply-add), its loads and stores F16C's or
-// narrow_bf16's; kPlane: of a plane's values, the constants its channel's (*origin, *k...). Raw forward + backward, time / the generic loop's, bfloat16, one thread
-// (two): (4096, 1024) 0.99-1.00 (0.97-0.99), channels_last (32, 128, 32, 32) 0.97-0.98
-// (0.97-0.99), (512, 256) 0.95 (0.96-0.97); float16's generic loop rounds in 16
-// integer operations per 16 values (store<F16>), F16C in one.
+// narrow_bf16's; kPlane: of a plane's values, every one of them taking its channel's
+// constants (*origin, *k, *a, *b). Raw forward + backward, time / the generic loop's,
+// bfloat16, one thread (two): (4096, 1024) 0.99-1.00 (0.97-0.99), channels_last (32, 128,
+// 32, 32) 0.97-0.98 (0.97-0.99), (512, 256) 0.95 (0.96-0.97); float16's generic loop rounds
+// in 16 integer operations per 16 values (store<F16>), F16C in one.
 template <bool kPlane, typename T, typename G>
 void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
                const float* a, const float* b) {
@@ -2220,7 +2234,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("float16_rows_up_to") = kFloat16RowsUpTo;
   m.attr("float16_planes_up_to") = kFloat16PlanesUpTo;
   m.def("rows_batch_norm", &rows_batch_norm,
-        "Batch norm of a float32, bfloat16 or float16 (N, C), channels_last or NCHW input with the fused epilogue, "
+        "Batch norm of a float32, bfloat16 or float16 (N, C), channels_last or NCHW input "
+        "with the fused epilogue, "
         "the running update included in training, and num_batches_tracked (steps, or None) "
         "counted: (x, weight, bias, "
         "running_mean, running_var, residual, training, momentum, eps, activation code, "
