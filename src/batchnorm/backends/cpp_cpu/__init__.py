@@ -16,9 +16,9 @@ both half-precision dtypes are written in (rows.cpp's eval_halves): in inference
 layout, faster than ATen's eval from the smallest layers on, where the call's Python shows,
 to level (float16) or faster (bfloat16) on large ones; in training, ``(N, C)`` and
 channels_last inputs of up to 262,144 values (rows.cpp's kFloat16RowsUpTo) and NCHW batches
-of at least 8 planes of up to 196 values (kFloat16PlanesUpTo; a channel at a time through
-float32 buffers, converted with F16C), where they were faster than ATen's float16 kernels
-and the Numba kernels.
+of at least 8 planes of up to 196 values (kFloat16PlanesUpTo; the statistics and sums of
+a channel from a float32 copy that F16C converts, the output and dx in AVX-512's loops),
+where they were faster than ATen's float16 kernels and the Numba kernels.
 
 Why: on these inputs ATen's float32 kernel loses digits as the mean grows (see
 backends.aten.safe_batch_norm), and the shift that keeps them costs two more ops; the Numba
