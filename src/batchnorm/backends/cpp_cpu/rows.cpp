@@ -1314,7 +1314,6 @@ struct ChannelBuffers {
       : shape(input), channels(input.channels) {
     shape.channels = 1;
   }
-  int64_t count() const { return shape.batch * shape.size; }
   template <typename T>
   void gather(const T* x, int64_t c, float* dst) const {
     for (int64_t n = 0; n < shape.batch; ++n) {
@@ -1332,9 +1331,9 @@ struct ChannelBuffers {
   }
 };
 
-// The forward of NCHW inputs (see above), as forward_rows'. float16 a channel at a time
-// through float32 buffers (kBufferedPlanes): the same float32 operations on the same values,
-// so the same results as a float32 input's, rounded once.
+// The forward of NCHW inputs (see above), as forward_rows'. float16's statistics from a
+// float32 copy of each channel (kBufferedPlanes): the same float32 operations on the same
+// values as load(F16)'s loops would do.
 Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& bias,
                           const Tensor& residual, Running& running, bool training,
                           double momentum, double eps, int64_t activation, double slope) {
@@ -1472,7 +1471,8 @@ ActivationGradient<float, kResidual, Derivative> channel_gradient(
 }
 
 // The input gradients of NCHW inputs, as input_gradients' of rows, channel by channel: its
-// sums, then its dx. float16 a channel at a time through float32 buffers, as forward_planes'.
+// sums, then its dx. float16's sums from float32 copies of each channel, as forward_planes'
+// statistics.
 template <bool kMemoryBound, typename T, typename Gradient>
 void input_gradients(const Planes<T>& in, const Gradient& gradient, const float* invstd,
                      const float* weight, bool training, T* dx, float* dweight, float* dbias) {
