@@ -1303,31 +1303,29 @@ template <typename T>
 constexpr bool kBufferedPlanes = kHalfLoops && std::is_same_v<T, F16>;
 
 // A channel's planes as one float32 array, its batch planes one after another, which the
-// loops then read as a one-channel input of the same planes (shape: PlaneShape's, with one
+// loops then read as a one-channel input of the same planes (shape: the input's, with one
 // channel): gathered from an input, or scattered back to an output, converted with F16C
 // (float16, rounded to nearest even: torch's .to()) or copied (float32).
 struct ChannelBuffers {
-  PlaneShape shape;
-  int64_t channels;  // the input's
+  PlaneShape input, shape;
 
-  explicit ChannelBuffers(const PlaneShape& input)
-      : shape(input), channels(input.channels) {
+  explicit ChannelBuffers(const PlaneShape& planes) : input(planes), shape(planes) {
     shape.channels = 1;
   }
   template <typename T>
   void gather(const T* x, int64_t c, float* dst) const {
     for (int64_t n = 0; n < shape.batch; ++n) {
-      const T* plane = x + (n * channels + c) * shape.size;
+      const T* plane = x + input.start(n, c);
       if constexpr (std::is_same_v<T, float>)
-        std::memcpy(dst + n * shape.size, plane, shape.size * sizeof(float));
+        std::memcpy(dst + shape.start(n, 0), plane, shape.size * sizeof(float));
       else
-        halves_to_floats(plane, dst + n * shape.size, shape.size);
+        halves_to_floats(plane, dst + shape.start(n, 0), shape.size);
     }
   }
   template <typename T>
   void scatter(const float* src, int64_t c, T* y) const {
     for (int64_t n = 0; n < shape.batch; ++n)
-      floats_to_halves(src + n * shape.size, y + (n * channels + c) * shape.size, shape.size);
+      floats_to_halves(src + shape.start(n, 0), y + input.start(n, c), shape.size);
   }
 };
 
@@ -1814,13 +1812,20 @@ template <typename Act>
   }
 }
 
+// Calls f(code), the activation's code as a std::integral_constant: normalize_halves'
+// activations (ReLU, leaky ReLU, else the identity).
+template <typename F>
+void with_lanes_activation(int64_t activation, F&& f) {
+  if (activation == kRelu) return f(std::integral_constant<int64_t, kRelu>{});
+  if (activation == kLeakyRelu) return f(std::integral_constant<int64_t, kLeakyRelu>{});
+  f(std::integral_constant<int64_t, kIdentity>{});
+}
+
 // y = act((x [- origin]) * scale + shift [+ z]) in registers (normalize_halves), act the
 // plain, ReLU or leaky ReLU (activation's code), over `units` rows or (planes) NCHW planes
 // of `width` values each. The constants are per channel: a row's value c takes channel c's,
 // a plane's values those of its channel (unit u's: u % channels). origin: null where the
 // shift holds it.
-template <typename F>
-void with_lanes_activation(int64_t activation, F&& f);
 template <typename T>
 void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
                      int64_t channels, bool planes, const float* origin, const float* scale,
@@ -1849,15 +1854,6 @@ void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
   };
   if (origin) return with_code(std::true_type{});
   with_code(std::false_type{});
-}
-
-// Calls f(code), the activation's code as a std::integral_constant: normalize_halves'
-// activations (ReLU, leaky ReLU, else the identity).
-template <typename F>
-void with_lanes_activation(int64_t activation, F&& f) {
-  if (activation == kRelu) return f(std::integral_constant<int64_t, kRelu>{});
-  if (activation == kLeakyRelu) return f(std::integral_constant<int64_t, kLeakyRelu>{});
-  f(std::integral_constant<int64_t, kIdentity>{});
 }
 
 // y = act((x - origin) * scale + shift [+ z]) over channel c's planes of an NCHW input, in
@@ -2247,9 +2243,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("float16_planes_up_to") = kFloat16PlanesUpTo;
   m.def("rows_batch_norm", &rows_batch_norm,
         "Batch norm of a float32, bfloat16 or float16 (N, C), channels_last or NCHW input "
-        "with the fused epilogue, "
-        "the running update included in training, and num_batches_tracked (steps, or None) "
-        "counted: (x, weight, bias, "
-        "running_mean, running_var, residual, training, momentum, eps, activation code, "
-        "negative slope, steps) -> y");
+        "with the fused epilogue, the running update included in training, and "
+        "num_batches_tracked (steps, or None) counted: (x, weight, bias, running_mean, "
+        "running_var, residual, training, momentum, eps, activation code, negative slope, "
+        "steps) -> y");
 }
