@@ -392,10 +392,11 @@ def test_keeps_its_digits_where_the_mean_is_large():
 
 
 #: Float32 outputs of 16 MiB or more (rows.cpp's kStreamFrom: 4,194,304 values), which the
-#: loops stage 64 values at a time and write with non-temporal stores (stream_rows): rows
-#: longer than a block and not a multiple of 8 floats (segments, stores not aligned to 32
-#: bytes), rows shorter than a block (several rows a block), and NCHW planes in eval, long
-#: (segments) and short (several planes a block). The (262147,33) and channels_last
+#: loops write with non-temporal stores, staged 64 values at a time (stream_rows; rows on
+#: CPUs with AVX-512 from the registers instead, see LANES): rows longer than a block and not
+#: a multiple of 8 floats (segments, stores not aligned to 32 bytes), rows shorter than a
+#: block (several rows a block), and NCHW planes in eval, long (segments) and short (several
+#: planes a block). The (262147,33) and channels_last
 #: backwards, inputs of 32 MiB or more on rows under 4 KiB, sum their rows in pairs
 #: (kPairsFrom; an odd count of rows in some blocks). (shape, channels_last, training)
 STREAMED = {
@@ -432,6 +433,52 @@ def test_outputs_streamed_past_the_caches_match_torch_in_float64(name, activatio
     if graph:
         y.backward(dy)
         for leaf, grad in zip(leaves, grads, strict=True):
+            assert_close(leaf.grad, grad, torch.float32)
+
+
+#: Float32 rows of 16 MiB or more, which hosts with AVX-512 normalize (and, in training, whose dx
+#: they compute) in registers and write a cache line at a time (rows.cpp's for_lanes: the
+#: values up to a row's first 64-byte boundary under a mask, then whole lines, then the rest
+#: under a mask): rows that start off a line (1027 and 100 channels: 4,108 and 400 bytes), with
+#: the activations and the residual those loops take. (name: (shape, activation, residual))
+LANES = {
+    "(4099,1027) leaky ReLU + residual": ((4099, 1027), "leaky_relu", True),
+    "(41947,100) ReLU": ((41947, 100), "relu", False),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("name", LANES)
+def test_rows_written_a_line_at_a_time_match_torch_in_float64(name, training):
+    """y, and in training dx, dweight, dbias and dresidual, against float64 torch.nn; eval
+    without a graph (inference), as the C++ backend takes it."""
+    shape, activation, residual = LANES[name]
+    channels = shape[1]
+    g = torch.Generator().manual_seed(8)
+    x = random_input(shape, mean=2.0)
+    z = torch.randn(shape, generator=g) if residual else None
+    weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+    running = (torch.randn(channels, generator=g) + 2, torch.rand(channels, generator=g) + 0.5)
+    _runs_here(x, training, activation)
+    leaves = [t.clone().requires_grad_(training) if t is not None else None
+              for t in (x, weight, bias, z)]  # fmt: skip
+    with torch.set_grad_enabled(training):
+        y = batchnorm.functional.batch_norm(
+            leaves[0], *(None, None) if training else running, leaves[1], leaves[2],
+            training=training, activation=activation, negative_slope=0.2,
+            residual=leaves[3])  # fmt: skip
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    act = TORCH_ACTIVATIONS[activation]
+    expected, _ = float64_batch_norm(x, weight, bias, z, None if training else running,
+                                     training, None, dy)  # fmt: skip
+    band = 4 * TOLERANCES[torch.float32]["atol"] * max(1.0, expected.abs().max().item())
+    dy = zero_near_kink(dy, expected, activation, band, slope=0.2)  # see the fused test's
+    expected, grads = float64_batch_norm(x, weight, bias, z, None if training else running,
+                                         training, act, dy)  # fmt: skip
+    assert_close(y.detach(), expected, torch.float32)
+    if training:
+        y.backward(dy.float())
+        for leaf, grad in zip([t for t in leaves if t is not None], grads, strict=True):
             assert_close(leaf.grad, grad, torch.float32)
 
 

@@ -488,11 +488,18 @@ inline void stream_out(float* __restrict dst, const float* __restrict src, int64
 #endif
 }
 
+// Ends a thread's non-temporal stores: they are weakly ordered, and another thread reads
+// what they wrote next.
+inline void fence_streams() {
+#ifdef __AVX__
+  _mm_sfence();
+#endif
+}
+
 // Rows [begin, end) of a float32 output y of rows of `width` values, written with
 // non-temporal stores: compute(first, last, from, to, values) writes the values of rows
 // [first, last), columns [from, to), row by row into `values` (at most kStreamBlock), which
-// are then streamed out. Fenced at the end: the stores are weakly ordered, and another
-// thread reads them next.
+// are then streamed out, and fenced (fence_streams).
 template <typename Compute>
 void stream_rows(float* y, int64_t begin, int64_t end, int64_t width, Compute&& compute) {
   alignas(64) float values[kStreamBlock];
@@ -510,9 +517,7 @@ void stream_rows(float* y, int64_t begin, int64_t end, int64_t width, Compute&& 
       stream_out(y + first * width, values, (last - first) * width);
     }
   }
-#ifdef __AVX__
-  _mm_sfence();
-#endif
+  fence_streams();
 }
 
 // Rows [begin, end) of an output y of rows of `width` values, of which y has `values` in
@@ -880,6 +885,8 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
     k[c] = g.k, a[c] = g.a, b[c] = g.b;
   }
   if (!dx) return;
+  const bool streamed = kHalfLoops && given_values<Gradient> && std::is_same_v<T, float> &&
+                        training && rows * channels * 4 >= kStreamFrom;  // float32's bytes
   for_rows(rows, channels, [&](int64_t begin, int64_t end) {
     const float *__restrict ks = k.data(), *__restrict as = a.data(), *__restrict bs = b.data();
     const T* __restrict xs = x;
@@ -900,10 +907,12 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
           });
           continue;
         }
-        if constexpr (kHalfLoops && !std::is_same_v<T, float> && given_values<Gradient>) {
-          dx_halves(xs + base + from, g.values() + base + from, out, to - from, origins + from,
-                    ks + from, as + from, bs + from);
-          continue;
+        if constexpr (kHalfLoops && given_values<Gradient>) {
+          if (!std::is_same_v<T, float> || streamed) {
+            dx_halves(xs + base + from, g.values() + base + from, out, to - from,
+                      origins + from, ks + from, as + from, bs + from);
+            continue;
+          }
         }
         for_channels<kMemoryBound, T>(to - from, [&](int64_t j) {
           const int64_t c = from + j;
@@ -912,6 +921,13 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
         });
       }
     };
+    // a float32 dx of kStreamFrom bytes or more in training: straight to memory in
+    // dx_halves, a line a store (see load_halves of float), else through write_rows
+    if (streamed) {
+      gradients_of(begin, end, int64_t{0}, channels, dx + begin * channels);
+      fence_streams();
+      return;
+    }
     write_rows(dx, rows * channels, begin, end, channels, gradients_of);
   });
 }
@@ -988,8 +1004,18 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
     // 0.86 (0.90-0.92); with ReLU 0.84-0.86 (0.85-0.88), 0.81-0.82 (0.80), 0.84 (0.89-0.91).
     // (SiLU, bound by its exp, took 0.94-0.99 in blocks as eval_halves' SiLU: it stays in the
     // generic loop.)
-    if constexpr (kHalfLoops && (std::is_same_v<T, BF16> || std::is_same_v<T, F16>)) {
-      if (activation != kSilu)
+    // float32 outputs of kStreamFrom bytes or more, with those activations, in the same loops:
+    // the same bits, stored a cache line at a time from the registers (see load_halves of
+    // float). Raw eval calls taking turns with the stream_rows loop's, time / before, two
+    // threads (one): (4096, 1024) 0.71-0.77 while a copy of it took 0.52-0.58 ms, 0.97-0.99
+    // while it took 0.68-0.81 (0.78-0.95); channels_last (32, 128, 32, 32) 0.60-0.62, then
+    // 0.99 (0.87-0.99); (4100, 1030) 0.65-0.79 (0.61-0.63); (42000, 100) 0.65-0.66 (0.53).
+    // Training forward 0.89-1.00 (0.84-1.01), forward + backward with input_gradients' dx
+    // 0.93-0.97 (0.93-1.01). NCHW planes in these loops (eval_planes) were level (0.96-1.04)
+    // and stay in theirs.
+    const bool lanes_loop = !std::is_same_v<T, float> || rows * channels * 4 >= kStreamFrom;
+    if constexpr (kHalfLoops) {
+      if (activation != kSilu && lanes_loop)
         return normalize_units(in.x, in.z, mutable_values<T>(out.y), rows, channels, channels,
                                false, in.centre.origin.data(), in.affine.scale.data(),
                                in.affine.shift.data(), activation, static_cast<float>(slope));
@@ -1633,7 +1659,8 @@ void pre_gradient(const Planes<T>& in, const T* dy, Derivative derivative, float
 // (8, 256, 12, 12) 50.7 -> 42.0, (8, 512, 7, 7) 48.3 -> 42.0, (32, 64, 28, 28) 232 -> 213,
 // channels_last (8, 128, 24, 24) 94 -> 74 and (32, 128, 32, 32) 710 -> 584, (4096, 1024)
 // 622 -> 599. Elsewhere (no AVX-512) float16 stays on ATen and the Numba kernels, and
-// bfloat16 on those loops.
+// bfloat16 on those loops. The same loops write the output and training dx of float32 rows
+// of kStreamFrom bytes or more (see load_halves of float).
 #if BATCHNORM_HALF_LOOPS
 constexpr int64_t kHalfBlock = 256;
 
@@ -1697,6 +1724,14 @@ inline void store_halves(BF16* p, Lanes v) {
 inline void store_halves(BF16* p, Lanes v, Mask m) {
   _mm256_mask_storeu_epi16(p, m, narrow_bf16(v));
 }
+// float32 lanes: the float32 rows of kStreamFrom bytes or more (their output in forward_rows,
+// their training dx in input_gradients), stored a whole cache line at a time with a
+// non-temporal store straight from the registers (for_lanes aligns the stores; see
+// kStreamFrom, and forward_rows for what this gained over stream_rows' blocks through L1).
+inline Lanes load_halves(const float* p) { return _mm512_loadu_ps(p); }
+inline Lanes load_halves(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+inline void store_halves(float* p, Lanes v) { _mm512_stream_ps(p, v); }
+inline void store_halves(float* p, Lanes v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
 inline Lanes lanes_of(float v) { return _mm512_set1_ps(v); }
 inline Lanes lanes_at(const float* p) { return _mm512_loadu_ps(p); }
 inline Lanes lanes_at(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
@@ -1717,6 +1752,21 @@ inline Lanes activate_lanes(Lanes p, Lanes slope) {
     return p;
   else
     return below_zero(p, kCode == kRelu ? lanes_of(0.0f) : mul_lanes(p, slope));
+}
+
+// Calls lanes(i) for the values [i, i + kLanes) of [0, n), and lanes(i, mask) for fewer (a
+// Mask of the first ones): for a float32 dst (non-temporal stores of whole cache lines), first
+// those up to dst's next 64-byte boundary, so that every full kLanes after them fills a line.
+template <typename T, typename F>
+[[gnu::always_inline]] inline void for_lanes(const T* dst, int64_t n, F&& lanes) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const auto misaligned = reinterpret_cast<std::uintptr_t>(dst) % 64;
+    i = std::min<int64_t>(n, misaligned ? (64 - misaligned) / sizeof(float) : 0);
+    if (i) lanes(int64_t{0}, first_lanes(i));
+  }
+  for (; i + kLanes <= n; i += kLanes) lanes(i);
+  if (i < n) lanes(i, first_lanes(n - i));
 }
 
 // dst[i] = act(fma(src[i] [- origin[i]], scale[i], shift[i]) [+ add[i]]) for i < n, kLanes
@@ -1742,9 +1792,7 @@ void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float
     if (add) p = add_lanes(p, load_halves(add + i, mask...));
     store_halves(dst + i, activate_lanes<kCode>(p, slopes), mask...);
   };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) lanes(i);
-  if (i < n) lanes(i, first_lanes(n - i));
+  for_lanes(dst, n, lanes);
 }
 
 // g's values: half-precision (dy) or float32 (a prepared dpre).
@@ -1776,9 +1824,7 @@ void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, co
     const Lanes u = _mm512_fnmadd_ps(d, constant(b), t);
     store_halves(dx + i, mul_lanes(constant(k), u), mask...);
   };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) lanes(i);
-  if (i < n) lanes(i, first_lanes(n - i));
+  for_lanes(dx, n, lanes);
 }
 
 // dst[0, n) = src[0, n) in float32, and back (the blocks of SiLU's loops).
@@ -1847,6 +1893,7 @@ void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
           normalize_halves<kCode, false, kCentred>(x + first, add, y + first, width, origin,
                                                    scale, shift, slope);
       }
+      if constexpr (std::is_same_v<T, float>) fence_streams();
     });
   };
   auto with_code = [&](auto centred) {
