@@ -437,13 +437,15 @@ def test_outputs_streamed_past_the_caches_match_torch_in_float64(name, activatio
 
 
 #: Float32 rows of 16 MiB or more, which hosts with AVX-512 normalize (and, in training, whose dx
-#: they compute) in registers and write a cache line at a time (rows.cpp's for_lanes: the
-#: values up to a row's first 64-byte boundary under a mask, then whole lines, then the rest
-#: under a mask): rows that start off a line (1027 and 100 channels: 4,108 and 400 bytes), with
-#: the activations and the residual those loops take. (name: (shape, activation, residual))
+#: they compute from dL/d(pre-activation) written out) in registers and write a cache line at
+#: a time (rows.cpp's for_lanes: the values up to the first 64-byte boundary under a mask,
+#: then whole lines, then the rest under a mask): rows that start off a line, 1027 channels
+#: (4,108 bytes) a row at a time and 100 (400 bytes) a thread's rows as one run, their
+#: constants from tables that repeat every 400 values (PeriodicTables), with the activations
+#: those loops take and a residual whose gradient is asked for. (name: (shape, activation))
 LANES = {
-    "(4099,1027) leaky ReLU + residual": ((4099, 1027), "leaky_relu", True),
-    "(41947,100) ReLU": ((41947, 100), "relu", False),
+    "(4099,1027) leaky ReLU": ((4099, 1027), "leaky_relu"),
+    "(41947,100) ReLU": ((41947, 100), "relu"),
 }
 
 
@@ -452,16 +454,15 @@ LANES = {
 def test_rows_written_a_line_at_a_time_match_torch_in_float64(name, training):
     """y, and in training dx, dweight, dbias and dresidual, against float64 torch.nn; eval
     without a graph (inference), as the C++ backend takes it."""
-    shape, activation, residual = LANES[name]
+    shape, activation = LANES[name]
     channels = shape[1]
     g = torch.Generator().manual_seed(8)
     x = random_input(shape, mean=2.0)
-    z = torch.randn(shape, generator=g) if residual else None
+    z = torch.randn(shape, generator=g)
     weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
     running = (torch.randn(channels, generator=g) + 2, torch.rand(channels, generator=g) + 0.5)
     _runs_here(x, training, activation)
-    leaves = [t.clone().requires_grad_(training) if t is not None else None
-              for t in (x, weight, bias, z)]  # fmt: skip
+    leaves = [t.clone().requires_grad_(training) for t in (x, weight, bias, z)]
     with torch.set_grad_enabled(training):
         y = batchnorm.functional.batch_norm(
             leaves[0], *(None, None) if training else running, leaves[1], leaves[2],
@@ -478,7 +479,7 @@ def test_rows_written_a_line_at_a_time_match_torch_in_float64(name, training):
     assert_close(y.detach(), expected, torch.float32)
     if training:
         y.backward(dy.float())
-        for leaf, grad in zip([t for t in leaves if t is not None], grads, strict=True):
+        for leaf, grad in zip(leaves, grads, strict=True):
             assert_close(leaf.grad, grad, torch.float32)
 
 
