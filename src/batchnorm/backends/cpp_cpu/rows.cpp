@@ -881,19 +881,21 @@ struct PeriodicTables {
   const float* operator[](int64_t k) const { return values.data() + k * stride(); }
 };
 
-// The position of value i's constants, for i from 0 on in steps of at most kLineFloats: i,
-// or on PeriodicTables of `period` (where not 0) i % period, kept as i grows (no division).
-struct Positions {
-  int64_t period, position = 0, last = 0;
-
-  int64_t operator()(int64_t i) {
-    if (!period) return i;
+// Calls f(at) with at(i) the position of value i's constants, for i from 0 on in steps of
+// at most kLineFloats: i, or on PeriodicTables of `period` (where not 0) i % period, kept as
+// i grows (no division). (A test of the period at each i made a bfloat16 or float16 eval of
+// rows 1-7 % slower.)
+template <typename F>
+[[gnu::always_inline]] inline void with_positions(int64_t period, F&& f) {
+  if (!period) return f([](int64_t i) { return i; });
+  int64_t position = 0, last = 0;
+  f([&](int64_t i) {
     position += i - last;
     last = i;
     if (position >= period) position -= period;
     return position;
-  }
-};
+  });
+}
 
 // From g = dpre (gradient: GivenGradient, PreparedGradient or ActivationGradient): dweight =
 // Σ g (x - mean) invstd, dbias = Σ g; in training dx = weight invstd (g - Σg / M
@@ -1845,23 +1847,24 @@ void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float
                       const float* scale, const float* shift, float slope,
                       int64_t period = 0) {
   const Lanes slopes = lanes_of(slope);
-  Positions constants_at{period};
-  // the values from i on, kLanes of them, or those of `mask` (first_lanes)
-  auto lanes = [&](int64_t i, auto... mask) {
-    Lanes v = load_halves(src + i, mask...);
-    Lanes p;
-    if constexpr (kPlane) {
-      if constexpr (kCentred) v = sub_lanes(v, lanes_of(*origin));
-      p = fma_lanes(v, lanes_of(*scale), lanes_of(*shift));
-    } else {
-      const int64_t c = constants_at(i);
-      if constexpr (kCentred) v = sub_lanes(v, lanes_at(origin + c, mask...));
-      p = fma_lanes(v, lanes_at(scale + c, mask...), lanes_at(shift + c, mask...));
-    }
-    if (add) p = add_lanes(p, load_halves(add + i, mask...));
-    store_halves(dst + i, activate_lanes<kCode>(p, slopes), mask...);
-  };
-  for_lanes(dst, n, lanes);
+  with_positions(period, [&](auto constants_at) {
+    // the values from i on, kLanes of them, or those of `mask` (first_lanes)
+    auto lanes = [&](int64_t i, auto... mask) {
+      Lanes v = load_halves(src + i, mask...);
+      Lanes p;
+      if constexpr (kPlane) {
+        if constexpr (kCentred) v = sub_lanes(v, lanes_of(*origin));
+        p = fma_lanes(v, lanes_of(*scale), lanes_of(*shift));
+      } else {
+        const int64_t c = constants_at(i);
+        if constexpr (kCentred) v = sub_lanes(v, lanes_at(origin + c, mask...));
+        p = fma_lanes(v, lanes_at(scale + c, mask...), lanes_at(shift + c, mask...));
+      }
+      if (add) p = add_lanes(p, load_halves(add + i, mask...));
+      store_halves(dst + i, activate_lanes<kCode>(p, slopes), mask...);
+    };
+    for_lanes(dst, n, lanes);
+  });
 }
 
 // g's values: half-precision (dy) or float32 (a prepared dpre).
@@ -1883,19 +1886,20 @@ inline Lanes gradient_lanes(const float* g, int64_t i, Mask m) { return lanes_at
 template <bool kPlane, typename T, typename G>
 void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
                const float* a, const float* b, int64_t period) {
-  Positions constants_at{period};
-  auto lanes = [&](int64_t i, auto... mask) {
-    const int64_t c = kPlane ? 0 : constants_at(i);
-    auto constant = [&](const float* values) {
-      if constexpr (kPlane) return lanes_of(*values);
-      else return lanes_at(values + c, mask...);
+  with_positions(period, [&](auto constants_at) {
+    auto lanes = [&](int64_t i, auto... mask) {
+      const int64_t c = kPlane ? 0 : constants_at(i);
+      auto constant = [&](const float* values) {
+        if constexpr (kPlane) return lanes_of(*values);
+        else return lanes_at(values + c, mask...);
+      };
+      const Lanes d = sub_lanes(load_halves(x + i, mask...), constant(origin));
+      const Lanes t = sub_lanes(gradient_lanes(g, i, mask...), constant(a));
+      const Lanes u = _mm512_fnmadd_ps(d, constant(b), t);
+      store_halves(dx + i, mul_lanes(constant(k), u), mask...);
     };
-    const Lanes d = sub_lanes(load_halves(x + i, mask...), constant(origin));
-    const Lanes t = sub_lanes(gradient_lanes(g, i, mask...), constant(a));
-    const Lanes u = _mm512_fnmadd_ps(d, constant(b), t);
-    store_halves(dx + i, mul_lanes(constant(k), u), mask...);
-  };
-  for_lanes(dx, n, lanes);
+    for_lanes(dx, n, lanes);
+  });
 }
 
 // dst[0, n) = src[0, n) in float32, and back (the blocks of SiLU's loops).
