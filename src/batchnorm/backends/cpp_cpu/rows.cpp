@@ -521,6 +521,13 @@ void stream_rows(float* y, int64_t begin, int64_t end, int64_t width, Compute&& 
   fence_streams();
 }
 
+// Whether an output of `values` values of type T is written with non-temporal stores: a
+// float32 one of kStreamFrom bytes or more.
+template <typename T>
+bool streams_out(int64_t values) {
+  return std::is_same_v<T, float> && values * static_cast<int64_t>(sizeof(T)) >= kStreamFrom;
+}
+
 // Rows [begin, end) of an output y of rows of `width` values, of which y has `values` in
 // all: compute(first, last, from, to, out) writes the values of rows [first, last), columns
 // [from, to), row by row to out[0, (last - first) * (to - from)). Straight into y (all the
@@ -530,8 +537,7 @@ template <typename T, typename Compute>
 void write_rows(T* y, int64_t values, int64_t begin, int64_t end, int64_t width,
                 Compute&& compute) {
   if constexpr (std::is_same_v<T, float>) {
-    if (values * static_cast<int64_t>(sizeof(T)) >= kStreamFrom)
-      return stream_rows(y, begin, end, width, compute);
+    if (streams_out<T>(values)) return stream_rows(y, begin, end, width, compute);
   }
   compute(begin, end, int64_t{0}, width, y + begin * width);
 }
@@ -866,6 +872,7 @@ struct PeriodicTables {
   int64_t period = 0;
   std::vector<float> values;
 
+  PeriodicTables() = default;
   PeriodicTables(int64_t width, std::initializer_list<const float*> constants) {
     if (width % kLineFloats == 0 || std::lcm(width, kLineFloats) > kMaxPeriod) return;
     period = std::lcm(width, kLineFloats);
@@ -939,11 +946,11 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
     k[c] = g.k, a[c] = g.a, b[c] = g.b;
   }
   if (!dx) return;
-  const bool streamed = kHalfLoops && given_values<Gradient> && std::is_same_v<T, float> &&
-                        training && rows * channels * 4 >= kStreamFrom;  // float32's bytes
+  const bool streamed =
+      kHalfLoops && given_values<Gradient> && training && streams_out<T>(rows * channels);
   const PeriodicTables tables =
       streamed ? PeriodicTables(channels, {origin, k.data(), a.data(), b.data()})
-               : PeriodicTables(0, {});
+               : PeriodicTables();
   for_rows(rows, channels, [&](int64_t begin, int64_t end) {
     const float *__restrict ks = k.data(), *__restrict as = a.data(), *__restrict bs = b.data();
     const T* __restrict xs = x;
@@ -964,12 +971,10 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
           });
           continue;
         }
-        if constexpr (kHalfLoops && given_values<Gradient>) {
-          if (!std::is_same_v<T, float> || streamed) {
-            dx_halves(xs + base + from, g.values() + base + from, out, to - from,
-                      origins + from, ks + from, as + from, bs + from);
-            continue;
-          }
+        if constexpr (kHalfLoops && !std::is_same_v<T, float> && given_values<Gradient>) {
+          dx_halves(xs + base + from, g.values() + base + from, out, to - from, origins + from,
+                    ks + from, as + from, bs + from);
+          continue;
         }
         for_channels<kMemoryBound, T>(to - from, [&](int64_t j) {
           const int64_t c = from + j;
@@ -979,21 +984,22 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
       }
     };
     // a float32 dx of kStreamFrom bytes or more in training: straight to memory in
-    // dx_halves, a line a store (see load_halves of float), the rows as one run where
-    // their width calls for it (PeriodicTables), else through write_rows
-    if (streamed) {
-      if constexpr (kHalfLoops && given_values<Gradient>) {
+    // dx_halves, a line a store (see load_halves of float), the rows as one run where their
+    // width calls for it (PeriodicTables), else a row at a time; other dx through write_rows
+    if constexpr (kHalfLoops && given_values<Gradient>) {
+      if (streamed) {
         if (tables.period) {
           const int64_t first = begin * channels;
           dx_halves(xs + first, g.values() + first, dx + first, (end - begin) * channels,
                     tables[0], tables[1], tables[2], tables[3], tables.period);
-          fence_streams();
-          return;
+        } else {
+          for (int64_t r = begin; r < end; ++r)
+            dx_halves(xs + r * channels, g.values() + r * channels, dx + r * channels, channels,
+                      origins, ks, as, bs);
         }
+        fence_streams();
+        return;
       }
-      gradients_of(begin, end, int64_t{0}, channels, dx + begin * channels);
-      fence_streams();
-      return;
     }
     write_rows(dx, rows * channels, begin, end, channels, gradients_of);
   });
@@ -1080,7 +1086,7 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
     // Training forward 0.89-1.00 (0.84-1.01), forward + backward with input_gradients' dx
     // 0.93-0.97 (0.93-1.01). NCHW planes in these loops (eval_planes) were level (0.96-1.04)
     // and stay in theirs.
-    const bool lanes_loop = !std::is_same_v<T, float> || rows * channels * 4 >= kStreamFrom;
+    const bool lanes_loop = !std::is_same_v<T, float> || streams_out<T>(rows * channels);
     if constexpr (kHalfLoops) {
       if (activation != kSilu && lanes_loop)
         return normalize_units(in.x, in.z, mutable_values<T>(out.y), rows, channels, channels,
@@ -1954,31 +1960,30 @@ void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
   // float32 rows: a thread's rows as one run of values where their width calls for it
   const PeriodicTables tables = std::is_same_v<T, float> && !planes
                                     ? PeriodicTables(width, {origin, scale, shift})
-                                    : PeriodicTables(0, {});
+                                    : PeriodicTables();
   auto each_unit = [&](auto code, auto centred) {
     constexpr int64_t kCode = decltype(code)::value;
     constexpr bool kCentred = decltype(centred)::value;
     for_rows(units, width, [&](int64_t begin, int64_t end) {
-      if (tables.period) {
+      if (tables.period) {  // the rows as one run
         const int64_t first = begin * width;
         normalize_halves<kCode, false, kCentred>(x + first, z ? z + first : nullptr, y + first,
                                                  (end - begin) * width, tables[0], tables[1],
                                                  tables[2], slope, tables.period);
-        if constexpr (std::is_same_v<T, float>) fence_streams();
-        return;
-      }
-      for (int64_t u = begin, channel = begin % channels; u < end; ++u) {
-        const int64_t c = planes ? channel : 0;  // the unit's first constants
-        channel = channel + 1 == channels ? 0 : channel + 1;  // (a division costs more)
-        const int64_t first = u * width;
-        const T* add = z ? z + first : nullptr;
-        if (planes)
-          normalize_halves<kCode, true, kCentred>(x + first, add, y + first, width,
-                                                  kCentred ? origin + c : nullptr, scale + c,
-                                                  shift + c, slope);
-        else
-          normalize_halves<kCode, false, kCentred>(x + first, add, y + first, width, origin,
-                                                   scale, shift, slope);
+      } else {
+        for (int64_t u = begin, channel = begin % channels; u < end; ++u) {
+          const int64_t c = planes ? channel : 0;  // the unit's first constants
+          channel = channel + 1 == channels ? 0 : channel + 1;  // (a division costs more)
+          const int64_t first = u * width;
+          const T* add = z ? z + first : nullptr;
+          if (planes)
+            normalize_halves<kCode, true, kCentred>(x + first, add, y + first, width,
+                                                    kCentred ? origin + c : nullptr, scale + c,
+                                                    shift + c, slope);
+          else
+            normalize_halves<kCode, false, kCentred>(x + first, add, y + first, width, origin,
+                                                     scale, shift, slope);
+        }
       }
       if constexpr (std::is_same_v<T, float>) fence_streams();
     });
