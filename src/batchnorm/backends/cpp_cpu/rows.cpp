@@ -42,41 +42,97 @@ using torch::autograd::variable_list;
 // needs expm1's accuracy near 0; the Python side applies torch's ELU after the node.
 enum Activation : int64_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2, kSilu = 3 };
 
-// exp(x) in float32 in operations that vectorize (std::exp does not, without -ffast-math,
-// which would drop NaN and Inf; a scalar exp a value made the SiLU loops 3x slower than
-// torch.nn's BN followed by F.silu), for SiLU and its derivative, which add it to 1:
-// x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), n rounded to nearest by adding
-// 1.5 * 2^23 (the sum's low bits then hold n, without a rounding or a conversion
-// instruction), exp(r) by a polynomial of degree 6 fitted to it on [-ln2 / 2, ln2 / 2]
-// (relative error 2e-9 in exact arithmetic), 2^n as a float's exponent, x clamped to
-// [-87.34, 88] so that 2^n stays normal. Within 8.1e-8 of exp in relative terms there (a
-// sweep of 1.8 million points; the Taylor polynomial to r^7 after a rounding instruction,
-// before 2026-12-05 evening, was as close and made a fused SiLU's forward + backward take
-// 11-17 % longer); below -87.34, 1.2e-38 (where 1 + exp is 1 either way); above 88, inf
-// (exp(88) is 1.7e38: 1 / (1 + exp) is below 6e-39 either way); NaN for NaN.
-inline float vector_exp(float x) {
-  constexpr float kHigh = 88.0f, kLow = -87.33654f, kRound = 12582912.0f;
-  const float clamped = x > kHigh ? kHigh : (x < kLow ? kLow : x);
-  const float shifted = std::fma(clamped, 1.44269504088896341f, kRound);
-  const float n = shifted - kRound;
-  float r = std::fma(n, -0.693145751953125f, clamped);
-  r = std::fma(n, -1.428606765330187045e-06f, r);
-  float poly = std::fma(0.0013846145f, r, 0.0083741201f);
-  poly = std::fma(poly, r, 0.041667961f);
-  poly = std::fma(poly, r, 0.16666432f);
-  poly = std::fma(poly, r, 0.49999994f);
-  poly = std::fma(poly, r, 1.0f);
-  poly = std::fma(poly, r, 1.0f);
-  // n + 127 in the exponent's bits (shifted's bits are 0x4B400000 + n: what lies above the
-  // exponent's 8 bits shifts out)
-  const uint32_t scale = (__builtin_bit_cast(uint32_t, shifted) + 127u) << 23;
-  const float y = poly * __builtin_bit_cast(float, scale);
-  return x > kHigh ? INFINITY : y;
+// Whether the loops of half-precision values written in AVX-512's instructions (F, BW, VL)
+// are built (eval_halves, normalize_units, dx_halves, ChannelBuffers' conversions): without
+// them float16 runs elsewhere.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define BATCHNORM_HALF_LOOPS 1
+#else
+#define BATCHNORM_HALF_LOOPS 0
+#endif
+constexpr bool kHalfLoops = BATCHNORM_HALF_LOOPS;
+#if BATCHNORM_HALF_LOOPS
+// 16 lanes of float32: the values of the loops written in AVX-512's instructions.
+using Lanes = __m512;
+constexpr int64_t kLanes = 16;
+#endif
+
+// 1 + exp(x) in float32 in operations that vectorize (std::exp does not, without
+// -ffast-math, which would drop NaN and Inf; a scalar exp a value made the SiLU loops 3x
+// slower than torch.nn's BN followed by F.silu), for SiLU and its derivative: x = n ln2 + r
+// with |r| <= ln2 / 2 (ln2 in two parts), n rounded to nearest by adding 1.5 * 2^23 (the
+// sum's low bits then hold n, without a rounding or a conversion instruction), exp(r) by a
+// polynomial of degree 6 fitted to it on [-ln2 / 2, ln2 / 2] (relative error 2e-9 in exact
+// arithmetic), 2^n as a float's exponent, the 1 added by the last multiply-add. x is clamped
+// to [kLow, kHigh]: from kLow 2^n is normal; at kHigh n is 128, whose exponent's bits are
+// infinity's, so that from kHigh on (88.38, where exp is 2.4e38) the result is inf (1 /
+// (1 + exp) is below 5e-39 either way) without a test of x. Within 8.1e-8 of 1 + exp in
+// relative terms (a sweep of 1.8 million points; the Taylor polynomial to r^7 after a
+// rounding instruction, before 2026-12-05 evening, was as close and made a fused SiLU's
+// forward + backward take 11-17 % longer); below kLow 1 + 1.2e-38; NaN for NaN (the clamps
+// keep it). V: float, in the loops GCC vectorizes, or Lanes (16 float32 values, AVX-512),
+// in those written in its instructions (normalize_halves): the same operations, so the
+// same bits. (Before 2026-12-08 kHigh was 88 and a test of x gave inf above it: GCC
+// vectorized the clamps and the test into compares, blends and mask operations, ~30
+// instructions for 16 values where these are ~20.)
+struct ExpConstants {
+  static constexpr float kLow = -87.33654f, kHigh = 88.3763f, kRound = 12582912.0f;
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2High = -0.693145751953125f, kLn2Low = -1.428606765330187045e-06f;
+  // exp(r)'s polynomial, its highest power's coefficient first
+  static constexpr float kPoly[7] = {0.0013846145f, 0.0083741201f, 0.041667961f, 0.16666432f,
+                                     0.49999994f,   1.0f,          1.0f};
+};
+
+inline float clamp_exp(float x) {  // x < kLow: kLow; x > kHigh: kHigh; else (NaN too) x
+  const float low = x < ExpConstants::kLow ? ExpConstants::kLow : x;
+  return low > ExpConstants::kHigh ? ExpConstants::kHigh : low;
+}
+inline float fma_of(float a, float b, float c) { return std::fma(a, b, c); }
+inline float power_of_two(float shifted) {  // 2^n, from shifted's bits (0x4B400000 + n)
+  // n + 127 in the exponent's bits (what lies above the exponent's 8 bits shifts out)
+  return __builtin_bit_cast(float, (__builtin_bit_cast(uint32_t, shifted) + 127u) << 23);
 }
 
-// sigmoid(p) = 1 / (1 + exp(-p)). (SiLU, p sigmoid(p), is computed as torch does it,
-// p / (1 + exp(-p)).)
-inline float sigmoid(float p) { return 1.0f / (1.0f + vector_exp(-p)); }
+#if BATCHNORM_HALF_LOOPS
+inline Lanes clamp_exp(Lanes x) {  // the same: max and min return x where it is NaN
+  return _mm512_min_ps(_mm512_set1_ps(ExpConstants::kHigh),
+                       _mm512_max_ps(_mm512_set1_ps(ExpConstants::kLow), x));
+}
+inline Lanes fma_of(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
+inline Lanes power_of_two(Lanes shifted) {
+  const __m512i biased = _mm512_add_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(127));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23));
+}
+#endif
+
+template <typename V>
+inline V one_plus_exp(V x) {
+  using E = ExpConstants;
+  const V clamped = clamp_exp(x), round = V{} + E::kRound;
+  const V shifted = fma_of(clamped, V{} + E::kLog2e, round);
+  const V n = shifted - round;
+  V r = fma_of(n, V{} + E::kLn2High, clamped);
+  r = fma_of(n, V{} + E::kLn2Low, r);
+  V poly = V{} + E::kPoly[0];  // (a loop over the powers kept GCC's loops scalar)
+  poly = fma_of(poly, r, V{} + E::kPoly[1]);
+  poly = fma_of(poly, r, V{} + E::kPoly[2]);
+  poly = fma_of(poly, r, V{} + E::kPoly[3]);
+  poly = fma_of(poly, r, V{} + E::kPoly[4]);
+  poly = fma_of(poly, r, V{} + E::kPoly[5]);
+  poly = fma_of(poly, r, V{} + E::kPoly[6]);
+  return fma_of(poly, power_of_two(shifted), V{} + 1.0f);
+}
+
+// SiLU, p sigmoid(p), computed as torch does it, p / (1 + exp(-p)); sigmoid(p) = 1 / (1 +
+// exp(-p)); SiLU's derivative, dL/dp from dL/dy = g: g sigmoid(p) (1 + p (1 - sigmoid(p))).
+template <typename V>
+inline V silu_of(V p) { return p / one_plus_exp<V>(-p); }
+template <typename V>
+inline V silu_gradient(V g, V p) {
+  const V s = (V{} + 1.0f) / one_plus_exp<V>(-p);
+  return g * s * fma_of(p, (V{} + 1.0f) - s, V{} + 1.0f);
+}
 
 // Calls f(act, derivative, memory_bound) with the activation's function of the
 // pre-activation p and its chain rule, dL/dp from dL/dy = g: torch's conventions (relu
@@ -103,12 +159,8 @@ void with_activation(int64_t code, float slope, F&& f) {
                [slope](float g, float p) { return g * (p > 0.0f ? 1.0f : slope); },
                std::true_type{});
     case kSilu:
-      return f([](float p) { return p / (1.0f + vector_exp(-p)); },
-               [](float g, float p) {
-                 const float s = sigmoid(p);
-                 return g * s * (1.0f + p * (1.0f - s));
-               },
-               std::false_type{});
+      return f([](auto p) { return silu_of(p); },  // (float, or Lanes: pre_gradient_lanes)
+               [](auto g, auto p) { return silu_gradient(g, p); }, std::false_type{});
     default:
       return f([](float p) { return p; }, [](float g, float) { return g; }, std::true_type{});
   }
@@ -127,15 +179,6 @@ void with_activation(int64_t code, float slope, F&& f) {
 // ATen and the Numba kernels (LLVM: F16C in vectors) compute the larger ones.
 using BF16 = uint16_t;
 
-// Whether the loops of half-precision values written in AVX-512's instructions (F, BW, VL)
-// are built (eval_halves, normalize_units, dx_halves, ChannelBuffers' conversions): without
-// them float16 runs elsewhere.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define BATCHNORM_HALF_LOOPS 1
-#else
-#define BATCHNORM_HALF_LOOPS 0
-#endif
-constexpr bool kHalfLoops = BATCHNORM_HALF_LOOPS;
 
 inline float load(float v) { return v; }
 inline float load(BF16 v) {
@@ -1039,6 +1082,10 @@ void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
                      int64_t channels, bool planes, const float* origin, const float* scale,
                      const float* shift, int64_t activation, float slope);
 
+template <typename T, typename Derivative>
+void pre_gradient_lanes(const Rows<T>& in, const T* dy, float* dpre, int64_t first,
+                        int64_t count, const Derivative& derivative);
+
 Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bias,
                         const Tensor& residual, Running& running, bool training,
                         double momentum, double eps, int64_t activation, double slope) {
@@ -1075,8 +1122,7 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
     // taking turns with the generic loop's, time / before, one thread (two): (4096, 1024)
     // 0.86-0.94 (0.84-0.88), channels_last (32, 128, 32, 32) 0.84-0.85 (0.83), (512, 256)
     // 0.86 (0.90-0.92); with ReLU 0.84-0.86 (0.85-0.88), 0.81-0.82 (0.80), 0.84 (0.89-0.91).
-    // (SiLU, bound by its exp, took 0.94-0.99 in blocks as eval_halves' SiLU: it stays in the
-    // generic loop.)
+    // SiLU too (its exp in AVX-512's instructions: see one_plus_exp).
     // float32 outputs of kStreamFrom bytes or more, with those activations, in the same loops:
     // the same bits, stored a cache line at a time from the registers (see load_halves of
     // float). Raw eval calls taking turns with the stream_rows loop's, time / before, two
@@ -1088,7 +1134,7 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
     // and stay in theirs.
     const bool lanes_loop = !std::is_same_v<T, float> || streams_out<T>(rows * channels);
     if constexpr (kHalfLoops) {
-      if (activation != kSilu && lanes_loop)
+      if (lanes_loop)
         return normalize_units(in.x, in.z, mutable_values<T>(out.y), rows, channels, channels,
                                false, in.centre.origin.data(), in.affine.scale.data(),
                                in.affine.shift.data(), activation, static_cast<float>(slope));
@@ -1716,16 +1762,16 @@ void pre_gradient(const Planes<T>& in, const T* dy, Derivative derivative, float
 // running mean) * invstd * weight + bias [+ z]) in float32 (the mean folded into the shift:
 // eval_halves), rounded to nearest, ties to even (as torch's .to()); and the half-precision
 // training forward and dx of rows (normalize_units from forward_rows, dx_halves from
-// input_gradients). GCC 12 converts
-// _Float16 one value at a time, and exact integer conversions cost 15-20 vector
-// instructions per 16 values (both slower than ATen's float16 loops: docs/performance.md,
-// "Tried and left out"), so these loops are written in AVX-512's instructions, 16 values at
-// a time (float16: one conversion each way; bfloat16: a shift, and narrow_bf16's rounding):
-// the plain, ReLU and leaky ReLU ones keep each value in a register from its load to its
-// store. SiLU, whose exp GCC vectorizes in float32 loops, converts blocks of kHalfBlock
-// values to float32 in L1, normalizes them there and converts them back. Raw float16 eval
-// calls, µs, one thread, ATen's time -> ours (blocks for every activation at 8 lanes ->
-// registers at 8 -> at 16, before the fold): (8, 256, 12, 12) 31.3 -> 52.5, 39.0, 29.4;
+// input_gradients). GCC 12 converts _Float16 one value at a time, and exact integer
+// conversions cost 15-20 vector instructions per 16 values (both slower than ATen's float16
+// loops: docs/performance.md, "Tried and left out"), so these loops are written in
+// AVX-512's instructions, 16 values at a time (float16: one conversion each way; bfloat16: a
+// shift, and narrow_bf16's rounding): each value stays in a register from its load to its
+// store, SiLU's too (until 2026-12-08 SiLU converted blocks of 256 values to float32 in L1
+// for GCC's vectorized loop, and normalized and converted them back; see one_plus_exp for
+// what the registers gained). Raw
+// float16 eval calls, µs, one thread, ATen's time -> ours (blocks for every activation at
+// 8 lanes -> registers at 8 -> at 16, before the fold): (8, 256, 12, 12) 31.3 -> 52.5, 39.0, 29.4;
 // (32, 64, 28, 28) 146 -> 277, 139, 146; channels_last (8, 128, 24, 24) 76 -> 121, 73, 83
 // (the runs' ATen times varied by 10 %). bfloat16, the loops of eval_planes and
 // forward_rows -> these, µs, one thread: (100, 128) 4.5 -> 3.5, (512, 256) 23.8 -> 18.0,
@@ -1735,14 +1781,11 @@ void pre_gradient(const Planes<T>& in, const T* dy, Derivative derivative, float
 // bfloat16 on those loops. The same loops write the output and training dx of float32 rows
 // of kStreamFrom bytes or more (see load_halves of float).
 #if BATCHNORM_HALF_LOOPS
-constexpr int64_t kHalfBlock = 256;
 
-// 16 lanes of float32, converted from and to float16 (the stores 256-bit wide: see
+// Lanes of float32 converted from and to float16 and bfloat16 (the stores 256-bit wide: see
 // for_channels). Each load and store also takes a Mask of the first lanes (first_lanes(n),
 // n <= kLanes), for the last values of a row or plane.
-using Lanes = __m512;
 using Mask = __mmask16;
-constexpr int64_t kLanes = 16;
 inline Mask first_lanes(int64_t n) { return static_cast<Mask>((1u << n) - 1); }
 inline Lanes load_halves(const F16* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -1817,12 +1860,14 @@ inline Lanes below_zero(Lanes p, Lanes below) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_LT_OQ), p, below);
 }
 
-// with_activation's plain, ReLU and leaky ReLU on lanes: the same values (where p < 0,
-// 0 or p * slope; elsewhere, NaN included, p).
+// with_activation's activations on lanes: the same values (ReLU and leaky ReLU: where p <
+// 0, 0 or p * slope; elsewhere, NaN included, p).
 template <int64_t kCode>
 inline Lanes activate_lanes(Lanes p, Lanes slope) {
   if constexpr (kCode == kIdentity)
     return p;
+  else if constexpr (kCode == kSilu)
+    return silu_of(p);
   else
     return below_zero(p, kCode == kRelu ? lanes_of(0.0f) : mul_lanes(p, slope));
 }
@@ -1842,19 +1887,20 @@ template <typename T, typename F>
   if (i < n) lanes(i, first_lanes(n - i));
 }
 
-// dst[i] = act(fma(src[i] [- origin[i]], scale[i], shift[i]) [+ add[i]]) for i < n, kLanes
-// values at a time, act kCode's; kPlane: one channel's values (origin, scale and shift point
-// to its constants). kCentred: with the origin, Rows::each_pre's very bits (the training
-// forward); without (origin unread), its values with the origin folded into the shift
-// (eval_halves). (A test of origin in the loop made float16 eval 1-7 % slower.)
-// period (not kPlane): where not 0, the constants are PeriodicTables' of that period.
-template <int64_t kCode, bool kPlane, bool kCentred, typename T>
-void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float* origin,
-                      const float* scale, const float* shift, float slope,
-                      int64_t period = 0) {
-  const Lanes slopes = lanes_of(slope);
+// Calls out(i, p) with the pre-activations p = fma(src[i] [- origin[i]], scale[i],
+// shift[i]) [+ add[i]] of the values [i, i + kLanes) of [0, n), and out(i, p, mask) for
+// fewer (for_lanes, its stores aligned to `dst`'s cache lines); kPlane: one channel's values
+// (origin, scale and shift point to its constants). kCentred: with the origin, Rows::each_pre's
+// very bits (the training forward, the backward's dpre); without (origin unread), its values
+// with the origin folded into the shift (eval_halves). (A test of origin in the loop made
+// float16 eval 1-7 % slower.) period (not kPlane): where not 0, the constants are
+// PeriodicTables' of that period.
+template <bool kPlane, bool kCentred, typename T, typename D, typename Out>
+[[gnu::always_inline]] inline void each_pre_lanes(const T* src, const T* add, const D* dst,
+                                                  int64_t n, const float* origin,
+                                                  const float* scale, const float* shift,
+                                                  int64_t period, Out&& out) {
   with_positions(period, [&](auto constants_at) {
-    // the values from i on, kLanes of them, or those of `mask` (first_lanes)
     auto lanes = [&](int64_t i, auto... mask) {
       Lanes v = load_halves(src + i, mask...);
       Lanes p;
@@ -1867,10 +1913,23 @@ void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float
         p = fma_lanes(v, lanes_at(scale + c, mask...), lanes_at(shift + c, mask...));
       }
       if (add) p = add_lanes(p, load_halves(add + i, mask...));
-      store_halves(dst + i, activate_lanes<kCode>(p, slopes), mask...);
+      out(i, p, mask...);
     };
     for_lanes(dst, n, lanes);
   });
+}
+
+// dst[i] = act(pre-activation) for i < n (each_pre_lanes' values), act kCode's.
+template <int64_t kCode, bool kPlane, bool kCentred, typename T>
+void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float* origin,
+                      const float* scale, const float* shift, float slope,
+                      int64_t period = 0) {
+  const Lanes slopes = lanes_of(slope);
+  each_pre_lanes<kPlane, kCentred>(src, add, dst, n, origin, scale, shift, period,
+                                   [&](int64_t i, Lanes p, auto... mask) {
+                                     store_halves(dst + i, activate_lanes<kCode>(p, slopes),
+                                                  mask...);
+                                   });
 }
 
 // g's values: half-precision (dy) or float32 (a prepared dpre).
@@ -1908,7 +1967,32 @@ void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, co
   });
 }
 
-// dst[0, n) = src[0, n) in float32, and back (the blocks of SiLU's loops).
+inline void store_lanes(float* p, Lanes v) { _mm512_storeu_ps(p, v); }
+inline void store_lanes(float* p, Lanes v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
+
+// dpre[i] = derivative(dy[i], pre-activation) over rows [first, first + count) of `in`
+// (each_pre_lanes' pre-activations, a row at a time), stored in float32 with plain stores
+// (the backward's sums read them back from L1 at once): the backward's dpre of SiLU, whose
+// exp bounds its loop by arithmetic, in AVX-512's instructions (GCC's vectorized loop
+// compares and blends where these take a min and a max), derivative with_activation's (on
+// lanes: the same bits).
+template <typename T, typename Derivative>
+void pre_gradient_lanes(const Rows<T>& in, const T* dy, float* dpre, int64_t first,
+                        int64_t count, const Derivative& derivative) {
+  const float *origin = in.centre.origin.data(), *scale = in.affine.scale.data(),
+              *shift = in.affine.shift.data();
+  for (int64_t r = first; r < first + count; ++r) {
+    const int64_t base = r * in.channels;
+    each_pre_lanes<false, true>(in.x + base, in.z ? in.z + base : nullptr, dpre + base,
+                                in.channels, origin, scale, shift, 0,
+                                [&](int64_t i, Lanes p, auto... mask) {
+                                  const Lanes g = gradient_lanes(dy + base, i, mask...);
+                                  store_lanes(dpre + base + i, derivative(g, p), mask...);
+                                });
+  }
+}
+
+// dst[0, n) = src[0, n) in float32, and back (ChannelBuffers').
 template <typename T>
 void halves_to_floats(const T* src, float* __restrict dst, int64_t n) {
   for (int64_t i = 0; i < n; i += kLanes) {
@@ -1924,27 +2008,13 @@ void floats_to_halves(const float* __restrict src, T* dst, int64_t n) {
   }
 }
 
-// dst[i] = act(src[i] * scale[i] + shift[i] [+ add[i]]) for i < n: a block of a row's
-// values in float32, channel by channel (flattened: see normalize_plane).
-template <typename Act>
-[[gnu::flatten]] inline void normalize_channels(const float* __restrict src,
-                                                const float* __restrict add,
-                                                float* __restrict dst, int64_t n,
-                                                const float* __restrict scale,
-                                                const float* __restrict shift, Act act) {
-  if (add) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = act(src[i] * scale[i] + shift[i] + add[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = act(src[i] * scale[i] + shift[i]);
-  }
-}
-
 // Calls f(code), the activation's code as a std::integral_constant: normalize_halves'
-// activations (ReLU, leaky ReLU, else the identity).
+// activations (ReLU, leaky ReLU, SiLU, else the identity).
 template <typename F>
 void with_lanes_activation(int64_t activation, F&& f) {
   if (activation == kRelu) return f(std::integral_constant<int64_t, kRelu>{});
   if (activation == kLeakyRelu) return f(std::integral_constant<int64_t, kLeakyRelu>{});
+  if (activation == kSilu) return f(std::integral_constant<int64_t, kSilu>{});
   f(std::integral_constant<int64_t, kIdentity>{});
 }
 
@@ -2029,40 +2099,11 @@ Tensor eval_halves(const Tensor& x, const Tensor& weight, const Tensor& bias,
   const int64_t width = units ? x.numel() / units : 0;
   Tensor y = at::empty_like(x);
   const Affine affine = eval_affine(weight, bias, running, eps, channels, true);
-  const float *scale = affine.scale.data(), *shift = affine.shift.data();
-  // the constants of unit u's values from `from` on (u's channel: `channel`, a plane's)
-  auto constants = [&](int64_t channel, int64_t from) {
-    const int64_t c = planes ? channel : from;
-    return std::array<const float*, 2>{scale + c, shift + c};
-  };
   auto run = [&](auto element) {  // the element type: F16 or BF16
     using T = decltype(element);
-    const T* in = values_or_null<T>(x);
-    const T* z = values_or_null<T>(residual);
-    T* out = mutable_values<T>(y);
-    if (activation != kSilu)  // in registers
-      return normalize_units(in, z, out, units, width, channels, planes, nullptr, scale, shift,
-                             activation, static_cast<float>(slope));
-    // SiLU: blocks in float32 (with_activation gives its function)
-    with_activation(activation, static_cast<float>(slope), [&](auto act, auto, auto) {
-      for_rows(units, width, [&](int64_t begin, int64_t end) {
-        alignas(64) float values[kHalfBlock], added[kHalfBlock], results[kHalfBlock];
-        const float* add = z ? added : nullptr;
-        for (int64_t u = begin; u < end; ++u) {
-          for (int64_t from = 0; from < width; from += kHalfBlock) {
-            const int64_t n = std::min(kHalfBlock, width - from), first = u * width + from;
-            const auto [sc, sh] = constants(u % channels, from);
-            halves_to_floats(in + first, values, n);
-            if (z) halves_to_floats(z + first, added, n);
-            if (planes)
-              normalize_plane<false>(values, add, results, n, 0.0f, *sc, *sh, act);
-            else
-              normalize_channels(values, add, results, n, sc, sh, act);
-            floats_to_halves(results, out + first, n);
-          }
-        }
-      });
-    });
+    normalize_units(values_or_null<T>(x), values_or_null<T>(residual), mutable_values<T>(y),
+                    units, width, channels, planes, nullptr, affine.scale.data(),
+                    affine.shift.data(), activation, static_cast<float>(slope));
   };
   if (x.scalar_type() == at::kHalf)
     run(F16{});
@@ -2217,6 +2258,8 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
           float* dpre_values = mutable_values<float>(dpre);
           if constexpr (std::is_same_v<std::decay_t<decltype(in)>, Rows<T>>) {
             auto prepare = [&](int64_t first, int64_t count) {  // dpre of these rows
+              if constexpr (kHalfLoops && !decltype(memory_bound)::value)  // SiLU
+                return pre_gradient_lanes(in, dy_values, dpre_values, first, count, derivative);
               in.template each_pre<decltype(memory_bound)::value>(
                   first, first + count, [=](int64_t i, float pre) {
                     dpre_values[i] = derivative(load(dy_values[i]), pre);
