@@ -350,11 +350,13 @@ def test_batch_variance_keeps_its_digits_where_the_sampled_rows_are_far(layout):
     assert _variance_error(x if layout == "rows" else _as_planes(x)) < 3e-7
 
 
-#: SiLU's loops: GCC's vectorized ones (float32 below 16 MiB), and AVX-512's, where the CPU
-#: has it (bfloat16 at any size; float32 rows of 16 MiB or more, here 4,400 copies of the
-#: range; every backward's dL/d(pre-activation)). (dtype, copies of the range)
-SILU_LOOPS = {"float32": (torch.float32, 1), "float32 streamed": (torch.float32, 4400),
-              "bfloat16": (torch.bfloat16, 1)}  # fmt: skip
+#: SiLU's loops: AVX-512's, where the CPU has it, on rows ((N, C) and channels_last) of
+#: either dtype, with plain or (16 MiB or more, here 4,400 copies of the range) non-temporal
+#: stores, and every backward's dL/d(pre-activation) of rows; GCC's vectorized ones on NCHW
+#: planes (and everywhere on a CPU without AVX-512). (dtype, copies of the range, NCHW)
+SILU_LOOPS = {"float32": (torch.float32, 1, False), "bfloat16": (torch.bfloat16, 1, False),
+              "float32 streamed": (torch.float32, 4400, False),
+              "float32 NCHW": (torch.float32, 1, True)}  # fmt: skip
 
 
 @pytest.mark.parametrize("loops", SILU_LOOPS)
@@ -364,7 +366,7 @@ def test_silu_over_its_whole_range(training, loops):
     pre-activations from -120 to 120 (beyond its clamps to [-87.34, 88.38] on either side),
     0, and inf, -inf and NaN, against torch's SiLU in float64: float32 to float32's
     accuracy, bfloat16 within its rounding (and the special values exactly)."""
-    dtype, copies = SILU_LOOPS[loops]
+    dtype, copies, planes = SILU_LOOPS[loops]
     values = torch.linspace(-120, 120, 4001)
     x = torch.cat([values, torch.tensor([0.0, float("inf"), float("-inf"), float("nan")])])
     x = x.repeat(2).view(2, -1).t().contiguous()  # (N, 2): two channels
@@ -376,6 +378,8 @@ def test_silu_over_its_whole_range(training, loops):
         with torch.no_grad():
             ours.weight.fill_(120 / 1.733), ref.weight.fill_(120 / 1.733)
     x = x.repeat(copies, 1).to(dtype)
+    if planes:  # (1, 2, N): a plane of N values a channel
+        x = x.t().contiguous()[None]
     _runs_here(x, training)
     xs, xd = x.clone().requires_grad_(), x.double().requires_grad_()
     y, yd = ours(xs), torch.nn.functional.silu(ref(xd))

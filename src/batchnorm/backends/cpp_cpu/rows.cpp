@@ -70,9 +70,9 @@ constexpr int64_t kLanes = 16;
 // relative terms (a sweep of 1.8 million points; the Taylor polynomial to r^7 after a
 // rounding instruction, before 2026-12-05 evening, was as close and made a fused SiLU's
 // forward + backward take 11-17 % longer); below kLow 1 + 1.2e-38; NaN for NaN (the clamps
-// keep it). V: float, in the loops GCC vectorizes, or Lanes (16 float32 values, AVX-512),
-// in those written in its instructions (normalize_halves): the same operations, so the
-// same bits. (Before 2026-12-08 kHigh was 88 and a test of x gave inf above it: GCC
+// keep it). V: float, in the loops GCC vectorizes (NCHW planes; everywhere on CPUs without
+// AVX-512), or Lanes (16 float32 values, AVX-512), in those written in its instructions
+// (rows: normalize_halves, pre_gradient_lanes): the same operations, so the same bits. (Before 2026-12-08 kHigh was 88 and a test of x gave inf above it: GCC
 // vectorized the clamps and the test into compares, blends and mask operations, ~30
 // instructions for 16 values where these are ~20.)
 struct ExpConstants {
@@ -1122,7 +1122,13 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
     // taking turns with the generic loop's, time / before, one thread (two): (4096, 1024)
     // 0.86-0.94 (0.84-0.88), channels_last (32, 128, 32, 32) 0.84-0.85 (0.83), (512, 256)
     // 0.86 (0.90-0.92); with ReLU 0.84-0.86 (0.85-0.88), 0.81-0.82 (0.80), 0.84 (0.89-0.91).
-    // SiLU too (its exp in AVX-512's instructions: see one_plus_exp).
+    // SiLU too, and float32 rows of every size with SiLU, bound by its exp, where the
+    // registers beat GCC's loop (see one_plus_exp; their stores plain under kStreamFrom:
+    // normalize_units). Raw calls, time / GCC's loop (with the new exp), two threads (one):
+    // channels_last (8, 96, 24, 24) eval 0.86 (0.84), training forward 0.88 (0.86), forward +
+    // backward 0.92-0.96 (0.97); channels_last (32, 64, 32, 32) 0.72-0.84 (0.84), 0.68-0.87
+    // (0.90), 0.98-0.99 (0.94); (2400, 1024) 0.85-0.93 (0.87), 0.89-0.91 (0.89), 0.98-1.00
+    // (0.98); (300, 128) 0.84-0.86 (0.85), 0.87-0.89 (0.86), 0.97 (0.97). The same bits.
     // float32 outputs of kStreamFrom bytes or more, with those activations, in the same loops:
     // the same bits, stored a cache line at a time from the registers (see load_halves of
     // float). Raw eval calls taking turns with the stream_rows loop's, time / before, two
@@ -1132,7 +1138,8 @@ Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bia
     // Training forward 0.89-1.00 (0.84-1.01), forward + backward with input_gradients' dx
     // 0.93-0.97 (0.93-1.01). NCHW planes in these loops (eval_planes) were level (0.96-1.04)
     // and stay in theirs.
-    const bool lanes_loop = !std::is_same_v<T, float> || streams_out<T>(rows * channels);
+    const bool lanes_loop =
+        !std::is_same_v<T, float> || streams_out<T>(rows * channels) || activation == kSilu;
     if constexpr (kHalfLoops) {
       if (lanes_loop)
         return normalize_units(in.x, in.z, mutable_values<T>(out.y), rows, channels, channels,
@@ -1848,6 +1855,9 @@ inline Lanes load_halves(const float* p) { return _mm512_loadu_ps(p); }
 inline Lanes load_halves(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
 inline void store_halves(float* p, Lanes v) { _mm512_stream_ps(p, v); }
 inline void store_halves(float* p, Lanes v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
+// float32 lanes with plain stores, for values read again soon (kept in the caches)
+inline void store_lanes(float* p, Lanes v) { _mm512_storeu_ps(p, v); }
+inline void store_lanes(float* p, Lanes v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
 inline Lanes lanes_of(float v) { return _mm512_set1_ps(v); }
 inline Lanes lanes_at(const float* p) { return _mm512_loadu_ps(p); }
 inline Lanes lanes_at(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
@@ -1919,16 +1929,18 @@ template <bool kPlane, bool kCentred, typename T, typename D, typename Out>
   });
 }
 
-// dst[i] = act(pre-activation) for i < n (each_pre_lanes' values), act kCode's.
-template <int64_t kCode, bool kPlane, bool kCentred, typename T>
+// dst[i] = act(pre-activation) for i < n (each_pre_lanes' values), act kCode's; a float32
+// dst with non-temporal stores (store_halves) or, kCached, plain ones (store_lanes).
+template <int64_t kCode, bool kPlane, bool kCentred, bool kCached = false, typename T>
 void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float* origin,
                       const float* scale, const float* shift, float slope,
                       int64_t period = 0) {
   const Lanes slopes = lanes_of(slope);
   each_pre_lanes<kPlane, kCentred>(src, add, dst, n, origin, scale, shift, period,
                                    [&](int64_t i, Lanes p, auto... mask) {
-                                     store_halves(dst + i, activate_lanes<kCode>(p, slopes),
-                                                  mask...);
+                                     const Lanes y = activate_lanes<kCode>(p, slopes);
+                                     if constexpr (kCached) store_lanes(dst + i, y, mask...);
+                                     else store_halves(dst + i, y, mask...);
                                    });
 }
 
@@ -1966,9 +1978,6 @@ void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, co
     for_lanes(dx, n, lanes);
   });
 }
-
-inline void store_lanes(float* p, Lanes v) { _mm512_storeu_ps(p, v); }
-inline void store_lanes(float* p, Lanes v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
 
 // dpre[i] = derivative(dy[i], pre-activation) over rows [first, first + count) of `in`
 // (each_pre_lanes' pre-activations, a row at a time), stored in float32 with plain stores
@@ -2019,27 +2028,29 @@ void with_lanes_activation(int64_t activation, F&& f) {
 }
 
 // y = act((x [- origin]) * scale + shift [+ z]) in registers (normalize_halves), act the
-// plain, ReLU or leaky ReLU (activation's code), over `units` rows or (planes) NCHW planes
-// of `width` values each. The constants are per channel: a row's value c takes channel c's,
-// a plane's values those of its channel (unit u's: u % channels). origin: null where the
-// shift holds it.
+// plain, ReLU, leaky ReLU or SiLU (activation's code), over `units` rows or (planes) NCHW
+// planes of `width` values each. The constants are per channel: a row's value c takes
+// channel c's, a plane's values those of its channel (unit u's: u % channels). origin: null
+// where the shift holds it. A float32 y of kStreamFrom bytes or more is written with
+// non-temporal stores, a smaller one (SiLU's: see forward_rows) with plain ones.
 template <typename T>
 void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
                      int64_t channels, bool planes, const float* origin, const float* scale,
                      const float* shift, int64_t activation, float slope) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  const bool stream = streams_out<T>(units * width);
   // float32 rows: a thread's rows as one run of values where their width calls for it
-  const PeriodicTables tables = std::is_same_v<T, float> && !planes
-                                    ? PeriodicTables(width, {origin, scale, shift})
-                                    : PeriodicTables();
-  auto each_unit = [&](auto code, auto centred) {
+  const PeriodicTables tables =
+      kFloat && !planes ? PeriodicTables(width, {origin, scale, shift}) : PeriodicTables();
+  auto each_unit = [&](auto code, auto centred, auto cached) {
     constexpr int64_t kCode = decltype(code)::value;
-    constexpr bool kCentred = decltype(centred)::value;
+    constexpr bool kCentred = decltype(centred)::value, kCached = decltype(cached)::value;
     for_rows(units, width, [&](int64_t begin, int64_t end) {
       if (tables.period) {  // the rows as one run
         const int64_t first = begin * width;
-        normalize_halves<kCode, false, kCentred>(x + first, z ? z + first : nullptr, y + first,
-                                                 (end - begin) * width, tables[0], tables[1],
-                                                 tables[2], slope, tables.period);
+        normalize_halves<kCode, false, kCentred, kCached>(
+            x + first, z ? z + first : nullptr, y + first, (end - begin) * width, tables[0],
+            tables[1], tables[2], slope, tables.period);
       } else {
         for (int64_t u = begin, channel = begin % channels; u < end; ++u) {
           const int64_t c = planes ? channel : 0;  // the unit's first constants
@@ -2047,22 +2058,28 @@ void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
           const int64_t first = u * width;
           const T* add = z ? z + first : nullptr;
           if (planes)
-            normalize_halves<kCode, true, kCentred>(x + first, add, y + first, width,
-                                                    kCentred ? origin + c : nullptr, scale + c,
-                                                    shift + c, slope);
+            normalize_halves<kCode, true, kCentred, kCached>(
+                x + first, add, y + first, width, kCentred ? origin + c : nullptr, scale + c,
+                shift + c, slope);
           else
-            normalize_halves<kCode, false, kCentred>(x + first, add, y + first, width, origin,
-                                                     scale, shift, slope);
+            normalize_halves<kCode, false, kCentred, kCached>(x + first, add, y + first, width,
+                                                              origin, scale, shift, slope);
         }
       }
-      if constexpr (std::is_same_v<T, float>) fence_streams();
+      if (kFloat && !kCached) fence_streams();
     });
   };
-  auto with_code = [&](auto centred) {
-    with_lanes_activation(activation, [&](auto code) { each_unit(code, centred); });
+  auto with_code = [&](auto centred, auto cached) {
+    with_lanes_activation(activation, [&](auto code) { each_unit(code, centred, cached); });
   };
-  if (origin) return with_code(std::true_type{});
-  with_code(std::false_type{});
+  auto with_stores = [&](auto centred) {
+    if constexpr (kFloat) {
+      if (!stream) return with_code(centred, std::true_type{});
+    }
+    with_code(centred, std::false_type{});
+  };
+  if (origin) return with_stores(std::true_type{});
+  with_stores(std::false_type{});
 }
 
 // y = act((x - origin) * scale + shift [+ z]) over channel c's planes of an NCHW input, in
