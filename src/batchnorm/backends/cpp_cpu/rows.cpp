@@ -72,7 +72,8 @@ constexpr int64_t kLanes = 16;
 // forward + backward take 11-17 % longer); below kLow 1 + 1.2e-38; NaN for NaN (the clamps
 // keep it). V: float, in the loops GCC vectorizes (NCHW planes; everywhere on CPUs without
 // AVX-512), or Lanes (16 float32 values, AVX-512), in those written in its instructions
-// (rows: normalize_halves, pre_gradient_lanes): the same operations, so the same bits. (Before 2026-12-08 kHigh was 88 and a test of x gave inf above it: GCC
+// (rows: normalize_halves, pre_gradient_lanes): the same operations, so the same bits.
+// (Until 2026-12-07 afternoon kHigh was 88 and a test of x gave inf above it: GCC
 // vectorized the clamps and the test into compares, blends and mask operations, ~30
 // instructions for 16 values where these are ~20.)
 struct ExpConstants {
@@ -178,7 +179,6 @@ void with_activation(int64_t code, float slope, F&& f) {
 // pass converted so (NCHW planes now convert a channel at a time with F16C: ChannelBuffers);
 // ATen and the Numba kernels (LLVM: F16C in vectors) compute the larger ones.
 using BF16 = uint16_t;
-
 
 inline float load(float v) { return v; }
 inline float load(BF16 v) {
@@ -1774,12 +1774,12 @@ void pre_gradient(const Planes<T>& in, const T* dy, Derivative derivative, float
 // loops: docs/performance.md, "Tried and left out"), so these loops are written in
 // AVX-512's instructions, 16 values at a time (float16: one conversion each way; bfloat16: a
 // shift, and narrow_bf16's rounding): each value stays in a register from its load to its
-// store, SiLU's too (until 2026-12-08 SiLU converted blocks of 256 values to float32 in L1
-// for GCC's vectorized loop, and normalized and converted them back; see one_plus_exp for
-// what the registers gained). Raw
-// float16 eval calls, µs, one thread, ATen's time -> ours (blocks for every activation at
-// 8 lanes -> registers at 8 -> at 16, before the fold): (8, 256, 12, 12) 31.3 -> 52.5, 39.0, 29.4;
-// (32, 64, 28, 28) 146 -> 277, 139, 146; channels_last (8, 128, 24, 24) 76 -> 121, 73, 83
+// store, SiLU's too (until 2026-12-07 afternoon SiLU converted blocks of 256 values to
+// float32 in L1 for GCC's vectorized loop, and normalized and converted them back; see
+// one_plus_exp for what the registers gained). Raw float16 eval calls, µs, one thread,
+// ATen's time -> ours (blocks for every activation at 8 lanes -> registers at 8 -> at 16,
+// before the fold): (8, 256, 12, 12) 31.3 -> 52.5, 39.0, 29.4; (32, 64, 28, 28) 146 ->
+// 277, 139, 146; channels_last (8, 128, 24, 24) 76 -> 121, 73, 83
 // (the runs' ATen times varied by 10 %). bfloat16, the loops of eval_planes and
 // forward_rows -> these, µs, one thread: (100, 128) 4.5 -> 3.5, (512, 256) 23.8 -> 18.0,
 // (8, 256, 12, 12) 50.7 -> 42.0, (8, 512, 7, 7) 48.3 -> 42.0, (32, 64, 28, 28) 232 -> 213,
@@ -1788,7 +1788,6 @@ void pre_gradient(const Planes<T>& in, const T* dy, Derivative derivative, float
 // bfloat16 on those loops. The same loops write the output and training dx of float32 rows
 // of kStreamFrom bytes or more (see load_halves of float).
 #if BATCHNORM_HALF_LOOPS
-
 // Lanes of float32 converted from and to float16 and bfloat16 (the stores 256-bit wide: see
 // for_channels). Each load and store also takes a Mask of the first lanes (first_lanes(n),
 // n <= kLanes), for the last values of a row or plane.
