@@ -587,6 +587,13 @@ void write_rows(T* y, int64_t values, int64_t begin, int64_t end, int64_t width,
 
 // Rows whose terms a sum adds in registers before it adds them to the sums in memory.
 constexpr int64_t kRowsAtOnce = 8;
+// The statistics of half-precision rows add this many: their pass is bound by arithmetic
+// (each value's conversion, its centring, its square), and a store to the sums in memory
+// every 16 rows instead of 8 is a tenth of it less. Raw bfloat16 training forwards taking
+// turns, time / 8 rows, two threads (one): (4096, 1024) 0.93-0.94 (0.95), channels_last
+// (32, 128, 32, 32) 0.91-0.94 (0.97), (8, 96, 24, 24) 0.95. (Float32's, bound by memory:
+// 0.91-1.00, not kept: their sums' rounding grows with the rows summed in float32.)
+constexpr int64_t kHalfStatisticsRows = 16;
 // The backward's sums over an input of kPairsFrom bytes or more (larger than our machines'
 // 32 MiB L3: read from memory however the layers before ran) add 2 rows at once instead,
 // asking for the lines of each pair kPairsAhead rows ahead: 8 rows read a column at a time
@@ -609,8 +616,9 @@ constexpr int64_t kPairsAhead = 16;
 // Adds the terms of `count` rows from r0 on to each channel's sums (see column_sums): first
 // and second_sums[c] += Σ term(r, c)[0] and [1] over those rows, summed in registers (in
 // term's type). count: a compile-time constant (std::integral_constant), so that the loop
-// over the rows unrolls in full, also with an activation's derivative in term: a loop left
-// inside the loop over the channels keeps that one scalar (5-8x slower).
+// over the rows unrolls in full (up to 16 rows), also with an activation's derivative in
+// term: a loop left inside the loop over the channels keeps that one scalar (5-8x slower;
+// 3-4x for 16 rows of statistics under an unroll of 8).
 template <typename Term, typename Count>
 [[gnu::always_inline]] inline void add_rows_to(const Term& term, int64_t r0, Count,
                                                int64_t channels, double* __restrict first_sums,
@@ -618,7 +626,7 @@ template <typename Term, typename Count>
   using Terms = std::invoke_result_t<const Term&, int64_t, int64_t>;
   for (int64_t c = 0; c < channels; ++c) {
     typename Terms::value_type first = 0, second = 0;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int64_t i = 0; i < Count::value; ++i) {
       const Terms t = term(r0 + i, c);
       first += t[0];
@@ -635,11 +643,12 @@ template <typename Term, typename Count>
 // backward's, see input_gradients).
 // The rows are cut into a number of blocks that depends on the input's size only, each
 // summed on its own, and the blocks' sums added in order: the same result on any number of
-// threads. Within a block, the terms of kRowsAtOnce rows are added in registers (the loop
-// over the channels vectorizes) before the block's sums in memory. Measured on one thread,
-// (32768, 128) and (4096, 1024), the statistics' sums / the backward's: 0.29-0.33 /
-// 0.72-1.05 ms; a row at a time the loop is store-bound; tiles of 16 channels summed down 8
-// rows in registers, 0.56-0.60 / 1.3-2.8 ms (they read each row a cache line at a time);
+// threads. Within a block, the terms of kRowsAtOnce rows (the statistics of half-precision
+// inputs: kHalfStatisticsRows) are added in registers (the loop over the channels
+// vectorizes) before the block's sums in memory. Measured on one thread, (32768, 128) and
+// (4096, 1024), the statistics' sums / the backward's: 0.29-0.33 / 0.72-1.05 ms; a row at a
+// time the loop is store-bound; tiles of 16 channels summed down 8 rows in registers,
+// 0.56-0.60 / 1.3-2.8 ms (they read each row a cache line at a time);
 // the sums as an array of K terms instead of two restrict pointers, 0.30-0.34 / 2.8-4.7 ms
 // (the vectorized loop is versioned for aliasing). For a large input of `pass` (see
 // sums_prefetch: T is the input's element type), the arrays of `reads` (the rows term
@@ -686,7 +695,9 @@ std::array<std::vector<double>, 2> column_sums(int64_t rows, int64_t channels, T
     };
     if (in_pairs)
       in_groups(std::integral_constant<int64_t, 2>{}, kPairsAhead);
-    else  // the group two groups on
+    else if (pass == kForward && !std::is_same_v<T, float>)  // (the group two groups on)
+      in_groups(std::integral_constant<int64_t, kHalfStatisticsRows>{}, 2 * kHalfStatisticsRows);
+    else
       in_groups(std::integral_constant<int64_t, kRowsAtOnce>{}, 2 * kRowsAtOnce);
     for (; r0 < end; ++r0) {
       prepare(r0, int64_t{1});
@@ -746,14 +757,15 @@ std::vector<float> sampled_centre(const T* x, const float* fallback, int64_t row
 // The batch's mean and biased variance, in one pass: sums of d = x - c and d² around a centre
 // c per channel, var = E[d²] - E[d]². A relative rounding error e of the sums' terms becomes
 // e (1 + (c - mean)² / var) of the variance, as E[d²] = var + (c - mean)². So first float32
-// terms, summed over 8 rows in float32 before the float64 sums (column_sums), around
-// sampled_centre's c, for which (c - mean)² / var is 1/16 on average where rows are drawn
-// independently, and above kCentreSpread (2) with a chance of 1.5e-8 a channel if they are
-// normal. Where every channel is within it, those sums stand: their rounding adds at most
-// ~60 float32 roundings to the variance, and measured as little as the float64 sums did (5e-8
-// to 1e-7 of it against float64, 2026-12-06: (32768, 128) and (4096, 1024) at means 0, 3 and
-// 1e4, rows sorted, Student-t rows). The check cannot pass wrongly: the float32 variance is
-// off by ~8 roundings times (1 + (c - mean)² / var) at most, far from the factor
+// terms, summed over 8 rows (half precision: 16) in float32 before the float64 sums
+// (column_sums), around sampled_centre's c, for which (c - mean)² / var is 1/16 on average
+// where rows are drawn independently, and above kCentreSpread (2) with a chance of 1.5e-8 a
+// channel if they are normal. Where every channel is within it, those sums stand: their
+// rounding adds at most ~60 float32 roundings to the variance, and measured as little as the
+// float64 sums did (5e-8 to 1e-7 of it against float64, 2026-12-06: (32768, 128) and (4096,
+// 1024) at means 0, 3 and 1e4, rows sorted, Student-t rows). The check cannot pass wrongly:
+// the float32 variance is off by ~8 roundings (16 in half precision) times (1 + (c - mean)²
+// / var) at most, far from the factor
 // (c - mean)² / var / kCentreSpread it would take. Else the sums again, of float64 terms
 // around `origin` (a channel's first value, or 0): exact terms, whose cancellation costs
 // (origin - mean)² / var of float64's digits, at most the number of rows. Those terms alone
