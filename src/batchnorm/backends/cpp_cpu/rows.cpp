@@ -1858,20 +1858,22 @@ inline void store_halves(BF16* p, Lanes v) {
 inline void store_halves(BF16* p, Lanes v, Mask m) {
   _mm256_mask_storeu_epi16(p, m, narrow_bf16(v));
 }
-// float32 lanes: the float32 rows of kStreamFrom bytes or more (their output in forward_rows,
-// their training dx in input_gradients), stored a whole cache line at a time with a
-// non-temporal store straight from the registers (for_lanes aligns the stores; see
-// kStreamFrom, and forward_rows for what this gained over stream_rows' blocks through L1).
-inline Lanes load_halves(const float* p) { return _mm512_loadu_ps(p); }
-inline Lanes load_halves(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
-inline void store_halves(float* p, Lanes v) { _mm512_stream_ps(p, v); }
-inline void store_halves(float* p, Lanes v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
-// float32 lanes with plain stores, for values read again soon (kept in the caches)
-inline void store_lanes(float* p, Lanes v) { _mm512_storeu_ps(p, v); }
-inline void store_lanes(float* p, Lanes v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
-inline Lanes lanes_of(float v) { return _mm512_set1_ps(v); }
+// float32 lanes: constants, and values stored with plain stores (read again soon: kept in the
+// caches)
 inline Lanes lanes_at(const float* p) { return _mm512_loadu_ps(p); }
 inline Lanes lanes_at(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+inline void store_lanes(float* p, Lanes v) { _mm512_storeu_ps(p, v); }
+inline void store_lanes(float* p, Lanes v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
+// and as the loops' values: the float32 rows of kStreamFrom bytes or more (their output in
+// forward_rows, their training dx in input_gradients), stored a whole cache line at a time
+// with a non-temporal store straight from the registers (for_lanes aligns the stores; see
+// kStreamFrom, and forward_rows for what this gained over stream_rows' blocks through L1),
+// a float32 dy or dpre, and (store_lanes) SiLU's float32 output under kStreamFrom
+inline Lanes load_halves(const float* p) { return lanes_at(p); }
+inline Lanes load_halves(const float* p, Mask m) { return lanes_at(p, m); }
+inline void store_halves(float* p, Lanes v) { _mm512_stream_ps(p, v); }
+inline void store_halves(float* p, Lanes v, Mask m) { store_lanes(p, v, m); }
+inline Lanes lanes_of(float v) { return _mm512_set1_ps(v); }
 inline Lanes fma_lanes(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
 inline Lanes add_lanes(Lanes a, Lanes b) { return _mm512_add_ps(a, b); }
 inline Lanes sub_lanes(Lanes a, Lanes b) { return _mm512_sub_ps(a, b); }
@@ -1955,14 +1957,6 @@ void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float
                                    });
 }
 
-// g's values: half-precision (dy) or float32 (a prepared dpre).
-template <typename T>
-inline Lanes gradient_lanes(const T* g, int64_t i) { return load_halves(g + i); }
-template <typename T>
-inline Lanes gradient_lanes(const T* g, int64_t i, Mask m) { return load_halves(g + i, m); }
-inline Lanes gradient_lanes(const float* g, int64_t i) { return lanes_at(g + i); }
-inline Lanes gradient_lanes(const float* g, int64_t i, Mask m) { return lanes_at(g + i, m); }
-
 // dx[i] = k[i] (g[i] - a[i] - (x[i] - origin[i]) b[i]) for i < n, kLanes values at a time:
 // input_gradients' training dx of a row's values (dx_of's very bits: GCC contracts its
 // g - a - d b to a fused negative multiply-add), its loads and stores F16C's or
@@ -1982,7 +1976,7 @@ void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, co
         else return lanes_at(values + c, mask...);
       };
       const Lanes d = sub_lanes(load_halves(x + i, mask...), constant(origin));
-      const Lanes t = sub_lanes(gradient_lanes(g, i, mask...), constant(a));
+      const Lanes t = sub_lanes(load_halves(g + i, mask...), constant(a));  // dy or dpre
       const Lanes u = _mm512_fnmadd_ps(d, constant(b), t);
       store_halves(dx + i, mul_lanes(constant(k), u), mask...);
     };
@@ -2006,7 +2000,7 @@ void pre_gradient_lanes(const Rows<T>& in, const T* dy, float* dpre, int64_t fir
     each_pre_lanes<false, true>(in.x + base, in.z ? in.z + base : nullptr, dpre + base,
                                 in.channels, origin, scale, shift, 0,
                                 [&](int64_t i, Lanes p, auto... mask) {
-                                  const Lanes g = gradient_lanes(dy + base, i, mask...);
+                                  const Lanes g = load_halves(dy + base + i, mask...);
                                   store_lanes(dpre + base + i, derivative(g, p), mask...);
                                 });
   }
