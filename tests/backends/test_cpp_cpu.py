@@ -903,6 +903,30 @@ def test_float16_integer_conversions_are_exact():
         assert same_values(got, part.to(torch.float16).float().numpy()[None]).all()
 
 
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bfloat16", "float16"])
+def test_half_training_dx_passes_the_gradient_where_the_pre_activation_is_nan(dtype, activation):
+    """A fused ReLU passes dy where the pre-activation is NaN (leaky ReLU: dy times its
+    slope), as torch's ReLU after its batch norm does: a NaN bias makes every pre-activation
+    of its channel NaN while the statistics, and so dx, stay finite. The half-precision
+    rows' training dx computes the derivative on AVX-512's lanes (dx_activation_halves):
+    40 channels are two full lanes and a masked one."""
+    channels = 40
+    x = random_input((64, channels), seed=1, mean=3.0).to(dtype)
+    g = torch.Generator().manual_seed(2)
+    weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+    bias[::3] = float("nan")
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    _runs_here(x, True, activation, graph=True)
+    xs = x.clone().requires_grad_()
+    y = batchnorm.functional.batch_norm(xs, None, None, weight, bias, True,
+                                        activation=activation, negative_slope=0.2)  # fmt: skip
+    y.backward(dy)
+    _, (exact_dx, *_) = _float64(x, weight, bias, None, True, activation, None, dy)
+    assert y.float()[:, ::3].isnan().all() and exact_dx.isfinite().all()
+    assert_within_rounding(xs.grad, exact_dx, dtype)
+
+
 def _float64(x, weight, bias, z, training, activation, running, dy):
     """float64_batch_norm with the activation named as in the layers."""
     act = TORCH_ACTIVATIONS[activation] if activation != "identity" else None
