@@ -981,10 +981,12 @@ FLOAT16_TRAINING_SHAPES = {
 @pytest.mark.parametrize("name", FLOAT16_TRAINING_SHAPES)
 def test_float16_training_is_within_rounding_of_float64(name, training, residual, activation):
     """As the bfloat16 test above, in float16 (the statistics and sums of rows read float16
-    through load(F16)'s integer conversion, their output and dx rounded by F16C or
-    store<F16>; the statistics and sums of NCHW planes read float32 copies of each channel
-    that F16C converts, their output and dx come from AVX-512's loops, or through the copies:
-    SiLU's output, a ReLU's or an eval's dx); eval here with a graph."""
+    16 channels at a time through F16C, the channels past them through load(F16)'s integer
+    conversion: (4099,60) and channels_last (11,24,29,31) take both; their output and dx
+    rounded by F16C, or store<F16> in eval; the statistics and sums of NCHW planes read
+    float32 copies of each channel that F16C converts, their output and dx come from
+    AVX-512's loops, or through the copies: SiLU's output, a ReLU's or an eval's dx); eval
+    here with a graph."""
     shape, channels_last = FLOAT16_TRAINING_SHAPES[name]
     _half_step_is_within_rounding(shape, channels_last, torch.float16, training, residual,
                                   activation)  # fmt: skip

@@ -635,13 +635,15 @@ constexpr int64_t kPairsAhead = 16;
 // term's type). count: a compile-time constant (std::integral_constant), so that the loop
 // over the rows unrolls in full (up to 16 rows), also with an activation's derivative in
 // term: a loop left inside the loop over the channels keeps that one scalar (5-8x slower;
-// 3-4x for 16 rows of statistics under an unroll of 8).
+// 3-4x for 16 rows of statistics under an unroll of 8). from: the first channel (float16's
+// overloads on lanes, below, leave the channels past their last 16 to this loop).
 template <typename Term, typename Count>
 [[gnu::always_inline]] inline void add_rows_to(const Term& term, int64_t r0, Count,
                                                int64_t channels, double* __restrict first_sums,
-                                               double* __restrict second_sums) {
+                                               double* __restrict second_sums,
+                                               int64_t from = 0) {
   using Terms = std::invoke_result_t<const Term&, int64_t, int64_t>;
-  for (int64_t c = 0; c < channels; ++c) {
+  for (int64_t c = from; c < channels; ++c) {
     typename Terms::value_type first = 0, second = 0;
 #pragma GCC unroll 16
     for (int64_t i = 0; i < Count::value; ++i) {
@@ -653,6 +655,59 @@ template <typename Term, typename Count>
     second_sums[c] += second;
   }
 }
+
+// batch_statistics' terms: {d, d²}, d = x - centre of the channel, in Term (float or
+// double).
+template <typename T, typename Term>
+struct CentredTerms {
+  const T* x;
+  const float* centre;
+  int64_t channels;
+  std::array<Term, 2> operator()(int64_t r, int64_t c) const {
+    const Term d = static_cast<Term>(load(x[r * channels + c])) - centre[c];
+    return {d, d * d};
+  }
+};
+
+#if BATCHNORM_HALF_LOOPS
+// sums[0, kLanes) += terms, in float64 (add_rows_to's last step, on lanes)
+inline void add_to_sums(double* sums, Lanes terms) {
+  const __m256 halves[2] = {
+      _mm512_castps512_ps256(terms),
+      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(terms), 1))};
+  for (int k = 0; k < 2; ++k)
+    _mm512_storeu_pd(sums + 8 * k,
+                     _mm512_add_pd(_mm512_loadu_pd(sums + 8 * k), _mm512_cvtps_pd(halves[k])));
+}
+// Float32 CentredTerms of float16 rows, 16 channels at a time in AVX-512's instructions:
+// F16C's conversion where the generic loop converts in integer operations (load(F16)),
+// each channel's terms summed with the generic loop's operations in its order (the same
+// bits); the channels past the last 16, the generic loop. (Intrinsics by name: the lanes'
+// helpers come later in this file.)
+template <typename Count>
+void add_rows_to(const CentredTerms<F16, float>& term, int64_t r0, Count count,
+                 int64_t channels, double* __restrict first_sums,
+                 double* __restrict second_sums) {
+  int64_t c = 0;
+  for (; c + kLanes <= channels; c += kLanes) {
+    const Lanes centre = _mm512_loadu_ps(term.centre + c);
+    Lanes first = _mm512_setzero_ps(), second = first;
+    const F16* row = term.x + r0 * channels + c;
+#pragma GCC unroll 16
+    for (int64_t i = 0; i < Count::value; ++i, row += channels) {
+      const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      const Lanes d = _mm512_sub_ps(_mm512_cvtph_ps(bits), centre);
+      first = _mm512_add_ps(first, d);
+      second = _mm512_fmadd_ps(d, d, second);
+    }
+    add_to_sums(first_sums + c, first);
+    add_to_sums(second_sums + c, second);
+  }
+  if (c < channels)
+    add_rows_to<CentredTerms<F16, float>, Count>(term, r0, count, channels, first_sums,
+                                                 second_sums, c);
+}
+#endif
 
 // Per-channel float64 sums of two terms over rows: sums[k][c] = sum over r of term(r, c)[k]
 // for the value at r * channels + c (term returns an array of two terms of the type it
@@ -811,10 +866,8 @@ void batch_statistics(const T* x, const float* origin, int64_t rows, int64_t cha
                       double* mean, double* var) {
   auto moments = [&](auto term_type, const float* centre) {
     using Term = decltype(term_type);
-    auto sums = column_sums<T>(rows, channels, [=](int64_t r, int64_t c) {
-      const Term d = static_cast<Term>(load(x[r * channels + c])) - centre[c];
-      return std::array<Term, 2>{d, d * d};
-    }, kForward, {x, nullptr});
+    auto sums = column_sums<T>(rows, channels, CentredTerms<T, Term>{x, centre, channels},
+                               kForward, {x, nullptr});
     for (int64_t c = 0; c < channels; ++c)
       std::tie(mean[c], var[c]) = moments_about(centre[c], sums[0][c], sums[1][c], rows);
   };
@@ -988,6 +1041,23 @@ template <typename F>
   });
 }
 
+// input_gradients' terms of its sums: {g, g (x - mean)} of value r * channels + c, with
+// x - mean = d - offset and d = x - origin (Centre's).
+template <typename T, typename Gradient>
+struct GradientTerms {
+  const T* x;
+  const float* origin;
+  const float* offset;
+  Gradient gradient;
+  int64_t channels;
+  std::array<float, 2> operator()(int64_t r, int64_t c) const {
+    const int64_t i = r * channels + c;
+    const float d = load(x[i]) - origin[c];
+    const float g = gradient(i, c, d);
+    return {g, g * (d - offset[c])};
+  }
+};
+
 // From g = dpre (gradient: GivenGradient, PreparedGradient or ActivationGradient): dweight =
 // Σ g (x - mean) invstd, dbias = Σ g; in training dx = weight invstd (g - Σg / M
 // - (x - mean) invstd² Σ g (x - mean) / M), in eval dx = weight invstd g (the running
@@ -1012,12 +1082,9 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
   const std::array<Stream, 2> g_streams = gradient.streams();
   std::array<std::vector<double>, 2> sums;
   if (training || dweight || dbias)
-    sums = column_sums<T>(rows, channels, [=](int64_t r, int64_t c) {
-      const int64_t i = r * channels + c;
-      const float d = load(x[i]) - origin[c];
-      const float gi = gradient(i, c, d);
-      return std::array<float, 2>{gi, gi * (d - offset[c])};
-    }, kBackward, {x, g_streams[0], g_streams[1]}, prepare);
+    sums = column_sums<T>(rows, channels,
+                          GradientTerms<T, Gradient>{x, origin, offset, gradient, channels},
+                          kBackward, {x, g_streams[0], g_streams[1]}, prepare);
   else if constexpr (!std::is_same_v<Prepare, Unprepared>)
     for_rows(rows, channels, [&](int64_t begin, int64_t end) { prepare(begin, end - begin); });
   std::vector<float> k(channels), a(channels), b(channels);
@@ -1350,8 +1417,11 @@ bool planes_layout(const Tensor& x) {
 constexpr int64_t kPlanesUpTo = 1 << 19;
 // float16 (N, C) and channels_last inputs in training (or with a graph) of up to this many
 // values run here; larger ones on the Numba kernels and ATen. Their statistics and sums
-// convert float16 by load(F16)'s integer operations (only the AVX-512 loops, the output's
-// and dx's, convert with F16C): from 524,288 values on the Numba kernels were the faster.
+// converted float16 by load(F16)'s integer operations then (only the AVX-512 loops, the
+// output's and dx's, converted with F16C): from 524,288 values on the Numba kernels were the
+// faster. (Since the evening of 2026-12-07 the statistics and sums convert with F16C too,
+// 16 channels at a time (add_rows_to of CentredTerms and GradientTerms of F16): the
+// threshold was not measured again.)
 // Module calls taking turns, two threads, ATen's time / ours and the Numba kernels' / ours,
 // forward + backward (training forward): (512, 256) 1.06 (1.21), channels_last (8, 512, 7,
 // 7) 1.02 (1.08), (1024, 256) 1.02 and 1.15 (1.04 and 1.11); (512, 1024) 0.98 and 0.96
@@ -2026,30 +2096,80 @@ void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, co
   dx_lanes<kPlane>(x, given, dx, n, origin, k, a, b, period);
 }
 
+// input_gradients' g on lanes: its values [i, i + kLanes) (fewer: mask), of channels from c
+// on, where d = x - origin: the same bits as the Gradient's operator(). Given values, dpre,
+// or the activation's derivative at dy and the pre-activation computed again from d
+// (fma(d, scale, shift) [+ z]; the derivative on lanes: see relu_gradient).
+template <typename G, typename... M>
+Lanes gradient_lanes(const GivenGradient<G>& g, int64_t i, int64_t, Lanes, M... mask) {
+  return load_halves(g.g + i, mask...);
+}
+template <typename T, typename... M>
+Lanes gradient_lanes(const PreparedGradient<T>& g, int64_t i, int64_t, Lanes, M... mask) {
+  return load_halves(g.dpre + i, mask...);
+}
+template <typename T, bool kResidual, typename Derivative, typename... M>
+Lanes gradient_lanes(const ActivationGradient<T, kResidual, Derivative>& g, int64_t i,
+                     int64_t c, Lanes d, M... mask) {
+  Lanes pre = fma_lanes(d, lanes_at(g.scale + c, mask...), lanes_at(g.shift + c, mask...));
+  if constexpr (kResidual) pre = add_lanes(pre, load_halves(g.z + i, mask...));
+  return g.derivative(load_halves(g.dy + i, mask...), pre);
+}
+
 // dx_halves' dx of n values of a row, from value `first` of x (and of dy and z) on, whose
 // channels start at `channel` (origin, k, a and b start there too), with g the activation's
-// derivative at dy and the pre-activation computed again from d (ActivationGradient's very
-// bits: fma(d, scale, shift) [+ z], the derivative on lanes, see relu_gradient; leaky ReLU's
-// dx one rounding off at most, where GCC fuses g's product into g - a). Raw forward +
-// backward, time / the generic loop's (which rounds float16 in 16 integer operations per 16
-// values: store<F16>), two threads (one), 2026-12-07: float16 with ReLU (512, 256)
-// 0.82-0.83 (0.78-0.79), channels_last (8, 96, 16, 16) 0.79-0.82 (0.77-0.78); bfloat16 with
-// ReLU (512, 256) 0.97-0.99 (0.95-0.98), channels_last (8, 96, 24, 24) 0.98 (0.96-0.99),
-// (4096, 1024) and channels_last (32, 128, 32, 32), bound by memory, 0.97-1.01 (0.99-1.00);
-// with leaky ReLU 0.95-0.97 (0.95-0.97) and 0.98-1.02 (0.97-1.00).
+// derivative (gradient_lanes; leaky ReLU's dx one rounding off at most, where GCC fuses g's
+// product into g - a). Raw forward + backward, time / the generic loop's (which rounds
+// float16 in 16 integer operations per 16 values: store<F16>), two threads (one),
+// 2026-12-07: float16 with ReLU (512, 256) 0.82-0.83 (0.78-0.79), channels_last (8, 96,
+// 16, 16) 0.79-0.82 (0.77-0.78); bfloat16 with ReLU (512, 256) 0.97-0.99 (0.95-0.98),
+// channels_last (8, 96, 24, 24) 0.98 (0.96-0.99), (4096, 1024) and channels_last (32, 128,
+// 32, 32), bound by memory, 0.97-1.01 (0.99-1.00); with leaky ReLU 0.95-0.97 (0.95-0.97)
+// and 0.98-1.02 (0.97-1.00).
 template <typename T, bool kResidual, typename Derivative>
 void dx_activation_halves(const ActivationGradient<T, kResidual, Derivative>& g, const T* x,
                           int64_t first, int64_t channel, T* dx, int64_t n,
                           const float* origin, const float* k, const float* a,
                           const float* b) {
-  const float *scale = g.scale + channel, *shift = g.shift + channel;
-  const T *dy = g.dy + first, *z = kResidual ? g.z + first : nullptr;
   auto activation = [&](int64_t i, int64_t c, Lanes d, auto... mask) {
-    Lanes pre = fma_lanes(d, lanes_at(scale + c, mask...), lanes_at(shift + c, mask...));
-    if constexpr (kResidual) pre = add_lanes(pre, load_halves(z + i, mask...));
-    return g.derivative(load_halves(dy + i, mask...), pre);
+    return gradient_lanes(g, first + i, channel + c, d, mask...);
   };
   dx_lanes<false>(x + first, activation, dx, n, origin, k, a, b, 0);
+}
+
+// GradientTerms of float16 rows, 16 channels at a time on lanes (as CentredTerms' above:
+// F16C's conversion where the generic loop's is integer operations; each channel's terms
+// summed with its operations in its order, the same bits; the channels past the last 16,
+// the generic loop). Defined here, after gradient_lanes: column_sums' call finds it by its
+// argument's type where input_gradients is instantiated, below. Raw forward + backward,
+// time / the generic loop's (with the statistics' lanes above), two threads (one),
+// 2026-12-07: (512, 256) 0.87-0.89 (0.82-0.83), (1024, 256) 0.84-0.86 (0.79-0.80),
+// channels_last (8, 96, 16, 16) 0.86-0.88 (0.81-0.82); with ReLU 0.88-0.90 (0.81-0.92),
+// with SiLU 0.92-0.96 (0.88-0.94). The training forward alone (the statistics' lanes):
+// 0.81-0.84 (0.75-0.77); channels_last (11, 24, 29, 31), 8 of whose 24 channels take the
+// generic loop, 0.98 (0.97-0.98).
+template <typename Gradient, typename Count>
+void add_rows_to(const GradientTerms<F16, Gradient>& term, int64_t r0, Count count,
+                 int64_t channels, double* __restrict first_sums,
+                 double* __restrict second_sums) {
+  int64_t c = 0;
+  for (; c + kLanes <= channels; c += kLanes) {
+    const Lanes origin = lanes_at(term.origin + c), offset = lanes_at(term.offset + c);
+    Lanes first = lanes_of(0.0f), second = first;
+#pragma GCC unroll 16
+    for (int64_t r = r0; r < r0 + Count::value; ++r) {
+      const int64_t i = r * channels + c;
+      const Lanes d = sub_lanes(load_halves(term.x + i), origin);
+      const Lanes g = gradient_lanes(term.gradient, i, c, d);
+      first = add_lanes(first, g);
+      second = fma_lanes(g, sub_lanes(d, offset), second);
+    }
+    add_to_sums(first_sums + c, first);
+    add_to_sums(second_sums + c, second);
+  }
+  if (c < channels)
+    add_rows_to<GradientTerms<F16, Gradient>, Count>(term, r0, count, channels, first_sums,
+                                                     second_sums, c);
 }
 
 // dpre[i] = derivative(dy[i], pre-activation) over rows [first, first + count) of `in`
