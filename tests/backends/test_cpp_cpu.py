@@ -960,7 +960,7 @@ def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activa
 
 
 #: float16 training runs here on (N, C) and channels_last inputs of up to the extension's
-#: float16_rows_up_to (262,144) values, and on NCHW batches of 8 or more planes of up to
+#: float16_rows_up_to (2,097,152) values, and on NCHW batches of 8 or more planes of up to
 #: float16_planes_up_to (196) values: below and above the threads' 65,536. The NCHW ones
 #: end their channels' sums with groups of fewer than 8 planes (9: 8 + 1; 14: 8 + 4 + 2);
 #: the threaded one's channels of 2,016 values take their statistics around a sampled centre.

@@ -15,7 +15,7 @@ parameters and statistics) on CPUs with AVX-512, whose instructions the inferenc
 both half-precision dtypes are written in (rows.cpp's eval_halves): in inference, either
 layout, faster than ATen's eval from the smallest layers on, where the call's Python shows,
 to level (float16) or faster (bfloat16) on large ones; in training, ``(N, C)`` and
-channels_last inputs of up to 262,144 values (rows.cpp's kFloat16RowsUpTo) and NCHW batches
+channels_last inputs of up to 2,097,152 values (rows.cpp's kFloat16RowsUpTo) and NCHW batches
 of at least 8 planes of up to 196 values (kFloat16PlanesUpTo; the statistics and sums of
 a channel from a float32 copy that F16C converts, the output and dx in AVX-512's loops),
 where they were faster than ATen's float16 kernels and the Numba kernels.
@@ -105,7 +105,7 @@ class CppBackend:
         NCHW-contiguous (NCHW in training or with a graph to record: up to ``planes_up_to``
         values, bfloat16 training with ReLU or leaky ReLU and no residual at any size;
         float16 inputs where the CPU has AVX-512: of either layout in eval without a graph,
-        ``(N, C)`` and channels_last ones of up to 262,144 values in training or with a
+        ``(N, C)`` and channels_last ones of up to 2,097,152 values in training or with a
         graph, NCHW batches of 8 or more planes of up to 196 values), a residual of its
         dtype and strides, with any activation (see ACTIVATION_CODES), in torch's
         running-variance convention, the input saved for backward; in training more than

@@ -1419,15 +1419,22 @@ constexpr int64_t kPlanesUpTo = 1 << 19;
 // values run here; larger ones on the Numba kernels and ATen. Their statistics and sums
 // converted float16 by load(F16)'s integer operations then (only the AVX-512 loops, the
 // output's and dx's, converted with F16C): from 524,288 values on the Numba kernels were the
-// faster. (Since the evening of 2026-12-07 the statistics and sums convert with F16C too,
-// 16 channels at a time (add_rows_to of CentredTerms and GradientTerms of F16): the
-// threshold was not measured again.)
+// faster (the figures below). Since the evening of 2026-12-07 the statistics and sums
+// convert with F16C too, 16 channels at a time (add_rows_to of CentredTerms and
+// GradientTerms of F16), and the node is the faster up to 2,097,152 values: module calls
+// taking turns, the Numba kernels' time / ours, two threads (one), training forward and
+// forward + backward: (1024, 256) 1.67 and 1.57 (1.24 and 1.32), (512, 1024) 1.54 and 1.41
+// (1.10 and 1.10), (1024, 1024) 1.12 and 1.22 (1.38 and 1.07), channels_last (16, 128, 24,
+// 24) 1.20 and 1.27 (1.04 and 1.05), (2048, 1024) 1.03 and 1.16 (1.12 and 1.04); past it
+// level, then slower on one thread: (4096, 1024) 1.10 and 1.04 (1.03 and 0.99),
+// channels_last (32, 128, 32, 32) 1.00 and 1.16 (0.97 and 0.96), (64, 256, 28, 28) 1.31 and
+// 1.01 (0.98 and 0.87). Before (up to 262,144 values):
 // Module calls taking turns, two threads, ATen's time / ours and the Numba kernels' / ours,
 // forward + backward (training forward): (512, 256) 1.06 (1.21), channels_last (8, 512, 7,
 // 7) 1.02 (1.08), (1024, 256) 1.02 and 1.15 (1.04 and 1.11); (512, 1024) 0.98 and 0.96
 // (0.92 and 0.92), (1024, 1024) 0.99 and 0.85 (0.89 and 0.91), channels_last (16, 128, 24,
 // 24) 1.05 and 0.89 (1.05 and 0.86).
-constexpr int64_t kFloat16RowsUpTo = 1 << 18;
+constexpr int64_t kFloat16RowsUpTo = 1 << 21;
 // float16 NCHW inputs in training (or with a graph) run here (see kBufferedPlanes), up to
 // kPlanesUpTo values in batches of at least kRowsAtOnce planes of at most this many values;
 // others on ATen and the Numba kernels. Module calls taking turns, two threads, torch.nn's
