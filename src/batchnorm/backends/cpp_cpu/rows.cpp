@@ -136,7 +136,7 @@ inline V silu_gradient(V g, V p) {
 }
 
 // ReLU's and leaky ReLU's derivatives (see with_activation), on a value and on lanes (the
-// backward's dx of half-precision rows: dx_activation_halves), the same bits: ReLU +0 where
+// backward of half-precision rows: gradient_lanes), the same bits: ReLU +0 where
 // p <= 0, else g (g's bits under a mask: no branch on g); leaky ReLU g (p > 0 ? 1 : slope).
 inline float relu_gradient(float g, float p) {
   const uint32_t keep = p <= 0.0f ? 0u : ~0u;
