@@ -679,33 +679,52 @@ inline void add_to_sums(double* sums, Lanes terms) {
     _mm512_storeu_pd(sums + 8 * k,
                      _mm512_add_pd(_mm512_loadu_pd(sums + 8 * k), _mm512_cvtps_pd(halves[k])));
 }
-// Float32 CentredTerms of float16 rows, 16 channels at a time in AVX-512's instructions:
-// F16C's conversion where the generic loop converts in integer operations (load(F16)),
-// each channel's terms summed with the generic loop's operations in its order (the same
-// bits); the channels past the last 16, the generic loop. (Intrinsics by name: the lanes'
-// helpers come later in this file.)
-template <typename Count>
-void add_rows_to(const CentredTerms<F16, float>& term, int64_t r0, Count count,
-                 int64_t channels, double* __restrict first_sums,
-                 double* __restrict second_sums) {
+// The float32 terms of float16 rows, 16 channels at a time in AVX-512's instructions
+// (CentredTerms' and GradientTerms'): F16C's conversion where the generic loop converts in
+// integer operations (load(F16)), each channel's terms summed with the generic loop's
+// operations in its order (the same bits); the channels past the last 16, the generic loop.
+// terms_lanes(term, i, c), for values [i, i + kLanes) of channels [c, c + kLanes): the
+// first term, and the second as its two factors (the generic loop's sum of that product is
+// a fused multiply-add). (Intrinsics by name here: the lanes' helpers come later in this
+// file, with GradientTerms' terms_lanes, which column_sums' call finds by its argument's
+// type where input_gradients is instantiated.)
+template <typename Term, typename Count>
+void add_lanes_to(const Term& term, int64_t r0, Count count, int64_t channels,
+                  double* __restrict first_sums, double* __restrict second_sums) {
   int64_t c = 0;
   for (; c + kLanes <= channels; c += kLanes) {
-    const Lanes centre = _mm512_loadu_ps(term.centre + c);
     Lanes first = _mm512_setzero_ps(), second = first;
-    const F16* row = term.x + r0 * channels + c;
 #pragma GCC unroll 16
-    for (int64_t i = 0; i < Count::value; ++i, row += channels) {
-      const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
-      const Lanes d = _mm512_sub_ps(_mm512_cvtph_ps(bits), centre);
-      first = _mm512_add_ps(first, d);
-      second = _mm512_fmadd_ps(d, d, second);
+    for (int64_t r = r0; r < r0 + Count::value; ++r) {
+      const std::array<Lanes, 3> t = terms_lanes(term, r * channels + c, c);
+      first = _mm512_add_ps(first, t[0]);
+      second = _mm512_fmadd_ps(t[1], t[2], second);
     }
     add_to_sums(first_sums + c, first);
     add_to_sums(second_sums + c, second);
   }
   if (c < channels)
-    add_rows_to<CentredTerms<F16, float>, Count>(term, r0, count, channels, first_sums,
-                                                 second_sums, c);
+    add_rows_to<Term, Count>(term, r0, count, channels, first_sums, second_sums, c);
+}
+inline std::array<Lanes, 3> terms_lanes(const CentredTerms<F16, float>& term, int64_t i,
+                                        int64_t c) {  // {d, d, d}
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(term.x + i));
+  const Lanes d = _mm512_sub_ps(_mm512_cvtph_ps(bits), _mm512_loadu_ps(term.centre + c));
+  return {d, d, d};
+}
+template <typename Count>
+void add_rows_to(const CentredTerms<F16, float>& term, int64_t r0, Count count,
+                 int64_t channels, double* __restrict first_sums,
+                 double* __restrict second_sums) {
+  add_lanes_to(term, r0, count, channels, first_sums, second_sums);
+}
+template <typename T, typename Gradient>
+struct GradientTerms;
+template <typename Gradient, typename Count>
+void add_rows_to(const GradientTerms<F16, Gradient>& term, int64_t r0, Count count,
+                 int64_t channels, double* __restrict first_sums,
+                 double* __restrict second_sums) {
+  add_lanes_to(term, r0, count, channels, first_sums, second_sums);
 }
 #endif
 
@@ -963,7 +982,8 @@ inline ChannelGradients channel_gradients(int64_t c, std::array<double, 2> sums,
 inline float dx_of(float k, float a, float b, float g, float d) { return k * (g - a - d * b); }
 
 // Whether a Gradient is a given array of g's values (GivenGradient, PreparedGradient):
-// then the half-precision dx loop is dx_halves.
+// then the streamed float32 dx of rows and the half-precision dx of planes read them
+// (dx_halves).
 template <typename Gradient>
 constexpr bool given_values = false;
 template <typename G>
@@ -974,18 +994,10 @@ constexpr bool given_values<PreparedGradient<T>> = true;
 template <bool kPlane = false, typename T, typename G>
 void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
                const float* a, const float* b, int64_t period = 0);
-template <typename T, bool kResidual, typename Derivative>
-void dx_activation_halves(const ActivationGradient<T, kResidual, Derivative>& g, const T* x,
-                          int64_t first, int64_t channel, T* dx, int64_t n,
-                          const float* origin, const float* k, const float* a,
-                          const float* b);
-
-// Whether a Gradient is ActivationGradient: then the half-precision dx loop of rows is
-// dx_activation_halves.
-template <typename Gradient>
-constexpr bool activation_gradient = false;
-template <typename T, bool kResidual, typename Derivative>
-constexpr bool activation_gradient<ActivationGradient<T, kResidual, Derivative>> = true;
+template <typename T, typename Gradient>
+void dx_rows_halves(const Gradient& g, const T* x, int64_t first, int64_t channel, T* dx,
+                    int64_t n, const float* origin, const float* k, const float* a,
+                    const float* b);
 
 // Float32 values in a 64-byte cache line, and AVX-512's lanes (kLanes).
 constexpr int64_t kLineFloats = 16;
@@ -1122,14 +1134,9 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
           });
           continue;
         }
-        if constexpr (kHalfLoops && !std::is_same_v<T, float> && given_values<Gradient>) {
-          dx_halves(xs + base + from, g.values() + base + from, out, to - from, origins + from,
-                    ks + from, as + from, bs + from);
-          continue;
-        }
-        if constexpr (kHalfLoops && !std::is_same_v<T, float> && activation_gradient<Gradient>) {
-          dx_activation_halves(g, xs, base + from, from, out, to - from, origins + from,
-                               ks + from, as + from, bs + from);
+        if constexpr (kHalfLoops && !std::is_same_v<T, float>) {
+          dx_rows_halves(g, xs, base + from, from, out, to - from, origins + from, ks + from,
+                         as + from, bs + from);
           continue;
         }
         for_channels<kMemoryBound, T>(to - from, [&](int64_t j) {
@@ -2094,15 +2101,6 @@ void dx_lanes(const T* x, const GradientAt& g_at, T* dx, int64_t n, const float*
     for_lanes(dx, n, lanes);
   });
 }
-template <bool kPlane, typename T, typename G>
-void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
-               const float* a, const float* b, int64_t period) {
-  auto given = [g](int64_t i, int64_t, Lanes, auto... mask) {  // dy or dpre
-    return load_halves(g + i, mask...);
-  };
-  dx_lanes<kPlane>(x, given, dx, n, origin, k, a, b, period);
-}
-
 // input_gradients' g on lanes: its values [i, i + kLanes) (fewer: mask), of channels from c
 // on, where d = x - origin: the same bits as the Gradient's operator(). Given values, dpre,
 // or the activation's derivative at dy and the pre-activation computed again from d
@@ -2123,60 +2121,51 @@ Lanes gradient_lanes(const ActivationGradient<T, kResidual, Derivative>& g, int6
   return g.derivative(load_halves(g.dy + i, mask...), pre);
 }
 
-// dx_halves' dx of n values of a row, from value `first` of x (and of dy and z) on, whose
-// channels start at `channel` (origin, k, a and b start there too), with g the activation's
-// derivative (gradient_lanes; leaky ReLU's dx one rounding off at most, where GCC fuses g's
-// product into g - a). Raw forward + backward, time / the generic loop's (which rounds
-// float16 in 16 integer operations per 16 values: store<F16>), two threads (one),
+// dx_lanes of given values g (dy or dpre).
+template <bool kPlane, typename T, typename G>
+void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
+               const float* a, const float* b, int64_t period) {
+  auto given = [g = GivenGradient<G>{g}](int64_t i, int64_t c, Lanes d, auto... mask) {
+    return gradient_lanes(g, i, c, d, mask...);
+  };
+  dx_lanes<kPlane>(x, given, dx, n, origin, k, a, b, period);
+}
+
+// input_gradients' training dx of n values of a row in half precision, from value `first`
+// of x (and of g's arrays) on, whose channels start at `channel` (origin, k, a and b start
+// there too), g on lanes (gradient_lanes): given values, dpre, or an activation's
+// derivative (leaky ReLU's dx one rounding off at most, where the generic loop let GCC fuse
+// g's product into g - a). The activations' derivatives on lanes, raw forward + backward,
+// time / the generic loop's (which rounds float16 in 16 integer operations per 16 values:
+// store<F16>), two threads (one),
 // 2026-12-07: float16 with ReLU (512, 256) 0.82-0.83 (0.78-0.79), channels_last (8, 96,
 // 16, 16) 0.79-0.82 (0.77-0.78); bfloat16 with ReLU (512, 256) 0.97-0.99 (0.95-0.98),
 // channels_last (8, 96, 24, 24) 0.98 (0.96-0.99), (4096, 1024) and channels_last (32, 128,
 // 32, 32), bound by memory, 0.97-1.01 (0.99-1.00); with leaky ReLU 0.95-0.97 (0.95-0.97)
 // and 0.98-1.02 (0.97-1.00).
-template <typename T, bool kResidual, typename Derivative>
-void dx_activation_halves(const ActivationGradient<T, kResidual, Derivative>& g, const T* x,
-                          int64_t first, int64_t channel, T* dx, int64_t n,
-                          const float* origin, const float* k, const float* a,
-                          const float* b) {
-  auto activation = [&](int64_t i, int64_t c, Lanes d, auto... mask) {
+template <typename T, typename Gradient>
+void dx_rows_halves(const Gradient& g, const T* x, int64_t first, int64_t channel, T* dx,
+                    int64_t n, const float* origin, const float* k, const float* a,
+                    const float* b) {
+  auto g_at = [&](int64_t i, int64_t c, Lanes d, auto... mask) {
     return gradient_lanes(g, first + i, channel + c, d, mask...);
   };
-  dx_lanes<false>(x + first, activation, dx, n, origin, k, a, b, 0);
+  dx_lanes<false>(x + first, g_at, dx, n, origin, k, a, b, 0);
 }
 
-// GradientTerms of float16 rows, 16 channels at a time on lanes (as CentredTerms' above:
-// F16C's conversion where the generic loop's is integer operations; each channel's terms
-// summed with its operations in its order, the same bits; the channels past the last 16,
-// the generic loop). Defined here, after gradient_lanes: column_sums' call finds it by its
-// argument's type where input_gradients is instantiated, below. Raw forward + backward,
-// time / the generic loop's (with the statistics' lanes above), two threads (one),
-// 2026-12-07: (512, 256) 0.87-0.89 (0.82-0.83), (1024, 256) 0.84-0.86 (0.79-0.80),
+// GradientTerms' terms of float16 rows on lanes (see add_lanes_to): {g, g, x - mean}.
+// Defined here, after gradient_lanes. Raw forward + backward, time / the generic loop's
+// (with the statistics' lanes), two threads (one), 2026-12-07: (512, 256) 0.87-0.89 (0.82-0.83), (1024, 256) 0.84-0.86 (0.79-0.80),
 // channels_last (8, 96, 16, 16) 0.86-0.88 (0.81-0.82); with ReLU 0.88-0.90 (0.81-0.92),
 // with SiLU 0.92-0.96 (0.88-0.94). The training forward alone (the statistics' lanes):
 // 0.81-0.84 (0.75-0.77); channels_last (11, 24, 29, 31), 8 of whose 24 channels take the
 // generic loop, 0.98 (0.97-0.98).
-template <typename Gradient, typename Count>
-void add_rows_to(const GradientTerms<F16, Gradient>& term, int64_t r0, Count count,
-                 int64_t channels, double* __restrict first_sums,
-                 double* __restrict second_sums) {
-  int64_t c = 0;
-  for (; c + kLanes <= channels; c += kLanes) {
-    const Lanes origin = lanes_at(term.origin + c), offset = lanes_at(term.offset + c);
-    Lanes first = lanes_of(0.0f), second = first;
-#pragma GCC unroll 16
-    for (int64_t r = r0; r < r0 + Count::value; ++r) {
-      const int64_t i = r * channels + c;
-      const Lanes d = sub_lanes(load_halves(term.x + i), origin);
-      const Lanes g = gradient_lanes(term.gradient, i, c, d);
-      first = add_lanes(first, g);
-      second = fma_lanes(g, sub_lanes(d, offset), second);
-    }
-    add_to_sums(first_sums + c, first);
-    add_to_sums(second_sums + c, second);
-  }
-  if (c < channels)
-    add_rows_to<GradientTerms<F16, Gradient>, Count>(term, r0, count, channels, first_sums,
-                                                     second_sums, c);
+template <typename Gradient>
+std::array<Lanes, 3> terms_lanes(const GradientTerms<F16, Gradient>& term, int64_t i,
+                                 int64_t c) {
+  const Lanes d = sub_lanes(load_halves(term.x + i), lanes_at(term.origin + c));
+  const Lanes g = gradient_lanes(term.gradient, i, c, d);
+  return {g, g, sub_lanes(d, lanes_at(term.offset + c))};
 }
 
 // dpre[i] = derivative(dy[i], pre-activation) over rows [first, first + count) of `in`
