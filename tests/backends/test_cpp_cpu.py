@@ -860,8 +860,7 @@ def test_half_training_results_are_rounded_as_torch_rounds(dtype):
     """The half-precision training forward of rows rounds as torch's .to(dtype) too (its
     loops are eval's; bfloat16 by AVX512_BF16's conversion where there is one, the exact
     rounding on vectors with a subnormal): with weight 0 and bias v, every output of
-    channel c is v[c] rounded, whatever x's statistics, in every row (float16 in calls of
-    up to float16_rows_up_to values)."""
+    channel c is v[c] rounded, whatever x's statistics, in every row."""
     values = torch.from_numpy(floats_to_round(dtype))
     expected = values.to(dtype).float().numpy()
     g = torch.Generator().manual_seed(0)
@@ -959,9 +958,9 @@ def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activa
                                   activation)  # fmt: skip
 
 
-#: float16 training runs here on (N, C) and channels_last inputs of up to the extension's
-#: float16_rows_up_to (2,097,152) values, and on NCHW batches of 8 or more planes of up to
-#: float16_planes_up_to (196) values: below and above the threads' 65,536. The NCHW ones
+#: float16 training runs here on (N, C) and channels_last inputs, and on NCHW batches of 8
+#: or more planes of up to float16_planes_up_to (196) values: below and above the threads'
+#: 65,536 (and past 16 MiB: STREAMED_HALVES). The NCHW ones
 #: end their channels' sums with groups of fewer than 8 planes (9: 8 + 1; 14: 8 + 4 + 2);
 #: the threaded one's channels of 2,016 values take their statistics around a sampled centre.
 FLOAT16_TRAINING_SHAPES = {
@@ -1108,12 +1107,12 @@ def test_bfloat16_calls_it_cannot_take_go_elsewhere():
 
 
 @float16_loops
-def test_float16_training_runs_here_on_small_rows_and_short_planes_only():
-    """float16 in training: (N, C) and channels_last inputs of up to float16_rows_up_to
-    values, NCHW batches of 8 or more planes of up to float16_planes_up_to values (and up
-    to planes_up_to values in all); the others go to the Numba kernels and ATen."""
+def test_float16_training_runs_here_on_rows_and_short_planes_only():
+    """float16 in training: (N, C) and channels_last inputs of any size, NCHW batches of 8
+    or more planes of up to float16_planes_up_to values (and up to planes_up_to values in
+    all); the others go to the Numba kernels and ATen."""
     ext = extension()
-    limit, plane = ext.float16_rows_up_to, ext.float16_planes_up_to
+    plane = ext.float16_planes_up_to
 
     def chosen(x):
         return ops.select(Call(x, True, "identity", 0.01, False)).name
@@ -1123,8 +1122,10 @@ def test_float16_training_runs_here_on_small_rows_and_short_planes_only():
 
     small = random_input((64, 8, 4, 4), channels_last=True).half()
     assert chosen(small) == "cpp_cpu"
-    assert chosen(zeros(limit // 64, 64)) == "cpp_cpu"
-    assert chosen(zeros(limit // 64 + 1, 64)) != "cpp_cpu"
+    assert chosen(zeros(1 << 17, 64)) == "cpp_cpu"  # 8,388,608 values
+    large = torch.zeros(64, 256, 28, 28, dtype=torch.float16)
+    assert chosen(large.contiguous(memory_format=torch.channels_last)) == "cpp_cpu"
+    assert chosen(large) != "cpp_cpu"  # NCHW, planes of 784 values
     assert chosen(small.contiguous()) == "cpp_cpu"  # NCHW, planes of 16 values
     assert chosen(zeros(8, 4, plane)) == "cpp_cpu"
     assert chosen(zeros(8, 4, plane + 1)) != "cpp_cpu"
@@ -1235,6 +1236,32 @@ def test_half_inference_keeps_its_digits_where_the_running_mean_is_large(dtype, 
     y = batchnorm.functional.batch_norm(x, *running, weight, bias, False)
     exact = _float64(x, weight, bias, None, False, "identity", running, torch.zeros(shape))[0]
     assert_within_rounding(y, exact, dtype)
+
+
+#: Half-precision outputs (and training dx) of 16 MiB or more (rows.cpp's kStreamFrom:
+#: 8,388,608 values), which the loops write with non-temporal stores from 32-byte
+#: boundaries on (for_lanes): rows of 1030 values (2,060 bytes, so that most start off a
+#: boundary) with a ReLU and a residual (dx through the activation's derivative), channels_last
+#: rows of 256 (dx from dy), and NCHW planes of 405,193 values in eval.
+#: (shape, channels_last, activation, residual)
+STREAMED_HALVES = {
+    "(8200,1030) ReLU residual": ((8200, 1030), False, "relu", True),
+    "channels_last (42,256,28,28)": ((42, 256, 28, 28), True, "identity", False),
+    "NCHW (3,7,613,661) eval": ((3, 7, 613, 661), False, "silu", False),
+}
+
+
+@pytest.mark.parametrize("name", STREAMED_HALVES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_outputs_streamed_past_the_caches_are_within_rounding_of_float64(dtype, name):
+    """Training steps (eval without a graph for NCHW): y, dx and the residual's gradient
+    within rounding of float64's, dweight and dbias to float32's tolerance."""
+    shape, channels_last, activation, residual = STREAMED_HALVES[name]
+    assert math.prod(shape) * 2 >= 16 << 20
+    if channels_last or len(shape) == 2:
+        _half_step_is_within_rounding(shape, channels_last, dtype, True, residual, activation)
+    else:
+        _check_half_inference(dtype, shape, channels_last, residual, activation)
 
 
 @pytest.mark.parametrize("shape", [(3, 21), (3, 21, 5)], ids=["rows", "planes"])

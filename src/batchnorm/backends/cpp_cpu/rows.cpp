@@ -7,8 +7,8 @@
 // NCHW inputs: in eval when no graph is recorded (inference), a plane at a time
 // (eval_planes), and small ones in training or with a graph in the same node, a channel at
 // a time (forward_planes). On CPUs with AVX-512, float16 and bfloat16 inputs of either
-// layout in inference run eval_halves instead, and small float16 rows run in training too
-// (kFloat16RowsUpTo).
+// layout in inference run eval_halves instead, and float16 rows run in training too (see
+// takes).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -516,7 +516,14 @@ void for_rows(int64_t rows, int64_t channels, F&& f) {
 // -> 0.75), with ReLU 2.67 -> 2.33 (1.58 -> 1.61); (6144, 1024) 2.39 -> 1.78 (1.33 ->
 // 1.14), 4.35 -> 4.02 (2.48 -> 2.35); channels_last (32, 128, 32, 32) 1.58 -> 1.16 (0.87 ->
 // 0.75), 2.57 -> 2.21 (1.98 -> 1.86). At 8 MiB plain stores stay: (2048, 1024) with its
-// ReLU 1.07 -> 1.14 (0.31 -> 0.45), the output still in L3 for the ReLU.
+// ReLU 1.07 -> 1.14 (0.31 -> 0.45), the output still in L3 for the ReLU. float16 and
+// bfloat16 outputs of as many bytes too since 2026-12-07 night (store_out, in their lanes
+// loops; plain stores before). Raw calls taking turns, time / plain stores, one thread
+// (two): float16 channels_last (64, 256, 28, 28) eval 0.82 (0.72), training forward 0.88
+// (0.88), forward + backward 0.85 (0.93); (8192, 2048) 0.78 (0.65), 0.83 (0.87), 0.97
+// (0.95); NCHW (64, 256, 28, 28) eval 0.81 (1.01); bfloat16 with ReLU, channels_last (64,
+// 256, 28, 28) 0.80 (0.86), 0.93 (0.94), 0.91 (0.90); (8192, 1024) training forward 0.97
+// (0.80), forward + backward 0.96 (0.94); NCHW (64, 256, 28, 28) eval 0.96 (0.89).
 constexpr int64_t kStreamFrom = 16 << 20;
 // Values computed into a buffer (in L1) and then streamed out, at a time: 256 bytes. The
 // loads of the next values then overlap the stores of the last; blocks of 4096 values read,
@@ -581,11 +588,11 @@ void stream_rows(float* y, int64_t begin, int64_t end, int64_t width, Compute&& 
   fence_streams();
 }
 
-// Whether an output of `values` values of type T is written with non-temporal stores: a
-// float32 one of kStreamFrom bytes or more.
+// Whether an output of `values` values of type T is written with non-temporal stores: one
+// of kStreamFrom bytes or more.
 template <typename T>
 bool streams_out(int64_t values) {
-  return std::is_same_v<T, float> && values * static_cast<int64_t>(sizeof(T)) >= kStreamFrom;
+  return values * static_cast<int64_t>(sizeof(T)) >= kStreamFrom;
 }
 
 // Rows [begin, end) of an output y of rows of `width` values, of which y has `values` in
@@ -991,10 +998,10 @@ constexpr bool given_values<GivenGradient<G>> = true;
 template <typename T>
 constexpr bool given_values<PreparedGradient<T>> = true;
 
-template <bool kPlane = false, typename T, typename G>
+template <bool kPlane, bool kStream, typename T, typename G>
 void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
                const float* a, const float* b, int64_t period = 0);
-template <typename T, typename Gradient>
+template <bool kStream, typename T, typename Gradient>
 void dx_rows_halves(const Gradient& g, const T* x, int64_t first, int64_t channel, T* dx,
                     int64_t n, const float* origin, const float* k, const float* a,
                     const float* b);
@@ -1109,8 +1116,10 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
     k[c] = g.k, a[c] = g.a, b[c] = g.b;
   }
   if (!dx) return;
+  // a training dx of kStreamFrom bytes or more: non-temporal stores (store_out)
+  const bool stream = training && streams_out<T>(rows * channels);
   const bool streamed =
-      kHalfLoops && given_values<Gradient> && training && streams_out<T>(rows * channels);
+      kHalfLoops && std::is_same_v<T, float> && given_values<Gradient> && stream;
   const PeriodicTables tables =
       streamed ? PeriodicTables(channels, {origin, k.data(), a.data(), b.data()})
                : PeriodicTables();
@@ -1135,8 +1144,13 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
           continue;
         }
         if constexpr (kHalfLoops && !std::is_same_v<T, float>) {
-          dx_rows_halves(g, xs, base + from, from, out, to - from, origins + from, ks + from,
-                         as + from, bs + from);
+          auto dx_row = [&](auto streaming) {
+            dx_rows_halves<decltype(streaming)::value>(g, xs, base + from, from, out, to - from,
+                                                       origins + from, ks + from, as + from,
+                                                       bs + from);
+          };
+          if (stream) dx_row(std::true_type{});
+          else dx_row(std::false_type{});
           continue;
         }
         for_channels<kMemoryBound, T>(to - from, [&](int64_t j) {
@@ -1153,18 +1167,20 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
       if (streamed) {
         if (tables.period) {
           const int64_t first = begin * channels;
-          dx_halves(xs + first, g.values() + first, dx + first, (end - begin) * channels,
-                    tables[0], tables[1], tables[2], tables[3], tables.period);
+          dx_halves<false, true>(xs + first, g.values() + first, dx + first,
+                                 (end - begin) * channels, tables[0], tables[1], tables[2],
+                                 tables[3], tables.period);
         } else {
           for (int64_t r = begin; r < end; ++r)
-            dx_halves(xs + r * channels, g.values() + r * channels, dx + r * channels, channels,
-                      origins, ks, as, bs);
+            dx_halves<false, true>(xs + r * channels, g.values() + r * channels,
+                                   dx + r * channels, channels, origins, ks, as, bs);
         }
         fence_streams();
         return;
       }
     }
     write_rows(dx, rows * channels, begin, end, channels, gradients_of);
+    if (!std::is_same_v<T, float> && stream) fence_streams();
   });
 }
 
@@ -1422,26 +1438,23 @@ bool planes_layout(const Tensor& x) {
 // loops more ((32, 64, 28, 28) forward 509 -> 543 µs on two threads, 721 -> 1013 on one;
 // bfloat16 336 -> 376).
 constexpr int64_t kPlanesUpTo = 1 << 19;
-// float16 (N, C) and channels_last inputs in training (or with a graph) of up to this many
-// values run here; larger ones on the Numba kernels and ATen. Their statistics and sums
-// converted float16 by load(F16)'s integer operations then (only the AVX-512 loops, the
-// output's and dx's, converted with F16C): from 524,288 values on the Numba kernels were the
-// faster (the figures below). Since the evening of 2026-12-07 the statistics and sums
-// convert with F16C too, 16 channels at a time (add_rows_to of CentredTerms and
-// GradientTerms of F16), and the node is the faster up to 2,097,152 values: module calls
-// taking turns, the Numba kernels' time / ours, two threads (one), training forward and
-// forward + backward: (1024, 256) 1.67 and 1.57 (1.24 and 1.32), (512, 1024) 1.54 and 1.41
-// (1.10 and 1.10), (1024, 1024) 1.12 and 1.22 (1.38 and 1.07), channels_last (16, 128, 24,
-// 24) 1.20 and 1.27 (1.04 and 1.05), (2048, 1024) 1.03 and 1.16 (1.12 and 1.04); past it
-// level, then slower on one thread: (4096, 1024) 1.10 and 1.04 (1.03 and 0.99),
-// channels_last (32, 128, 32, 32) 1.00 and 1.16 (0.97 and 0.96), (64, 256, 28, 28) 1.31 and
-// 1.01 (0.98 and 0.87). Before (up to 262,144 values):
-// Module calls taking turns, two threads, ATen's time / ours and the Numba kernels' / ours,
-// forward + backward (training forward): (512, 256) 1.06 (1.21), channels_last (8, 512, 7,
-// 7) 1.02 (1.08), (1024, 256) 1.02 and 1.15 (1.04 and 1.11); (512, 1024) 0.98 and 0.96
-// (0.92 and 0.92), (1024, 1024) 0.99 and 0.85 (0.89 and 0.91), channels_last (16, 128, 24,
-// 24) 1.05 and 0.89 (1.05 and 0.86).
-constexpr int64_t kFloat16RowsUpTo = 1 << 21;
+// float16 (N, C) and channels_last inputs in training (or with a graph) run here at any
+// size, as bfloat16 ones do, since their outputs of kStreamFrom bytes or more are written
+// with non-temporal stores (store_out; 2026-12-07 night). Before, up to 2,097,152 values
+// (262,144 until the statistics and sums converted with F16C, add_rows_to of CentredTerms
+// and GradientTerms of F16), the larger ones on the Numba kernels: past that size the node
+// was level with them on two threads and up to 13 % slower on one. Module calls taking
+// turns, two rounds, the Numba kernels' time / ours, training forward and forward +
+// backward, two threads (one): (4096, 1024) 1.07-1.17 and 1.06-1.12 (1.09-1.16 and
+// 0.95-1.05), channels_last (16, 256, 28, 28) 1.07-1.10 and 0.95-1.07 (0.95-1.05 and
+// 0.89-1.01), channels_last (32, 128, 32, 32) 1.02-1.09 and 1.01-1.05 (0.82-0.97 and
+// 0.89-1.10), (6144, 1024) 1.10-1.28 and 0.96-1.07 (1.08-1.24 and 0.94-1.04); past
+// kStreamFrom, (8192, 1024) 1.20-1.30 and 1.13-1.22 (1.26 and 0.98-1.10), channels_last
+// (32, 256, 32, 32) 1.25-1.40 and 1.15-1.19 (1.27-1.43 and 0.84-1.02), (64, 256, 28, 28)
+// 1.43-1.46 and 1.00-1.16 (1.34-1.47 and 0.91-1.01). Earlier figures (up to 262,144
+// values), module calls taking turns, two threads, ATen's time / ours and the Numba
+// kernels' / ours, forward + backward (training forward): (512, 256) 1.06 (1.21),
+// channels_last (8, 512, 7, 7) 1.02 (1.08), (1024, 256) 1.02 and 1.15 (1.04 and 1.11).
 // float16 NCHW inputs in training (or with a graph) run here (see kBufferedPlanes), up to
 // kPlanesUpTo values in batches of at least kRowsAtOnce planes of at most this many values;
 // others on ATen and the Numba kernels. Module calls taking turns, two threads, torch.nn's
@@ -1804,8 +1817,8 @@ void input_gradients(const Planes<T>& in, const Gradient& gradient, const float*
         const float origin = in.centre.origin[c];
         for (int64_t n = 0; n < in.batch; ++n) {
           const int64_t first = in.start(n, c);
-          dx_halves<true>(in.x + first, local.values() + first, dx + first, in.size, &origin,
-                          &kc.k, &kc.a, &kc.b);
+          dx_halves<true, false>(in.x + first, local.values() + first, dx + first, in.size,
+                                 &origin, &kc.k, &kc.a, &kc.b);
         }
       }
     };
@@ -1929,12 +1942,13 @@ inline Lanes load_halves(const F16* p) {
 inline Lanes load_halves(const F16* p, Mask m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
+inline __m256i narrow_f16(Lanes v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
 inline void store_halves(F16* p, Lanes v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_f16(v));
 }
-inline void store_halves(F16* p, Lanes v, Mask m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+inline void store_halves(F16* p, Lanes v, Mask m) { _mm256_mask_storeu_epi16(p, m, narrow_f16(v)); }
+inline void stream_halves(F16* p, Lanes v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow_f16(v));
 }
 // bfloat16: the upper half of a float32 (see narrow_bf16 for the way back)
 inline Lanes widen_bf16(__m256i bits) {
@@ -1976,6 +1990,9 @@ inline void store_halves(BF16* p, Lanes v) {
 inline void store_halves(BF16* p, Lanes v, Mask m) {
   _mm256_mask_storeu_epi16(p, m, narrow_bf16(v));
 }
+inline void stream_halves(BF16* p, Lanes v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow_bf16(v));
+}
 // float32 lanes: constants, and values stored with plain stores (read again soon: kept in the
 // caches)
 inline Lanes lanes_at(const float* p) { return _mm512_loadu_ps(p); }
@@ -1983,14 +2000,23 @@ inline Lanes lanes_at(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, 
 inline void store_lanes(float* p, Lanes v) { _mm512_storeu_ps(p, v); }
 inline void store_lanes(float* p, Lanes v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
 // and as the loops' values: the float32 rows of kStreamFrom bytes or more (their output in
-// forward_rows, their training dx in input_gradients), stored a whole cache line at a time
-// with a non-temporal store straight from the registers (for_lanes aligns the stores; see
-// kStreamFrom, and forward_rows for what this gained over stream_rows' blocks through L1),
-// a float32 dy or dpre, and (store_lanes) SiLU's float32 output under kStreamFrom
+// forward_rows, their training dx in input_gradients; see forward_rows for what streaming
+// them from the registers gained over stream_rows' blocks through L1), a float32 dy or
+// dpre, and SiLU's float32 output under kStreamFrom
 inline Lanes load_halves(const float* p) { return lanes_at(p); }
 inline Lanes load_halves(const float* p, Mask m) { return lanes_at(p, m); }
-inline void store_halves(float* p, Lanes v) { _mm512_stream_ps(p, v); }
+inline void store_halves(float* p, Lanes v) { store_lanes(p, v); }
 inline void store_halves(float* p, Lanes v, Mask m) { store_lanes(p, v, m); }
+inline void stream_halves(float* p, Lanes v) { _mm512_stream_ps(p, v); }
+// Stores the lanes v (the first ones: mask) at p as T: kStream, an output of kStreamFrom
+// bytes or more (streams_out), with a non-temporal store where all the lanes are stored (a
+// whole cache line of float32, half of one of float16 or bfloat16: for_lanes aligns p to
+// it; the line's other half follows in the next store), else a plain one.
+template <bool kStream, typename T, typename... M>
+inline void store_out(T* p, Lanes v, M... mask) {
+  if constexpr (kStream && sizeof...(M) == 0) stream_halves(p, v);
+  else store_halves(p, v, mask...);
+}
 inline Lanes lanes_of(float v) { return _mm512_set1_ps(v); }
 inline Lanes fma_lanes(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
 inline Lanes add_lanes(Lanes a, Lanes b) { return _mm512_add_ps(a, b); }
@@ -2014,14 +2040,16 @@ inline Lanes activate_lanes(Lanes p, Lanes slope) {
 }
 
 // Calls lanes(i) for the values [i, i + kLanes) of [0, n), and lanes(i, mask) for fewer (a
-// Mask of the first ones): for a float32 dst (non-temporal stores of whole cache lines), first
-// those up to dst's next 64-byte boundary, so that every full kLanes after them fills a line.
-template <typename T, typename F>
+// Mask of the first ones): kStream (store_out's non-temporal stores), first those up to
+// dst's next boundary of kLanes values, so that every full kLanes after them is aligned as
+// the stores require; so too for a float32 dst, whose stores then stay within a cache line.
+template <bool kStream, typename T, typename F>
 [[gnu::always_inline]] inline void for_lanes(const T* dst, int64_t n, F&& lanes) {
   int64_t i = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    const auto misaligned = reinterpret_cast<std::uintptr_t>(dst) % 64;
-    i = std::min<int64_t>(n, misaligned ? (64 - misaligned) / sizeof(float) : 0);
+  if constexpr (kStream || std::is_same_v<T, float>) {
+    constexpr std::uintptr_t kBytes = kLanes * sizeof(T);
+    const auto misaligned = reinterpret_cast<std::uintptr_t>(dst) % kBytes;
+    i = std::min<int64_t>(n, misaligned ? (kBytes - misaligned) / sizeof(T) : 0);
     if (i) lanes(int64_t{0}, first_lanes(i));
   }
   for (; i + kLanes <= n; i += kLanes) lanes(i);
@@ -2030,13 +2058,14 @@ template <typename T, typename F>
 
 // Calls out(i, p) with the pre-activations p = fma(src[i] [- origin[i]], scale[i],
 // shift[i]) [+ add[i]] of the values [i, i + kLanes) of [0, n), and out(i, p, mask) for
-// fewer (for_lanes, its stores aligned to `dst`'s cache lines); kPlane: one channel's values
+// fewer (for_lanes<kStream>, its stores aligned in `dst`); kPlane: one channel's values
 // (origin, scale and shift point to its constants). kCentred: with the origin, Rows::each_pre's
 // very bits (the training forward, the backward's dpre); without (origin unread), its values
 // with the origin folded into the shift (eval_halves). (A test of origin in the loop made
 // float16 eval 1-7 % slower.) period (not kPlane): where not 0, the constants are
 // PeriodicTables' of that period.
-template <bool kPlane, bool kCentred, typename T, typename D, typename Out>
+template <bool kPlane, bool kCentred, bool kStream = false, typename T, typename D,
+          typename Out>
 [[gnu::always_inline]] inline void each_pre_lanes(const T* src, const T* add, const D* dst,
                                                   int64_t n, const float* origin,
                                                   const float* scale, const float* shift,
@@ -2056,23 +2085,21 @@ template <bool kPlane, bool kCentred, typename T, typename D, typename Out>
       if (add) p = add_lanes(p, load_halves(add + i, mask...));
       out(i, p, mask...);
     };
-    for_lanes(dst, n, lanes);
+    for_lanes<kStream>(dst, n, lanes);
   });
 }
 
-// dst[i] = act(pre-activation) for i < n (each_pre_lanes' values), act kCode's; a float32
-// dst with non-temporal stores (store_halves) or, kCached, plain ones (store_lanes).
-template <int64_t kCode, bool kPlane, bool kCentred, bool kCached = false, typename T>
+// dst[i] = act(pre-activation) for i < n (each_pre_lanes' values), act kCode's, stored by
+// store_out<kStream>.
+template <int64_t kCode, bool kPlane, bool kCentred, bool kStream = false, typename T>
 void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float* origin,
                       const float* scale, const float* shift, float slope,
                       int64_t period = 0) {
   const Lanes slopes = lanes_of(slope);
-  each_pre_lanes<kPlane, kCentred>(src, add, dst, n, origin, scale, shift, period,
-                                   [&](int64_t i, Lanes p, auto... mask) {
-                                     const Lanes y = activate_lanes<kCode>(p, slopes);
-                                     if constexpr (kCached) store_lanes(dst + i, y, mask...);
-                                     else store_halves(dst + i, y, mask...);
-                                   });
+  each_pre_lanes<kPlane, kCentred, kStream>(
+      src, add, dst, n, origin, scale, shift, period, [&](int64_t i, Lanes p, auto... mask) {
+        store_out<kStream>(dst + i, activate_lanes<kCode>(p, slopes), mask...);
+      });
 }
 
 // dx[i] = k[i] (g[i] - a[i] - (x[i] - origin[i]) b[i]) for i < n, kLanes values at a time:
@@ -2082,8 +2109,9 @@ void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float
 // constants (*origin, *k, *a, *b). Raw forward + backward, time / the generic loop's,
 // bfloat16, one thread (two): (4096, 1024) 0.99-1.00 (0.97-0.99), channels_last (32, 128,
 // 32, 32) 0.97-0.98 (0.97-0.99), (512, 256) 0.95 (0.96-0.97); float16's generic loop rounds
-// in 16 integer operations per 16 values (store<F16>), F16C in one.
-template <bool kPlane, typename T, typename GradientAt>
+// in 16 integer operations per 16 values (store<F16>), F16C in one. Stored by
+// store_out<kStream>.
+template <bool kPlane, bool kStream, typename T, typename GradientAt>
 void dx_lanes(const T* x, const GradientAt& g_at, T* dx, int64_t n, const float* origin,
               const float* k, const float* a, const float* b, int64_t period) {
   with_positions(period, [&](auto constants_at) {
@@ -2096,9 +2124,9 @@ void dx_lanes(const T* x, const GradientAt& g_at, T* dx, int64_t n, const float*
       const Lanes d = sub_lanes(load_halves(x + i, mask...), constant(origin));
       const Lanes t = sub_lanes(g_at(i, c, d, mask...), constant(a));
       const Lanes u = _mm512_fnmadd_ps(d, constant(b), t);
-      store_halves(dx + i, mul_lanes(constant(k), u), mask...);
+      store_out<kStream>(dx + i, mul_lanes(constant(k), u), mask...);
     };
-    for_lanes(dx, n, lanes);
+    for_lanes<kStream>(dx, n, lanes);
   });
 }
 // input_gradients' g on lanes: its values [i, i + kLanes) (fewer: mask), of channels from c
@@ -2122,13 +2150,13 @@ Lanes gradient_lanes(const ActivationGradient<T, kResidual, Derivative>& g, int6
 }
 
 // dx_lanes of given values g (dy or dpre).
-template <bool kPlane, typename T, typename G>
+template <bool kPlane, bool kStream, typename T, typename G>
 void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
                const float* a, const float* b, int64_t period) {
   auto given = [g = GivenGradient<G>{g}](int64_t i, int64_t c, Lanes d, auto... mask) {
     return gradient_lanes(g, i, c, d, mask...);
   };
-  dx_lanes<kPlane>(x, given, dx, n, origin, k, a, b, period);
+  dx_lanes<kPlane, kStream>(x, given, dx, n, origin, k, a, b, period);
 }
 
 // input_gradients' training dx of n values of a row in half precision, from value `first`
@@ -2143,23 +2171,23 @@ void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, co
 // channels_last (8, 96, 24, 24) 0.98 (0.96-0.99), (4096, 1024) and channels_last (32, 128,
 // 32, 32), bound by memory, 0.97-1.01 (0.99-1.00); with leaky ReLU 0.95-0.97 (0.95-0.97)
 // and 0.98-1.02 (0.97-1.00).
-template <typename T, typename Gradient>
+template <bool kStream, typename T, typename Gradient>
 void dx_rows_halves(const Gradient& g, const T* x, int64_t first, int64_t channel, T* dx,
                     int64_t n, const float* origin, const float* k, const float* a,
                     const float* b) {
   auto g_at = [&](int64_t i, int64_t c, Lanes d, auto... mask) {
     return gradient_lanes(g, first + i, channel + c, d, mask...);
   };
-  dx_lanes<false>(x + first, g_at, dx, n, origin, k, a, b, 0);
+  dx_lanes<false, kStream>(x + first, g_at, dx, n, origin, k, a, b, 0);
 }
 
 // GradientTerms' terms of float16 rows on lanes (see add_lanes_to): {g, g, x - mean}.
 // Defined here, after gradient_lanes. Raw forward + backward, time / the generic loop's
-// (with the statistics' lanes), two threads (one), 2026-12-07: (512, 256) 0.87-0.89 (0.82-0.83), (1024, 256) 0.84-0.86 (0.79-0.80),
-// channels_last (8, 96, 16, 16) 0.86-0.88 (0.81-0.82); with ReLU 0.88-0.90 (0.81-0.92),
-// with SiLU 0.92-0.96 (0.88-0.94). The training forward alone (the statistics' lanes):
-// 0.81-0.84 (0.75-0.77); channels_last (11, 24, 29, 31), 8 of whose 24 channels take the
-// generic loop, 0.98 (0.97-0.98).
+// (with the statistics' lanes), two threads (one), 2026-12-07: (512, 256) 0.87-0.89
+// (0.82-0.83), (1024, 256) 0.84-0.86 (0.79-0.80), channels_last (8, 96, 16, 16) 0.86-0.88
+// (0.81-0.82); with ReLU 0.88-0.90 (0.81-0.92), with SiLU 0.92-0.96 (0.88-0.94). The
+// training forward alone (the statistics' lanes): 0.81-0.84 (0.75-0.77); channels_last (11,
+// 24, 29, 31), 8 of whose 24 channels take the generic loop, 0.98 (0.97-0.98).
 template <typename Gradient>
 std::array<Lanes, 3> terms_lanes(const GradientTerms<F16, Gradient>& term, int64_t i,
                                  int64_t c) {
@@ -2220,8 +2248,8 @@ void with_lanes_activation(int64_t activation, F&& f) {
 // plain, ReLU, leaky ReLU or SiLU (activation's code), over `units` rows or (planes) NCHW
 // planes of `width` values each. The constants are per channel: a row's value c takes
 // channel c's, a plane's values those of its channel (unit u's: u % channels). origin: null
-// where the shift holds it. A float32 y of kStreamFrom bytes or more is written with
-// non-temporal stores, a smaller one (SiLU's: see forward_rows) with plain ones.
+// where the shift holds it. A y of kStreamFrom bytes or more is written with non-temporal
+// stores (streams_out), a smaller one with plain ones.
 template <typename T>
 void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
                      int64_t channels, bool planes, const float* origin, const float* scale,
@@ -2231,13 +2259,13 @@ void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
   // float32 rows: a thread's rows as one run of values where their width calls for it
   const PeriodicTables tables =
       kFloat && !planes ? PeriodicTables(width, {origin, scale, shift}) : PeriodicTables();
-  auto each_unit = [&](auto code, auto centred, auto cached) {
+  auto each_unit = [&](auto code, auto centred, auto streaming) {
     constexpr int64_t kCode = decltype(code)::value;
-    constexpr bool kCentred = decltype(centred)::value, kCached = decltype(cached)::value;
+    constexpr bool kCentred = decltype(centred)::value, kStream = decltype(streaming)::value;
     for_rows(units, width, [&](int64_t begin, int64_t end) {
       if (tables.period) {  // the rows as one run
         const int64_t first = begin * width;
-        normalize_halves<kCode, false, kCentred, kCached>(
+        normalize_halves<kCode, false, kCentred, kStream>(
             x + first, z ? z + first : nullptr, y + first, (end - begin) * width, tables[0],
             tables[1], tables[2], slope, tables.period);
       } else {
@@ -2247,24 +2275,22 @@ void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
           const int64_t first = u * width;
           const T* add = z ? z + first : nullptr;
           if (planes)
-            normalize_halves<kCode, true, kCentred, kCached>(
+            normalize_halves<kCode, true, kCentred, kStream>(
                 x + first, add, y + first, width, kCentred ? origin + c : nullptr, scale + c,
                 shift + c, slope);
           else
-            normalize_halves<kCode, false, kCentred, kCached>(x + first, add, y + first, width,
+            normalize_halves<kCode, false, kCentred, kStream>(x + first, add, y + first, width,
                                                               origin, scale, shift, slope);
         }
       }
-      if (kFloat && !kCached) fence_streams();
+      if (kStream) fence_streams();
     });
   };
-  auto with_code = [&](auto centred, auto cached) {
-    with_lanes_activation(activation, [&](auto code) { each_unit(code, centred, cached); });
+  auto with_code = [&](auto centred, auto streaming) {
+    with_lanes_activation(activation, [&](auto code) { each_unit(code, centred, streaming); });
   };
   auto with_stores = [&](auto centred) {
-    if constexpr (kFloat) {
-      if (!stream) return with_code(centred, std::true_type{});
-    }
+    if (stream) return with_code(centred, std::true_type{});
     with_code(centred, std::false_type{});
   };
   if (origin) return with_stores(std::true_type{});
@@ -2557,12 +2583,11 @@ int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias
   auto tensor = [](pybind11::handle obj) {  // a checked tensor, or None
     return obj.is_none() ? Tensor() : THPVariable_Unpack(obj.ptr());
   };
-  if (rows && !half) return kTakes;
+  if (rows) return kTakes;
   if (!training && !records_graph(t, tensor(weight), tensor(bias), tensor(residual)))
     return kTakes;
-  // float16 in training or with a graph: rows of up to kFloat16RowsUpTo values, NCHW
-  // batches of short planes (see kFloat16PlanesUpTo)
-  if (half && rows) return values <= kFloat16RowsUpTo ? kTakes : kUsual;
+  // float16 NCHW in training or with a graph: batches of short planes (see
+  // kFloat16PlanesUpTo)
   if (half)
     return values <= kPlanesUpTo && t.size(0) >= kRowsAtOnce &&
                    values / (t.size(0) * channels) <= kFloat16PlanesUpTo
@@ -2627,7 +2652,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "call's checks (1), or neither is known (0): (x, weight, bias, running_mean, "
         "running_var, residual, training, activation code) -> int");
   m.attr("planes_up_to") = kPlanesUpTo;
-  m.attr("float16_rows_up_to") = kFloat16RowsUpTo;
   m.attr("float16_planes_up_to") = kFloat16PlanesUpTo;
   m.def("rows_batch_norm", &rows_batch_norm,
         "Batch norm of a float32, bfloat16 or float16 (N, C), channels_last or NCHW input "
