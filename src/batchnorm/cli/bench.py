@@ -5,8 +5,9 @@ What is measured, with torch's thread count (Numba follows it):
 
 * shapes (100, 128), (4096, 1024), (32, 128, 32, 32) and (64, 256, 28, 28) contiguous and
   channels_last (the last, 51 MiB, past a 32 MiB L3), (8, 64, 16, 56, 56) in float32, and
-  (4096, 1024) and (32, 128, 32, 32) contiguous and channels_last in bfloat16 with float32
-  parameters (what ``torch.autocast("cpu")`` gives a batch norm after a convolution);
+  (4096, 1024) and (32, 128, 32, 32) contiguous and channels_last in bfloat16 and (64, 256,
+  28, 28) channels_last in float16, with float32 parameters (what ``torch.autocast("cpu")``
+  gives a batch norm after a convolution);
 * modes ``forward_train`` (training-mode forward without autograd, running statistics
   updated), ``eval`` (inference), ``forward_backward`` (training forward, then backward with
   a fixed output gradient), ``bn_relu_forward_backward`` (the same with a ReLU after the
@@ -83,6 +84,7 @@ SHAPES: list[Case] = [
     ("(4096,1024) bfloat16", (4096, 1024), False, "bfloat16"),
     ("(32,128,32,32) bfloat16", (32, 128, 32, 32), False, "bfloat16"),
     ("(32,128,32,32) channels_last bfloat16", (32, 128, 32, 32), True, "bfloat16"),
+    ("(64,256,28,28) channels_last float16", (64, 256, 28, 28), True, "float16"),
 ]
 #: --quick: a small shape of each layout, enough to exercise every code path in seconds.
 QUICK_SHAPES: list[Case] = [
@@ -109,9 +111,11 @@ REPS_BOUNDS = {"full": (15, 400), "quick": (3, 20)}
 WARMUP = 3
 #: Outputs must agree with ATen's to this (float32, relative to the largest magnitude).
 CHECK_TOLERANCE = 1e-3
-#: ... and bfloat16 outputs to two of its ulps (2^-7 of a magnitude each): ATen and we both
-#: round a float32 result, which may land on neighbouring values.
-CHECK_TOLERANCE_BY_DTYPE = {"float32": CHECK_TOLERANCE, "bfloat16": 2 * 2.0**-7}
+#: ... and half-precision outputs to two of their ulps (2^-7 of a magnitude each in
+#: bfloat16, 2^-10 in float16): ATen and we both round a float32 result, which may land on
+#: neighbouring values.
+CHECK_TOLERANCE_BY_DTYPE = {"float32": CHECK_TOLERANCE, "bfloat16": 2 * 2.0**-7,
+                            "float16": 2 * 2.0**-10}  # fmt: skip
 #: The repository's folder of committed results: `make bench` passes it as --out.
 RESULTS_DIR = Path("benchmarks") / "results"
 #: A 1-minute load average above this share of the cores means other processes compete
