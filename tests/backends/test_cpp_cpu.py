@@ -1239,15 +1239,16 @@ def test_half_inference_keeps_its_digits_where_the_running_mean_is_large(dtype, 
 
 
 #: Half-precision outputs (and training dx) of 16 MiB or more (rows.cpp's kStreamFrom:
-#: 8,388,608 values), which the loops write with non-temporal stores from 32-byte
-#: boundaries on (for_lanes): rows of 1030 values (2,060 bytes, so that most start off a
-#: boundary) with a ReLU and a residual (dx through the activation's derivative), channels_last
-#: rows of 256 (dx from dy), and NCHW planes of 405,193 values in eval.
-#: (shape, channels_last, activation, residual)
+#: 8,388,608 values), which the loops write with non-temporal stores where each row or
+#: plane is whole lanes of 16 values (streams_lanes): rows of 1024 with a ReLU and a
+#: residual (dx through the activation's derivative), channels_last rows of 256 (dx from
+#: dy) and NCHW planes of 401,408 values in eval; and rows of 1030, which stay on plain
+#: stores. (shape, channels_last, activation, residual)
 STREAMED_HALVES = {
-    "(8200,1030) ReLU residual": ((8200, 1030), False, "relu", True),
+    "(8192,1024) ReLU residual": ((8192, 1024), False, "relu", True),
     "channels_last (42,256,28,28)": ((42, 256, 28, 28), True, "identity", False),
-    "NCHW (3,7,613,661) eval": ((3, 7, 613, 661), False, "silu", False),
+    "NCHW (3,7,512,784) eval": ((3, 7, 512, 784), False, "silu", False),
+    "(8200,1030) plain stores": ((8200, 1030), False, "leaky_relu", True),
 }
 
 

@@ -18,8 +18,9 @@ to level (float16) or faster (bfloat16) on large ones; in training, ``(N, C)`` a
 channels_last inputs of any size, and NCHW batches of at least 8 planes of up to 196 values
 (kFloat16PlanesUpTo; the statistics and sums of a channel from a float32 copy that F16C
 converts, the output and dx in AVX-512's loops), where they were faster than ATen's float16
-kernels and the Numba kernels. Outputs (and training dx) of 16 MiB or more, of any dtype,
-are written with non-temporal stores (rows.cpp's kStreamFrom).
+kernels and the Numba kernels. Outputs (and training dx) of 16 MiB or more are written with
+non-temporal stores (rows.cpp's kStreamFrom), in float16 and bfloat16 where each row or
+plane is a multiple of 16 values (streams_lanes).
 
 Why: on these inputs ATen's float32 kernel loses digits as the mean grows (see
 backends.aten.safe_batch_norm), and the shift that keeps them costs two more ops; the Numba

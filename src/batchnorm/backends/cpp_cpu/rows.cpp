@@ -51,10 +51,10 @@ enum Activation : int64_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2, kSilu = 3 
 #define BATCHNORM_HALF_LOOPS 0
 #endif
 constexpr bool kHalfLoops = BATCHNORM_HALF_LOOPS;
-#if BATCHNORM_HALF_LOOPS
 // 16 lanes of float32: the values of the loops written in AVX-512's instructions.
-using Lanes = __m512;
 constexpr int64_t kLanes = 16;
+#if BATCHNORM_HALF_LOOPS
+using Lanes = __m512;
 #endif
 
 // 1 + exp(x) in float32 in operations that vectorize (std::exp does not, without
@@ -517,13 +517,14 @@ void for_rows(int64_t rows, int64_t channels, F&& f) {
 // 1.14), 4.35 -> 4.02 (2.48 -> 2.35); channels_last (32, 128, 32, 32) 1.58 -> 1.16 (0.87 ->
 // 0.75), 2.57 -> 2.21 (1.98 -> 1.86). At 8 MiB plain stores stay: (2048, 1024) with its
 // ReLU 1.07 -> 1.14 (0.31 -> 0.45), the output still in L3 for the ReLU. float16 and
-// bfloat16 outputs of as many bytes too since 2026-12-07 night (store_out, in their lanes
-// loops; plain stores before). Raw calls taking turns, time / plain stores, one thread
-// (two): float16 channels_last (64, 256, 28, 28) eval 0.82 (0.72), training forward 0.88
-// (0.88), forward + backward 0.85 (0.93); (8192, 2048) 0.78 (0.65), 0.83 (0.87), 0.97
-// (0.95); NCHW (64, 256, 28, 28) eval 0.81 (1.01); bfloat16 with ReLU, channels_last (64,
-// 256, 28, 28) 0.80 (0.86), 0.93 (0.94), 0.91 (0.90); (8192, 1024) training forward 0.97
-// (0.80), forward + backward 0.96 (0.94); NCHW (64, 256, 28, 28) eval 0.96 (0.89).
+// bfloat16 outputs of as many bytes too since 2026-12-07 night, of rows or planes of whole
+// lanes (store_out, in their lanes loops; see streams_lanes; plain stores before). Raw
+// calls taking turns, time / plain stores, one thread (two): float16 channels_last (64,
+// 256, 28, 28) eval 0.82 (0.72), training forward 0.88 (0.88), forward + backward 0.85
+// (0.93); (8192, 2048) 0.78 (0.65), 0.83 (0.87), 0.97 (0.95); NCHW (64, 256, 28, 28) eval
+// 0.81 (1.01); bfloat16 with ReLU, channels_last (64, 256, 28, 28) 0.80 (0.86), 0.93
+// (0.94), 0.91 (0.90); (8192, 1024) training forward 0.97 (0.80), forward + backward 0.96
+// (0.94); NCHW (64, 256, 28, 28) eval 0.96 (0.89).
 constexpr int64_t kStreamFrom = 16 << 20;
 // Values computed into a buffer (in L1) and then streamed out, at a time: 256 bytes. The
 // loads of the next values then overlap the stores of the last; blocks of 4096 values read,
@@ -593,6 +594,23 @@ void stream_rows(float* y, int64_t begin, int64_t end, int64_t width, Compute&& 
 template <typename T>
 bool streams_out(int64_t values) {
   return values * static_cast<int64_t>(sizeof(T)) >= kStreamFrom;
+}
+
+// Whether the AVX-512 loops (store_out) write an output y of `units` rows or planes of
+// `width` values each with non-temporal stores: one of kStreamFrom bytes or more, and in
+// float16 and bfloat16 only where every store is one, each unit whole lanes from a 32-byte
+// boundary. A unit that starts or ends off one has a plain masked store at either end, on
+// the line that the unit before or after writes non-temporally, and such lines went from
+// the write-combining buffers back through the caches: float16 eval of NCHW planes, time /
+// plain stores, two threads (one), 7x7 14.5 (22.1), 14x14 4.5 (6.8); rows of 1030 values 2.1,
+// channels_last rows of 24 and 100 16.1 and 8.1; with non-temporal stores on whole lines
+// only (plain ones on the lines at either end) still 1.73, 2.42, 1.28, 1.39 and 1.42.
+// (float32 rows run as one run of values per thread, PeriodicTables', a line at a time.)
+template <typename T>
+bool streams_lanes(const T* y, int64_t units, int64_t width) {
+  const bool whole_lanes =
+      width % kLanes == 0 && reinterpret_cast<std::uintptr_t>(y) % (kLanes * sizeof(T)) == 0;
+  return streams_out<T>(units * width) && (std::is_same_v<T, float> || whole_lanes);
 }
 
 // Rows [begin, end) of an output y of rows of `width` values, of which y has `values` in
@@ -1117,7 +1135,7 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
   }
   if (!dx) return;
   // a training dx of kStreamFrom bytes or more: non-temporal stores (store_out)
-  const bool stream = training && streams_out<T>(rows * channels);
+  const bool stream = training && streams_lanes(dx, rows, channels);
   const bool streamed =
       kHalfLoops && std::is_same_v<T, float> && given_values<Gradient> && stream;
   const PeriodicTables tables =
@@ -1180,7 +1198,7 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
       }
     }
     write_rows(dx, rows * channels, begin, end, channels, gradients_of);
-    if (!std::is_same_v<T, float> && stream) fence_streams();
+    if (!std::is_same_v<T, float> && stream) fence_streams();  // (stream_rows fences its own)
   });
 }
 
@@ -2008,10 +2026,11 @@ inline Lanes load_halves(const float* p, Mask m) { return lanes_at(p, m); }
 inline void store_halves(float* p, Lanes v) { store_lanes(p, v); }
 inline void store_halves(float* p, Lanes v, Mask m) { store_lanes(p, v, m); }
 inline void stream_halves(float* p, Lanes v) { _mm512_stream_ps(p, v); }
-// Stores the lanes v (the first ones: mask) at p as T: kStream, an output of kStreamFrom
-// bytes or more (streams_out), with a non-temporal store where all the lanes are stored (a
-// whole cache line of float32, half of one of float16 or bfloat16: for_lanes aligns p to
-// it; the line's other half follows in the next store), else a plain one.
+// Stores the lanes v (the first ones: mask) at p as T: kStream (streams_lanes), with a
+// non-temporal store where all the lanes are stored (a whole cache line of float32, which
+// for_lanes aligns p to; half of one of float16 or bfloat16, whose units streams_lanes
+// starts on 32-byte boundaries: the line's other half follows in the next store), else a
+// plain one.
 template <bool kStream, typename T, typename... M>
 inline void store_out(T* p, Lanes v, M... mask) {
   if constexpr (kStream && sizeof...(M) == 0) stream_halves(p, v);
@@ -2040,16 +2059,16 @@ inline Lanes activate_lanes(Lanes p, Lanes slope) {
 }
 
 // Calls lanes(i) for the values [i, i + kLanes) of [0, n), and lanes(i, mask) for fewer (a
-// Mask of the first ones): kStream (store_out's non-temporal stores), first those up to
-// dst's next boundary of kLanes values, so that every full kLanes after them is aligned as
-// the stores require; so too for a float32 dst, whose stores then stay within a cache line.
-template <bool kStream, typename T, typename F>
+// Mask of the first ones): for a float32 dst (non-temporal stores of whole cache lines), first
+// those up to dst's next 64-byte boundary, so that every full kLanes after them fills a line.
+// (A float16 or bfloat16 dst that store_out streams to starts on a 32-byte boundary, and n
+// is whole lanes: see streams_lanes.)
+template <typename T, typename F>
 [[gnu::always_inline]] inline void for_lanes(const T* dst, int64_t n, F&& lanes) {
   int64_t i = 0;
-  if constexpr (kStream || std::is_same_v<T, float>) {
-    constexpr std::uintptr_t kBytes = kLanes * sizeof(T);
-    const auto misaligned = reinterpret_cast<std::uintptr_t>(dst) % kBytes;
-    i = std::min<int64_t>(n, misaligned ? (kBytes - misaligned) / sizeof(T) : 0);
+  if constexpr (std::is_same_v<T, float>) {
+    const auto misaligned = reinterpret_cast<std::uintptr_t>(dst) % 64;
+    i = std::min<int64_t>(n, misaligned ? (64 - misaligned) / sizeof(float) : 0);
     if (i) lanes(int64_t{0}, first_lanes(i));
   }
   for (; i + kLanes <= n; i += kLanes) lanes(i);
@@ -2058,14 +2077,13 @@ template <bool kStream, typename T, typename F>
 
 // Calls out(i, p) with the pre-activations p = fma(src[i] [- origin[i]], scale[i],
 // shift[i]) [+ add[i]] of the values [i, i + kLanes) of [0, n), and out(i, p, mask) for
-// fewer (for_lanes<kStream>, its stores aligned in `dst`); kPlane: one channel's values
+// fewer (for_lanes, its stores aligned to `dst`'s cache lines); kPlane: one channel's values
 // (origin, scale and shift point to its constants). kCentred: with the origin, Rows::each_pre's
 // very bits (the training forward, the backward's dpre); without (origin unread), its values
 // with the origin folded into the shift (eval_halves). (A test of origin in the loop made
 // float16 eval 1-7 % slower.) period (not kPlane): where not 0, the constants are
 // PeriodicTables' of that period.
-template <bool kPlane, bool kCentred, bool kStream = false, typename T, typename D,
-          typename Out>
+template <bool kPlane, bool kCentred, typename T, typename D, typename Out>
 [[gnu::always_inline]] inline void each_pre_lanes(const T* src, const T* add, const D* dst,
                                                   int64_t n, const float* origin,
                                                   const float* scale, const float* shift,
@@ -2085,7 +2103,7 @@ template <bool kPlane, bool kCentred, bool kStream = false, typename T, typename
       if (add) p = add_lanes(p, load_halves(add + i, mask...));
       out(i, p, mask...);
     };
-    for_lanes<kStream>(dst, n, lanes);
+    for_lanes(dst, n, lanes);
   });
 }
 
@@ -2096,7 +2114,7 @@ void normalize_halves(const T* src, const T* add, T* dst, int64_t n, const float
                       const float* scale, const float* shift, float slope,
                       int64_t period = 0) {
   const Lanes slopes = lanes_of(slope);
-  each_pre_lanes<kPlane, kCentred, kStream>(
+  each_pre_lanes<kPlane, kCentred>(
       src, add, dst, n, origin, scale, shift, period, [&](int64_t i, Lanes p, auto... mask) {
         store_out<kStream>(dst + i, activate_lanes<kCode>(p, slopes), mask...);
       });
@@ -2126,7 +2144,7 @@ void dx_lanes(const T* x, const GradientAt& g_at, T* dx, int64_t n, const float*
       const Lanes u = _mm512_fnmadd_ps(d, constant(b), t);
       store_out<kStream>(dx + i, mul_lanes(constant(k), u), mask...);
     };
-    for_lanes<kStream>(dx, n, lanes);
+    for_lanes(dx, n, lanes);
   });
 }
 // input_gradients' g on lanes: its values [i, i + kLanes) (fewer: mask), of channels from c
@@ -2249,13 +2267,13 @@ void with_lanes_activation(int64_t activation, F&& f) {
 // planes of `width` values each. The constants are per channel: a row's value c takes
 // channel c's, a plane's values those of its channel (unit u's: u % channels). origin: null
 // where the shift holds it. A y of kStreamFrom bytes or more is written with non-temporal
-// stores (streams_out), a smaller one with plain ones.
+// stores (streams_lanes), a smaller one with plain ones.
 template <typename T>
 void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
                      int64_t channels, bool planes, const float* origin, const float* scale,
                      const float* shift, int64_t activation, float slope) {
   constexpr bool kFloat = std::is_same_v<T, float>;
-  const bool stream = streams_out<T>(units * width);
+  const bool stream = streams_lanes(y, units, width);
   // float32 rows: a thread's rows as one run of values where their width calls for it
   const PeriodicTables tables =
       kFloat && !planes ? PeriodicTables(width, {origin, scale, shift}) : PeriodicTables();
