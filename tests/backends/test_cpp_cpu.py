@@ -958,9 +958,10 @@ def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activa
                                   activation)  # fmt: skip
 
 
-#: float16 training runs here on (N, C) and channels_last inputs, and on NCHW batches of 8
-#: or more planes of up to float16_planes_up_to (196) values: below and above the threads'
-#: 65,536 (and past 16 MiB: STREAMED_HALVES). The NCHW ones
+#: float16 training runs here on (N, C) and channels_last inputs of up to the extension's
+#: float16_rows_up_to (2,097,152) values and larger ones of a multiple of 16 channels, and
+#: on NCHW batches of 8 or more planes of up to float16_planes_up_to (196) values: below and
+#: above the threads' 65,536 (and past 16 MiB: STREAMED_HALVES). The NCHW ones
 #: end their channels' sums with groups of fewer than 8 planes (9: 8 + 1; 14: 8 + 4 + 2);
 #: the threaded one's channels of 2,016 values take their statistics around a sampled centre.
 FLOAT16_TRAINING_SHAPES = {
@@ -1108,11 +1109,12 @@ def test_bfloat16_calls_it_cannot_take_go_elsewhere():
 
 @float16_loops
 def test_float16_training_runs_here_on_rows_and_short_planes_only():
-    """float16 in training: (N, C) and channels_last inputs of any size, NCHW batches of 8
-    or more planes of up to float16_planes_up_to values (and up to planes_up_to values in
-    all); the others go to the Numba kernels and ATen."""
+    """float16 in training: (N, C) and channels_last inputs of up to float16_rows_up_to
+    values, and larger ones of a multiple of 16 channels; NCHW batches of 8 or more planes
+    of up to float16_planes_up_to values (and up to planes_up_to values in all); the others
+    go to the Numba kernels and ATen."""
     ext = extension()
-    plane = ext.float16_planes_up_to
+    limit, plane = ext.float16_rows_up_to, ext.float16_planes_up_to
 
     def chosen(x):
         return ops.select(Call(x, True, "identity", 0.01, False)).name
@@ -1122,7 +1124,9 @@ def test_float16_training_runs_here_on_rows_and_short_planes_only():
 
     small = random_input((64, 8, 4, 4), channels_last=True).half()
     assert chosen(small) == "cpp_cpu"
-    assert chosen(zeros(1 << 17, 64)) == "cpp_cpu"  # 8,388,608 values
+    assert chosen(zeros(limit // 24, 24)) == "cpp_cpu"
+    assert chosen(zeros(limit // 24 + 1, 24)) != "cpp_cpu"  # 24 channels: not whole lanes
+    assert chosen(zeros(1 << 17, 64)) == "cpp_cpu"  # 8,388,608 values of whole lanes
     large = torch.zeros(64, 256, 28, 28, dtype=torch.float16)
     assert chosen(large.contiguous(memory_format=torch.channels_last)) == "cpp_cpu"
     assert chosen(large) != "cpp_cpu"  # NCHW, planes of 784 values
@@ -1242,13 +1246,12 @@ def test_half_inference_keeps_its_digits_where_the_running_mean_is_large(dtype, 
 #: 8,388,608 values), which the loops write with non-temporal stores where each row or
 #: plane is whole lanes of 16 values (streams_lanes): rows of 1024 with a ReLU and a
 #: residual (dx through the activation's derivative), channels_last rows of 256 (dx from
-#: dy) and NCHW planes of 401,408 values in eval; and rows of 1030, which stay on plain
-#: stores. (shape, channels_last, activation, residual)
+#: dy) and NCHW planes of 401,408 values in eval. (shape, channels_last, activation,
+#: residual)
 STREAMED_HALVES = {
     "(8192,1024) ReLU residual": ((8192, 1024), False, "relu", True),
     "channels_last (42,256,28,28)": ((42, 256, 28, 28), True, "identity", False),
     "NCHW (3,7,512,784) eval": ((3, 7, 512, 784), False, "silu", False),
-    "(8200,1030) plain stores": ((8200, 1030), False, "leaky_relu", True),
 }
 
 
@@ -1263,6 +1266,13 @@ def test_half_outputs_streamed_past_the_caches_are_within_rounding_of_float64(dt
         _half_step_is_within_rounding(shape, channels_last, dtype, True, residual, activation)
     else:
         _check_half_inference(dtype, shape, channels_last, residual, activation)
+
+
+def test_bfloat16_rows_of_other_widths_past_16_mib_are_within_rounding_of_float64():
+    """Rows of 1030 values past 16 MiB, which stay on plain stores (streams_lanes), with a
+    leaky ReLU and a residual. (float16 rows of as many values and channels go to the Numba
+    kernels: float16_rows_up_to.)"""
+    _half_step_is_within_rounding((8200, 1030), False, torch.bfloat16, True, True, "leaky_relu")
 
 
 @pytest.mark.parametrize("shape", [(3, 21), (3, 21, 5)], ids=["rows", "planes"])

@@ -15,12 +15,13 @@ parameters and statistics) on CPUs with AVX-512, whose instructions the inferenc
 both half-precision dtypes are written in (rows.cpp's eval_halves): in inference, either
 layout, faster than ATen's eval from the smallest layers on, where the call's Python shows,
 to level (float16) or faster (bfloat16) on large ones; in training, ``(N, C)`` and
-channels_last inputs of any size, and NCHW batches of at least 8 planes of up to 196 values
-(kFloat16PlanesUpTo; the statistics and sums of a channel from a float32 copy that F16C
-converts, the output and dx in AVX-512's loops), where they were faster than ATen's float16
-kernels and the Numba kernels. Outputs (and training dx) of 16 MiB or more are written with
-non-temporal stores (rows.cpp's kStreamFrom), in float16 and bfloat16 where each row or
-plane is a multiple of 16 values (streams_lanes).
+channels_last inputs of up to 2,097,152 values and larger ones whose channels are a
+multiple of 16 (rows.cpp's kFloat16RowsUpTo), and NCHW batches of at least 8 planes of up
+to 196 values (kFloat16PlanesUpTo; the statistics and sums of a channel from a float32 copy
+that F16C converts, the output and dx in AVX-512's loops), where they were faster than
+ATen's float16 kernels and the Numba kernels. Outputs (and training dx) of 16 MiB or more
+are written with non-temporal stores (rows.cpp's kStreamFrom), in float16 and bfloat16
+where each row or plane is a multiple of 16 values (streams_lanes).
 
 Why: on these inputs ATen's float32 kernel loses digits as the mean grows (see
 backends.aten.safe_batch_norm), and the shift that keeps them costs two more ops; the Numba
@@ -82,7 +83,8 @@ SWITCH = "BATCHNORM_CPP"
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 _ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
 #: The input dtypes of the calls the extension may take (``takes`` decides: float16 on
-#: CPUs with AVX-512, of NCHW inputs in training short planes only).
+#: CPUs with AVX-512, in training rows of up to 2,097,152 values or of a multiple of 16
+#: channels, and short planes).
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: What the extension's ``takes`` says of a call (rows.cpp's Kind): it computes the call
 #: (TAKES); it does not, but the call's tensors pass ``functional._layer_call``'s checks,
@@ -107,8 +109,9 @@ class CppBackend:
         NCHW-contiguous (NCHW in training or with a graph to record: up to ``planes_up_to``
         values, bfloat16 training with ReLU or leaky ReLU and no residual at any size;
         float16 inputs where the CPU has AVX-512: of either layout in eval without a graph,
-        ``(N, C)`` and channels_last ones of any size in training or with a graph, NCHW
-        batches of 8 or more planes of up to 196 values), a residual of its
+        ``(N, C)`` and channels_last ones of up to 2,097,152 values in training or with a
+        graph (larger: channels a multiple of 16), NCHW batches of 8 or more planes of up to
+        196 values), a residual of its
         dtype and strides, with any activation (see ACTIVATION_CODES), in torch's
         running-variance convention, the input saved for backward; in training more than
         one value per channel, in eval running statistics;

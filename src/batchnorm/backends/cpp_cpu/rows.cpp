@@ -7,8 +7,8 @@
 // NCHW inputs: in eval when no graph is recorded (inference), a plane at a time
 // (eval_planes), and small ones in training or with a graph in the same node, a channel at
 // a time (forward_planes). On CPUs with AVX-512, float16 and bfloat16 inputs of either
-// layout in inference run eval_halves instead, and float16 rows run in training too (see
-// takes).
+// layout in inference run eval_halves instead, and float16 rows run in training too
+// (kFloat16RowsUpTo).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -1456,9 +1456,17 @@ bool planes_layout(const Tensor& x) {
 // loops more ((32, 64, 28, 28) forward 509 -> 543 µs on two threads, 721 -> 1013 on one;
 // bfloat16 336 -> 376).
 constexpr int64_t kPlanesUpTo = 1 << 19;
-// float16 (N, C) and channels_last inputs in training (or with a graph) run here at any
-// size, as bfloat16 ones do, since their outputs of kStreamFrom bytes or more are written
-// with non-temporal stores (store_out; 2026-12-07 night). Before, up to 2,097,152 values
+// float16 (N, C) and channels_last inputs in training (or with a graph) of up to this many
+// values run here, and larger ones whose channels are whole lanes (a multiple of kLanes),
+// since their outputs of kStreamFrom bytes or more are written with non-temporal stores
+// (streams_lanes; 2026-12-07 night); the others on the Numba kernels and ATen. Rows of
+// other widths keep part of each row on load(F16)'s integer conversion and a masked store:
+// the Numba kernels' time / ours, module calls, two threads (one), training forward and
+// forward + backward, channels_last (32, 24, 64, 64) 0.52 and 0.59 (0.47 and 0.52), (16,
+// 200, 28, 28) 0.95 and 0.94 (0.86 and 0.88); as wide as whole lanes, channels_last (32,
+// 16, 64, 64) 1.18 and 1.25 (0.96 and 1.27), (32, 32, 64, 64) 1.25 and 1.20 (1.15 and 1.32),
+// (16, 208, 28, 28) 1.07 and 1.01 (0.93 and 1.02). (Under the limit too: channels_last
+// (8, 24, 64, 64), 786,432 values, 0.60 and 0.65 (0.49 and 0.56).) Before, up to 2,097,152 values
 // (262,144 until the statistics and sums converted with F16C, add_rows_to of CentredTerms
 // and GradientTerms of F16), the larger ones on the Numba kernels: past that size the node
 // was level with them on two threads and up to 13 % slower on one. Module calls taking
@@ -1473,6 +1481,7 @@ constexpr int64_t kPlanesUpTo = 1 << 19;
 // values), module calls taking turns, two threads, ATen's time / ours and the Numba
 // kernels' / ours, forward + backward (training forward): (512, 256) 1.06 (1.21),
 // channels_last (8, 512, 7, 7) 1.02 (1.08), (1024, 256) 1.02 and 1.15 (1.04 and 1.11).
+constexpr int64_t kFloat16RowsUpTo = 1 << 21;
 // float16 NCHW inputs in training (or with a graph) run here (see kBufferedPlanes), up to
 // kPlanesUpTo values in batches of at least kRowsAtOnce planes of at most this many values;
 // others on ATen and the Numba kernels. Module calls taking turns, two threads, torch.nn's
@@ -2601,11 +2610,13 @@ int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias
   auto tensor = [](pybind11::handle obj) {  // a checked tensor, or None
     return obj.is_none() ? Tensor() : THPVariable_Unpack(obj.ptr());
   };
-  if (rows) return kTakes;
+  if (rows && !half) return kTakes;
   if (!training && !records_graph(t, tensor(weight), tensor(bias), tensor(residual)))
     return kTakes;
-  // float16 NCHW in training or with a graph: batches of short planes (see
-  // kFloat16PlanesUpTo)
+  // float16 in training or with a graph: rows of up to kFloat16RowsUpTo values, or of
+  // whole lanes; NCHW batches of short planes (see kFloat16PlanesUpTo)
+  if (half && rows)
+    return values <= kFloat16RowsUpTo || channels % kLanes == 0 ? kTakes : kUsual;
   if (half)
     return values <= kPlanesUpTo && t.size(0) >= kRowsAtOnce &&
                    values / (t.size(0) * channels) <= kFloat16PlanesUpTo
@@ -2670,6 +2681,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "call's checks (1), or neither is known (0): (x, weight, bias, running_mean, "
         "running_var, residual, training, activation code) -> int");
   m.attr("planes_up_to") = kPlanesUpTo;
+  m.attr("float16_rows_up_to") = kFloat16RowsUpTo;
   m.attr("float16_planes_up_to") = kFloat16PlanesUpTo;
   m.def("rows_batch_norm", &rows_batch_norm,
         "Batch norm of a float32, bfloat16 or float16 (N, C), channels_last or NCHW input "
