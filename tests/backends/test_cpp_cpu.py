@@ -908,7 +908,7 @@ def test_half_training_dx_passes_the_gradient_where_the_pre_activation_is_nan(dt
     """A fused ReLU passes dy where the pre-activation is NaN (leaky ReLU: dy times its
     slope), as torch's ReLU after its batch norm does: a NaN bias makes every pre-activation
     of its channel NaN while the statistics, and so dx, stay finite. The half-precision
-    rows' training dx computes the derivative on AVX-512's lanes (dx_rows_halves):
+    rows' training dx computes the derivative on AVX-512's lanes (dx_halves):
     40 channels are two full lanes and a masked one."""
     channels = 40
     x = random_input((64, channels), seed=1, mean=3.0).to(dtype)

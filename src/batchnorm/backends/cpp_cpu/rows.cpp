@@ -946,7 +946,6 @@ template <typename G>
 struct GivenGradient {
   const G* g;
   float operator()(int64_t i, int64_t, float) const { return load(g[i]); }
-  const G* values() const { return g; }
   std::array<Stream, 2> streams() const { return {g, nullptr}; }  // the arrays it reads
 };
 
@@ -959,7 +958,6 @@ struct PreparedGradient {
   const T* dy;
   const T* z;
   float operator()(int64_t i, int64_t, float) const { return dpre[i]; }
-  const float* values() const { return dpre; }
   std::array<Stream, 2> streams() const { return {dy, z}; }
 };
 
@@ -1007,7 +1005,7 @@ inline ChannelGradients channel_gradients(int64_t c, std::array<double, 2> sums,
 inline float dx_of(float k, float a, float b, float g, float d) { return k * (g - a - d * b); }
 
 // Whether a Gradient is a given array of g's values (GivenGradient, PreparedGradient):
-// then the streamed float32 dx of rows and the half-precision dx of planes read them
+// then the streamed float32 dx of rows and the half-precision dx of planes take it
 // (dx_halves).
 template <typename Gradient>
 constexpr bool given_values = false;
@@ -1016,13 +1014,10 @@ constexpr bool given_values<GivenGradient<G>> = true;
 template <typename T>
 constexpr bool given_values<PreparedGradient<T>> = true;
 
-template <bool kPlane, bool kStream, typename T, typename G>
-void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
-               const float* a, const float* b, int64_t period = 0);
-template <bool kStream, typename T, typename Gradient>
-void dx_rows_halves(const Gradient& g, const T* x, int64_t first, int64_t channel, T* dx,
-                    int64_t n, const float* origin, const float* k, const float* a,
-                    const float* b);
+template <bool kPlane, bool kStream, typename T, typename Gradient>
+void dx_halves(const Gradient& g, const T* x, int64_t first, int64_t channel, T* dx, int64_t n,
+               const float* origin, const float* k, const float* a, const float* b,
+               int64_t period = 0);
 
 // Float32 values in a 64-byte cache line, and AVX-512's lanes (kLanes).
 constexpr int64_t kLineFloats = 16;
@@ -1163,9 +1158,9 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
         }
         if constexpr (kHalfLoops && !std::is_same_v<T, float>) {
           auto dx_row = [&](auto streaming) {
-            dx_rows_halves<decltype(streaming)::value>(g, xs, base + from, from, out, to - from,
-                                                       origins + from, ks + from, as + from,
-                                                       bs + from);
+            dx_halves<false, decltype(streaming)::value>(g, xs, base + from, from, out,
+                                                         to - from, origins + from, ks + from,
+                                                         as + from, bs + from);
           };
           if (stream) dx_row(std::true_type{});
           else dx_row(std::false_type{});
@@ -1185,13 +1180,12 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
       if (streamed) {
         if (tables.period) {
           const int64_t first = begin * channels;
-          dx_halves<false, true>(xs + first, g.values() + first, dx + first,
-                                 (end - begin) * channels, tables[0], tables[1], tables[2],
-                                 tables[3], tables.period);
+          dx_halves<false, true>(g, xs, first, 0, dx + first, (end - begin) * channels,
+                                 tables[0], tables[1], tables[2], tables[3], tables.period);
         } else {
           for (int64_t r = begin; r < end; ++r)
-            dx_halves<false, true>(xs + r * channels, g.values() + r * channels,
-                                   dx + r * channels, channels, origins, ks, as, bs);
+            dx_halves<false, true>(g, xs, r * channels, 0, dx + r * channels, channels,
+                                   origins, ks, as, bs);
         }
         fence_streams();
         return;
@@ -1844,8 +1838,8 @@ void input_gradients(const Planes<T>& in, const Gradient& gradient, const float*
         const float origin = in.centre.origin[c];
         for (int64_t n = 0; n < in.batch; ++n) {
           const int64_t first = in.start(n, c);
-          dx_halves<true, false>(in.x + first, local.values() + first, dx + first, in.size,
-                                 &origin, &kc.k, &kc.a, &kc.b);
+          dx_halves<true, false>(local, in.x, first, c, dx + first, in.size, &origin, &kc.k,
+                                 &kc.a, &kc.b);
         }
       }
     };
@@ -2176,36 +2170,27 @@ Lanes gradient_lanes(const ActivationGradient<T, kResidual, Derivative>& g, int6
   return g.derivative(load_halves(g.dy + i, mask...), pre);
 }
 
-// dx_lanes of given values g (dy or dpre).
-template <bool kPlane, bool kStream, typename T, typename G>
-void dx_halves(const T* x, const G* g, T* dx, int64_t n, const float* origin, const float* k,
-               const float* a, const float* b, int64_t period) {
-  auto given = [g = GivenGradient<G>{g}](int64_t i, int64_t c, Lanes d, auto... mask) {
-    return gradient_lanes(g, i, c, d, mask...);
-  };
-  dx_lanes<kPlane, kStream>(x, given, dx, n, origin, k, a, b, period);
-}
-
-// input_gradients' training dx of n values of a row in half precision, from value `first`
-// of x (and of g's arrays) on, whose channels start at `channel` (origin, k, a and b start
-// there too), g on lanes (gradient_lanes): given values, dpre, or an activation's
-// derivative (leaky ReLU's dx one rounding off at most, where the generic loop let GCC fuse
-// g's product into g - a). The activations' derivatives on lanes, raw forward + backward,
-// time / the generic loop's (which rounds float16 in 16 integer operations per 16 values:
-// store<F16>), two threads (one),
-// 2026-12-07: float16 with ReLU (512, 256) 0.82-0.83 (0.78-0.79), channels_last (8, 96,
-// 16, 16) 0.79-0.82 (0.77-0.78); bfloat16 with ReLU (512, 256) 0.97-0.99 (0.95-0.98),
-// channels_last (8, 96, 24, 24) 0.98 (0.96-0.99), (4096, 1024) and channels_last (32, 128,
-// 32, 32), bound by memory, 0.97-1.01 (0.99-1.00); with leaky ReLU 0.95-0.97 (0.95-0.97)
-// and 0.98-1.02 (0.97-1.00).
-template <bool kStream, typename T, typename Gradient>
-void dx_rows_halves(const Gradient& g, const T* x, int64_t first, int64_t channel, T* dx,
-                    int64_t n, const float* origin, const float* k, const float* a,
-                    const float* b) {
-  auto g_at = [&](int64_t i, int64_t c, Lanes d, auto... mask) {
+// input_gradients' training dx in half precision (and of float32 rows of kStreamFrom bytes or
+// more, given values only) on lanes (dx_lanes): n values from value `first` of x (and of
+// g's arrays) on, whose channels start at `channel` (origin, k, a and b start there too;
+// kPlane: one channel's, as dx_lanes'; period: PeriodicTables', as dx_lanes'), g on lanes
+// (gradient_lanes, a copy of the Gradient: see Rows::each_pre's): given values, dpre, or an
+// activation's derivative (leaky ReLU's dx one rounding off at most, where the generic
+// loop let GCC fuse g's product into g - a). The activations' derivatives on lanes, raw
+// forward + backward, time / the generic loop's (which rounds float16 in 16 integer
+// operations per 16 values: store<F16>), two threads (one), 2026-12-07: float16 with ReLU
+// (512, 256) 0.82-0.83 (0.78-0.79), channels_last (8, 96, 16, 16) 0.79-0.82 (0.77-0.78);
+// bfloat16 with ReLU (512, 256) 0.97-0.99 (0.95-0.98), channels_last (8, 96, 24, 24) 0.98
+// (0.96-0.99), (4096, 1024) and channels_last (32, 128, 32, 32), bound by memory,
+// 0.97-1.01 (0.99-1.00); with leaky ReLU 0.95-0.97 (0.95-0.97) and 0.98-1.02 (0.97-1.00).
+template <bool kPlane, bool kStream, typename T, typename Gradient>
+void dx_halves(const Gradient& g, const T* x, int64_t first, int64_t channel, T* dx, int64_t n,
+               const float* origin, const float* k, const float* a, const float* b,
+               int64_t period) {
+  auto g_at = [g, first, channel](int64_t i, int64_t c, Lanes d, auto... mask) {
     return gradient_lanes(g, first + i, channel + c, d, mask...);
   };
-  dx_lanes<false, kStream>(x + first, g_at, dx, n, origin, k, a, b, 0);
+  dx_lanes<kPlane, kStream>(x + first, g_at, dx, n, origin, k, a, b, period);
 }
 
 // GradientTerms' terms of float16 rows on lanes (see add_lanes_to): {g, g, x - mean}.
