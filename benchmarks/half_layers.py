@@ -5,7 +5,8 @@ gives a batch norm after a convolution).
 The cases are those of the dispatch rules that send half-precision calls to ATen on more
 than one thread (``batchnorm.backends.aten``: ATEN_BELOW_PLANE_HALF_THREADED,
 ATEN_BELOW_NUMEL_HALF_ROWS_THREADED, ATEN_BELOW_NUMEL_HALF_PLANES_GRAPH), with one case past
-each, on one thread and on two: module calls (``layer(x)``), eval and training forward
+each, and two channels-last layers whose channels are not a multiple of 16, on one thread
+and on two: module calls (``layer(x)``), eval and training forward
 without autograd, and forward + backward, alternating batch by batch as in
 ``small_layers.py`` (whose runner this uses).
 
@@ -32,6 +33,10 @@ CASES = [
     ("(512,256)", (512, 256), False),  # (N, C) under 300,000 values
     ("(8,512,7,7) channels_last", (8, 512, 7, 7), True),  # channels-last under 300,000
     ("(8,128,24,24) channels_last", (8, 128, 24, 24), True),  # past it
+    # channels that are not whole 16-value lanes (EfficientNet's 40 and MobileNetV2's 24):
+    # rows as one run of values (rows.cpp's kHalfRunsBelow), the second past 2,097,152
+    ("(32,40,28,28) channels_last", (32, 40, 28, 28), True),
+    ("(32,24,56,56) channels_last", (32, 24, 56, 56), True),
 ]
 DTYPES = ("bfloat16", "float16")
 

@@ -832,10 +832,11 @@ float16_loops = pytest.mark.skipif(
     not _takes_float16(), reason="no AVX-512 on this CPU: float16 runs on ATen and Numba"
 )
 #: Both half-precision dtypes, float16 where its loops are built.
-HALF_DTYPES = [torch.bfloat16, pytest.param(torch.float16, marks=float16_loops)]
+HALF_DTYPES = [pytest.param(torch.bfloat16, id="bfloat16"),
+               pytest.param(torch.float16, id="float16", marks=float16_loops)]  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_half_results_are_rounded_as_torch_rounds(dtype):
     """Stores round to nearest, ties to even, as torch's .to(dtype), NaN and infinities
     included (float16: overflow to infinity and subnormals too): eval of zeros with running
@@ -855,7 +856,7 @@ def test_half_results_are_rounded_as_torch_rounds(dtype):
             assert same_values(got.numpy(), expected).all()
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_half_training_results_are_rounded_as_torch_rounds(dtype):
     """The half-precision training forward of rows rounds as torch's .to(dtype) too (its
     loops are eval's; bfloat16 by AVX512_BF16's conversion where there is one, the exact
@@ -902,15 +903,19 @@ def test_float16_integer_conversions_are_exact():
         assert same_values(got, part.to(torch.float16).float().numpy()[None]).all()
 
 
+@pytest.mark.parametrize("channels", [40, 260])
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bfloat16", "float16"])
-def test_half_training_dx_passes_the_gradient_where_the_pre_activation_is_nan(dtype, activation):
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_training_dx_passes_the_gradient_where_the_pre_activation_is_nan(
+    dtype, activation, channels
+):
     """A fused ReLU passes dy where the pre-activation is NaN (leaky ReLU: dy times its
     slope), as torch's ReLU after its batch norm does: a NaN bias makes every pre-activation
     of its channel NaN while the statistics, and so dx, stay finite. The half-precision
-    rows' training dx computes the derivative on AVX-512's lanes (dx_halves):
-    40 channels are two full lanes and a masked one."""
-    channels = 40
+    rows' training dx computes the derivative on AVX-512's lanes (dx_halves): rows of 40
+    channels as one run of values, with the scale and shift that the derivative reads on
+    PeriodicTables (kHalfRunsBelow); rows of 260 a row at a time, 16 full lanes and a masked
+    one."""
     x = random_input((64, channels), seed=1, mean=3.0).to(dtype)
     g = torch.Generator().manual_seed(2)
     weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
@@ -958,8 +963,7 @@ def test_bfloat16_is_within_rounding_of_float64(name, training, residual, activa
                                   activation)  # fmt: skip
 
 
-#: float16 training runs here on (N, C) and channels_last inputs of up to the extension's
-#: float16_rows_up_to (2,097,152) values and larger ones of a multiple of 16 channels, and
+#: float16 training runs here on (N, C) and channels_last inputs of any size, and
 #: on NCHW batches of 8 or more planes of up to float16_planes_up_to (196) values: below and
 #: above the threads' 65,536 (and past 16 MiB: STREAMED_HALVES). The NCHW ones
 #: end their channels' sums with groups of fewer than 8 planes (9: 8 + 1; 14: 8 + 4 + 2);
@@ -981,12 +985,13 @@ FLOAT16_TRAINING_SHAPES = {
 @pytest.mark.parametrize("name", FLOAT16_TRAINING_SHAPES)
 def test_float16_training_is_within_rounding_of_float64(name, training, residual, activation):
     """As the bfloat16 test above, in float16 (the statistics and sums of rows read float16
-    16 channels at a time through F16C, the channels past them through load(F16)'s integer
-    conversion: (4099,60) and channels_last (11,24,29,31) take both; their output and dx
-    rounded by F16C, or store<F16> in eval; the statistics and sums of NCHW planes read
-    float32 copies of each channel that F16C converts, their output and dx come from
-    AVX-512's loops, or through the copies: SiLU's output, a ReLU's or an eval's dx); eval
-    here with a graph."""
+    16 channels at a time through F16C, the channels past them on masked lanes: (4099,60)
+    and channels_last (11,24,29,31) take both, and their output and dx, as rows under 256
+    values wide, a thread's rows as one run of values (rows.cpp's kHalfRunsBelow); the
+    output and dx rounded by F16C, or store<F16> in eval; the statistics and sums of NCHW
+    planes read float32 copies of each channel that F16C converts, their output and dx come
+    from AVX-512's loops, or through the copies: SiLU's output, a ReLU's or an eval's dx);
+    eval here with a graph."""
     shape, channels_last = FLOAT16_TRAINING_SHAPES[name]
     _half_step_is_within_rounding(shape, channels_last, torch.float16, training, residual,
                                   activation)  # fmt: skip
@@ -1109,12 +1114,11 @@ def test_bfloat16_calls_it_cannot_take_go_elsewhere():
 
 @float16_loops
 def test_float16_training_runs_here_on_rows_and_short_planes_only():
-    """float16 in training: (N, C) and channels_last inputs of up to float16_rows_up_to
-    values, and larger ones of a multiple of 16 channels; NCHW batches of 8 or more planes
-    of up to float16_planes_up_to values (and up to planes_up_to values in all); the others
-    go to the Numba kernels and ATen."""
+    """float16 in training: (N, C) and channels_last inputs of any size and width; NCHW
+    batches of 8 or more planes of up to float16_planes_up_to values (and up to
+    planes_up_to values in all); the others go to the Numba kernels and ATen."""
     ext = extension()
-    limit, plane = ext.float16_rows_up_to, ext.float16_planes_up_to
+    plane = ext.float16_planes_up_to
 
     def chosen(x):
         return ops.select(Call(x, True, "identity", 0.01, False)).name
@@ -1124,8 +1128,7 @@ def test_float16_training_runs_here_on_rows_and_short_planes_only():
 
     small = random_input((64, 8, 4, 4), channels_last=True).half()
     assert chosen(small) == "cpp_cpu"
-    assert chosen(zeros(limit // 24, 24)) == "cpp_cpu"
-    assert chosen(zeros(limit // 24 + 1, 24)) != "cpp_cpu"  # 24 channels: not whole lanes
+    assert chosen(zeros(1 << 17, 24)) == "cpp_cpu"  # 3,145,728 values, not whole lanes
     assert chosen(zeros(1 << 17, 64)) == "cpp_cpu"  # 8,388,608 values of whole lanes
     large = torch.zeros(64, 256, 28, 28, dtype=torch.float16)
     assert chosen(large.contiguous(memory_format=torch.channels_last)) == "cpp_cpu"
@@ -1213,10 +1216,6 @@ HALF_INFERENCE_SHAPES = {
 }
 
 
-HALF_DTYPES = [pytest.param(torch.bfloat16, id="bfloat16"),
-               pytest.param(torch.float16, id="float16", marks=float16_loops)]  # fmt: skip
-
-
 @pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "silu", "elu"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("name", HALF_INFERENCE_SHAPES)
@@ -1268,11 +1267,11 @@ def test_half_outputs_streamed_past_the_caches_are_within_rounding_of_float64(dt
         _check_half_inference(dtype, shape, channels_last, residual, activation)
 
 
-def test_bfloat16_rows_of_other_widths_past_16_mib_are_within_rounding_of_float64():
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_rows_of_other_widths_past_16_mib_are_within_rounding_of_float64(dtype):
     """Rows of 1030 values past 16 MiB, which stay on plain stores (streams_lanes), with a
-    leaky ReLU and a residual. (float16 rows of as many values and channels go to the Numba
-    kernels: float16_rows_up_to.)"""
-    _half_step_is_within_rounding((8200, 1030), False, torch.bfloat16, True, True, "leaky_relu")
+    leaky ReLU and a residual."""
+    _half_step_is_within_rounding((8200, 1030), False, dtype, True, True, "leaky_relu")
 
 
 @pytest.mark.parametrize("shape", [(3, 21), (3, 21, 5)], ids=["rows", "planes"])

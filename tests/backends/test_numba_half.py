@@ -150,9 +150,8 @@ def test_half_inputs_of_rows_go_to_aten_below_their_threshold_on_more_threads():
     """Half-precision (N, C) and channels-last training inputs below
     ATEN_BELOW_NUMEL_HALF_ROWS_THREADED values go to ATen with more than one thread, larger
     ones to the Numba kernels, behind the C++ backend, which comes first where it is built
-    (bfloat16 at any size, float16 up to its float16_rows_up_to, larger ones of whole lanes,
-    where the CPU has AVX-512: test_cpp_cpu.py); on one thread the kernels take them from
-    ATEN_BELOW_NUMEL values."""
+    (bfloat16, and float16 where the CPU has AVX-512, at any size: test_cpp_cpu.py); on one
+    thread the kernels take them from ATEN_BELOW_NUMEL values."""
     below = aten_backend.ATEN_BELOW_NUMEL_HALF_ROWS_THREADED
     behind_cpp = ops.available_backends().index("cpp_cpu") + 1  # the backends before: declined
 

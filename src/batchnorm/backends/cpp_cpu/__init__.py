@@ -15,8 +15,8 @@ parameters and statistics) on CPUs with AVX-512, whose instructions the inferenc
 both half-precision dtypes are written in (rows.cpp's eval_halves): in inference, either
 layout, faster than ATen's eval from the smallest layers on, where the call's Python shows,
 to level (float16) or faster (bfloat16) on large ones; in training, ``(N, C)`` and
-channels_last inputs of up to 2,097,152 values and larger ones whose channels are a
-multiple of 16 (rows.cpp's kFloat16RowsUpTo), and NCHW batches of at least 8 planes of up
+channels_last inputs of any size (rows narrower than 256 values a thread's rows as one run
+of values: rows.cpp's kHalfRunsBelow), and NCHW batches of at least 8 planes of up
 to 196 values (kFloat16PlanesUpTo; the statistics and sums of a channel from a float32 copy
 that F16C converts, the output and dx in AVX-512's loops), where they were faster than
 ATen's float16 kernels and the Numba kernels. Outputs (and training dx) of 16 MiB or more

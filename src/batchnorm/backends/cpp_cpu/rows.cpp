@@ -7,8 +7,7 @@
 // NCHW inputs: in eval when no graph is recorded (inference), a plane at a time
 // (eval_planes), and small ones in training or with a graph in the same node, a channel at
 // a time (forward_planes). On CPUs with AVX-512, float16 and bfloat16 inputs of either
-// layout in inference run eval_halves instead, and float16 rows run in training too
-// (kFloat16RowsUpTo).
+// layout in inference run eval_halves instead, and float16 rows run in training too.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -660,15 +659,14 @@ constexpr int64_t kPairsAhead = 16;
 // term's type). count: a compile-time constant (std::integral_constant), so that the loop
 // over the rows unrolls in full (up to 16 rows), also with an activation's derivative in
 // term: a loop left inside the loop over the channels keeps that one scalar (5-8x slower;
-// 3-4x for 16 rows of statistics under an unroll of 8). from: the first channel (float16's
-// overloads on lanes, below, leave the channels past their last 16 to this loop).
+// 3-4x for 16 rows of statistics under an unroll of 8). (Half precision's overloads, below,
+// run on lanes instead.)
 template <typename Term, typename Count>
 [[gnu::always_inline]] inline void add_rows_to(const Term& term, int64_t r0, Count,
                                                int64_t channels, double* __restrict first_sums,
-                                               double* __restrict second_sums,
-                                               int64_t from = 0) {
+                                               double* __restrict second_sums) {
   using Terms = std::invoke_result_t<const Term&, int64_t, int64_t>;
-  for (int64_t c = from; c < channels; ++c) {
+  for (int64_t c = 0; c < channels; ++c) {
     typename Terms::value_type first = 0, second = 0;
 #pragma GCC unroll 16
     for (int64_t i = 0; i < Count::value; ++i) {
@@ -695,61 +693,88 @@ struct CentredTerms {
 };
 
 #if BATCHNORM_HALF_LOOPS
-// sums[0, kLanes) += terms, in float64 (add_rows_to's last step, on lanes)
-inline void add_to_sums(double* sums, Lanes terms) {
-  const __m256 halves[2] = {
-      _mm512_castps512_ps256(terms),
-      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(terms), 1))};
-  for (int k = 0; k < 2; ++k)
-    _mm512_storeu_pd(sums + 8 * k,
-                     _mm512_add_pd(_mm512_loadu_pd(sums + 8 * k), _mm512_cvtps_pd(halves[k])));
+// sums[0, kLanes) += terms, in float64 (add_rows_to's last step, on lanes); with a mask,
+// sums[j] for its lanes j only
+inline std::array<__m512d, 2> float64_halves(Lanes terms) {  // lanes [0, 8) and [8, 16)
+  return {_mm512_cvtps_pd(_mm512_castps512_ps256(terms)),
+          _mm512_cvtps_pd(
+              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(terms), 1)))};
 }
-// The float32 terms of float16 rows, 16 channels at a time in AVX-512's instructions
-// (CentredTerms' and GradientTerms'): F16C's conversion where the generic loop converts in
-// integer operations (load(F16)), each channel's terms summed with the generic loop's
-// operations in its order (the same bits); the channels past the last 16, the generic loop.
-// terms_lanes(term, i, c), for values [i, i + kLanes) of channels [c, c + kLanes): the
-// first term, and the second as its two factors (the generic loop's sum of that product is
-// a fused multiply-add). (Intrinsics by name here: the lanes' helpers come later in this
-// file, with GradientTerms' terms_lanes, which column_sums' call finds by its argument's
-// type where input_gradients is instantiated.)
+inline void add_to_sums(double* sums, Lanes terms) {
+  const std::array<__m512d, 2> wide = float64_halves(terms);
+  for (int k = 0; k < 2; ++k)
+    _mm512_storeu_pd(sums + 8 * k, _mm512_add_pd(_mm512_loadu_pd(sums + 8 * k), wide[k]));
+}
+inline void add_to_sums(double* sums, Lanes terms, __mmask16 mask) {
+  const std::array<__m512d, 2> wide = float64_halves(terms);
+  for (int k = 0; k < 2; ++k) {
+    const __mmask8 m = static_cast<__mmask8>(mask >> (8 * k));
+    _mm512_mask_storeu_pd(sums + 8 * k, m,
+                          _mm512_add_pd(_mm512_maskz_loadu_pd(m, sums + 8 * k), wide[k]));
+  }
+}
+// The float32 terms of float16 rows (and bfloat16 ones: add_half_rows_to), 16 channels at a
+// time in AVX-512's instructions (CentredTerms' and GradientTerms'): F16C's conversion where
+// the generic loop converts in integer operations (load(F16)), each channel's terms summed
+// with the generic loop's operations in its order (the same bits); the channels past the
+// last 16 on masked lanes. terms_lanes(term, i, c[, mask]), for values [i, i + kLanes) of
+// channels [c, c + kLanes) (the first ones: mask): the first term, and the second as its
+// two factors (the generic loop's sum of that product is a fused multiply-add). (Intrinsics
+// by name here: the lanes' helpers come later in this file, with terms_lanes, which
+// column_sums' call finds by its argument's type where it is instantiated.) Until 2026-12-07
+// night the generic loop summed the channels past the last 16, converting them in integer
+// operations: raw float16 training forwards, time / before, two threads, channels_last (8,
+// 24, 64, 64) 0.30, (32, 8, 32, 32) 0.26, (4096, 200) 0.83; bfloat16 (add_half_rows_to)
+// 0.58, 0.47, 0.93.
 template <typename Term, typename Count>
-void add_lanes_to(const Term& term, int64_t r0, Count count, int64_t channels,
+void add_lanes_to(const Term& term, int64_t r0, Count, int64_t channels,
                   double* __restrict first_sums, double* __restrict second_sums) {
-  int64_t c = 0;
-  for (; c + kLanes <= channels; c += kLanes) {
+  auto add_channels = [&](int64_t c, auto... mask) {
     Lanes first = _mm512_setzero_ps(), second = first;
 #pragma GCC unroll 16
     for (int64_t r = r0; r < r0 + Count::value; ++r) {
-      const std::array<Lanes, 3> t = terms_lanes(term, r * channels + c, c);
+      const std::array<Lanes, 3> t = terms_lanes(term, r * channels + c, c, mask...);
       first = _mm512_add_ps(first, t[0]);
       second = _mm512_fmadd_ps(t[1], t[2], second);
     }
-    add_to_sums(first_sums + c, first);
-    add_to_sums(second_sums + c, second);
-  }
-  if (c < channels)
-    add_rows_to<Term, Count>(term, r0, count, channels, first_sums, second_sums, c);
+    add_to_sums(first_sums + c, first, mask...);
+    add_to_sums(second_sums + c, second, mask...);
+  };
+  int64_t c = 0;
+  for (; c + kLanes <= channels; c += kLanes) add_channels(c);
+  if (c < channels) add_channels(c, static_cast<__mmask16>((1u << (channels - c)) - 1));
 }
-inline std::array<Lanes, 3> terms_lanes(const CentredTerms<F16, float>& term, int64_t i,
-                                        int64_t c) {  // {d, d, d}
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(term.x + i));
-  const Lanes d = _mm512_sub_ps(_mm512_cvtph_ps(bits), _mm512_loadu_ps(term.centre + c));
-  return {d, d, d};
-}
-template <typename Count>
-void add_rows_to(const CentredTerms<F16, float>& term, int64_t r0, Count count,
-                 int64_t channels, double* __restrict first_sums,
-                 double* __restrict second_sums) {
+// The float32 terms of half-precision rows (T) on lanes (add_lanes_to), but for bfloat16
+// rows of whole lanes, which the generic loop, vectorized by GCC (its widening a shift),
+// sums as fast or faster: raw bfloat16 calls, lanes' time / its, one thread, channels_last
+// (32, 128, 32, 32) training forward 0.98-1.03, forward + backward 1.00-1.05.
+template <typename T>
+constexpr bool kHalf = std::is_same_v<T, F16> || std::is_same_v<T, BF16>;
+template <typename T, typename Term, typename Count>
+[[gnu::always_inline]] inline void add_half_rows_to(const Term& term, int64_t r0, Count count,
+                                                    int64_t channels,
+                                                    double* __restrict first_sums,
+                                                    double* __restrict second_sums) {
+  if (std::is_same_v<T, BF16> && channels % kLanes == 0)
+    return add_rows_to<Term, Count>(term, r0, count, channels, first_sums, second_sums);
   add_lanes_to(term, r0, count, channels, first_sums, second_sums);
+}
+template <typename T, typename Count, typename = std::enable_if_t<kHalf<T>>>
+[[gnu::always_inline]] inline void add_rows_to(const CentredTerms<T, float>& term, int64_t r0,
+                                               Count count, int64_t channels,
+                                               double* __restrict first_sums,
+                                               double* __restrict second_sums) {
+  add_half_rows_to<T>(term, r0, count, channels, first_sums, second_sums);
 }
 template <typename T, typename Gradient>
 struct GradientTerms;
-template <typename Gradient, typename Count>
-void add_rows_to(const GradientTerms<F16, Gradient>& term, int64_t r0, Count count,
-                 int64_t channels, double* __restrict first_sums,
-                 double* __restrict second_sums) {
-  add_lanes_to(term, r0, count, channels, first_sums, second_sums);
+template <typename T, typename Gradient, typename Count,
+          typename = std::enable_if_t<kHalf<T>>>
+[[gnu::always_inline]] inline void add_rows_to(const GradientTerms<T, Gradient>& term,
+                                               int64_t r0, Count count, int64_t channels,
+                                               double* __restrict first_sums,
+                                               double* __restrict second_sums) {
+  add_half_rows_to<T>(term, r0, count, channels, first_sums, second_sums);
 }
 #endif
 
@@ -1019,6 +1044,28 @@ void dx_halves(const Gradient& g, const T* x, int64_t first, int64_t channel, T*
                const float* origin, const float* k, const float* a, const float* b,
                int64_t period = 0);
 
+// The per-channel arrays that a Gradient reads (ActivationGradient's scale and shift; none:
+// null), and a copy of it that reads them from `scale` and `shift` instead (PeriodicTables':
+// see input_gradients).
+template <typename Gradient>
+std::array<const float*, 2> channel_arrays(const Gradient&) {
+  return {nullptr, nullptr};
+}
+template <typename T, bool kResidual, typename Derivative>
+std::array<const float*, 2> channel_arrays(const ActivationGradient<T, kResidual, Derivative>& g) {
+  return {g.scale, g.shift};
+}
+template <typename Gradient>
+Gradient on_tables(Gradient g, const float*, const float*) {
+  return g;
+}
+template <typename T, bool kResidual, typename Derivative>
+ActivationGradient<T, kResidual, Derivative> on_tables(
+    ActivationGradient<T, kResidual, Derivative> g, const float* scale, const float* shift) {
+  g.scale = scale, g.shift = shift;
+  return g;
+}
+
 // Float32 values in a 64-byte cache line, and AVX-512's lanes (kLanes).
 constexpr int64_t kLineFloats = 16;
 // PeriodicTables' periods: at most this many values (three tables of 8 KiB). Rows of 1500
@@ -1026,10 +1073,11 @@ constexpr int64_t kLineFloats = 16;
 // rows of 250 values, 2000, 0.60-0.73x.
 constexpr int64_t kMaxPeriod = 2048;
 
-// Per-channel constants for float32 rows of `width` values that a loop of AVX-512's lanes
-// reads as one run of values (normalize_units, input_gradients): where the width is not a
-// multiple of kLineFloats the rows start off a cache line, and a row at a time each row's
-// first and last lines, which it shares with its neighbours, took masked stores. Raw calls
+// Per-channel constants for rows of `width` values that a loop of AVX-512's lanes reads as
+// one run of values (normalize_units, input_gradients; periodic_tables says for which): where
+// the width is not a multiple of kLineFloats, a row at a time ends each row on a masked lane
+// (half precision: see kHalfRunsBelow), and float32 rows start off a cache line, whose first
+// and last lines, which they share with their neighbours, took masked stores. Raw calls
 // taking turns, one run / a row at a time, two threads (one): (42000, 100) eval 0.38
 // (0.40-0.43; ATen's time / ours 1.3 (1.1-1.3), 0.5 before), training forward 0.52-0.55
 // (0.55-0.56), forward + backward 0.60 (0.65); (16800, 250) eval 0.60-0.66 (0.80-0.81),
@@ -1056,6 +1104,21 @@ struct PeriodicTables {
   int64_t stride() const { return period + kLineFloats; }
   const float* operator[](int64_t k) const { return values.data() + k * stride(); }
 };
+
+// Half-precision rows narrower than this run a row at a time: one masked lane per row is
+// a small part of a wide row, and the tables cost more than it. Rows as one run, raw calls,
+// time / a row at a time, two threads, float16 (bfloat16), eval: channels_last (32, 8, 32,
+// 32) 0.20-0.23 (0.18-0.24), (8, 24, 64, 64) 0.32-0.39 (0.37-0.40), (8, 100, 28, 28)
+// 0.73-0.79 (0.70-0.85), (6000, 136) 0.76 (0.84), (4096, 200) 0.82-1.08 (0.93-1.04),
+// (3000, 264) 0.96 (0.95), (3000, 300) 1.16 (1.07), (2000, 520) 1.11 (1.29), (1000, 1000)
+// 1.27 (1.49); training forward 0.75-0.83 (0.62-0.73) for the narrowest, 1.06-1.15
+// (1.07-1.09) from 520 on.
+constexpr int64_t kHalfRunsBelow = 256;
+template <typename T>
+PeriodicTables periodic_tables(int64_t width, std::initializer_list<const float*> constants) {
+  if (!std::is_same_v<T, float> && width >= kHalfRunsBelow) return PeriodicTables();
+  return PeriodicTables(width, constants);
+}
 
 // Calls f(at) with at(i) the position of value i's constants, for i from 0 on in steps of
 // at most kLineFloats: i, or on PeriodicTables of `period` (where not 0) i % period, kept as
@@ -1133,9 +1196,14 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
   const bool stream = training && streams_lanes(dx, rows, channels);
   const bool streamed =
       kHalfLoops && std::is_same_v<T, float> && given_values<Gradient> && stream;
+  // the rows as one run of values (the constants, g's too, on PeriodicTables): a streamed
+  // float32 dx's, and a half-precision training dx's where the width calls for it
+  const bool halves = kHalfLoops && !std::is_same_v<T, float> && training;
+  const std::array<const float*, 2> g_constants = channel_arrays(gradient);
   const PeriodicTables tables =
-      streamed ? PeriodicTables(channels, {origin, k.data(), a.data(), b.data()})
-               : PeriodicTables();
+      streamed || halves ? periodic_tables<T>(channels, {origin, k.data(), a.data(), b.data(),
+                                                         g_constants[0], g_constants[1]})
+                         : PeriodicTables();
   for_rows(rows, channels, [&](int64_t begin, int64_t end) {
     const float *__restrict ks = k.data(), *__restrict as = a.data(), *__restrict bs = b.data();
     const T* __restrict xs = x;
@@ -1173,22 +1241,29 @@ void input_gradients(const Rows<T>& in, const Gradient& gradient, const float* i
         });
       }
     };
-    // a float32 dx of kStreamFrom bytes or more in training: straight to memory in
-    // dx_halves, a line a store (see load_halves of float), the rows as one run where their
-    // width calls for it (PeriodicTables), else a row at a time; other dx through write_rows
+    // the rows as one run on PeriodicTables (streamed or not); else a float32 dx of
+    // kStreamFrom bytes or more in training straight to memory in dx_halves, a line a store
+    // (see load_halves of float), a row at a time; other dx through write_rows
+    if constexpr (kHalfLoops) {
+      if (tables.period) {
+        const int64_t first = begin * channels;
+        auto one_run = [&](auto streaming) {
+          dx_halves<false, decltype(streaming)::value>(
+              on_tables(g, tables[4], tables[5]), xs, first, 0, dx + first,
+              (end - begin) * channels, tables[0], tables[1], tables[2], tables[3],
+              tables.period);
+        };
+        if (!streamed) return one_run(std::false_type{});
+        one_run(std::true_type{});
+        return fence_streams();
+      }
+    }
     if constexpr (kHalfLoops && given_values<Gradient>) {
       if (streamed) {
-        if (tables.period) {
-          const int64_t first = begin * channels;
-          dx_halves<false, true>(g, xs, first, 0, dx + first, (end - begin) * channels,
-                                 tables[0], tables[1], tables[2], tables[3], tables.period);
-        } else {
-          for (int64_t r = begin; r < end; ++r)
-            dx_halves<false, true>(g, xs, r * channels, 0, dx + r * channels, channels,
-                                   origins, ks, as, bs);
-        }
-        fence_streams();
-        return;
+        for (int64_t r = begin; r < end; ++r)
+          dx_halves<false, true>(g, xs, r * channels, 0, dx + r * channels, channels, origins,
+                                 ks, as, bs);
+        return fence_streams();
       }
     }
     write_rows(dx, rows * channels, begin, end, channels, gradients_of);
@@ -1450,32 +1525,22 @@ bool planes_layout(const Tensor& x) {
 // loops more ((32, 64, 28, 28) forward 509 -> 543 µs on two threads, 721 -> 1013 on one;
 // bfloat16 336 -> 376).
 constexpr int64_t kPlanesUpTo = 1 << 19;
-// float16 (N, C) and channels_last inputs in training (or with a graph) of up to this many
-// values run here, and larger ones whose channels are whole lanes (a multiple of kLanes),
-// since their outputs of kStreamFrom bytes or more are written with non-temporal stores
-// (streams_lanes; 2026-12-07 night); the others on the Numba kernels and ATen. Rows of
-// other widths keep part of each row on load(F16)'s integer conversion and a masked store:
-// the Numba kernels' time / ours, module calls, two threads (one), training forward and
-// forward + backward, channels_last (32, 24, 64, 64) 0.52 and 0.59 (0.47 and 0.52), (16,
-// 200, 28, 28) 0.95 and 0.94 (0.86 and 0.88); as wide as whole lanes, channels_last (32,
-// 16, 64, 64) 1.18 and 1.25 (0.96 and 1.27), (32, 32, 64, 64) 1.25 and 1.20 (1.15 and 1.32),
-// (16, 208, 28, 28) 1.07 and 1.01 (0.93 and 1.02). (Under the limit too: channels_last
-// (8, 24, 64, 64), 786,432 values, 0.60 and 0.65 (0.49 and 0.56).) Before, up to 2,097,152 values
-// (262,144 until the statistics and sums converted with F16C, add_rows_to of CentredTerms
-// and GradientTerms of F16), the larger ones on the Numba kernels: past that size the node
-// was level with them on two threads and up to 13 % slower on one. Module calls taking
-// turns, two rounds, the Numba kernels' time / ours, training forward and forward +
-// backward, two threads (one): (4096, 1024) 1.07-1.17 and 1.06-1.12 (1.09-1.16 and
-// 0.95-1.05), channels_last (16, 256, 28, 28) 1.07-1.10 and 0.95-1.07 (0.95-1.05 and
-// 0.89-1.01), channels_last (32, 128, 32, 32) 1.02-1.09 and 1.01-1.05 (0.82-0.97 and
-// 0.89-1.10), (6144, 1024) 1.10-1.28 and 0.96-1.07 (1.08-1.24 and 0.94-1.04); past
-// kStreamFrom, (8192, 1024) 1.20-1.30 and 1.13-1.22 (1.26 and 0.98-1.10), channels_last
-// (32, 256, 32, 32) 1.25-1.40 and 1.15-1.19 (1.27-1.43 and 0.84-1.02), (64, 256, 28, 28)
-// 1.43-1.46 and 1.00-1.16 (1.34-1.47 and 0.91-1.01). Earlier figures (up to 262,144
-// values), module calls taking turns, two threads, ATen's time / ours and the Numba
-// kernels' / ours, forward + backward (training forward): (512, 256) 1.06 (1.21),
-// channels_last (8, 512, 7, 7) 1.02 (1.08), (1024, 256) 1.02 and 1.15 (1.04 and 1.11).
-constexpr int64_t kFloat16RowsUpTo = 1 << 21;
+// float16 (N, C) and channels_last inputs in training (or with a graph) run here at any
+// size (takes). Until 2026-12-07 night those of over 2,097,152 values went to the Numba
+// kernels unless their channels were whole lanes (a multiple of kLanes): rows of other
+// widths had the channels past their last 16 summed on load(F16)'s integer conversion and
+// a masked lane at the end of every row, and lost to the Numba kernels (channels_last (32,
+// 24, 64, 64) at 0.52 and 0.59 of their speed). Now those channels are summed on masked
+// lanes (add_lanes_to) and narrow rows run as one (kHalfRunsBelow): module calls, the Numba
+// kernels' time / ours, two threads (one), training forward and forward + backward:
+// channels_last (32, 24, 64, 64) 1.42 and 1.31 (1.31 and 1.27), (16, 200, 28, 28) 1.05 and
+// 1.07 (0.94 and 0.98), (8192, 300) 1.50 and 1.17 (1.19 and 1.10), (4100, 1030) 1.76 and
+// 1.23; forward + backward with ReLU (SiLU) 1.28 (1.50), 1.18 (1.33), 1.08 (1.36). Smaller
+// ones, here before too: channels_last (8, 24, 64, 64) 1.70 and 1.40 (0.58 and 0.63
+// before), (32, 8, 32, 32) 1.96 and 1.52 (0.48 and 0.57). Whole-lane widths past that size
+// (here since 2026-12-07 evening; their outputs of kStreamFrom bytes or more non-temporal,
+// streams_lanes), two threads: (8192, 1024) 1.20-1.30 and 1.13-1.22, channels_last (64,
+// 256, 28, 28) 1.43-1.46 and 1.00-1.16.
 // float16 NCHW inputs in training (or with a graph) run here (see kBufferedPlanes), up to
 // kPlanesUpTo values in batches of at least kRowsAtOnce planes of at most this many values;
 // others on ATen and the Numba kernels. Module calls taking turns, two threads, torch.nn's
@@ -2193,19 +2258,25 @@ void dx_halves(const Gradient& g, const T* x, int64_t first, int64_t channel, T*
   dx_lanes<kPlane, kStream>(x + first, g_at, dx, n, origin, k, a, b, period);
 }
 
-// GradientTerms' terms of float16 rows on lanes (see add_lanes_to): {g, g, x - mean}.
-// Defined here, after gradient_lanes. Raw forward + backward, time / the generic loop's
-// (with the statistics' lanes), two threads (one), 2026-12-07: (512, 256) 0.87-0.89
-// (0.82-0.83), (1024, 256) 0.84-0.86 (0.79-0.80), channels_last (8, 96, 16, 16) 0.86-0.88
-// (0.81-0.82); with ReLU 0.88-0.90 (0.81-0.92), with SiLU 0.92-0.96 (0.88-0.94). The
-// training forward alone (the statistics' lanes): 0.81-0.84 (0.75-0.77); channels_last (11,
-// 24, 29, 31), 8 of whose 24 channels take the generic loop, 0.98 (0.97-0.98).
-template <typename Gradient>
-std::array<Lanes, 3> terms_lanes(const GradientTerms<F16, Gradient>& term, int64_t i,
-                                 int64_t c) {
-  const Lanes d = sub_lanes(load_halves(term.x + i), lanes_at(term.origin + c));
-  const Lanes g = gradient_lanes(term.gradient, i, c, d);
-  return {g, g, sub_lanes(d, lanes_at(term.offset + c))};
+// The terms of half-precision rows on lanes (see add_lanes_to), defined here, after
+// gradient_lanes: CentredTerms' {d, d, d} and GradientTerms' {g, g, x - mean}. The latter,
+// raw forward + backward, time / the generic loop's (with the statistics' lanes), float16,
+// two threads (one), 2026-12-07: (512, 256) 0.87-0.89 (0.82-0.83), (1024, 256) 0.84-0.86
+// (0.79-0.80), channels_last (8, 96, 16, 16) 0.86-0.88 (0.81-0.82); with ReLU 0.88-0.90
+// (0.81-0.92), with SiLU 0.92-0.96 (0.88-0.94). The training forward alone (the statistics'
+// lanes): 0.81-0.84 (0.75-0.77).
+template <typename T, typename... M>
+std::array<Lanes, 3> terms_lanes(const CentredTerms<T, float>& term, int64_t i, int64_t c,
+                                 M... mask) {
+  const Lanes d = sub_lanes(load_halves(term.x + i, mask...), lanes_at(term.centre + c, mask...));
+  return {d, d, d};
+}
+template <typename T, typename Gradient, typename... M>
+std::array<Lanes, 3> terms_lanes(const GradientTerms<T, Gradient>& term, int64_t i,
+                                 int64_t c, M... mask) {
+  const Lanes d = sub_lanes(load_halves(term.x + i, mask...), lanes_at(term.origin + c, mask...));
+  const Lanes g = gradient_lanes(term.gradient, i, c, d, mask...);
+  return {g, g, sub_lanes(d, lanes_at(term.offset + c, mask...))};
 }
 
 // dpre[i] = derivative(dy[i], pre-activation) over rows [first, first + count) of `in`
@@ -2266,11 +2337,10 @@ template <typename T>
 void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
                      int64_t channels, bool planes, const float* origin, const float* scale,
                      const float* shift, int64_t activation, float slope) {
-  constexpr bool kFloat = std::is_same_v<T, float>;
   const bool stream = streams_lanes(y, units, width);
-  // float32 rows: a thread's rows as one run of values where their width calls for it
+  // rows: a thread's rows as one run of values where their width calls for it
   const PeriodicTables tables =
-      kFloat && !planes ? PeriodicTables(width, {origin, scale, shift}) : PeriodicTables();
+      planes ? PeriodicTables() : periodic_tables<T>(width, {origin, scale, shift});
   auto each_unit = [&](auto code, auto centred, auto streaming) {
     constexpr int64_t kCode = decltype(code)::value;
     constexpr bool kCentred = decltype(centred)::value, kStream = decltype(streaming)::value;
@@ -2595,13 +2665,11 @@ int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias
   auto tensor = [](pybind11::handle obj) {  // a checked tensor, or None
     return obj.is_none() ? Tensor() : THPVariable_Unpack(obj.ptr());
   };
-  if (rows && !half) return kTakes;
+  if (rows) return kTakes;  // float16 too: see the note on its rows before kFloat16PlanesUpTo
   if (!training && !records_graph(t, tensor(weight), tensor(bias), tensor(residual)))
     return kTakes;
-  // float16 in training or with a graph: rows of up to kFloat16RowsUpTo values, or of
-  // whole lanes; NCHW batches of short planes (see kFloat16PlanesUpTo)
-  if (half && rows)
-    return values <= kFloat16RowsUpTo || channels % kLanes == 0 ? kTakes : kUsual;
+  // float16 NCHW in training or with a graph: batches of short planes (see
+  // kFloat16PlanesUpTo)
   if (half)
     return values <= kPlanesUpTo && t.size(0) >= kRowsAtOnce &&
                    values / (t.size(0) * channels) <= kFloat16PlanesUpTo
@@ -2666,7 +2734,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "call's checks (1), or neither is known (0): (x, weight, bias, running_mean, "
         "running_var, residual, training, activation code) -> int");
   m.attr("planes_up_to") = kPlanesUpTo;
-  m.attr("float16_rows_up_to") = kFloat16RowsUpTo;
   m.attr("float16_planes_up_to") = kFloat16PlanesUpTo;
   m.def("rows_batch_norm", &rows_batch_norm,
         "Batch norm of a float32, bfloat16 or float16 (N, C), channels_last or NCHW input "
