@@ -83,8 +83,7 @@ SWITCH = "BATCHNORM_CPP"
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 _ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
 #: The input dtypes of the calls the extension may take (``takes`` decides: float16 on
-#: CPUs with AVX-512, in training rows of up to 2,097,152 values or of a multiple of 16
-#: channels, and short planes).
+#: CPUs with AVX-512, in training rows of any size and NCHW batches of short planes).
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: What the extension's ``takes`` says of a call (rows.cpp's Kind): it computes the call
 #: (TAKES); it does not, but the call's tensors pass ``functional._layer_call``'s checks,
@@ -109,9 +108,8 @@ class CppBackend:
         NCHW-contiguous (NCHW in training or with a graph to record: up to ``planes_up_to``
         values, bfloat16 training with ReLU or leaky ReLU and no residual at any size;
         float16 inputs where the CPU has AVX-512: of either layout in eval without a graph,
-        ``(N, C)`` and channels_last ones of up to 2,097,152 values in training or with a
-        graph (larger: channels a multiple of 16), NCHW batches of 8 or more planes of up to
-        196 values), a residual of its
+        ``(N, C)`` and channels_last ones of any size in training or with a graph, NCHW
+        batches of 8 or more planes of up to 196 values), a residual of its
         dtype and strides, with any activation (see ACTIVATION_CODES), in torch's
         running-variance convention, the input saved for backward; in training more than
         one value per channel, in eval running statistics;

@@ -1120,10 +1120,19 @@ PeriodicTables periodic_tables(int64_t width, std::initializer_list<const float*
   return PeriodicTables(width, constants);
 }
 
+// The SiLU backward's dpre (pre_gradient_lanes), of any dtype, runs rows narrower than this
+// as one run: dpre stays in L1, so unlike a float32 output's lines there is only a masked
+// lane a row to save, which the tables cost more than on wider rows. Raw forward + backward
+// with SiLU, time / a row at a time, two threads, float16 (float32): channels_last (32, 8,
+// 32, 32) 0.67 (0.84), (32, 24, 56, 56) 0.83 (0.91), (8, 100, 28, 28) 0.92 (0.99); (6000,
+// 136) 0.96 (1.02), (4096, 200) 0.97-1.06 (1.05-1.07), (2000, 250) 1.01 (1.06).
+constexpr int64_t kDpreRunsBelow = 128;
+
 // Calls f(at) with at(i) the position of value i's constants, for i from 0 on in steps of
 // at most kLineFloats: i, or on PeriodicTables of `period` (where not 0) i % period, kept as
 // i grows (no division). (A test of the period at each i made a bfloat16 or float16 eval of
-// rows 1-7 % slower.)
+// rows 1-7 % slower.) A run that starts at any row's first value starts at position 0: the
+// tables repeat every row.
 template <typename F>
 [[gnu::always_inline]] inline void with_positions(int64_t period, F&& f) {
   if (!period) return f([](int64_t i) { return i; });
@@ -1307,7 +1316,8 @@ void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
 
 template <typename T, typename Derivative>
 void pre_gradient_lanes(const Rows<T>& in, const T* dy, float* dpre, int64_t first,
-                        int64_t count, const Derivative& derivative);
+                        int64_t count, const Derivative& derivative,
+                        const PeriodicTables& tables);
 
 Normalized forward_rows(const Tensor& x, const Tensor& weight, const Tensor& bias,
                         const Tensor& residual, Running& running, bool training,
@@ -2284,10 +2294,22 @@ std::array<Lanes, 3> terms_lanes(const GradientTerms<T, Gradient>& term, int64_t
 // (the backward's sums read them back from L1 at once): the backward's dpre of SiLU, whose
 // exp bounds its loop by arithmetic, in AVX-512's instructions (GCC's vectorized loop
 // compares and blends where these take a min and a max), derivative with_activation's (on
-// lanes: the same bits).
+// lanes: the same bits). Rows narrower than kDpreRunsBelow as one run of values, on
+// PeriodicTables (`tables`; period 0: a row at a time).
 template <typename T, typename Derivative>
 void pre_gradient_lanes(const Rows<T>& in, const T* dy, float* dpre, int64_t first,
-                        int64_t count, const Derivative& derivative) {
+                        int64_t count, const Derivative& derivative,
+                        const PeriodicTables& tables) {
+  if (tables.period) {  // the rows as one run
+    const int64_t base = first * in.channels;
+    return each_pre_lanes<false, true>(
+        in.x + base, in.z ? in.z + base : nullptr, dpre + base, count * in.channels,
+        tables[0], tables[1], tables[2], tables.period,
+        [&](int64_t i, Lanes p, auto... mask) {
+          const Lanes g = load_halves(dy + base + i, mask...);
+          store_lanes(dpre + base + i, derivative(g, p), mask...);
+        });
+  }
   const float *origin = in.centre.origin.data(), *scale = in.affine.scale.data(),
               *shift = in.affine.shift.data();
   for (int64_t r = first; r < first + count; ++r) {
@@ -2571,9 +2593,17 @@ struct RowsBatchNorm : public torch::autograd::Function<RowsBatchNorm> {
                                           : at::empty_like(x, x.options().dtype(at::kFloat));
           float* dpre_values = mutable_values<float>(dpre);
           if constexpr (std::is_same_v<std::decay_t<decltype(in)>, Rows<T>>) {
+            constexpr bool kLanesDpre = kHalfLoops && !decltype(memory_bound)::value;  // SiLU
+            const PeriodicTables tables =
+                kLanesDpre && in.channels < kDpreRunsBelow
+                    ? PeriodicTables(in.channels, {in.centre.origin.data(),
+                                                   in.affine.scale.data(),
+                                                   in.affine.shift.data()})
+                    : PeriodicTables();
             auto prepare = [&](int64_t first, int64_t count) {  // dpre of these rows
-              if constexpr (kHalfLoops && !decltype(memory_bound)::value)  // SiLU
-                return pre_gradient_lanes(in, dy_values, dpre_values, first, count, derivative);
+              if constexpr (kLanesDpre)
+                return pre_gradient_lanes(in, dy_values, dpre_values, first, count, derivative,
+                                          tables);
               in.template each_pre<decltype(memory_bound)::value>(
                   first, first + count, [=](int64_t i, float pre) {
                     dpre_values[i] = derivative(load(dy_values[i]), pre);
