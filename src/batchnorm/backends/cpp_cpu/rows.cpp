@@ -1068,7 +1068,7 @@ ActivationGradient<T, kResidual, Derivative> on_tables(
 
 // Float32 values in a 64-byte cache line, and AVX-512's lanes (kLanes).
 constexpr int64_t kLineFloats = 16;
-// PeriodicTables' periods: at most this many values (three tables of 8 KiB). Rows of 1500
+// PeriodicTables' periods: at most this many values (8 KiB a table). Rows of 1500
 // values, a period of 6000, took 1.18-1.22x the time of a row at a time (eval, two threads);
 // rows of 250 values, 2000, 0.60-0.73x.
 constexpr int64_t kMaxPeriod = 2048;
