@@ -2300,27 +2300,23 @@ template <typename T, typename Derivative>
 void pre_gradient_lanes(const Rows<T>& in, const T* dy, float* dpre, int64_t first,
                         int64_t count, const Derivative& derivative,
                         const PeriodicTables& tables) {
-  if (tables.period) {  // the rows as one run
-    const int64_t base = first * in.channels;
-    return each_pre_lanes<false, true>(
-        in.x + base, in.z ? in.z + base : nullptr, dpre + base, count * in.channels,
-        tables[0], tables[1], tables[2], tables.period,
-        [&](int64_t i, Lanes p, auto... mask) {
-          const Lanes g = load_halves(dy + base + i, mask...);
-          store_lanes(dpre + base + i, derivative(g, p), mask...);
-        });
-  }
-  const float *origin = in.centre.origin.data(), *scale = in.affine.scale.data(),
-              *shift = in.affine.shift.data();
-  for (int64_t r = first; r < first + count; ++r) {
-    const int64_t base = r * in.channels;
-    each_pre_lanes<false, true>(in.x + base, in.z ? in.z + base : nullptr, dpre + base,
-                                in.channels, origin, scale, shift, 0,
+  // values [base, base + n) on the constants at origin, scale and shift (PeriodicTables'
+  // where period is not 0)
+  auto dpre_of = [&](int64_t base, int64_t n, const float* origin, const float* scale,
+                     const float* shift, int64_t period) {
+    each_pre_lanes<false, true>(in.x + base, in.z ? in.z + base : nullptr, dpre + base, n,
+                                origin, scale, shift, period,
                                 [&](int64_t i, Lanes p, auto... mask) {
                                   const Lanes g = load_halves(dy + base + i, mask...);
                                   store_lanes(dpre + base + i, derivative(g, p), mask...);
                                 });
-  }
+  };
+  if (tables.period)  // the rows as one run
+    return dpre_of(first * in.channels, count * in.channels, tables[0], tables[1], tables[2],
+                   tables.period);
+  for (int64_t r = first; r < first + count; ++r)
+    dpre_of(r * in.channels, in.channels, in.centre.origin.data(), in.affine.scale.data(),
+            in.affine.shift.data(), 0);
 }
 
 // dst[0, n) = src[0, n) in float32, and back (ChannelBuffers').
