@@ -504,6 +504,71 @@ def test_rows_written_a_line_at_a_time_match_torch_in_float64(name, training):
             assert_close(leaf.grad, grad, torch.float32)
 
 
+#: float32 NCHW inputs of 16 MiB or more whose planes are whole cache lines, which the node
+#: takes in training (and eval with a graph) at any size, SiLU's aside, writing y and dx
+#: with non-temporal stores a block of 64 values at a time (rows.cpp's planes_streamed,
+#: write_plane): planes of 80 values (a block and part of one) and long planes of few
+#: samples, each channel's statistics around a sampled centre.
+STREAMED_PLANES = {"planes of 80": (821, 64, 80), "long planes": (3, 5, 560, 512)}
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("name", STREAMED_PLANES)
+def test_nchw_planes_streamed_past_the_caches_match_torch_in_float64(name, training,
+                                                                       activation):  # fmt: skip
+    """y, dx, dweight and dbias (and, with ReLU, dresidual) against float64 torch.nn; eval
+    with a graph, which the node takes as it takes training."""
+    shape = STREAMED_PLANES[name]
+    channels = shape[1]
+    g = torch.Generator().manual_seed(9)
+    x = random_input(shape, mean=2.0)
+    assert x.numel() * x.element_size() >= 16 << 20
+    z = torch.randn(shape, generator=g) if activation == "relu" else None
+    weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+    running = (torch.randn(channels, generator=g) + 2, torch.rand(channels, generator=g) + 0.5)
+    running = None if training else running
+    _runs_here(x, training, activation, graph=True)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias, z)]
+    y = batchnorm.functional.batch_norm(leaves[0], *(running or (None, None)), leaves[1],
+                                        leaves[2], training=training, activation=activation,
+                                        residual=leaves[3])  # fmt: skip
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    expected, _ = float64_batch_norm(x, weight, bias, z, running, training, None, dy)
+    band = 4 * TOLERANCES[torch.float32]["atol"] * max(1.0, expected.abs().max().item())
+    dy = zero_near_kink(dy, expected, activation, band)  # see the fused test's
+    act = TORCH_ACTIVATIONS.get(activation)
+    expected, grads = float64_batch_norm(x, weight, bias, z, running, training, act, dy)
+    assert_close(y.detach(), expected, torch.float32)
+    y.backward(dy.float())
+    got = [t.grad for t in leaves if t is not None]
+    for grad, exact in zip(got, grads[: len(got)], strict=True):
+        assert_close(grad, exact, torch.float32)
+
+
+def test_large_float32_nchw_training_goes_to_the_node_where_its_planes_stream():
+    """Past planes_up_to, float32 NCHW training (and eval with a graph) runs here where its
+    output streams: 16 MiB or more (4,194,304 values) in planes of a multiple of 16 values,
+    with any activation but SiLU (which the Numba kernels compute faster); not smaller
+    inputs, other planes, nor bfloat16 without a fused ReLU."""
+    weight = torch.ones(64, requires_grad=True)
+
+    def chosen(x, activation="identity", training=True):
+        stats = (None, None) if training else (torch.zeros(64), torch.ones(64))
+        call = Call(x, training, activation, 0.01, False, False, True, weight, None, *stats)
+        return ops.select(call).name
+
+    streamed = torch.zeros(64, 64, 1024)
+    assert streamed.numel() > extension().planes_up_to
+    assert chosen(streamed) == chosen(streamed, "relu") == "cpp_cpu"
+    assert chosen(streamed, "leaky_relu") == chosen(streamed, training=False) == "cpp_cpu"
+    assert "cpp_cpu" not in (
+        chosen(streamed, "silu"), chosen(streamed.bfloat16()),
+        chosen(torch.zeros(64, 64, 1032)),  # planes not whole lines
+        chosen(torch.zeros(64, 64, 1008)),  # under 16 MiB
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("activation", ["identity", "silu"])
 def test_eval_keeps_its_digits_where_the_running_mean_is_large(activation):
     """In eval the loops subtract the running mean from x before they scale: x * scale +

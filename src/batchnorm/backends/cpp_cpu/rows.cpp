@@ -1,13 +1,14 @@
 // Batch norm of float32 and bfloat16 CPU inputs whose channels are the innermost dimension
-// ((N, C) and channels_last tensors: M rows of C contiguous values), with the fused epilogue
-// y = act(BN(x) + residual), as one C++ autograd node: no Python between the forward and
-// the backward, no shift, no temporary tensor. The math is batchnorm.reference's (the
-// tests hold the two together). Inputs of kParallelValues values or more run on torch's
-// intra-op threads (at::parallel_for), with sums that do not depend on the thread count.
-// NCHW inputs: in eval when no graph is recorded (inference), a plane at a time
-// (eval_planes), and small ones in training or with a graph in the same node, a channel at
-// a time (forward_planes). On CPUs with AVX-512, float16 and bfloat16 inputs of either
-// layout in inference run eval_halves instead, and float16 rows run in training too.
+// ((N, C) and channels_last tensors: M rows of C contiguous values), with the fused
+// epilogue y = act(BN(x) + residual), as one C++ autograd node: no Python between the
+// forward and the backward, no shift, no temporary tensor. The math is
+// batchnorm.reference's (the tests hold the two together). Inputs of kParallelValues values
+// or more run on torch's intra-op threads (at::parallel_for), with sums that do not depend
+// on the thread count. NCHW inputs: in eval when no graph is recorded (inference), a plane
+// at a time (eval_planes), and small ones (or large float32 ones whose output streams) in
+// training or with a graph in the same node, a channel at a time (forward_planes). On CPUs
+// with AVX-512, float16 and bfloat16 inputs of either layout in inference run eval_halves
+// instead, and float16 rows run in training too.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -523,7 +524,8 @@ void for_rows(int64_t rows, int64_t channels, F&& f) {
 // (0.93); (8192, 2048) 0.78 (0.65), 0.83 (0.87), 0.97 (0.95); NCHW (64, 256, 28, 28) eval
 // 0.81 (1.01); bfloat16 with ReLU, channels_last (64, 256, 28, 28) 0.80 (0.86), 0.93
 // (0.94), 0.91 (0.90); (8192, 1024) training forward 0.97 (0.80), forward + backward 0.96
-// (0.94); NCHW (64, 256, 28, 28) eval 0.96 (0.89).
+// (0.94); NCHW (64, 256, 28, 28) eval 0.96 (0.89). Float32 NCHW outputs and dx in training
+// since 2026-12-08, of planes of whole lines (write_plane; see planes_streamed).
 constexpr int64_t kStreamFrom = 16 << 20;
 // Values computed into a buffer (in L1) and then streamed out, at a time: 256 bytes. The
 // loads of the next values then overlap the stores of the last; blocks of 4096 values read,
@@ -612,6 +614,19 @@ bool streams_lanes(const T* y, int64_t units, int64_t width) {
   return streams_out<T>(units * width) && (std::is_same_v<T, float> || whole_lanes);
 }
 
+// Whether forward_planes and input_gradients write an NCHW output of `values` values of
+// type T in planes of `size` with non-temporal stores (write_plane): a float32 one of
+// kStreamFrom bytes or more whose planes are whole cache lines (and, the overload with y,
+// start on a line's start: each store a whole line, see streams_lanes).
+template <typename T>
+bool streams_planes(int64_t values, int64_t size) {
+  return std::is_same_v<T, float> && streams_out<T>(values) && size % kLanes == 0;
+}
+template <typename T>
+bool streams_planes(const T* y, int64_t values, int64_t size) {
+  return streams_planes<T>(values, size) && reinterpret_cast<std::uintptr_t>(y) % 64 == 0;
+}
+
 // Rows [begin, end) of an output y of rows of `width` values, of which y has `values` in
 // all: compute(first, last, from, to, out) writes the values of rows [first, last), columns
 // [from, to), row by row to out[0, (last - first) * (to - from)). Straight into y (all the
@@ -624,6 +639,26 @@ void write_rows(T* y, int64_t values, int64_t begin, int64_t end, int64_t width,
     if (streams_out<T>(values)) return stream_rows(y, begin, end, width, compute);
   }
   compute(begin, end, int64_t{0}, width, y + begin * width);
+}
+
+// A plane of n values of an output O at dst: compute(from, to, out) writes its values
+// [from, to) to out[0, to - from). Straight to dst, or (stream, float32) a block of
+// kStreamBlock values at a time with non-temporal stores (not fenced: the caller fences
+// its thread's planes once, fence_streams).
+template <typename O, typename Compute>
+void write_plane(O* dst, int64_t n, bool stream, Compute&& compute) {
+  if constexpr (std::is_same_v<O, float>) {
+    if (stream) {
+      alignas(64) float values[kStreamBlock];
+      for (int64_t from = 0; from < n; from += kStreamBlock) {
+        const int64_t to = std::min(n, from + kStreamBlock);
+        compute(from, to, values);
+        stream_out(dst + from, values, to - from);
+      }
+      return;
+    }
+  }
+  compute(int64_t{0}, n, dst);
 }
 
 // Rows whose terms a sum adds in registers before it adds them to the sums in memory.
@@ -1530,10 +1565,10 @@ bool planes_layout(const Tensor& x) {
 // 7, 7) 145 / 329 -> 97 / 205 [245 / 361], (8, 1152, 3, 3) 160 / 423 -> 110 / 216 [146 /
 // 258], (100, 32, 50) 131 / 316 -> 78 / 181 [205 / 325]; bfloat16 (8, 256, 12, 12) 144 /
 // 309 -> 114 / 235 [115 / 252], (8, 512, 7, 7) 150 / 327 -> 107 / 222 [110 / 289]. Inputs
-// over kPlanesUpTo values stay on the Numba kernels (see takes), whose passes read memory
-// in order: from 1.6 million values on, a channel's planes C * S values apart cost these
-// loops more ((32, 64, 28, 28) forward 509 -> 543 µs on two threads, 721 -> 1013 on one;
-// bfloat16 336 -> 376).
+// over kPlanesUpTo values stay on the Numba kernels (see takes; but see planes_fused and
+// planes_streamed), whose passes read memory in order: from 1.6 million values on, a
+// channel's planes C * S values apart cost these loops more ((32, 64, 28, 28) forward 509
+// -> 543 µs on two threads, 721 -> 1013 on one; bfloat16 336 -> 376).
 constexpr int64_t kPlanesUpTo = 1 << 19;
 // float16 (N, C) and channels_last inputs in training (or with a graph) run here at any
 // size (takes). Until 2026-12-07 night those of over 2,097,152 values went to the Numba
@@ -1576,6 +1611,27 @@ constexpr int64_t kFloat16PlanesUpTo = 196;
 inline bool planes_fused(at::ScalarType dtype, int64_t activation, bool residual) {
   return dtype == at::kBFloat16 && (activation == kRelu || activation == kLeakyRelu) &&
          !residual;
+}
+
+// ... and float32 ones whose output and dx stream (streams_planes: 16 MiB or more, planes
+// of whole cache lines), SiLU's aside, at any size: a channel's planes, read for its
+// statistics (or sums), are read again from L2 for its output (or dx), which non-temporal
+// stores write without reading its lines first (plain stores read each line before they
+// write it): the forward then reads x once and writes y once, a third less traffic, the dx
+// pass a quarter less. Module calls taking turns, 2026-12-08, the Numba kernels' time / the
+// node's, two threads (one): training forward (32, 128, 32, 32) 1.20 (1.03), (64, 256, 28,
+// 28) 1.50 (1.17), (32, 256, 56, 56) 1.50 (1.30), (8, 64, 16, 56, 56) 1.07 (1.07); forward
+// + backward 1.30 (1.06), 1.43 (1.39), 1.33 (1.43), 1.21 (1.04); with a fused ReLU 1.10
+// (1.08), 1.19 (1.18) and, the 3-d one, 1.01 (0.95). Against the same loops with plain
+// stores (raw calls, time / theirs): training forward 0.64-0.68 (0.63-0.67), forward +
+// backward 0.83 (0.79-0.80) at (32, 128, 32, 32) and (64, 256, 28, 28); on 2026-12-06 they
+// had lost to the Numba kernels on one thread (see performance.md). Not taken, raw calls,
+// the Numba kernels' time / the node's: SiLU, forward + backward 0.81-0.85; planes that are
+// not whole lines, (128, 1024, 7, 7) 0.79-0.94 (plain stores); bfloat16 0.87-1.12 (plain
+// stores too).
+inline bool planes_streamed(at::ScalarType dtype, int64_t values, int64_t size,
+                            int64_t activation) {
+  return dtype == at::kFloat && activation != kSilu && streams_planes<float>(values, size);
 }
 
 // Channels of at least this many values take their statistics in one pass around a
@@ -1743,6 +1799,7 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
       // SiLU on short planes: a channel's pre-activations into a buffer, activated there in
       // one loop (see kShortPlane), then rounded into its planes
       const bool buffered = !memory_bound && size < kShortPlane;
+      const bool stream = streams_planes(y, out.y.numel(), size);
       for_rows(channels, count, [&](int64_t begin, int64_t end) {
         std::vector<float> pre(buffered ? count : 0);
         std::vector<double> scratch;
@@ -1794,12 +1851,16 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
           for (int64_t n = 0; n < view.batch; ++n) {
             const int64_t first = view.start(n, k);
             const auto* added = add ? add + first : nullptr;
-            if (buffered)
+            if (buffered) {
               normalize_plane<false>(in + first, added, pre.data() + n * size, size, origin,
                                      scale, shift, [](float p) { return p; });
-            else
-              normalize_plane<decltype(memory_bound)::value>(in + first, added, to + first, size,
-                                                             origin, scale, shift, act);
+              continue;
+            }
+            write_plane(to + first, size, stream, [&](int64_t from, int64_t upto, O* dst) {
+              normalize_plane<decltype(memory_bound)::value>(
+                  in + first + from, added ? added + from : nullptr, dst, upto - from, origin,
+                  scale, shift, act);
+            });
           }
           if (!buffered) return;
           activate_in_place(pre.data(), count, act);
@@ -1831,6 +1892,7 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
         } else {
           for (int64_t c = begin; c < end; ++c) normalize_channel(c, shape, c, xs, z, y);
         }
+        if (stream) fence_streams();
       });
     });
   });
@@ -1866,6 +1928,7 @@ template <bool kMemoryBound, typename T, typename Gradient>
 void input_gradients(const Planes<T>& in, const Gradient& gradient, const float* invstd,
                      const float* weight, bool training, T* dx, float* dweight, float* dbias) {
   const int64_t count = in.batch * in.size;
+  const bool stream = dx && streams_planes(dx, in.batch * in.channels * in.size, in.size);
   for_rows(in.channels, count, [&](int64_t begin, int64_t end) {
     const Gradient local(gradient);  // a local copy: see Rows::each_pre's
     std::vector<double> scratch;
@@ -1886,18 +1949,21 @@ void input_gradients(const Planes<T>& in, const Gradient& gradient, const float*
                                                     training, dweight, dbias);
       if (!out) return kc;
       for (int64_t n = 0; n < view.batch; ++n) {
-        const int64_t first = view.start(n, k);
-        O* __restrict plane = out + first;
-        if (!training) {  // x enters through the activation only (see input_gradients)
-          for_channels<kMemoryBound, O>(view.size, [&](int64_t j) {
-            plane[j] = store<O>(kc.k * g(first + j, c, load(xs[first + j]) - origin));
+        // values [from, to) of plane n's dx into `plane`
+        auto dx_values = [&](int64_t from, int64_t to, O* __restrict plane) {
+          const int64_t first = view.start(n, k) + from;
+          if (!training) {  // x enters through the activation only (see input_gradients)
+            for_channels<kMemoryBound, O>(to - from, [&](int64_t j) {
+              plane[j] = store<O>(kc.k * g(first + j, c, load(xs[first + j]) - origin));
+            });
+            return;
+          }
+          for_channels<kMemoryBound, O>(to - from, [&](int64_t j) {
+            const float d = load(xs[first + j]) - origin;
+            plane[j] = store<O>(dx_of(kc.k, kc.a, kc.b, g(first + j, c, d), d));
           });
-          continue;
-        }
-        for_channels<kMemoryBound, O>(view.size, [&](int64_t j) {
-          const float d = load(xs[first + j]) - origin;
-          plane[j] = store<O>(dx_of(kc.k, kc.a, kc.b, g(first + j, c, d), d));
-        });
+        };
+        write_plane(out + view.start(n, k), view.size, stream, dx_values);
       }
       return kc;
     };
@@ -1943,6 +2009,7 @@ void input_gradients(const Planes<T>& in, const Gradient& gradient, const float*
           channel_gradients_of(c, in, c, in.x, local, dx);
       }
     }
+    if (stream) fence_streams();
   });
 }
 
@@ -2701,9 +2768,12 @@ int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias
                    values / (t.size(0) * channels) <= kFloat16PlanesUpTo
                ? kTakes
                : kUsual;
-  // NCHW in training or with a graph: up to kPlanesUpTo values (see planes_fused)
+  // NCHW in training or with a graph: up to kPlanesUpTo values (see planes_fused and
+  // planes_streamed)
   const bool fused = training && planes_fused(t.scalar_type(), activation, !residual.is_none());
-  return values <= kPlanesUpTo || fused ? kTakes : kUsual;
+  const int64_t size = values / (t.size(0) * channels);
+  const bool streamed = planes_streamed(t.scalar_type(), values, size, activation);
+  return values <= kPlanesUpTo || fused || streamed ? kTakes : kUsual;
 }
 
 // steps += 1 (a layer's num_batches_tracked, as torch.nn's training step counts it):
