@@ -21,7 +21,9 @@ re-checks what they check, against ``batchnorm``, with torch itself as the oracl
   forced leniently, so small inputs reach the Numba kernels too), and the ``large``
   checks enlarge the ModuleInfo inputs to >= 65,536 values so that the default dispatch
   gives training calls to the Numba kernels; derivatives of large inputs are compared to
-  torch's (gradcheck on them would be too slow).
+  torch's (gradcheck on them would be too slow). The ``streamed`` checks enlarge the
+  BatchNorm3d inputs to 16 MiB of float32, which the C++ node takes in training and eval
+  with a graph (planes of 64 values, written with non-temporal stores).
 
 Tolerances: float64 1e-10, float32 1e-5 relative (conftest.TOLERANCES).
 
@@ -70,6 +72,9 @@ BN_OP = next(
 )
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
 LARGE = 65_536  # the default dispatch gives training inputs of this size to the Numba kernels
+#: float32 NCHW inputs of 16 MiB or more in planes of whole cache lines (BatchNorm3d's 4x4x4)
+#: train on the C++ node's streamed planes (rows.cpp's planes_streamed), eval with a graph too.
+STREAMED = 4_194_304
 
 
 def _module_inputs(name, training, dtype, requires_grad=False):
@@ -101,6 +106,7 @@ CASES = _cases()
 GRAD_CASES = _cases(only=lambda desc, x: "momentum" not in desc and "simple_average" not in desc)
 MEMFORMAT_CASES = _cases(only=lambda desc, x: x.dim() in (4, 5))
 LARGE_CASES = _cases(large=True)
+STREAMED_CASES = _cases(only=lambda desc, x: x.dim() == 5 and x.numel() > 0)
 
 
 def _randomize(module, seed):
@@ -117,17 +123,18 @@ def _randomize(module, seed):
             module.num_batches_tracked.fill_(3)
 
 
-def _enlarge(x):
-    """A random input of x's rank and channels with at least LARGE values."""
+def _enlarge(x, values=LARGE):
+    """A random input of x's rank and channels with at least `values` values."""
     per_sample = math.prod(x.shape[1:])
-    batch = max(x.shape[0], -(-LARGE // per_sample))
+    batch = max(x.shape[0], -(-values // per_sample))
     g = torch.Generator().manual_seed(7)
     big = torch.randn((batch, *x.shape[1:]), generator=g, dtype=torch.float64) * 1.5 + 0.5
     return big.to(x.dtype).requires_grad_(x.requires_grad)
 
 
 def _build(name, index, training, dtype=torch.float64, requires_grad=False, large=False):
-    """torch's module, ours with the same (randomized) state, and the ModuleInfo's input."""
+    """torch's module, ours with the same (randomized) state, and the ModuleInfo's input
+    (large: enlarged to LARGE values, or to that many)."""
     torch.manual_seed(index)
     mi = _module_inputs(name, training, dtype, requires_grad)[index]
     args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
@@ -140,8 +147,9 @@ def _build(name, index, training, dtype=torch.float64, requires_grad=False, larg
         m.to(dtype).train(training)
     x = mi.forward_input.args[0]
     if large:
-        x = _enlarge(x)
-        assert x.numel() >= LARGE
+        values = LARGE if large is True else large
+        x = _enlarge(x, values)
+        assert x.numel() >= values
     return ref, ours, x
 
 
@@ -744,6 +752,35 @@ def test_large_forward_backward_match_torch(name, index, training, dtype):
         _assert_same_state(ours, ref)
         g = torch.randn(x.shape, generator=torch.Generator().manual_seed(step), dtype=dtype)
         _assert_grads_close(_grads(ours, x_step, actual, g), _grads(ref, x_step, expected, g))
+
+
+@pytest.mark.parametrize("name,index,training", STREAMED_CASES)
+def test_streamed_planes_match_torch(name, index, training):
+    """Forward, backward (two steps) and batched grads of float32 NCHW inputs of 16 MiB in
+    planes of 64 values, which the C++ node computes where it builds (its output and dx
+    written with non-temporal stores), against torch's."""
+    from batchnorm.backends import Call, cpp_cpu
+
+    ref, ours, x = _build(name, index, training, torch.float32, requires_grad=True,
+                          large=STREAMED)  # fmt: skip
+    if cpp_cpu.extension():
+        stats = (None, None) if training else (ours.running_mean, ours.running_var)
+        call = Call(x, training or stats[0] is None, "identity", 0.01, False, False, True,
+                    ours.weight, ours.bias, *stats)  # fmt: skip
+        assert ops.select(call).name == "cpp_cpu"
+    for step in range(2):
+        x_step = x if step == 0 else _leaf(x * 1.5 + 0.25)
+        expected, actual = ref(x_step), ours(x_step)
+        assert_close(actual, expected)
+        _assert_same_state(ours, ref)
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(step))
+        _assert_grads_close(_grads(ours, x_step, actual, g), _grads(ref, x_step, expected, g))
+    grads = torch.randn((2, *x.shape), generator=torch.Generator().manual_seed(9))
+    results = []
+    for module in (ref, ours):
+        inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
+        results.append(torch.autograd.grad(module(x), inputs, grads, is_grads_batched=True))
+    _assert_grads_close(results[1], results[0])
 
 
 def _second_order(module, x, g, v):
