@@ -517,8 +517,9 @@ STREAMED_PLANES = {"planes of 80": (821, 64, 80), "long planes": (3, 5, 560, 512
 @pytest.mark.parametrize("name", STREAMED_PLANES)
 def test_nchw_planes_streamed_past_the_caches_match_torch_in_float64(name, training,
                                                                        activation):  # fmt: skip
-    """y, dx, dweight and dbias (and, with ReLU, dresidual) against float64 torch.nn; eval
-    with a graph, which the node takes as it takes training."""
+    """y, dx, dweight and dbias against float64 torch.nn, with ReLU on a residual that
+    needs no gradient (the node takes no other: see the dispatch test below); eval with a
+    graph, which the node takes as it takes training."""
     shape = STREAMED_PLANES[name]
     channels = shape[1]
     g = torch.Generator().manual_seed(9)
@@ -529,7 +530,7 @@ def test_nchw_planes_streamed_past_the_caches_match_torch_in_float64(name, train
     running = (torch.randn(channels, generator=g) + 2, torch.rand(channels, generator=g) + 0.5)
     running = None if training else running
     _runs_here(x, training, activation, graph=True)
-    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, bias, z)]
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)] + [z]
     y = batchnorm.functional.batch_norm(leaves[0], *(running or (None, None)), leaves[1],
                                         leaves[2], training=training, activation=activation,
                                         residual=leaves[3])  # fmt: skip
@@ -541,28 +542,33 @@ def test_nchw_planes_streamed_past_the_caches_match_torch_in_float64(name, train
     expected, grads = float64_batch_norm(x, weight, bias, z, running, training, act, dy)
     assert_close(y.detach(), expected, torch.float32)
     y.backward(dy.float())
-    got = [t.grad for t in leaves if t is not None]
-    for grad, exact in zip(got, grads[: len(got)], strict=True):
-        assert_close(grad, exact, torch.float32)
+    for leaf, exact in zip(leaves[:3], grads[:3], strict=True):
+        assert_close(leaf.grad, exact, torch.float32)
 
 
 def test_large_float32_nchw_training_goes_to_the_node_where_its_planes_stream():
     """Past planes_up_to, float32 NCHW training (and eval with a graph) runs here where its
     output streams: 16 MiB or more (4,194,304 values) in planes of a multiple of 16 values,
-    with any activation but SiLU (which the Numba kernels compute faster); not smaller
-    inputs, other planes, nor bfloat16 without a fused ReLU."""
+    with any activation but SiLU and a residual that needs no gradient (the Numba kernels
+    compute those faster); not smaller inputs, other planes, nor bfloat16 without a fused
+    ReLU."""
     weight = torch.ones(64, requires_grad=True)
 
-    def chosen(x, activation="identity", training=True):
+    def chosen(x, activation="identity", training=True, residual=None):
         stats = (None, None) if training else (torch.zeros(64), torch.ones(64))
-        call = Call(x, training, activation, 0.01, False, False, True, weight, None, *stats)
+        call = Call(x, training, activation, 0.01, residual is not None, False, True, weight,
+                    None, *stats, residual)  # fmt: skip
         return ops.select(call).name
 
     streamed = torch.zeros(64, 64, 1024)
     assert streamed.numel() > extension().planes_up_to
     assert chosen(streamed) == chosen(streamed, "relu") == "cpp_cpu"
     assert chosen(streamed, "leaky_relu") == chosen(streamed, training=False) == "cpp_cpu"
+    residual = torch.zeros_like(streamed)
+    assert chosen(streamed, "relu", residual=residual) == "cpp_cpu"
     assert "cpp_cpu" not in (
+        chosen(streamed, "relu", residual=residual.requires_grad_()),
+        chosen(streamed, residual=residual),
         chosen(streamed, "silu"), chosen(streamed.bfloat16()),
         chosen(torch.zeros(64, 64, 1032)),  # planes not whole lines
         chosen(torch.zeros(64, 64, 1008)),  # under 16 MiB

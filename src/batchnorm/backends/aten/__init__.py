@@ -7,21 +7,21 @@ Dispatch rule (``preferred``), from ``make bench`` on 2 cores (benchmarks/result
 cpu_kernels.json), among the calls that the C++ backend (first in the dispatch) leaves (it
 takes float32 and bfloat16 (N, C), channels-last and inference calls at any size, NCHW
 training up to its ``planes_up_to`` values, float32 NCHW training whose output streams (16
-MiB or more, planes of a multiple of 16 values, SiLU aside) and bfloat16 NCHW training with a
-fused ReLU at any size), for the calls whose sums it keeps accurate (float32 inputs of more than
-ATEN_MAX_ROWS rows per channel or ATEN_MAX_PLANE values per plane, whenever it would sum
-them, go to the kernels): inputs below ATEN_BELOW_NUMEL values (epilogue included: a few C++
-ops beat a Python-called kernel there), NCHW inputs of small planes (ATEN_BELOW_PLANE; with
-more than one thread larger ones, and larger still in half precision) and plain eval (its
-elementwise loop streams as fast as ours), except on large bfloat16 inputs
-(BFLOAT16_EVAL_FROM). With more than one thread, also half-precision inputs of moderate
-size: (N, C) and channels-last ones (ATEN_BELOW_NUMEL_HALF_ROWS_THREADED), and NCHW plain BN
-in a training step (ATEN_BELOW_NUMEL_HALF_PLANES_GRAPH).
-Training on larger inputs stays on the Numba kernels, also for (N, C) and channels-last
-inputs that the C++ backend (first in the dispatch) leaves (where it is off or not built,
-and fused activations above its sizes): ATen's float32 sums there lose digits as the mean
-grows, and with the shift that keeps them (an extra pass) it is slower than ours
-(docs/performance.md, "ATen's own accuracy").
+MiB or more, planes of a multiple of 16 values, SiLU and a residual that needs its gradient
+aside) and bfloat16 NCHW training with a fused ReLU at any size), for the calls whose sums
+it keeps accurate (float32 inputs of more than ATEN_MAX_ROWS rows per channel or
+ATEN_MAX_PLANE values per plane, whenever it would sum them, go to the kernels): inputs
+below ATEN_BELOW_NUMEL values (epilogue included: a few C++ ops beat a Python-called kernel
+there), NCHW inputs of small planes (ATEN_BELOW_PLANE; with more than one thread larger
+ones, and larger still in half precision) and plain eval (its elementwise loop streams as
+fast as ours), except on large bfloat16 inputs (BFLOAT16_EVAL_FROM). With more than one
+thread, also half-precision inputs of moderate size: (N, C) and channels-last ones
+(ATEN_BELOW_NUMEL_HALF_ROWS_THREADED), and NCHW plain BN in a training step
+(ATEN_BELOW_NUMEL_HALF_PLANES_GRAPH). Training on larger inputs stays on the Numba kernels,
+also for (N, C) and channels-last inputs that the C++ backend (first in the dispatch) leaves
+(where it is off or not built, and fused activations above its sizes): ATen's float32 sums
+there lose digits as the mean grows, and with the shift that keeps them (an extra pass) it
+is slower than ours (docs/performance.md, "ATen's own accuracy").
 
 On CUDA (cuDNN or ATen's CUDA kernels) every call it takes goes to it, fused epilogues
 included, except training on the large NCHW inputs of :func:`cuda_kernels_faster`, which the

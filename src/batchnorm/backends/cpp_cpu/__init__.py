@@ -5,25 +5,26 @@ from 65,536 values. Also NCHW inputs: in eval mode when no graph is recorded (in
 plane at a time, without a node; in training (or eval with a graph) up to 524,288 values
 (the extension's ``planes_up_to``) in the same node, a channel at a time, where the Numba
 kernels' Python costs as much as their loops; in float32 at any size where the output
-streams (16 MiB or more in planes of a multiple of 16 values, SiLU aside: rows.cpp's
-planes_streamed; a channel's planes read again from L2, its output and dx written with
-non-temporal stores, faster than the Numba kernels' passes); in bfloat16 training with a
-fused ReLU or leaky ReLU and no residual at any size (rows.cpp's planes_fused: faster than
-the Numba kernels' loops, which the activation makes compute-bound). bfloat16 inputs take
-float32 parameters and statistics (torch.autocast's convention; a model cast to bfloat16
-runs on the Numba kernels): loaded to float32, computed in float32 with float64 sums of
-float32 partial sums, rounded to bfloat16 (to nearest, ties to even, as torch's conversion).
-float16 inputs (float32 parameters and statistics) on CPUs with AVX-512, whose instructions
-the inference loops of both half-precision dtypes are written in (rows.cpp's eval_halves):
-in inference, either layout, faster than ATen's eval from the smallest layers on, where the
-call's Python shows, to level (float16) or faster (bfloat16) on large ones; in training,
-``(N, C)`` and channels_last inputs of any size (rows narrower than 256 values a thread's
-rows as one run of values: rows.cpp's kHalfRunsBelow), and NCHW batches of at least 8 planes
-of up to 196 values (kFloat16PlanesUpTo; the statistics and sums of a channel from a float32
-copy that F16C converts, the output and dx in AVX-512's loops), where they were faster than
-ATen's float16 kernels and the Numba kernels. Outputs (and training dx) of 16 MiB or more
-are written with non-temporal stores (rows.cpp's kStreamFrom), in float16 and bfloat16 where
-each row or plane is a multiple of 16 values (streams_lanes).
+streams (16 MiB or more in planes of a multiple of 16 values, SiLU and a residual that needs
+its gradient aside: rows.cpp's planes_streamed; a channel's planes read again from L2, its
+output and dx written with non-temporal stores, faster than the Numba kernels' passes); in
+bfloat16 training with a fused ReLU or leaky ReLU and no residual at any size (rows.cpp's
+planes_fused: faster than the Numba kernels' loops, which the activation makes
+compute-bound). bfloat16 inputs take float32 parameters and statistics (torch.autocast's
+convention; a model cast to bfloat16 runs on the Numba kernels): loaded to float32, computed
+in float32 with float64 sums of float32 partial sums, rounded to bfloat16 (to nearest, ties
+to even, as torch's conversion). float16 inputs (float32 parameters and statistics) on CPUs
+with AVX-512, whose instructions the inference loops of both half-precision dtypes are
+written in (rows.cpp's eval_halves): in inference, either layout, faster than ATen's eval
+from the smallest layers on, where the call's Python shows, to level (float16) or faster
+(bfloat16) on large ones; in training, ``(N, C)`` and channels_last inputs of any size (rows
+narrower than 256 values a thread's rows as one run of values: rows.cpp's kHalfRunsBelow),
+and NCHW batches of at least 8 planes of up to 196 values (kFloat16PlanesUpTo; the
+statistics and sums of a channel from a float32 copy that F16C converts, the output and dx
+in AVX-512's loops), where they were faster than ATen's float16 kernels and the Numba
+kernels. Outputs (and training dx) of 16 MiB or more are written with non-temporal stores
+(rows.cpp's kStreamFrom), in float16 and bfloat16 where each row or plane is a multiple of
+16 values (streams_lanes).
 
 Why: on these inputs ATen's float32 kernel loses digits as the mean grows (see
 backends.aten.safe_batch_norm), and the shift that keeps them costs two more ops; the Numba
@@ -109,17 +110,17 @@ class CppBackend:
         as under torch.autocast), the input dense with its channels innermost or
         NCHW-contiguous (NCHW in training or with a graph to record: up to ``planes_up_to``
         values, float32 ones of 16 MiB or more in planes of a multiple of 16 values with any
-        activation but SiLU, bfloat16 training with ReLU or leaky ReLU and no residual at any size;
-        float16 inputs where the CPU has AVX-512: of either layout in eval without a graph,
-        ``(N, C)`` and channels_last ones of any size in training or with a graph, NCHW
-        batches of 8 or more planes of up to 196 values), a residual of its
-        dtype and strides, with any activation (see ACTIVATION_CODES), in torch's
-        running-variance convention, the input saved for backward; in training more than
-        one value per channel, in eval running statistics;
+        activation but SiLU and no residual that needs its gradient, bfloat16 training with
+        ReLU or leaky ReLU and no residual at any size; float16 inputs where the CPU has
+        AVX-512: of either layout in eval without a graph, ``(N, C)`` and channels_last ones
+        of any size in training or with a graph, NCHW batches of 8 or more planes of up to
+        196 values), a residual of its dtype and strides, with any activation (see
+        ACTIVATION_CODES), in torch's running-variance convention, the input saved for
+        backward; in training more than one value per channel, in eval running statistics;
         not under forward-mode AD or torch.jit.trace (the node has no tangent rule and
-        traces as nothing), and only where the extension builds. The tensors' checks are
-        the extension's ``takes``; the device comes first, so that a call on another
-        device (a GPU's) never builds the extension."""
+        traces as nothing), and only where the extension builds. The tensors' checks are the
+        extension's ``takes``; the device comes first, so that a call on another device (a
+        GPU's) never builds the extension."""
         return self._kind(call) == TAKES
 
     def _kind(self, call: Call) -> int:

@@ -1614,24 +1614,27 @@ inline bool planes_fused(at::ScalarType dtype, int64_t activation, bool residual
 }
 
 // ... and float32 ones whose output and dx stream (streams_planes: 16 MiB or more, planes
-// of whole cache lines), SiLU's aside, at any size: a channel's planes, read for its
-// statistics (or sums), are read again from L2 for its output (or dx), which non-temporal
-// stores write without reading its lines first (plain stores read each line before they
-// write it): the forward then reads x once and writes y once, a third less traffic, the dx
-// pass a quarter less. Module calls taking turns, 2026-12-08, the Numba kernels' time / the
-// node's, two threads (one): training forward (32, 128, 32, 32) 1.20 (1.03), (64, 256, 28,
-// 28) 1.50 (1.17), (32, 256, 56, 56) 1.50 (1.30), (8, 64, 16, 56, 56) 1.07 (1.07); forward
-// + backward 1.30 (1.06), 1.43 (1.39), 1.33 (1.43), 1.21 (1.04); with a fused ReLU 1.10
-// (1.08), 1.19 (1.18) and, the 3-d one, 1.01 (0.95). Against the same loops with plain
-// stores (raw calls, time / theirs): training forward 0.64-0.68 (0.63-0.67), forward +
-// backward 0.83 (0.79-0.80) at (32, 128, 32, 32) and (64, 256, 28, 28); on 2026-12-06 they
-// had lost to the Numba kernels on one thread (see performance.md). Not taken, raw calls,
-// the Numba kernels' time / the node's: SiLU, forward + backward 0.81-0.85; planes that are
-// not whole lines, (128, 1024, 7, 7) 0.79-0.94 (plain stores); bfloat16 0.87-1.12 (plain
-// stores too).
+// of whole cache lines), at any size but with SiLU or a residual that needs its gradient: a
+// channel's planes, read for its statistics (or sums), are read again from L2 for its
+// output (or dx), which non-temporal stores write without reading its lines first (plain
+// stores read each line before they write it): the forward then reads x once and writes y
+// once, a third less traffic, the dx pass a quarter less. Module calls taking turns,
+// 2026-12-08, the Numba kernels' time / the node's, two threads (one): training forward
+// (32, 128, 32, 32) 1.20 (1.03), (64, 256, 28, 28) 1.50 (1.17), (32, 256, 56, 56) 1.50
+// (1.30), (8, 64, 16, 56, 56) 1.07 (1.07); forward + backward 1.30 (1.06), 1.43 (1.39),
+// 1.33 (1.43), 1.21 (1.04); with a fused ReLU 1.10 (1.08), 1.19 (1.18) and, the 3-d one,
+// 1.01 (0.95). Against the same loops with plain stores (raw calls, time / theirs):
+// training forward 0.64-0.68 (0.63-0.67), forward + backward 0.83 (0.79-0.80) at (32, 128,
+// 32, 32) and (64, 256, 28, 28); on 2026-12-06 they had lost to the Numba kernels on one
+// thread (see performance.md). Not taken, raw calls, the Numba kernels' time / the node's:
+// SiLU, forward + backward 0.81-0.85; a residual whose gradient is asked for, written out
+// with dL/d(pre-activation) (ReLU 0.85-0.90, one thread 0.81; plain BN, its
+// dL/dresidual a copy of dy, 0.94-1.08); planes that are not whole lines, (128, 1024, 7, 7)
+// 0.79-0.94 (plain stores); bfloat16 0.87-1.12 (plain stores too).
 inline bool planes_streamed(at::ScalarType dtype, int64_t values, int64_t size,
-                            int64_t activation) {
-  return dtype == at::kFloat && activation != kSilu && streams_planes<float>(values, size);
+                            int64_t activation, bool residual_gradient) {
+  return dtype == at::kFloat && activation != kSilu && !residual_gradient &&
+         streams_planes<float>(values, size);
 }
 
 // Channels of at least this many values take their statistics in one pass around a
@@ -2772,7 +2775,10 @@ int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias
   // planes_streamed)
   const bool fused = training && planes_fused(t.scalar_type(), activation, !residual.is_none());
   const int64_t size = values / (t.size(0) * channels);
-  const bool streamed = planes_streamed(t.scalar_type(), values, size, activation);
+  const bool residual_gradient = at::GradMode::is_enabled() && !residual.is_none() &&
+                                 tensor(residual).requires_grad();
+  const bool streamed =
+      planes_streamed(t.scalar_type(), values, size, activation, residual_gradient);
   return values <= kPlanesUpTo || fused || streamed ? kTakes : kUsual;
 }
 
