@@ -72,7 +72,7 @@ BN_OP = next(
 )
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
 LARGE = 65_536  # the default dispatch gives training inputs of this size to the Numba kernels
-#: float32 NCHW inputs of 16 MiB or more in planes of whole cache lines (BatchNorm3d's 4x4x4)
+#: float32 NCHW inputs of 8 MiB or more in planes of whole cache lines (BatchNorm3d's 4x4x4)
 #: train on the C++ node's streamed planes (rows.cpp's planes_streamed), eval with a graph too.
 STREAMED = 4_194_304
 

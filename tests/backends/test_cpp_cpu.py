@@ -504,7 +504,7 @@ def test_rows_written_a_line_at_a_time_match_torch_in_float64(name, training):
             assert_close(leaf.grad, grad, torch.float32)
 
 
-#: float32 NCHW inputs of 16 MiB or more whose planes are whole cache lines, which the node
+#: float32 NCHW inputs of 8 MiB or more whose planes are whole cache lines, which the node
 #: takes in training (and eval with a graph) at any size, SiLU's aside, writing y and dx
 #: with non-temporal stores a block of 64 values at a time (rows.cpp's planes_streamed,
 #: write_plane): planes of 80 values (a block and part of one) and long planes of few
@@ -548,10 +548,10 @@ def test_nchw_planes_streamed_past_the_caches_match_torch_in_float64(name, train
 
 def test_large_float32_nchw_training_goes_to_the_node_where_its_planes_stream():
     """Past planes_up_to, float32 NCHW training (and eval with a graph) runs here where its
-    output streams: 16 MiB or more (4,194,304 values) in planes of a multiple of 16 values,
-    with any activation but SiLU and a residual that needs no gradient (the Numba kernels
-    compute those faster); not smaller inputs, other planes, nor bfloat16 without a fused
-    ReLU."""
+    output streams: 8 MiB or more (2,097,152 values) in planes of a multiple of 16 values,
+    with any activation but SiLU, without a residual that needs its gradient (the Numba
+    kernels compute those faster); not smaller inputs, other planes, nor bfloat16 without a
+    fused ReLU."""
     weight = torch.ones(64, requires_grad=True)
 
     def chosen(x, activation="identity", training=True, residual=None):
@@ -560,7 +560,7 @@ def test_large_float32_nchw_training_goes_to_the_node_where_its_planes_stream():
                     None, *stats, residual)  # fmt: skip
         return ops.select(call).name
 
-    streamed = torch.zeros(64, 64, 1024)
+    streamed = torch.zeros(32, 64, 1024)  # 8 MiB
     assert streamed.numel() > extension().planes_up_to
     assert chosen(streamed) == chosen(streamed, "relu") == "cpp_cpu"
     assert chosen(streamed, "leaky_relu") == chosen(streamed, training=False) == "cpp_cpu"
@@ -570,8 +570,8 @@ def test_large_float32_nchw_training_goes_to_the_node_where_its_planes_stream():
         chosen(streamed, "relu", residual=residual.requires_grad_()),
         chosen(streamed, residual=residual),
         chosen(streamed, "silu"), chosen(streamed.bfloat16()),
-        chosen(torch.zeros(64, 64, 1032)),  # planes not whole lines
-        chosen(torch.zeros(64, 64, 1008)),  # under 16 MiB
+        chosen(torch.zeros(32, 64, 1032)),  # planes not whole lines
+        chosen(torch.zeros(32, 64, 1008)),  # under 8 MiB
     )  # fmt: skip
 
 

@@ -6,7 +6,7 @@ inputs made safe (see :func:`safe_batch_norm`).
 Dispatch rule (``preferred``), from ``make bench`` on 2 cores (benchmarks/results/
 cpu_kernels.json), among the calls that the C++ backend (first in the dispatch) leaves (it
 takes float32 and bfloat16 (N, C), channels-last and inference calls at any size, NCHW
-training up to its ``planes_up_to`` values, float32 NCHW training whose output streams (16
+training up to its ``planes_up_to`` values, float32 NCHW training whose output streams (8
 MiB or more, planes of a multiple of 16 values, SiLU and a residual that needs its gradient
 aside) and bfloat16 NCHW training with a fused ReLU at any size), for the calls whose sums
 it keeps accurate (float32 inputs of more than ATEN_MAX_ROWS rows per channel or

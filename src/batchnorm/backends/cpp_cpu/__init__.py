@@ -5,7 +5,7 @@ from 65,536 values. Also NCHW inputs: in eval mode when no graph is recorded (in
 plane at a time, without a node; in training (or eval with a graph) up to 524,288 values
 (the extension's ``planes_up_to``) in the same node, a channel at a time, where the Numba
 kernels' Python costs as much as their loops; in float32 at any size where the output
-streams (16 MiB or more in planes of a multiple of 16 values, SiLU and a residual that needs
+streams (8 MiB or more in planes of a multiple of 16 values, SiLU and a residual that needs
 its gradient aside: rows.cpp's planes_streamed; a channel's planes read again from L2, its
 output and dx written with non-temporal stores, faster than the Numba kernels' passes); in
 bfloat16 training with a fused ReLU or leaky ReLU and no residual at any size (rows.cpp's
@@ -109,7 +109,7 @@ class CppBackend:
         """Calls of float32 or bfloat16 CPU inputs (with float32 parameters and statistics,
         as under torch.autocast), the input dense with its channels innermost or
         NCHW-contiguous (NCHW in training or with a graph to record: up to ``planes_up_to``
-        values, float32 ones of 16 MiB or more in planes of a multiple of 16 values with any
+        values, float32 ones of 8 MiB or more in planes of a multiple of 16 values with any
         activation but SiLU and no residual that needs its gradient, bfloat16 training with
         ReLU or leaky ReLU and no residual at any size; float16 inputs where the CPU has
         AVX-512: of either layout in eval without a graph, ``(N, C)`` and channels_last ones

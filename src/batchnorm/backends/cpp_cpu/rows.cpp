@@ -525,7 +525,7 @@ void for_rows(int64_t rows, int64_t channels, F&& f) {
 // 0.81 (1.01); bfloat16 with ReLU, channels_last (64, 256, 28, 28) 0.80 (0.86), 0.93
 // (0.94), 0.91 (0.90); (8192, 1024) training forward 0.97 (0.80), forward + backward 0.96
 // (0.94); NCHW (64, 256, 28, 28) eval 0.96 (0.89). Float32 NCHW outputs and dx in training
-// since 2026-12-08, of planes of whole lines (write_plane; see planes_streamed).
+// since 2026-12-08, of planes of whole lines, from kStreamPlanesFrom (see planes_streamed).
 constexpr int64_t kStreamFrom = 16 << 20;
 // Values computed into a buffer (in L1) and then streamed out, at a time: 256 bytes. The
 // loads of the next values then overlap the stores of the last; blocks of 4096 values read,
@@ -614,13 +614,25 @@ bool streams_lanes(const T* y, int64_t units, int64_t width) {
   return streams_out<T>(units * width) && (std::is_same_v<T, float> || whole_lanes);
 }
 
+// NCHW training outputs and dx of at least this many bytes are written with non-temporal
+// stores (streams_planes; a channel at a time, forward_planes and input_gradients), from
+// half kStreamFrom: with a ReLU reading the output after the call, module forward +
+// backward, the Numba kernels' time / the node's, two threads (one), (32, 64, 32, 32), (16,
+// 128, 32, 32), (32, 96, 28, 28) and (8, 96, 56, 56), 8-10 MiB: 1.17, 1.13, 1.13 and 1.19
+// (1.16, 1.12, 1.12 and 1.13), where plain stores gave 1.14, 1.10, 1.05 and 1.11 (0.98,
+// 0.97, 1.00 and 0.98). A training forward without a graph then leaves its output in memory
+// for the ReLU: 0.84-1.02 (1.00-1.51 without the ReLU); from 3.2 to 6.4 MiB that loss grew
+// to 0.75-0.90 (one 1.05), hence the limit.
+constexpr int64_t kStreamPlanesFrom = kStreamFrom / 2;
+
 // Whether forward_planes and input_gradients write an NCHW output of `values` values of
 // type T in planes of `size` with non-temporal stores (write_plane): a float32 one of
-// kStreamFrom bytes or more whose planes are whole cache lines (and, the overload with y,
-// start on a line's start: each store a whole line, see streams_lanes).
+// kStreamPlanesFrom bytes or more whose planes are whole cache lines (and, the overload
+// with y, start on a line's start: each store a whole line, see streams_lanes).
 template <typename T>
 bool streams_planes(int64_t values, int64_t size) {
-  return std::is_same_v<T, float> && streams_out<T>(values) && size % kLanes == 0;
+  return std::is_same_v<T, float> && size % kLanes == 0 &&
+         values * static_cast<int64_t>(sizeof(T)) >= kStreamPlanesFrom;
 }
 template <typename T>
 bool streams_planes(const T* y, int64_t values, int64_t size) {
@@ -1613,7 +1625,7 @@ inline bool planes_fused(at::ScalarType dtype, int64_t activation, bool residual
          !residual;
 }
 
-// ... and float32 ones whose output and dx stream (streams_planes: 16 MiB or more, planes
+// ... and float32 ones whose output and dx stream (streams_planes: 8 MiB or more, planes
 // of whole cache lines), at any size but with SiLU or a residual that needs its gradient: a
 // channel's planes, read for its statistics (or sums), are read again from L2 for its
 // output (or dx), which non-temporal stores write without reading its lines first (plain
