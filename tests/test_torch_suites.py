@@ -741,17 +741,33 @@ def test_large_inputs_reach_the_numba_kernels():
         assert ops.select_kernels(x, training=True).name == "numba", name
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name,index,training", LARGE_CASES)
-def test_large_forward_backward_match_torch(name, index, training, dtype):
-    ref, ours, x = _build(name, index, training, dtype, requires_grad=True, large=True)
+def _assert_two_steps_match(ref, ours, x):
+    """Two training (or eval) steps, the second on another input: outputs, state and
+    gradients of ours against torch's."""
     for step in range(2):
         x_step = x if step == 0 else _leaf(x * 1.5 + 0.25)
         expected, actual = ref(x_step), ours(x_step)
         assert_close(actual, expected)
         _assert_same_state(ours, ref)
-        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(step), dtype=dtype)
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(step), dtype=x.dtype)
         _assert_grads_close(_grads(ours, x_step, actual, g), _grads(ref, x_step, expected, g))
+
+
+def _assert_batched_grads_match(ref, ours, x, grads):
+    """What check_batched_grad checks: autograd.grad(is_grads_batched=True) (vmap over the
+    backward) gives each grad_output's gradients."""
+    results = []
+    for module in (ref, ours):
+        inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
+        results.append(torch.autograd.grad(module(x), inputs, grads, is_grads_batched=True))
+    _assert_grads_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,index,training", LARGE_CASES)
+def test_large_forward_backward_match_torch(name, index, training, dtype):
+    ref, ours, x = _build(name, index, training, dtype, requires_grad=True, large=True)
+    _assert_two_steps_match(ref, ours, x)
 
 
 @pytest.mark.parametrize("name,index,training", STREAMED_CASES)
@@ -768,19 +784,9 @@ def test_streamed_planes_match_torch(name, index, training):
         call = Call(x, training or stats[0] is None, "identity", 0.01, False, False, True,
                     ours.weight, ours.bias, *stats)  # fmt: skip
         assert ops.select(call).name == "cpp_cpu"
-    for step in range(2):
-        x_step = x if step == 0 else _leaf(x * 1.5 + 0.25)
-        expected, actual = ref(x_step), ours(x_step)
-        assert_close(actual, expected)
-        _assert_same_state(ours, ref)
-        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(step))
-        _assert_grads_close(_grads(ours, x_step, actual, g), _grads(ref, x_step, expected, g))
+    _assert_two_steps_match(ref, ours, x)
     grads = torch.randn((2, *x.shape), generator=torch.Generator().manual_seed(9))
-    results = []
-    for module in (ref, ours):
-        inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
-        results.append(torch.autograd.grad(module(x), inputs, grads, is_grads_batched=True))
-    _assert_grads_close(results[1], results[0])
+    _assert_batched_grads_match(ref, ours, x, grads)
 
 
 def _second_order(module, x, g, v):
@@ -825,17 +831,10 @@ def test_large_forward_ad_matches_torch(name, index, training):
 
 @pytest.mark.parametrize("name,index,training", LARGE_CASES)
 def test_large_batched_grads_match_torch(name, index, training):
-    """What check_batched_grad checks: autograd.grad(is_grads_batched=True) (vmap over the
-    backward) gives each grad_output's gradients."""
     ref, ours, x = _build(name, index, training, torch.float64, requires_grad=True, large=True)
     gen = torch.Generator().manual_seed(9)
     grads = torch.randn((3, *x.shape), generator=gen, dtype=x.dtype)
-    results = []
-    for module in (ref, ours):
-        out = module(x)
-        inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
-        results.append(torch.autograd.grad(out, inputs, grads, is_grads_batched=True))
-    _assert_grads_close(results[1], results[0])
+    _assert_batched_grads_match(ref, ours, x, grads)
 
 
 @pytest.mark.parametrize("name,index,training", LARGE_CASES)

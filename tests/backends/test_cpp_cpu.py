@@ -504,11 +504,11 @@ def test_rows_written_a_line_at_a_time_match_torch_in_float64(name, training):
             assert_close(leaf.grad, grad, torch.float32)
 
 
-#: float32 NCHW inputs of 8 MiB or more whose planes are whole cache lines, which the node
-#: takes in training (and eval with a graph) at any size, SiLU's aside, writing y and dx
-#: with non-temporal stores a block of 64 values at a time (rows.cpp's planes_streamed,
-#: write_plane): planes of 80 values (a block and part of one) and long planes of few
-#: samples, each channel's statistics around a sampled centre.
+#: float32 NCHW inputs of 8 MiB or more whose planes are whole cache lines, which the node takes in
+#: training (and eval with a graph) at any size (but with SiLU or a residual that needs its
+#: gradient), writing y and dx with non-temporal stores a block of 64 values at a time (rows.cpp's
+#: planes_streamed, write_plane): planes of 80 values (a block and part of one) and long planes of
+#: few samples, each channel's statistics around a sampled centre.
 STREAMED_PLANES = {"planes of 80": (821, 64, 80), "long planes": (3, 5, 560, 512)}
 
 

@@ -566,21 +566,39 @@ inline void fence_streams() {
 #endif
 }
 
+// A plane (or a row) of n values of an output O at dst: compute(from, to, out) writes its
+// values [from, to) to out[0, to - from). Straight to dst, or (stream, float32) a block of
+// kStreamBlock values at a time into a buffer in L1, then to dst with non-temporal stores
+// (not fenced: the caller fences its thread's stores once, fence_streams).
+template <typename O, typename Compute>
+void write_plane(O* dst, int64_t n, bool stream, Compute&& compute) {
+  if constexpr (std::is_same_v<O, float>) {
+    if (stream) {
+      alignas(64) float values[kStreamBlock];
+      for (int64_t from = 0; from < n; from += kStreamBlock) {
+        const int64_t to = std::min(n, from + kStreamBlock);
+        compute(from, to, values);
+        stream_out(dst + from, values, to - from);
+      }
+      return;
+    }
+  }
+  compute(int64_t{0}, n, dst);
+}
+
 // Rows [begin, end) of a float32 output y of rows of `width` values, written with
 // non-temporal stores: compute(first, last, from, to, values) writes the values of rows
 // [first, last), columns [from, to), row by row into `values` (at most kStreamBlock), which
-// are then streamed out, and fenced (fence_streams).
+// are then streamed out (a long row as write_plane's), and fenced (fence_streams).
 template <typename Compute>
 void stream_rows(float* y, int64_t begin, int64_t end, int64_t width, Compute&& compute) {
-  alignas(64) float values[kStreamBlock];
   if (width >= kStreamBlock) {
     for (int64_t r = begin; r < end; ++r)
-      for (int64_t from = 0; from < width; from += kStreamBlock) {
-        const int64_t to = std::min(width, from + kStreamBlock);
+      write_plane(y + r * width, width, true, [&](int64_t from, int64_t to, float* values) {
         compute(r, r + 1, from, to, values);
-        stream_out(y + r * width + from, values, to - from);
-      }
+      });
   } else {
+    alignas(64) float values[kStreamBlock];
     for (int64_t first = begin; first < end; first += kStreamBlock / width) {
       const int64_t last = std::min(end, first + kStreamBlock / width);
       compute(first, last, int64_t{0}, width, values);
@@ -651,26 +669,6 @@ void write_rows(T* y, int64_t values, int64_t begin, int64_t end, int64_t width,
     if (streams_out<T>(values)) return stream_rows(y, begin, end, width, compute);
   }
   compute(begin, end, int64_t{0}, width, y + begin * width);
-}
-
-// A plane of n values of an output O at dst: compute(from, to, out) writes its values
-// [from, to) to out[0, to - from). Straight to dst, or (stream, float32) a block of
-// kStreamBlock values at a time with non-temporal stores (not fenced: the caller fences
-// its thread's planes once, fence_streams).
-template <typename O, typename Compute>
-void write_plane(O* dst, int64_t n, bool stream, Compute&& compute) {
-  if constexpr (std::is_same_v<O, float>) {
-    if (stream) {
-      alignas(64) float values[kStreamBlock];
-      for (int64_t from = 0; from < n; from += kStreamBlock) {
-        const int64_t to = std::min(n, from + kStreamBlock);
-        compute(from, to, values);
-        stream_out(dst + from, values, to - from);
-      }
-      return;
-    }
-  }
-  compute(int64_t{0}, n, dst);
 }
 
 // Rows whose terms a sum adds in registers before it adds them to the sums in memory.
@@ -1964,9 +1962,10 @@ void input_gradients(const Planes<T>& in, const Gradient& gradient, const float*
                                                     training, dweight, dbias);
       if (!out) return kc;
       for (int64_t n = 0; n < view.batch; ++n) {
+        const int64_t start = view.start(n, k);
         // values [from, to) of plane n's dx into `plane`
         auto dx_values = [&](int64_t from, int64_t to, O* __restrict plane) {
-          const int64_t first = view.start(n, k) + from;
+          const int64_t first = start + from;
           if (!training) {  // x enters through the activation only (see input_gradients)
             for_channels<kMemoryBound, O>(to - from, [&](int64_t j) {
               plane[j] = store<O>(kc.k * g(first + j, c, load(xs[first + j]) - origin));
@@ -1978,7 +1977,7 @@ void input_gradients(const Planes<T>& in, const Gradient& gradient, const float*
             plane[j] = store<O>(dx_of(kc.k, kc.a, kc.b, g(first + j, c, d), d));
           });
         };
-        write_plane(out + view.start(n, k), view.size, stream, dx_values);
+        write_plane(out + start, view.size, stream, dx_values);
       }
       return kc;
     };
@@ -2776,17 +2775,16 @@ int64_t takes(pybind11::handle x, pybind11::handle weight, pybind11::handle bias
   if (rows) return kTakes;  // float16 too: see the note on its rows before kFloat16PlanesUpTo
   if (!training && !records_graph(t, tensor(weight), tensor(bias), tensor(residual)))
     return kTakes;
+  const int64_t size = values / (t.size(0) * channels);  // a plane's values
   // float16 NCHW in training or with a graph: batches of short planes (see
   // kFloat16PlanesUpTo)
   if (half)
-    return values <= kPlanesUpTo && t.size(0) >= kRowsAtOnce &&
-                   values / (t.size(0) * channels) <= kFloat16PlanesUpTo
+    return values <= kPlanesUpTo && t.size(0) >= kRowsAtOnce && size <= kFloat16PlanesUpTo
                ? kTakes
                : kUsual;
   // NCHW in training or with a graph: up to kPlanesUpTo values (see planes_fused and
   // planes_streamed)
   const bool fused = training && planes_fused(t.scalar_type(), activation, !residual.is_none());
-  const int64_t size = values / (t.size(0) * channels);
   const bool residual_gradient = at::GradMode::is_enabled() && !residual.is_none() &&
                                  tensor(residual).requires_grad();
   const bool streamed =
