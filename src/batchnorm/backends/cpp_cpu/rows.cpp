@@ -789,17 +789,74 @@ void add_lanes_to(const Term& term, int64_t r0, Count, int64_t channels,
   for (; c + kLanes <= channels; c += kLanes) add_channels(c);
   if (c < channels) add_channels(c, static_cast<__mmask16>((1u << (channels - c)) - 1));
 }
-// The float32 terms of half-precision rows (T) on lanes (add_lanes_to), but for bfloat16
-// rows of whole lanes, which the generic loop, vectorized by GCC (its widening a shift),
-// sums as fast or faster: raw bfloat16 calls, lanes' time / its, one thread, channels_last
-// (32, 128, 32, 32) training forward 0.98-1.03, forward + backward 1.00-1.05.
 template <typename T>
 constexpr bool kHalf = std::is_same_v<T, F16> || std::is_same_v<T, BF16>;
+// The statistics' terms (CentredTerms) of bfloat16 rows of whole pairs of lanes (a multiple
+// of 32 channels), 32 channels a load: each 32-bit lane holds two values, the even
+// channel's in its low half, the odd one's in its high half, so a shift widens the first
+// and a mask the second (GCC's loop widened each half of the load with a shuffle and a
+// shift); the sums run on the even and odd channels apart, their centres taken apart the
+// same way, and go back to channel order in two permutes per 16 channels before the
+// float64 sums. Each channel's terms are added in the same order as the generic loop's:
+// the same bits. Raw bfloat16 training forwards taking turns with the generic loop's,
+// time / its, two threads (one), 2026-12-08: (4096, 1024) 0.88-0.92 (0.95-1.01),
+// channels_last (32, 128, 32, 32) 0.87-0.92 (0.98-0.99), (32768, 128) 0.92 (1.02-1.03),
+// channels_last (64, 256, 28, 28) 0.92 (0.98).
+template <typename Count>
+[[gnu::always_inline]] inline void add_bf16_pairs_to(const CentredTerms<BF16, float>& term,
+                                                     int64_t r0, Count, int64_t channels,
+                                                     double* __restrict first_sums,
+                                                     double* __restrict second_sums) {
+  const __m512i high_halves = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  // permutes of two vectors a, b (index 16 + j: b's lane j): their even lanes, and back
+  const __m512i evens =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+  const __m512i first_interleaved =  // a0 b0 a1 b1 ... a7 b7
+      _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i last_interleaved = _mm512_add_epi32(first_interleaved, _mm512_set1_epi32(8));
+  for (int64_t c = 0; c < channels; c += 2 * kLanes) {
+    const Lanes centre = _mm512_loadu_ps(term.centre + c);
+    const Lanes next_centre = _mm512_loadu_ps(term.centre + c + kLanes);
+    const Lanes even_centre = _mm512_permutex2var_ps(centre, evens, next_centre);
+    const Lanes odd_centre = _mm512_permutex2var_ps(centre, odds, next_centre);
+    Lanes even_first = _mm512_setzero_ps(), odd_first = even_first;
+    Lanes even_second = even_first, odd_second = even_first;
+#pragma GCC unroll 16
+    for (int64_t r = r0; r < r0 + Count::value; ++r) {
+      const __m512i pairs = _mm512_loadu_si512(term.x + r * channels + c);
+      const Lanes even = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)),
+                                       even_centre);
+      const Lanes odd = _mm512_sub_ps(
+          _mm512_castsi512_ps(_mm512_and_si512(pairs, high_halves)), odd_centre);
+      even_first = _mm512_add_ps(even_first, even);
+      even_second = _mm512_fmadd_ps(even, even, even_second);
+      odd_first = _mm512_add_ps(odd_first, odd);
+      odd_second = _mm512_fmadd_ps(odd, odd, odd_second);
+    }
+    for (auto [sums, even_sum, odd_sum] : {std::tuple{first_sums, even_first, odd_first},
+                                           std::tuple{second_sums, even_second, odd_second}}) {
+      add_to_sums(sums + c, _mm512_permutex2var_ps(even_sum, first_interleaved, odd_sum));
+      add_to_sums(sums + c + kLanes,
+                  _mm512_permutex2var_ps(even_sum, last_interleaved, odd_sum));
+    }
+  }
+}
+// The float32 terms of half-precision rows (T) on lanes (add_lanes_to), but for bfloat16
+// rows of whole lanes: the statistics' on pairs of lanes where the rows are whole pairs
+// (add_bf16_pairs_to), else the generic loop, vectorized by GCC (its widening a shift),
+// which sums as fast or faster than add_lanes_to: raw bfloat16 calls, lanes' time / its,
+// one thread, channels_last (32, 128, 32, 32) training forward 0.98-1.03, forward +
+// backward 1.00-1.05.
 template <typename T, typename Term, typename Count>
 [[gnu::always_inline]] inline void add_half_rows_to(const Term& term, int64_t r0, Count count,
                                                     int64_t channels,
                                                     double* __restrict first_sums,
                                                     double* __restrict second_sums) {
+  if constexpr (std::is_same_v<Term, CentredTerms<BF16, float>>) {
+    if (channels % (2 * kLanes) == 0)
+      return add_bf16_pairs_to(term, r0, count, channels, first_sums, second_sums);
+  }
   if (std::is_same_v<T, BF16> && channels % kLanes == 0)
     return add_rows_to<Term, Count>(term, r0, count, channels, first_sums, second_sums);
   add_lanes_to(term, r0, count, channels, first_sums, second_sums);
@@ -1903,7 +1960,23 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
             buffers.scatter(results.data(), c, y);
           }
         } else {
-          for (int64_t c = begin; c < end; ++c) normalize_channel(c, shape, c, xs, z, y);
+          for (int64_t c = begin; c < end; ++c) {
+            // bfloat16 with a memory-bound activation: the output in AVX-512's loops (the
+            // same bits as normalize_plane's; its rounding vcvtneps2bf16, see narrow_bf16).
+            // Raw training forwards taking turns with normalize_plane's, time / its, two
+            // threads (one), 2026-12-08: (8, 128, 16, 16) 0.89 (0.91), (8, 256, 12, 12)
+            // 0.93 (0.90), (8, 512, 7, 7) 0.96 (0.96), (16, 64, 28, 28) 0.88 (0.89), (32,
+            // 128, 32, 32) 0.88 (0.96); forward + backward with a fused ReLU (planes_fused)
+            // (32, 128, 32, 32) 0.97 (1.04), (8, 64, 56, 56) 1.01 (0.98).
+            if constexpr (kHalfLoops && std::is_same_v<T, BF16> &&
+                          decltype(memory_bound)::value) {
+              const auto [scale, shift] = statistics(c, shape, c, xs);
+              normalize_channel_halves(shape, c, xs, z, y, centre.origin[c], scale, shift,
+                                       activation, static_cast<float>(slope));
+            } else {
+              normalize_channel(c, shape, c, xs, z, y);
+            }
+          }
         }
         if (stream) fence_streams();
       });
@@ -2480,7 +2553,7 @@ void normalize_units(const T* x, const T* z, T* y, int64_t units, int64_t width,
 
 // y = act((x - origin) * scale + shift [+ z]) over channel c's planes of an NCHW input, in
 // registers (normalize_halves; act plain, ReLU or leaky ReLU): forward_planes' output of
-// float16 planes (kBufferedPlanes).
+// float16 planes (kBufferedPlanes) and bfloat16 ones.
 template <typename T>
 void normalize_channel_halves(const PlaneShape& shape, int64_t c, const T* x, const T* z, T* y,
                               float origin, float scale, float shift, int64_t activation,
