@@ -1366,6 +1366,33 @@ def test_half_non_finite_inputs_give_torchs_results(dtype, shape):
         assert same_values(y.float().numpy(), expected.float().numpy()).all()
 
 
+@pytest.mark.parametrize("channels", [64, 40], ids=["pairs of lanes", "lanes"])
+def test_bfloat16_training_keeps_non_finite_values_in_their_channels(channels):
+    """bfloat16 rows in training with a NaN and infinities: torch's NaN in those channels
+    only (their statistics are NaN or infinite), the others within bfloat16's rounding of
+    float64, and torch's running statistics. A channel whose first-pass mean is not finite
+    sends every channel's statistics to the float64 terms (rows.cpp's batch_statistics), so
+    this checks that way after each first pass of bfloat16 rows: on pairs of lanes (a
+    multiple of 32 channels) and on the generic loop's."""
+    x = random_input((40, channels), mean=3.0)
+    x[3, 1], x[7, 2], x[11, 33] = float("nan"), float("inf"), -float("inf")
+    x = x.to(torch.bfloat16)
+    _runs_here(x)
+    ours, ref = _pair(x.shape)
+    y, exact = ours(x), ref(x.double())
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y.isnan(), exact.isnan())
+    non_finite = [1, 2, 33]
+    assert exact[:, non_finite].isnan().all()
+    finite = [c for c in range(channels) if c not in non_finite]
+    assert_within_rounding(y[:, finite], exact[:, finite], torch.bfloat16)
+    for mine, theirs in [
+        (ours.running_mean, ref.running_mean),
+        (ours.running_var, ref.running_var),
+    ]:
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 @float16_loops
 def test_float16_calls_it_cannot_take_go_elsewhere():
     """float16 inputs in eval without a graph, and channels_last ones (small rows) in
