@@ -93,7 +93,7 @@ def test_a_failed_build_warns_once_and_leaves_the_calls_on_aten(tmp_path):
 
 def test_calls_on_other_devices_never_build_it(tmp_path):
     """The backend takes CPU inputs only, so a call on another device (a GPU's; here the
-    meta device) neither builds the extension (10-30 s) nor, without a compiler, warns
+    meta device) neither builds the extension (1-2 minutes) nor, without a compiler, warns
     that it cannot be built."""
     done = _python(
         """

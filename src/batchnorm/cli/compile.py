@@ -3,7 +3,7 @@ and build the C++ kernels (batchnorm.backends.cpp_cpu) into theirs.
 
 The first call of a kernel specialization (kernel x dtype x serial/parallel x without/with
 a residual) compiles it, which takes seconds each, and the first float32 or bfloat16
-(N, C) or channels-last call builds the C++ kernels (10-30 s); this command does all of it
+(N, C) or channels-last call builds the C++ kernels (1-2 minutes); this command does all of it
 now, e.g. in a Docker image's build, so that no training run waits for the compiler.
 Kernels already in the cache are only loaded. The cache is next to the installed package,
 or in the folder NUMBA_CACHE_DIR names. Numba uses a cache folder only where it can write,

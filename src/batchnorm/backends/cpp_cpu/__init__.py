@@ -39,8 +39,8 @@ channels_last (32, 128, 32, 32) 0.98 in `make bench` (2026-12-05 07:00), raw cal
 1.07-1.21 in the same process.
 
 It is built on first use with torch.utils.cpp_extension (a C++ compiler, and ninja, which
-the ``ninja`` package brings; about 10-30 s, with a notice on stderr) for this machine's
-CPU and this torch, and cached under ``$XDG_CACHE_HOME/batchnorm/cpp``
+the ``ninja`` package brings; 1-2 minutes on a 2-core machine, with a notice on stderr)
+for this machine's CPU and this torch, and cached under ``$XDG_CACHE_HOME/batchnorm/cpp``
 (``~/.cache/batchnorm/cpp``), from which later processes load it in milliseconds;
 ``batchnorm compile`` builds it ahead of time. Where it cannot be built (no compiler), a
 warning says so once and these calls go to the Numba kernels and ATen (with its shift), as
@@ -296,7 +296,7 @@ def _load() -> ModuleType | bool:
         if not cached:
             print(
                 f"batchnorm: building the C++ kernels for (N, C) and channels-last layers "
-                f"(once, 10-30 s); later processes load them from {folder}",
+                f"(once, 1-2 minutes); later processes load them from {folder}",
                 file=sys.stderr,
                 flush=True,
             )
