@@ -1939,6 +1939,14 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
             for (int64_t i = 0; i < size; ++i) dst[i] = store<O>(pre[n * size + i]);
           }
         };
+        // channel c's statistics (as statistics' `in`), its output from the planes
+        // themselves in AVX-512's loops (half precision: normalize_channel_halves)
+        auto normalize_channel_in_halves = [&](int64_t c, const PlaneShape& view, int64_t k,
+                                               const auto* in) {
+          const auto [scale, shift] = statistics(c, view, k, in);
+          normalize_channel_halves(shape, c, xs, z, y, centre.origin[c], scale, shift,
+                                   activation, static_cast<float>(slope));
+        };
         if constexpr (kBufferedPlanes<T>) {
           // the statistics from a float32 copy of the channel; the output in AVX-512's loops
           // from x, or (SiLU) from the copy into float32, then converted
@@ -1949,9 +1957,7 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
           for (int64_t c = begin; c < end; ++c) {
             buffers.gather(xs, c, values.data());
             if (halves) {
-              const auto [scale, shift] = statistics(c, buffers.shape, 0, values.data());
-              normalize_channel_halves(shape, c, xs, z, y, centre.origin[c], scale, shift,
-                                       activation, static_cast<float>(slope));
+              normalize_channel_in_halves(c, buffers.shape, 0, values.data());
               continue;
             }
             if (z) buffers.gather(z, c, added.data());
@@ -1970,9 +1976,7 @@ Normalized forward_planes(const Tensor& x, const Tensor& weight, const Tensor& b
             // (32, 128, 32, 32) 0.97 (1.04), (8, 64, 56, 56) 1.01 (0.98).
             if constexpr (kHalfLoops && std::is_same_v<T, BF16> &&
                           decltype(memory_bound)::value) {
-              const auto [scale, shift] = statistics(c, shape, c, xs);
-              normalize_channel_halves(shape, c, xs, z, y, centre.origin[c], scale, shift,
-                                       activation, static_cast<float>(slope));
+              normalize_channel_in_halves(c, shape, c, xs);
             } else {
               normalize_channel(c, shape, c, xs, z, y);
             }
